@@ -1,0 +1,178 @@
+"""Run configuration: frozen dataclasses, validated when built, saved with every run.
+
+Defaults follow the IWAE paper's MNIST setup (Burda et al., 2016): an MLP with two
+hidden layers of 200 tanh units per network, 50 latent dimensions, a Bernoulli
+likelihood on dynamically binarized images. No torch import here: ``--help`` is fast.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import UserInputError
+
+ESTIMATOR_NAMES = ("mc", "analytic", "iwae", "renyi")
+LIKELIHOOD_NAMES = ("bernoulli", "continuous_bernoulli", "gaussian")
+DATASET_NAMES = ("digits", "mnist", "fashion-mnist", "kmnist")
+BINARIZE_NAMES = ("dynamic", "static", "none")
+ACTIVATION_NAMES = ("tanh", "relu", "softplus", "elu", "gelu", "silu")
+
+
+def _choice(value: str, choices: tuple[str, ...], what: str) -> None:
+    if value not in choices:
+        raise UserInputError(f"unknown {what} {value!r}: choose one of {', '.join(choices)}")
+
+
+def _positive(value: float, what: str) -> None:
+    if not value > 0:
+        raise UserInputError(f"{what} must be > 0, got {value}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    latent_dims: tuple[int, ...] = (50,)  # latent size; several numbers: one per stochastic layer
+    hidden: tuple[int, ...] = (200, 200)  # widths of each MLP's hidden layers (IWAE paper)
+    activation: str = "tanh"  # hidden nonlinearity (IWAE paper: tanh)
+    network: str = "mlp"  # "mlp", or "conv" for the small convolutional pair
+    likelihood: str = "bernoulli"  # bernoulli | continuous_bernoulli | gaussian
+    gaussian_scale: float | None = 1.0  # fixed scale of a Gaussian likelihood; None learns it
+    prior_loc: float = 0.0  # mu_p of the N(mu_p, sigma_p^2) prior on z
+    prior_scale: float = 1.0  # sigma_p of the prior
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "latent_dims", tuple(int(d) for d in self.latent_dims))
+        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+        if not self.latent_dims or min(self.latent_dims) < 1:
+            raise UserInputError(f"latent dims must be integers >= 1, got {self.latent_dims}")
+        if self.hidden and min(self.hidden) < 1:
+            raise UserInputError(f"hidden sizes must be integers >= 1, got {self.hidden}")
+        _choice(self.activation, ACTIVATION_NAMES, "activation")
+        _choice(self.network, ("mlp", "conv"), "network")
+        _choice(self.likelihood, LIKELIHOOD_NAMES, "likelihood")
+        if self.gaussian_scale is not None:
+            _positive(self.gaussian_scale, "gaussian_scale")
+        _positive(self.prior_scale, "prior_scale")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "digits"  # digits (built in, offline) | mnist | fashion-mnist | kmnist
+    data_dir: str | None = None  # folder of IDX files; None: cache folder, downloading if online
+    binarize: str = "dynamic"  # dynamic (fresh draw per batch) | static (fixed seed) | none
+    validation_size: int = 0  # training points held out for validation / early stopping
+    limit: int | None = None  # keep only this many training and test points (quick runs)
+
+    def __post_init__(self) -> None:
+        _choice(self.dataset, DATASET_NAMES, "dataset")
+        _choice(self.binarize, BINARIZE_NAMES, "binarization")
+        if self.validation_size < 0:
+            raise UserInputError(f"validation_size must be >= 0, got {self.validation_size}")
+        if self.limit is not None and self.limit < 1:
+            raise UserInputError(f"limit must be >= 1, got {self.limit}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    estimator: str = "mc"  # mc (Trace_ELBO) | analytic (TraceMeanField_ELBO) | iwae | renyi
+    particles: int = 1  # samples of z per data point and step (K)
+    alpha: float = 0.5  # order of the Renyi bound (estimator "renyi" only)
+    epochs: int = 10  # passes over the training set
+    batch_size: int = 128  # data points per gradient step
+    lr: float = 1e-3  # Adam learning rate
+    optimizer: str = "adam"  # adam | clipped_adam (Pyro's ClippedAdam, gradient norm clipping)
+    clip_norm: float = 10.0  # clipped_adam only: maximal gradient norm per parameter
+    lr_schedule: str = "constant"  # constant | exponential | cosine (per epoch)
+    lr_gamma: float = 0.95  # exponential schedule: learning-rate factor per epoch
+    kl_warmup_epochs: float = 0.0  # epochs over which the KL factor rises linearly to 1
+    early_stopping_patience: int = 0  # stop after this many epochs without a better validation ELBO
+    eval_particles: int = 1  # samples of z for the per-epoch test ELBO
+    seed: int = 0  # seeds torch, numpy, python and the data order
+    device: str = "cpu"  # cpu | cuda
+
+    def __post_init__(self) -> None:
+        _choice(self.estimator, ESTIMATOR_NAMES, "estimator")
+        _choice(self.optimizer, ("adam", "clipped_adam"), "optimizer")
+        _choice(self.lr_schedule, ("constant", "exponential", "cosine"), "learning-rate schedule")
+        _choice(self.device, ("cpu", "cuda"), "device")
+        for name in ("particles", "epochs", "batch_size", "eval_particles"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise UserInputError(
+                    f"{name.replace('_', '-')} must be an integer >= 1, got {value}"
+                )
+        _positive(self.lr, "learning rate")
+        _positive(self.clip_norm, "clip_norm")
+        _positive(self.lr_gamma, "lr_gamma")
+        if self.estimator == "renyi" and self.alpha == 1:
+            raise UserInputError("renyi with alpha = 1 is the ELBO: use --estimator mc")
+        if self.kl_warmup_epochs < 0:
+            raise UserInputError(f"kl_warmup_epochs must be >= 0, got {self.kl_warmup_epochs}")
+        if self.early_stopping_patience < 0:
+            raise UserInputError("early_stopping_patience must be >= 0")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs: model, data and training settings."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.train.early_stopping_patience and not self.data.validation_size:
+            raise UserInputError(
+                "early stopping needs a validation set: set validation_size (--validation-size)"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> RunConfig:
+        """Build from a nested dict; unknown sections or keys are errors."""
+        if not isinstance(values, dict):
+            raise UserInputError(f"{source} must hold a JSON object with sections model/data/train")
+        sections = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+        unknown = set(values) - set(sections)
+        if unknown:
+            raise UserInputError(
+                f"{source} has unknown section(s) {', '.join(sorted(unknown))}: "
+                f"use only {', '.join(sections)}"
+            )
+        built = {}
+        for name, section_class in sections.items():
+            section = values.get(name, {})
+            if not isinstance(section, dict):
+                raise UserInputError(f"{source}: section {name!r} must be a JSON object")
+            known = {f.name for f in fields(section_class)}
+            unknown = set(section) - known
+            if unknown:
+                raise UserInputError(
+                    f"{source}: unknown key(s) {', '.join(sorted(unknown))} in section {name!r}; "
+                    f"known keys: {', '.join(sorted(known))}"
+                )
+            try:
+                built[name] = section_class(**section)
+            except TypeError as error:
+                raise UserInputError(f"{source}: bad value in section {name!r}: {error}") from None
+        return cls(**built)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> RunConfig:
+        path = Path(path)
+        try:
+            values = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise UserInputError(f"config file {path} does not exist: check the path") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise UserInputError(
+                f"config file {path} is not valid JSON ({error}): fix it"
+            ) from None
+        return cls.from_dict(values, source=f"config file {path}")

@@ -1,0 +1,117 @@
+"""Decoder likelihoods p(x|z): Bernoulli (logits), continuous Bernoulli, Gaussian.
+
+A likelihood turns the decoder's raw output into a distribution with one batch element
+per data dimension; the Pyro model adds ``.to_event(1)``. It also knows its support, so
+that data outside it is refused with a message instead of producing a NaN mid-training.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pyro.distributions as dist
+import torch
+from torch import nn
+
+from .errors import DataError
+from .networks import positive_scale
+
+
+class Likelihood(nn.Module):
+    """Base class: ``forward(decoder_output) -> Distribution`` over each data dimension."""
+
+    name: str = ""
+    #: Interval that the data must lie in (inclusive); ``None`` means the real line.
+    support: tuple[float, float] | None = None
+
+    def mean(self, decoder_output: torch.Tensor) -> torch.Tensor:
+        """Expected value of x given the decoder output (what plots show)."""
+        return self(decoder_output).mean
+
+    def check_data(self, x: torch.Tensor, what: str = "data") -> None:
+        """Raise :class:`DataError` if ``x`` has non-finite values or lies outside the support."""
+        if x.numel() == 0:
+            raise DataError(f"{what} is empty: pass at least one data point")
+        if not torch.isfinite(x).all():
+            raise DataError(f"{what} contains NaN or infinite values: clean the data first")
+        if self.support is not None:
+            low, high = self.support
+            x_min, x_max = float(x.min()), float(x.max())
+            if x_min < low or x_max > high:
+                raise DataError(
+                    f"{what} has values in [{x_min:g}, {x_max:g}], outside [{low:g}, {high:g}] "
+                    f"required by the {self.name} likelihood: rescale the data to [0, 1] "
+                    f"or use --likelihood gaussian"
+                )
+
+
+class BernoulliLikelihood(Likelihood):
+    """Bernoulli with logits. For binary data; on grey levels in [0, 1] it is the usual
+    cross-entropy, which is not a normalized density (use ``continuous_bernoulli`` there)."""
+
+    name = "bernoulli"
+    support = (0.0, 1.0)
+
+    def forward(self, logits: torch.Tensor) -> dist.Bernoulli:
+        # validate_args=False admits grey levels (as Pyro's own VAE example does);
+        # the support check happens once, on the data, in check_data.
+        return dist.Bernoulli(logits=logits, validate_args=False)
+
+    def mean(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(logits)
+
+
+class ContinuousBernoulliLikelihood(Likelihood):
+    """Continuous Bernoulli (Loaiza-Ganem & Cunningham, 2019): a proper density on [0, 1]."""
+
+    name = "continuous_bernoulli"
+    support = (0.0, 1.0)
+
+    def forward(self, logits: torch.Tensor) -> dist.ContinuousBernoulli:
+        return dist.ContinuousBernoulli(logits=logits, validate_args=False)
+
+
+class GaussianLikelihood(Likelihood):
+    """Normal(decoder output, scale) per dimension, with a fixed scale or a learned one.
+
+    A learned scale is one parameter per data dimension, ``softplus(raw) + floor``.
+    """
+
+    name = "gaussian"
+    support = None
+
+    def __init__(self, data_dim: int, scale: float | None = 1.0, init_scale: float = 1.0):
+        super().__init__()
+        self.learn_scale = scale is None
+        if self.learn_scale:
+            # inverse softplus, so that the initial scale is init_scale
+            raw = math.log(math.expm1(init_scale))
+            self.raw_scale = nn.Parameter(torch.full((data_dim,), raw))
+        else:
+            if not scale > 0:
+                raise ValueError(f"the Gaussian likelihood scale must be > 0, got {scale}")
+            self.register_buffer("fixed_scale", torch.tensor(float(scale)))
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return positive_scale(self.raw_scale) if self.learn_scale else self.fixed_scale
+
+    def forward(self, loc: torch.Tensor) -> dist.Normal:
+        return dist.Normal(loc, self.scale.expand(loc.shape[-1:]), validate_args=False)
+
+    def mean(self, loc: torch.Tensor) -> torch.Tensor:
+        return loc
+
+
+LIKELIHOODS = ("bernoulli", "continuous_bernoulli", "gaussian")
+
+
+def make_likelihood(name: str, data_dim: int, gaussian_scale: float | None = 1.0) -> Likelihood:
+    """Build a likelihood by name. ``gaussian_scale=None`` learns the Gaussian scale."""
+    if name == "bernoulli":
+        return BernoulliLikelihood()
+    if name == "continuous_bernoulli":
+        return ContinuousBernoulliLikelihood()
+    if name == "gaussian":
+        return GaussianLikelihood(data_dim, gaussian_scale)
+    raise ValueError(f"unknown likelihood {name!r}; choose one of {', '.join(LIKELIHOODS)}")

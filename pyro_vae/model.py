@@ -1,0 +1,188 @@
+"""The VAE as a Pyro program: ``model`` (prior and decoder) and ``guide`` (encoder).
+
+The networks live in :mod:`pyro_vae.networks` and never call ``pyro.*``; this module
+owns the sample sites and the data plate, and builds no layers of its own.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.infer.util import is_validation_enabled
+from torch import nn
+
+from .errors import DataError
+from .likelihoods import Likelihood
+
+#: Sample site of the latent code (hierarchical models use ``"z1"``, ``"z2"``, ...).
+LATENT_SITE = "z"
+#: Sample site of the observed data.
+OBSERVED_SITE = "x"
+#: Plate over data points; every sample site lives inside it.
+DATA_PLATE = "data"
+
+
+def data_plate(x: torch.Tensor, num_data: int | None = None) -> pyro.plate:
+    """The plate over the mini-batch ``x``, scaled to a data set of ``num_data`` points.
+
+    With ``num_data`` larger than the batch, every log-density in the plate is multiplied
+    by ``num_data / batch``, so the ELBO of a mini-batch estimates the full data set's.
+    """
+    batch = x.shape[0]
+    if num_data is None or num_data == batch:
+        return pyro.plate(DATA_PLATE, batch, dim=-1)
+    if num_data < batch:
+        raise ValueError(f"num_data={num_data} is smaller than the batch ({batch})")
+    return pyro.plate(DATA_PLATE, num_data, subsample=torch.arange(batch, device=x.device), dim=-1)
+
+
+class VAE(nn.Module):
+    """Variational autoencoder: ``z ~ N(prior_loc, prior_scale)``, ``x | z ~ likelihood``.
+
+    Args:
+        encoder: network ``x -> (z_loc, z_scale)`` (q(z|x), a diagonal Gaussian).
+        decoder: network ``z -> raw likelihood parameters`` (one per data dimension).
+        likelihood: turns the decoder output into a distribution per data dimension.
+        latent_dim: dimension of z.
+        data_shape: shape of one data point, e.g. ``(1, 28, 28)``; data are passed
+            flattened, ``(batch, prod(data_shape))``, or in this shape.
+        prior_loc, prior_scale: the prior N(mu_p, sigma_p^2) per latent dimension.
+
+    ``model(x)`` and ``guide(x)`` take a mini-batch and optionally ``num_data``, the size
+    of the whole data set, so that the ELBO of a mini-batch is scaled to the data set.
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        decoder: nn.Module,
+        likelihood: Likelihood,
+        latent_dim: int,
+        data_shape: Sequence[int],
+        prior_loc: float | torch.Tensor = 0.0,
+        prior_scale: float | torch.Tensor = 1.0,
+    ) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+        self.likelihood = likelihood
+        self.latent_dim = int(latent_dim)
+        self.data_shape = tuple(int(s) for s in data_shape)
+        self.data_dim = math.prod(self.data_shape)
+        prior_scale = torch.as_tensor(prior_scale, dtype=torch.get_default_dtype())
+        if not (prior_scale > 0).all():
+            raise ValueError(f"prior_scale must be > 0, got {prior_scale}")
+        self.register_buffer(
+            "prior_loc",
+            torch.as_tensor(prior_loc, dtype=torch.get_default_dtype()).expand(latent_dim).clone(),
+        )
+        self.register_buffer("prior_scale", prior_scale.expand(latent_dim).clone())
+
+    # ----------------------------------------------------------------- the Pyro program
+    def model(self, x: torch.Tensor, num_data: int | None = None) -> None:
+        """p(x, z) = N(z; prior_loc, prior_scale) p(x | decoder(z))."""
+        x = self.flatten(x)
+        if is_validation_enabled():
+            self.likelihood.check_data(x)
+        pyro.module("decoder", self.decoder)
+        if self.likelihood_has_parameters:
+            pyro.module("likelihood", self.likelihood)
+        with data_plate(x, num_data):
+            z = pyro.sample(LATENT_SITE, self.prior())
+            pyro.sample(OBSERVED_SITE, self.likelihood(self.decoder(z)).to_event(1), obs=x)
+
+    def guide(self, x: torch.Tensor, num_data: int | None = None) -> None:
+        """q(z | x) = N(z; encoder(x)), diagonal."""
+        x = self.flatten(x)
+        if is_validation_enabled():
+            self.likelihood.check_data(x)
+        pyro.module("encoder", self.encoder)
+        with data_plate(x, num_data):
+            z_loc, z_scale = self.encoder(x)
+            pyro.sample(LATENT_SITE, dist.Normal(z_loc, z_scale).to_event(1))
+
+    def prior(self) -> dist.Distribution:
+        """p(z), with event shape ``(latent_dim,)``."""
+        return dist.Normal(self.prior_loc, self.prior_scale).to_event(1)
+
+    @property
+    def likelihood_has_parameters(self) -> bool:
+        return any(True for _ in self.likelihood.parameters())
+
+    @property
+    def latent_sites(self) -> tuple[str, ...]:
+        return (LATENT_SITE,)
+
+    # ----------------------------------------------------------------- data checks
+    def flatten(self, x: torch.Tensor) -> torch.Tensor:
+        """Return ``x`` as ``(batch, data_dim)``; refuse a shape that does not fit."""
+        if x.dim() >= 2 and tuple(x.shape[1:]) == self.data_shape:
+            x = x.reshape(x.shape[0], self.data_dim)
+        if x.dim() != 2 or x.shape[1] != self.data_dim:
+            raise DataError(
+                f"expected data of shape (batch, {self.data_dim}) or (batch, "
+                f"{', '.join(map(str, self.data_shape))}), got {tuple(x.shape)}: "
+                f"reshape the data or build the VAE for data of this shape"
+            )
+        if is_validation_enabled() and not x.is_floating_point():
+            raise DataError(f"expected floating-point data, got {x.dtype}: convert with x.float()")
+        return x
+
+    def check_data(self, x: torch.Tensor, what: str = "data") -> torch.Tensor:
+        """Flatten ``x`` and check it is finite and inside the likelihood's support."""
+        x = self.flatten(x)
+        self.likelihood.check_data(x, what)
+        return x
+
+    # ----------------------------------------------------------------- helpers
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Location and scale of q(z|x), each ``(batch, latent_dim)``."""
+        return self.encoder(self.flatten(x))
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor, sample_latent: bool = False) -> torch.Tensor:
+        """Mean of p(x | z) at z = E_q[z] (or at a draw from q), shaped like ``x``."""
+        z_loc, z_scale = self.encode(x)
+        z = z_loc + z_scale * torch.randn_like(z_scale) if sample_latent else z_loc
+        return self.likelihood.mean(self.decoder(z)).reshape(x.shape)
+
+    @torch.no_grad()
+    def sample(self, num_samples: int, mean: bool = True) -> torch.Tensor:
+        """Draw ``z`` from the prior and decode: the likelihood's mean, or a draw of x.
+
+        Returns ``(num_samples, *data_shape)``.
+        """
+        z = self.prior().sample((num_samples,))
+        decoded = self.decoder(z)
+        x = self.likelihood.mean(decoded) if mean else self.likelihood(decoded).sample()
+        return x.reshape(num_samples, *self.data_shape)
+
+
+def build_vae(config, data_shape: Sequence[int]) -> VAE:
+    """Build a VAE from a :class:`~pyro_vae.config.ModelConfig` for data of ``data_shape``."""
+    from .likelihoods import make_likelihood
+    from .networks import ConvDecoder, ConvEncoder, GaussianMLP, MLPDecoder
+
+    data_dim = math.prod(data_shape)
+    if len(config.latent_dims) != 1:
+        raise DataError("several latent layers need the hierarchical VAE")
+    latent_dim = config.latent_dims[0]
+    if config.network == "conv":
+        if len(data_shape) != 3:
+            raise DataError(f"--network conv needs image data (C, H, W), got shape {data_shape}")
+        width = config.hidden[0] if config.hidden else 256
+        encoder = ConvEncoder(data_shape, latent_dim, width, config.activation)
+        decoder = ConvDecoder(latent_dim, data_shape, width, config.activation)
+    else:
+        encoder = GaussianMLP(data_dim, latent_dim, config.hidden, config.activation)
+        decoder = MLPDecoder(
+            latent_dim, data_dim, tuple(reversed(config.hidden)), config.activation
+        )
+    likelihood = make_likelihood(config.likelihood, data_dim, config.gaussian_scale)
+    return VAE(
+        encoder, decoder, likelihood, latent_dim, data_shape, config.prior_loc, config.prior_scale
+    )
