@@ -1,9 +1,14 @@
-"""Evaluation: importance-sampled log-likelihood (and, with the training tool, the rest)."""
+"""Evaluation: importance-sampled log-likelihood, PSIS k-hat, active units, test ELBO."""
 
 from __future__ import annotations
 
 import math
+import time
+import warnings
+from collections.abc import Iterator
+from typing import Any
 
+import numpy as np
 import torch
 
 from .errors import UserInputError
@@ -11,6 +16,41 @@ from .estimators import log_importance_weights
 
 #: Decoder outputs held at once by log_likelihood (samples x data points x dims).
 DEFAULT_MAX_ELEMENTS = 2**25
+#: PSIS k-hat above this: importance sampling is unreliable (Vehtari et al., 2024).
+KHAT_THRESHOLD = 0.7
+#: Burda et al. (2016): a latent unit is active if Cov_x(E_q[z_u]) exceeds this.
+ACTIVE_UNIT_THRESHOLD = 0.01
+
+
+def _sizes(vae, n: int, num_samples: int, chunk_size, batch_size) -> tuple[int, int]:
+    if num_samples < 1:
+        raise UserInputError(f"the number of importance samples must be >= 1, got {num_samples}")
+    if batch_size is None:
+        batch_size = min(n, 100)
+    if chunk_size is None:
+        per_sample = max(1, batch_size * vae.data_dim)
+        chunk_size = max(1, min(num_samples, DEFAULT_MAX_ELEMENTS // per_sample))
+    if chunk_size < 1 or batch_size < 1:
+        raise UserInputError("chunk_size and batch_size must be >= 1")
+    return chunk_size, batch_size
+
+
+def _weight_chunks(vae, batch: torch.Tensor, num_samples: int, chunk_size: int) -> Iterator:
+    for start in range(0, num_samples, chunk_size):
+        size = min(chunk_size, num_samples - start)
+        yield log_importance_weights(vae, batch, size).to(torch.float64)
+
+
+def _progress(total: int, num_samples: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total,
+        desc=f"log p(x), K={num_samples}",
+        unit="pt",
+        leave=False,
+        disable=None if enabled else True,
+    )
 
 
 def log_likelihood(
@@ -33,34 +73,152 @@ def log_likelihood(
     bounded by ``chunk_size * batch_size * data_dim`` whatever K is. Works for any
     model/guide pair whose sample sites live in the ``"data"`` plate.
     """
-    if num_samples < 1:
-        raise UserInputError(f"num_samples must be >= 1, got {num_samples}")
     x = vae.flatten(x)
     n = x.shape[0]
-    if batch_size is None:
-        batch_size = min(n, 100)
-    if chunk_size is None:
-        per_sample = max(1, batch_size * vae.data_dim)
-        chunk_size = max(1, min(num_samples, DEFAULT_MAX_ELEMENTS // per_sample))
-    if chunk_size < 1 or batch_size < 1:
-        raise UserInputError("chunk_size and batch_size must be >= 1")
-    chunks = [min(chunk_size, num_samples - start) for start in range(0, num_samples, chunk_size)]
+    chunk_size, batch_size = _sizes(vae, n, num_samples, chunk_size, batch_size)
     result = torch.empty(n, dtype=torch.float64, device=x.device)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=n, desc=f"log p(x), K={num_samples}", unit="pt", leave=False)
-    with torch.no_grad():
+    with torch.no_grad(), _progress(n, num_samples, progress) as bar:
         for start in range(0, n, batch_size):
             batch = x[start : start + batch_size]
             total = torch.full((batch.shape[0],), -math.inf, dtype=torch.float64, device=x.device)
-            for size in chunks:
-                log_w = log_importance_weights(vae, batch, size).to(torch.float64)
+            for log_w in _weight_chunks(vae, batch, num_samples, chunk_size):
                 total = torch.logaddexp(total, torch.logsumexp(log_w, 0))
             result[start : start + batch.shape[0]] = total - math.log(num_samples)
-            if bar is not None:
-                bar.update(batch.shape[0])
-    if bar is not None:
-        bar.close()
+            bar.update(batch.shape[0])
+    return result
+
+
+def psis_khat(log_weights: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Pareto k-hat of the importance weights of each data point, through ArviZ.
+
+    ``log_weights`` is ``(K, batch)``: ``log p(x, z_k) - log q(z_k|x)``. These are the
+    log importance ratios themselves, so they go to :func:`arviz.psislw` with a plus
+    sign (PSIS-LOO passes ``-log_likelihood`` because its ratios are 1/p(y_i|theta)).
+    ArviZ takes samples on the last axis. k-hat > 0.7 means the estimate is unreliable.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*ArviZ is undergoing", category=FutureWarning)
+        import arviz as az
+
+    weights = log_weights.detach().cpu().numpy() if torch.is_tensor(log_weights) else log_weights
+    with warnings.catch_warnings():
+        # ArviZ warns when k-hat is large; we report it instead
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        _, khat = az.psislw(np.ascontiguousarray(np.asarray(weights, dtype=np.float64).T))
+    return np.asarray(khat, dtype=np.float64)
+
+
+def log_likelihood_and_khat(
+    vae,
+    x: torch.Tensor,
+    num_samples: int = 5000,
+    chunk_size: int | None = None,
+    batch_size: int | None = None,
+    progress: bool = False,
+) -> tuple[torch.Tensor, np.ndarray]:
+    """:func:`log_likelihood` and the PSIS k-hat of the same K weights, per data point.
+
+    Holds the ``K x batch`` weights of one batch at a time (float64), for the k-hat fit.
+    """
+    x = vae.flatten(x)
+    n = x.shape[0]
+    chunk_size, batch_size = _sizes(vae, n, num_samples, chunk_size, batch_size)
+    result = torch.empty(n, dtype=torch.float64)
+    khats = np.empty(n)
+    with torch.no_grad(), _progress(n, num_samples, progress) as bar:
+        for start in range(0, n, batch_size):
+            batch = x[start : start + batch_size]
+            log_w = torch.cat(list(_weight_chunks(vae, batch, num_samples, chunk_size)))
+            end = start + batch.shape[0]
+            result[start:end] = (torch.logsumexp(log_w, 0) - math.log(num_samples)).cpu()
+            khats[start:end] = psis_khat(log_w)
+            bar.update(batch.shape[0])
+    return result, khats
+
+
+@torch.no_grad()
+def active_units(vae, x: torch.Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD) -> dict[str, Any]:
+    """Latent units whose posterior mean varies over the data (Burda et al., 2016).
+
+    ``A_u = Cov_x(E_{q(z|x)}[z_u]) > 0.01``. For a hierarchical model, units are counted
+    per latent site, with the means of the guide's distributions at each site.
+    """
+    import pyro
+    from pyro import poutine
+
+    means: dict[str, list[torch.Tensor]] = {}
+    for start in range(0, x.shape[0], 1000):
+        batch = vae.flatten(x[start : start + 1000])
+        with pyro.validation_enabled(False):
+            trace = poutine.trace(vae.guide).get_trace(batch)
+        for name in vae.latent_sites:
+            means.setdefault(name, []).append(trace.nodes[name]["fn"].mean)
+    per_site = {}
+    for name, values in means.items():
+        variance = torch.cat(values).var(0)
+        per_site[name] = {
+            "active": int((variance > threshold).sum()),
+            "dims": int(variance.numel()),
+            "variance": variance.cpu().tolist(),
+        }
+    return {
+        "active_units": sum(site["active"] for site in per_site.values()),
+        "latent_dims": sum(site["dims"] for site in per_site.values()),
+        "by_site": per_site,
+    }
+
+
+def evaluate(
+    vae,
+    images: torch.Tensor,
+    num_samples: int = 5000,
+    elbo_samples: int = 10,
+    progress: bool = False,
+    chunk_size: int | None = None,
+) -> dict[str, Any]:
+    """Everything we report about a trained VAE on ``images`` (nats per data point).
+
+    - ``test_elbo`` with its terms ``test_expected_log_likelihood`` and ``test_kl``
+      (closed-form KL where exact), and ``test_elbo_mc`` (Monte Carlo KL, same model);
+    - ``test_log_likelihood``: importance-sampled log p(x) with K = ``num_samples``
+      (``test_nll`` = its negative, positive, the number papers print);
+    - ``active_units``; PSIS k-hat summary of the K weights (mean, max, share > 0.7).
+    """
+    from .training import evaluate_elbo
+
+    started = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        analytic = evaluate_elbo(vae, images, elbo_samples)
+        mc = evaluate_elbo(vae, images, elbo_samples, kl="mc")
+        log_px, khat = log_likelihood_and_khat(
+            vae, images, num_samples, chunk_size=chunk_size, progress=progress
+        )
+        units = active_units(vae, images)
+    log_px_mean = float(log_px.mean())
+    result: dict[str, Any] = {
+        "points": int(images.shape[0]),
+        "test_elbo": analytic["elbo"],
+        "test_expected_log_likelihood": analytic["expected_log_likelihood"],
+        "test_kl": analytic["kl"],
+        "kl": analytic["kl"],
+        "test_elbo_mc": mc["elbo"],
+        "test_log_likelihood": log_px_mean,
+        "test_log_likelihood_sem": float(log_px.std() / math.sqrt(len(log_px))),
+        "test_nll": -log_px_mean,
+        "importance_samples": num_samples,
+        "elbo_samples": elbo_samples,
+        "gap_log_likelihood_minus_elbo": log_px_mean - analytic["elbo"],
+        "active_units": units["active_units"],
+        "latent_dims": units["latent_dims"],
+        "active_units_by_site": {k: v["active"] for k, v in units["by_site"].items()},
+        "khat_mean": float(np.mean(khat)),
+        "khat_max": float(np.max(khat)),
+        "khat_share_above_0.7": float(np.mean(khat > KHAT_THRESHOLD)),
+        "seconds": time.perf_counter() - started,
+    }
+    result.update(
+        {f"test_{name}": value for name, value in analytic.items() if name.startswith("kl_")}
+    )
     return result

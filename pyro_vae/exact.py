@@ -26,7 +26,7 @@ from torch.distributions import kl_divergence as torch_kl
 
 from .kl import gaussian_kl
 from .likelihoods import GaussianLikelihood
-from .model import OBSERVED_SITE, VAE, data_plate
+from .model import OBSERVED_SITE, VAE, data_plate, register_module
 from .networks import positive_scale
 
 _F64 = torch.float64
@@ -243,7 +243,7 @@ class TwoLayerLinearGaussianVAE(nn.Module):
 
     # ------------------------------------------------------------------ Pyro program
     def model(self, x: torch.Tensor, num_data: int | None = None) -> None:
-        pyro.module("decoder", self.generative)
+        register_module("decoder", self.generative)
         s1, s2 = self.noise_scales
         net = self.generative
         with data_plate(x, num_data):
@@ -252,7 +252,7 @@ class TwoLayerLinearGaussianVAE(nn.Module):
             pyro.sample(OBSERVED_SITE, dist.Normal(net.decoder1(z1), s1).to_event(1), obs=x)
 
     def guide(self, x: torch.Tensor, num_data: int | None = None) -> None:
-        pyro.module("encoder", self.inference)
+        register_module("encoder", self.inference)
         v1, v2 = self.scales()
         net = self.inference
         with data_plate(x, num_data):

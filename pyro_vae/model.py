@@ -26,6 +26,22 @@ OBSERVED_SITE = "x"
 DATA_PLATE = "data"
 
 
+def register_module(name: str, module: nn.Module) -> None:
+    """``pyro.module(name, module)``, where the module being run owns the names.
+
+    Pyro's param store keeps the first tensor registered under a name; a second VAE
+    trained with ``pyro.infer.SVI`` in the same process would then silently optimize the
+    first VAE's parameters. Stale entries are dropped first, so the names always point
+    at the tensors the model actually uses.
+    """
+    store = pyro.get_param_store()
+    for param_name, param in module.named_parameters():
+        full_name = f"{name}$$${param_name}"
+        if full_name in store and store.get_param(full_name) is not param:
+            del store[full_name]
+    pyro.module(name, module)
+
+
 def data_plate(x: torch.Tensor, num_data: int | None = None) -> pyro.plate:
     """The plate over the mini-batch ``x``, scaled to a data set of ``num_data`` points.
 
@@ -88,9 +104,9 @@ class VAE(nn.Module):
         x = self.flatten(x)
         if is_validation_enabled():
             self.likelihood.check_data(x)
-        pyro.module("decoder", self.decoder)
+        register_module("decoder", self.decoder)
         if self.likelihood_has_parameters:
-            pyro.module("likelihood", self.likelihood)
+            register_module("likelihood", self.likelihood)
         with data_plate(x, num_data):
             z = pyro.sample(LATENT_SITE, self.prior())
             pyro.sample(OBSERVED_SITE, self.likelihood(self.decoder(z)).to_event(1), obs=x)
@@ -100,7 +116,7 @@ class VAE(nn.Module):
         x = self.flatten(x)
         if is_validation_enabled():
             self.likelihood.check_data(x)
-        pyro.module("encoder", self.encoder)
+        register_module("encoder", self.encoder)
         with data_plate(x, num_data):
             z_loc, z_scale = self.encoder(x)
             pyro.sample(LATENT_SITE, dist.Normal(z_loc, z_scale).to_event(1))

@@ -102,6 +102,17 @@ def test_plain_svi_trains_the_library_model():
     assert sum(losses[-20:]) / 20 < sum(losses[:20]) / 20
 
 
+def test_a_second_model_trains_with_svi_without_clearing_the_param_store():
+    x = torch.bernoulli(torch.full((64, 64), 0.2), generator=torch.Generator().manual_seed(0))
+    for _ in range(2):  # the second VAE reuses the names "encoder$$$..." of the first
+        vae = build_vae(ModelConfig(latent_dims=(2,), hidden=(16,)), SHAPE)
+        before = [p.detach().clone() for p in vae.parameters()]
+        svi = SVI(vae.model, vae.guide, Adam({"lr": 1e-2}), Trace_ELBO())
+        for _ in range(3):
+            svi.step(x)
+        assert all(not torch.equal(a, b) for a, b in zip(before, vae.parameters()))
+
+
 def test_prior_is_configurable():
     vae = build_vae(ModelConfig(latent_dims=(2,), prior_loc=1.5, prior_scale=0.25), SHAPE)
     z = vae.prior().sample((20000,))

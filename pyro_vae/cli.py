@@ -1,0 +1,337 @@
+"""The ``pyro-vae`` command line: ``train``, ``evaluate``, ``sample``.
+
+Intentionally thin: it maps flags onto :mod:`pyro_vae.config` and calls library code.
+Bad input ends with one line on stderr and exit status 2; a non-finite loss with one
+line and status 1. Heavy modules are imported inside the commands, so ``--help`` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .config import (
+    ACTIVATION_NAMES,
+    BINARIZE_NAMES,
+    DATASET_NAMES,
+    ESTIMATOR_NAMES,
+    LIKELIHOOD_NAMES,
+    RunConfig,
+)
+from .errors import NonFiniteError, UserInputError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and still exit status 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected integers separated by commas, got {text!r}"
+        ) from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
+# flag -> (section, field): the flags of `train` that map onto the config
+_TRAIN_FLAGS = {
+    "dataset": ("data", "dataset"),
+    "data_dir": ("data", "data_dir"),
+    "binarize": ("data", "binarize"),
+    "validation_size": ("data", "validation_size"),
+    "limit": ("data", "limit"),
+    "likelihood": ("model", "likelihood"),
+    "latent_dims": ("model", "latent_dims"),
+    "hidden": ("model", "hidden"),
+    "activation": ("model", "activation"),
+    "network": ("model", "network"),
+    "estimator": ("train", "estimator"),
+    "particles": ("train", "particles"),
+    "alpha": ("train", "alpha"),
+    "epochs": ("train", "epochs"),
+    "batch_size": ("train", "batch_size"),
+    "lr": ("train", "lr"),
+    "optimizer": ("train", "optimizer"),
+    "lr_schedule": ("train", "lr_schedule"),
+    "kl_warmup": ("train", "kl_warmup_epochs"),
+    "early_stopping": ("train", "early_stopping_patience"),
+    "seed": ("train", "seed"),
+    "device": ("train", "device"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="pyro-vae",
+        description="Train, evaluate and sample variational autoencoders written as Pyro "
+        "programs. ELBOs and log-likelihoods are nats per data point, higher is better.",
+    )
+    parser.add_argument("--version", action="version", version=f"pyro-vae {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    train = commands.add_parser(
+        "train",
+        help="train a VAE and write a run folder (metrics, checkpoint, plots, report)",
+        description="Train a VAE by SVI. Defaults: the IWAE paper's MLP (2x200 tanh, latent "
+        "50), Bernoulli likelihood, dynamic binarization, Adam 1e-3, batch 128.",
+    )
+    train.add_argument("--config", type=Path, help="JSON file with sections model/data/train")
+    train.add_argument("--dataset", choices=DATASET_NAMES, help="data set (default digits)")
+    train.add_argument("--data-dir", help="folder of IDX files for mnist/fashion-mnist/kmnist")
+    train.add_argument("--likelihood", choices=LIKELIHOOD_NAMES, help="default bernoulli")
+    train.add_argument("--binarize", choices=BINARIZE_NAMES, help="default dynamic")
+    train.add_argument("--estimator", choices=ESTIMATOR_NAMES, help="default mc (Trace_ELBO)")
+    train.add_argument("--particles", type=int, help="samples of z per data point (K)")
+    train.add_argument("--alpha", type=float, help="order of the renyi bound")
+    train.add_argument("--latent-dims", type=_int_list, help="latent size, e.g. 50")
+    train.add_argument("--hidden", type=_int_list, help="hidden widths, e.g. 200,200")
+    train.add_argument("--activation", choices=ACTIVATION_NAMES, help="default tanh")
+    train.add_argument("--network", choices=("mlp", "conv"), help="default mlp")
+    train.add_argument("--epochs", type=int, help="passes over the training set (default 10)")
+    train.add_argument("--batch-size", type=int, help="default 128")
+    train.add_argument("--lr", type=float, help="learning rate (default 1e-3)")
+    train.add_argument("--optimizer", choices=("adam", "clipped_adam"))
+    train.add_argument("--lr-schedule", choices=("constant", "exponential", "cosine"))
+    train.add_argument("--kl-warmup", type=float, metavar="EPOCHS", help="KL warm-up epochs")
+    train.add_argument("--validation-size", type=int, help="training points held out")
+    train.add_argument("--early-stopping", type=int, metavar="PATIENCE", help="epochs")
+    train.add_argument("--limit", type=int, help="use only this many train/test points")
+    train.add_argument("--seed", type=int, help="default 0")
+    train.add_argument("--device", choices=("cpu", "cuda"), help="default cpu")
+    train.add_argument("--out", type=Path, default=Path("runs/latest"), help="run folder")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out")
+    train.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+    train.add_argument(
+        "--eval-samples",
+        type=int,
+        default=5000,
+        help="K for the final importance-sampled log p(x) (IWAE paper: 5000; 0 skips it)",
+    )
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    evaluate = commands.add_parser(
+        "evaluate", help="test ELBO, importance-sampled log p(x), active units, PSIS k-hat"
+    )
+    evaluate.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    evaluate.add_argument("--samples", type=int, default=5000, help="K (default 5000)")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    sample = commands.add_parser("sample", help="decode samples from the prior into a PNG grid")
+    sample.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    sample.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
+    sample.add_argument("--out", type=Path, help="PNG file (default RUN_DIR/plots/samples-N.png)")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--draw", action="store_true", help="draw x ~ p(x|z) instead of its mean")
+    return parser
+
+
+def resolve_config(args: argparse.Namespace) -> RunConfig:
+    """Defaults, then ``--config``, then flags; validated as it is built."""
+    config = RunConfig.load(args.config) if args.config else RunConfig()
+    sections: dict[str, dict[str, Any]] = {"model": {}, "data": {}, "train": {}}
+    for flag, (section, name) in _TRAIN_FLAGS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            sections[section][name] = value
+    return RunConfig(
+        model=dataclasses.replace(config.model, **sections["model"]),
+        data=dataclasses.replace(config.data, **sections["data"]),
+        train=dataclasses.replace(config.train, **sections["train"]),
+    )
+
+
+def _train(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from .runs import check_run_dir
+
+    out: Path = args.out
+    if args.eval_samples < 0:
+        raise UserInputError(f"--eval-samples must be >= 0, got {args.eval_samples}")
+    check_run_dir(out, args.resume, args.overwrite)
+    if args.resume:
+        config = RunConfig.load(out / "config.json")
+        changed = [
+            flag for flag in _TRAIN_FLAGS if getattr(args, flag) is not None and flag != "epochs"
+        ] + (["config"] if args.config else [])
+        if changed:
+            raise UserInputError(
+                f"--resume continues {out} with its own config.json; only --epochs may change "
+                f"(got --{', --'.join(f.replace('_', '-') for f in changed)})"
+            )
+        if args.epochs is not None:
+            config = dataclasses.replace(
+                config, train=dataclasses.replace(config.train, epochs=args.epochs)
+            )
+    else:
+        config = resolve_config(args)
+    return run_training(config, out, args, argv)
+
+
+def run_training(config: RunConfig, out: Path, args: argparse.Namespace, argv) -> int:
+    import torch
+
+    from .data import load_data
+    from .evaluation import evaluate
+    from .model import build_vae
+    from .runs import clear_run_dir, command_line, write_plots, write_report
+    from .training import fit
+
+    if config.train.device == "cuda" and not torch.cuda.is_available():
+        raise UserInputError("CUDA is not available on this machine: use --device cpu")
+    # Everything is validated before the run folder is touched.
+    data = load_data(
+        config.data.dataset,
+        config.data.data_dir,
+        config.data.binarize,
+        config.data.validation_size,
+        seed=config.train.seed,
+        limit=config.data.limit,
+    )
+    torch.manual_seed(config.train.seed)
+    vae = build_vae(config.model, data.data_shape)
+    for split in ("train", "test"):
+        vae.check_data(getattr(data, split).images, what=f"the {split} set of {data.name}")
+    if args.resume:
+        from .checkpoint import load_checkpoint
+
+        load_checkpoint(out / "checkpoint.pt")  # a corrupt checkpoint fails here, not later
+    if args.overwrite and out.exists():
+        clear_run_dir(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config.save(out / "config.json")
+    progress = not args.quiet
+    history = fit(
+        vae,
+        data,
+        config.train,
+        run_dir=out,
+        resume=args.resume,
+        saved_config=config.to_dict(),
+        progress=progress,
+    )
+    evaluation = None
+    if args.eval_samples:
+        print(f"evaluating: importance-sampled log p(x) with K={args.eval_samples} ...")
+        evaluation = evaluate(
+            vae,
+            data.evaluation_images("test").to(config.train.device),
+            args.eval_samples,
+            progress=progress,
+        )
+        (out / "evaluation.json").write_text(json.dumps(evaluation, indent=2) + "\n")
+        print(format_evaluation(evaluation))
+    plot_paths = write_plots(out, vae, data, history.epochs)
+    report = write_report(
+        out,
+        config,
+        history.epochs,
+        evaluation,
+        command_line(argv),
+        plot_paths,
+        history.stopped_early,
+    )
+    print(f"run folder: {out}  (report: {report})")
+    return 0
+
+
+def format_evaluation(result: dict[str, Any]) -> str:
+    return "\n".join(
+        [
+            f"test ELBO            {result['test_elbo']:10.3f}  = E[log p(x|z)] "
+            f"{result['test_expected_log_likelihood']:.3f} - KL {result['test_kl']:.3f}",
+            f"test ELBO (MC KL)    {result['test_elbo_mc']:10.3f}",
+            f"test log p(x), K={result['importance_samples']:<4} "
+            f"{result['test_log_likelihood']:10.3f}  (NLL {result['test_nll']:.3f}, "
+            f"s.e.m. {result['test_log_likelihood_sem']:.3f})",
+            f"active units         {result['active_units']:>10} of {result['latent_dims']}",
+            f"PSIS k-hat           mean {result['khat_mean']:.2f}, max {result['khat_max']:.2f}, "
+            f"{result['khat_share_above_0.7']:.1%} above 0.7",
+        ]
+    )
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .evaluation import evaluate
+    from .runs import load_run
+
+    if args.samples < 1:
+        raise UserInputError(f"--samples must be >= 1, got {args.samples}")
+    config, vae, data, _ = load_run(args.run_dir, args.device)
+    result = evaluate(
+        vae,
+        data.evaluation_images("test").to(args.device),
+        args.samples,
+        progress=not args.quiet and not args.json,
+    )
+    result["run_dir"] = str(args.run_dir)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(format_evaluation(result))
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from .runs import load_run
+
+    if args.n < 1:
+        raise UserInputError(f"--n must be >= 1, got {args.n}")
+    out = args.out or args.run_dir / "plots" / f"samples-{args.n}.png"
+    if out.exists() and out.is_dir():
+        raise UserInputError(f"--out {out} is a folder: pass a PNG file name")
+    if out.suffix.lower() != ".png":
+        raise UserInputError(f"--out {out} must end in .png")
+    _, vae, _, _ = load_run(args.run_dir)
+    import torch
+    from torchvision.utils import save_image
+
+    torch.manual_seed(args.seed)
+    samples = vae.sample(args.n, mean=not args.draw)
+    if len(vae.data_shape) != 3:
+        samples = samples.reshape(args.n, 1, 1, -1)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_image(samples.clamp(0, 1), out, nrow=max(1, int(args.n**0.5)), padding=1, pad_value=1.0)
+    print(out)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        if args.command == "train":
+            return _train(args, argv)
+        if args.command == "evaluate":
+            return _evaluate(args)
+        if args.command == "sample":
+            return _sample(args)
+    except UserInputError as error:
+        print(f"pyro-vae {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except NonFiniteError as error:
+        print(f"pyro-vae {args.command}: stopped: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"pyro-vae {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""PNG figures of a run: reconstructions, prior samples, the latent space, learning curves.
+
+matplotlib (Agg backend) and torchvision's image grids are imported inside the
+functions, so that importing pyro_vae stays cheap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _grid(images: torch.Tensor, nrow: int):
+    """``(N, C, H, W)`` in [0, 1] -> an HxWxC numpy image with thin white separators."""
+    from torchvision.utils import make_grid
+
+    grid = make_grid(images.clamp(0, 1).cpu(), nrow=nrow, padding=1, pad_value=1.0)
+    return grid.permute(1, 2, 0).numpy()
+
+
+def _show(ax, images: torch.Tensor, nrow: int, title: str) -> None:
+    ax.imshow(_grid(images, nrow), cmap="gray", interpolation="nearest", vmin=0, vmax=1)
+    ax.set_title(title, fontsize=10)
+    ax.axis("off")
+
+
+def _displayable(vae, x: torch.Tensor) -> torch.Tensor:
+    shape = vae.data_shape if len(vae.data_shape) == 3 else (1, 1, vae.data_dim)
+    return x.reshape(-1, *shape)
+
+
+def plot_reconstructions(vae, images: torch.Tensor, path: str | Path, n: int = 16) -> Path:
+    """Inputs (top) next to the means of p(x | z = E_q[z]) (bottom)."""
+    plt = _pyplot()
+    x = images[:n]
+    reconstruction = vae.reconstruct(x)
+    fig, axes = plt.subplots(2, 1, figsize=(max(4, n * 0.5), 2.6))
+    _show(axes[0], _displayable(vae, x), n, "data")
+    _show(
+        axes[1], _displayable(vae, reconstruction), n, "reconstruction (mean of p(x|z), z = E_q[z])"
+    )
+    return _save(fig, path)
+
+
+def plot_samples(vae, path: str | Path, n: int = 64, seed: int = 0) -> Path:
+    """Means of p(x | z) for z drawn from the prior."""
+    plt = _pyplot()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        samples = vae.sample(n)
+    nrow = int(n**0.5)
+    fig, ax = plt.subplots(figsize=(4.5, 4.8))
+    _show(ax, _displayable(vae, samples), nrow, f"{n} samples from the prior (means of p(x|z))")
+    return _save(fig, path)
+
+
+def plot_latent_space(vae, images: torch.Tensor, labels: torch.Tensor, path: str | Path) -> Path:
+    """E_q[z] of each image, coloured by label; PCA to 2-D when the latent has more dims.
+
+    With a 2-D latent, a second panel shows the decoded manifold: the means of p(x|z)
+    on a grid of prior quantiles.
+    """
+    plt = _pyplot()
+    with torch.no_grad():
+        loc = vae.encode(images)[0].cpu() if hasattr(vae, "encode") else _top_means(vae, images)
+    dims = loc.shape[1]
+    manifold = dims == 2 and len(vae.data_shape) == 3 and hasattr(vae, "decoder")
+    fig, axes = plt.subplots(1, 2 if manifold else 1, figsize=(10 if manifold else 5.5, 4.8))
+    ax = axes[0] if manifold else axes
+    if dims > 2:
+        from sklearn.decomposition import PCA
+
+        pca = PCA(n_components=2).fit(loc.numpy())
+        points = pca.transform(loc.numpy())
+        share = pca.explained_variance_ratio_.sum()
+        ax.set_xlabel("PC 1")
+        ax.set_ylabel("PC 2")
+        title = f"E_q[z], PCA of {dims} dims ({share:.0%} of variance)"
+    elif dims == 2:
+        points = loc.numpy()
+        ax.set_xlabel("z_1")
+        ax.set_ylabel("z_2")
+        title = "E_q[z]"
+    else:
+        points = torch.stack([loc[:, 0], labels.float() + 0.3 * torch.rand(len(labels))], 1)
+        points = points.numpy()
+        ax.set_xlabel("z")
+        ax.set_ylabel("label (jittered)")
+        title = "E_q[z] by label"
+    scatter = ax.scatter(points[:, 0], points[:, 1], c=labels.numpy(), cmap="tab10", s=6, alpha=0.8)
+    ax.legend(*scatter.legend_elements(), title="label", fontsize=7, loc="best", markerscale=0.8)
+    ax.set_title(title, fontsize=10)
+    if manifold:
+        n = 15
+        quantiles = torch.linspace(0.05, 0.95, n)
+        values = torch.distributions.Normal(0.0, 1.0).icdf(quantiles)
+        prior_loc, prior_scale = vae.prior_loc.cpu(), vae.prior_scale.cpu()
+        grid_y, grid_x = torch.meshgrid(values.flip(0), values, indexing="ij")
+        z = torch.stack([grid_x.reshape(-1), grid_y.reshape(-1)], 1) * prior_scale + prior_loc
+        with torch.no_grad():
+            decoded = vae.likelihood.mean(vae.decoder(z.to(vae.prior_loc.device)))
+        _show(axes[1], _displayable(vae, decoded), n, "decoded manifold (prior quantiles 5%..95%)")
+    return _save(fig, path)
+
+
+def _top_means(vae, images):
+    from pyro import poutine
+
+    trace = poutine.trace(vae.guide).get_trace(vae.flatten(images))
+    return trace.nodes[vae.latent_sites[-1]]["fn"].mean.cpu()
+
+
+def plot_learning_curves(epochs: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """ELBO (train bound and test), expected log-likelihood, and KL per epoch."""
+    plt = _pyplot()
+    x = [e["epoch"] for e in epochs]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    axes[0].plot(x, [e["train_elbo"] for e in epochs], label="train (estimator's bound)")
+    axes[0].plot(x, [e["test_elbo"] for e in epochs], label="test ELBO")
+    if epochs and "validation_elbo" in epochs[0]:
+        axes[0].plot(x, [e["validation_elbo"] for e in epochs], label="validation ELBO")
+    axes[0].set_title("ELBO (nats per data point, higher is better)", fontsize=10)
+    axes[1].plot(x, [e["test_expected_log_likelihood"] for e in epochs], color="C2")
+    axes[1].set_title("test E_q[log p(x|z)] (reconstruction)", fontsize=10)
+    kl_sites = sorted(k for k in (epochs[0] if epochs else {}) if k.startswith("test_kl_"))
+    axes[2].plot(x, [e["test_kl"] for e in epochs], color="C3", label="total")
+    if len(kl_sites) > 1:
+        for key in kl_sites:
+            axes[2].plot(x, [e[key] for e in epochs], "--", label=key.removeprefix("test_kl_"))
+    axes[2].set_title("test KL(q(z|x) || p(z)) (regulariser)", fontsize=10)
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    if len(kl_sites) > 1:
+        axes[2].legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path

@@ -1,0 +1,408 @@
+"""``fit``: stochastic variational inference for a VAE, with checkpoints that survive crashes.
+
+Each step computes the estimator's loss and gradients (``elbo.loss_and_grads``, a Pyro
+ELBO on the Pyro model and guide), checks that both are finite, and only then lets the
+optimizer step. That check is why the loop does not call ``pyro.infer.SVI.step``, which
+steps at once; and the optimizer is a ``torch.optim`` optimizer over the VAE's
+parameters, whose ``state_dict`` covers every parameter whether or not it has stepped
+(Pyro's ``PyroOptim.get_state`` covers only those that have, so a load-then-save
+before a step would lose state).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyro
+import torch
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_subsample
+
+from .checkpoint import (
+    atomic_write_text,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from .config import TrainConfig
+from .data import VAEData
+from .errors import CheckpointError, NonFiniteError, UserInputError
+from .estimators import elbo_terms, make_elbo
+
+CHECKPOINT = "checkpoint.pt"
+BEST_CHECKPOINT = "best.pt"
+METRICS = "metrics.jsonl"
+#: Data points per forward pass when evaluating ELBOs.
+EVAL_BATCH = 1000
+
+
+class LatentScale(Messenger):
+    """Multiply the log-densities of every latent (unobserved) site by ``factor``.
+
+    Applied to model and guide alike, it scales ``log p(z) - log q(z|x)``, i.e. the KL
+    term, by ``factor``: the KL warm-up of Bowman et al. (2016) and Sonderby et al.
+    (2016). The observed site is untouched.
+    """
+
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def _process_message(self, msg: dict) -> None:
+        if msg["type"] == "sample" and not msg["is_observed"] and not site_is_subsample(msg):
+            msg["scale"] = msg["scale"] * self.factor
+
+
+@dataclass
+class History:
+    """Per-epoch metrics of a run (nats per data point; higher ELBO is better)."""
+
+    epochs: list[dict[str, Any]] = field(default_factory=list)
+    stopped_early: bool = False
+    best_epoch: int | None = None
+
+    def __getitem__(self, key: str) -> list[Any]:
+        return [epoch.get(key) for epoch in self.epochs]
+
+    def __len__(self) -> int:
+        return len(self.epochs)
+
+    @property
+    def last(self) -> dict[str, Any]:
+        return self.epochs[-1] if self.epochs else {}
+
+
+Callback = Callable[[dict[str, Any]], None]
+
+
+@torch.no_grad()
+def evaluate_elbo(
+    vae, images: torch.Tensor, num_samples: int = 1, kl: str | None = None, device: str = "cpu"
+) -> dict[str, float]:
+    """Mean ELBO, expected log-likelihood and KL per data point over ``images``.
+
+    ``kl`` defaults to the closed form where it is exact for this model and guide.
+    """
+    if kl is None:
+        kl = "analytic" if getattr(vae, "analytic_kl_is_exact", True) else "mc"
+    totals: dict[str, float] = {}
+    for start in range(0, images.shape[0], EVAL_BATCH):
+        batch = images[start : start + EVAL_BATCH].to(device)
+        terms = elbo_terms(vae, batch, kl=kl, num_samples=num_samples)
+        values = {
+            "elbo": terms.elbo,
+            "expected_log_likelihood": terms.expected_log_likelihood,
+            "kl": terms.kl,
+        }
+        values.update({f"kl_{site}": value for site, value in terms.kl_by_site.items()})
+        for name, value in values.items():
+            totals[name] = totals.get(name, 0.0) + float(value.sum())
+    return {name: total / images.shape[0] for name, total in totals.items()}
+
+
+class Trainer:
+    """The state of a training run: optimizer, schedule, RNGs, step counters, history."""
+
+    def __init__(
+        self,
+        vae,
+        data: VAEData,
+        config: TrainConfig,
+        run_dir: str | Path | None = None,
+        saved_config: dict[str, Any] | None = None,
+    ) -> None:
+        self.vae = vae.to(config.device)
+        self.data = data
+        self.config = config
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.saved_config = saved_config if saved_config is not None else {"train": asdict(config)}
+        self.elbo = make_elbo(config.estimator, config.particles, alpha=config.alpha)
+        self.parameters = [p for p in vae.parameters() if p.requires_grad]
+        if config.optimizer == "adam":
+            self.optimizer = torch.optim.Adam(self.parameters, lr=config.lr)
+        else:
+            from pyro.optim.clipped_adam import ClippedAdam
+
+            self.optimizer = ClippedAdam(self.parameters, lr=config.lr, clip_norm=config.clip_norm)
+        if config.lr_schedule == "exponential":
+            self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, config.lr_gamma)
+        elif config.lr_schedule == "cosine":
+            self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+                self.optimizer, config.epochs
+            )
+        else:
+            self.scheduler = None
+        self.data_generator = torch.Generator().manual_seed(config.seed)
+        self.num_data = len(data.train)
+        self.steps_per_epoch = math.ceil(self.num_data / config.batch_size)
+        self.epoch = 0
+        self.step = 0
+        self.history = History()
+        self.best_elbo = -math.inf
+        self.epochs_since_best = 0
+        self.finished = False
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.vae.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+            "rng": rng_state(self.data_generator),
+            "epoch": self.epoch,
+            "step": self.step,
+            "config": self.saved_config,
+            "history": self.history.epochs,
+            "best_epoch": self.history.best_epoch,
+            "stopped_early": self.history.stopped_early,
+            "best_elbo": self.best_elbo,
+            "epochs_since_best": self.epochs_since_best,
+            "finished": self.finished,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        try:
+            self.vae.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.scheduler is not None and state.get("scheduler") is not None:
+                self.scheduler.load_state_dict(state["scheduler"])
+            set_rng_state(state["rng"], self.data_generator)
+            self.epoch, self.step = int(state["epoch"]), int(state["step"])
+            self.history = History(
+                list(state["history"]), bool(state["stopped_early"]), state["best_epoch"]
+            )
+            self.best_elbo = float(state["best_elbo"])
+            self.epochs_since_best = int(state["epochs_since_best"])
+            self.finished = bool(state["finished"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as error:
+            raise CheckpointError(
+                f"the checkpoint does not fit this model or version ({str(error).splitlines()[0]}):"
+                f" resume with the run's own config.json, or start over with --overwrite"
+            ) from None
+
+    def save(self, path: Path | None = None) -> None:
+        if self.run_dir is None:
+            return
+        save_checkpoint(path or self.run_dir / CHECKPOINT, **self.state_dict())
+
+    # ------------------------------------------------------------------ training
+    def kl_factor(self, step: int) -> float:
+        """KL factor of step ``step`` (0-based): rises linearly to 1 over the warm-up."""
+        warmup_steps = self.config.kl_warmup_epochs * self.steps_per_epoch
+        if warmup_steps <= 0:
+            return 1.0
+        return min(1.0, (step + 1) / warmup_steps)
+
+    def train_epoch(self, progress: bool = True) -> float:
+        """One pass over the training set; returns the mean training bound per data point."""
+        from tqdm.auto import tqdm
+
+        config, vae = self.config, self.vae
+        total, count = 0.0, 0
+        bar = tqdm(
+            total=self.steps_per_epoch,
+            desc=f"epoch {self.epoch + 1}/{config.epochs}",
+            leave=False,
+            disable=None if progress else True,
+            unit="step",
+        )
+        with pyro.validation_enabled(False), bar, warnings.catch_warnings():
+            # the data were checked once, up front; a NaN is reported by _check_finite
+            warnings.filterwarnings("ignore", message="Encountered (NaN|[+-]inf)")
+            for batch in self.data.batches(config.batch_size, self.data_generator):
+                batch = batch.to(config.device, non_blocking=True)
+                factor = self.kl_factor(self.step)
+                self.optimizer.zero_grad(set_to_none=True)
+                if factor < 1.0:
+                    with LatentScale(factor):
+                        loss = self.elbo.loss_and_grads(
+                            vae.model, vae.guide, batch, num_data=self.num_data
+                        )
+                    with torch.no_grad():  # the bound itself, unannealed, for the record
+                        reported = self.elbo.loss(
+                            vae.model, vae.guide, batch, num_data=self.num_data
+                        )
+                else:
+                    loss = reported = self.elbo.loss_and_grads(
+                        vae.model, vae.guide, batch, num_data=self.num_data
+                    )
+                self._check_finite(loss)
+                self.optimizer.step()
+                self.step += 1
+                size = batch.shape[0]
+                total += -reported / self.num_data * size
+                count += size
+                bar.update()
+                if bar.n % 10 == 0 or bar.n == self.steps_per_epoch:
+                    bar.set_postfix_str(f"elbo {total / count:.2f}", refresh=False)
+        return total / count
+
+    def _check_finite(self, loss: float) -> None:
+        grads = [p.grad for p in self.parameters if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.tensor(0.0)
+        if math.isfinite(loss) and torch.isfinite(grad_norm):
+            return
+        self.optimizer.zero_grad(set_to_none=True)
+        what = "loss" if not math.isfinite(loss) else "gradient"
+        where = (
+            f"the last good checkpoint ({self.run_dir / CHECKPOINT}, epoch {self.epoch}) is intact"
+            if self.run_dir is not None
+            else "the parameters keep their last finite values"
+        )
+        lr = self.optimizer.param_groups[0]["lr"]
+        raise NonFiniteError(
+            f"non-finite {what} at epoch {self.epoch + 1}, step {self.step + 1} (loss {loss:g}, "
+            f"gradient norm {float(grad_norm):g}); the parameters were not updated and {where}. "
+            f"Likely causes: a learning rate too high (now {lr:g}), data outside the "
+            f"likelihood's support, or a too aggressive estimator setting"
+        )
+
+    def evaluate(self) -> dict[str, float]:
+        """Test (and validation) ELBO with its terms, with an RNG forked from the run's."""
+        config = self.config
+        metrics: dict[str, float] = {}
+        with torch.random.fork_rng(devices=[]), pyro.validation_enabled(False):
+            torch.manual_seed(config.seed * 100_003 + self.epoch)
+            splits = [("test", self.data.evaluation_images("test"))]
+            if len(self.data.validation):
+                splits.append(("validation", self.data.evaluation_images("validation")))
+            for split, images in splits:
+                values = evaluate_elbo(
+                    self.vae, images, config.eval_particles, device=config.device
+                )
+                metrics.update({f"{split}_{name}": value for name, value in values.items()})
+        return metrics
+
+    def run(
+        self,
+        callbacks: Iterable[Callback] = (),
+        progress: bool = True,
+        log: Callable | None = print,
+    ) -> History:
+        config = self.config
+        if self.epoch == 0 and self.step == 0:
+            self.save()  # a good checkpoint exists from the start
+        while self.epoch < config.epochs and not self.finished:
+            started = time.perf_counter()
+            train_elbo = self.train_epoch(progress)
+            seconds = time.perf_counter() - started
+            self.epoch += 1
+            eval_started = time.perf_counter()
+            metrics = {
+                "epoch": self.epoch,
+                "step": self.step,
+                "train_elbo": train_elbo,
+                **self.evaluate(),
+                "seconds": seconds,
+                "eval_seconds": time.perf_counter() - eval_started,
+                "lr": self.optimizer.param_groups[0]["lr"],
+                "kl_factor": self.kl_factor(self.step - 1),  # of the epoch's last step
+            }
+            if self.scheduler is not None:
+                self.scheduler.step()
+            self.history.epochs.append(metrics)
+            stop = self._early_stopping(metrics)
+            self.finished = stop or self.epoch >= config.epochs
+            self.save()
+            self._write_metrics()
+            if log is not None:
+                log(format_epoch(metrics, config.epochs))
+            for callback in callbacks:
+                callback(metrics)
+        if self.history.stopped_early and self.run_dir is not None:
+            self.vae.load_state_dict(load_checkpoint(self.run_dir / BEST_CHECKPOINT)["model"])
+        elif self.history.stopped_early and self._best_state is not None:
+            self.vae.load_state_dict(self._best_state)
+        return self.history
+
+    _best_state: dict[str, torch.Tensor] | None = None
+
+    def _early_stopping(self, metrics: dict[str, float]) -> bool:
+        if "validation_elbo" not in metrics:
+            return False
+        if metrics["validation_elbo"] > self.best_elbo:
+            self.best_elbo = metrics["validation_elbo"]
+            self.history.best_epoch = self.epoch
+            self.epochs_since_best = 0
+            self._best_state = copy.deepcopy(self.vae.state_dict())
+            self.save(self.run_dir / BEST_CHECKPOINT if self.run_dir else None)
+            return False
+        self.epochs_since_best += 1
+        patience = self.config.early_stopping_patience
+        if patience and self.epochs_since_best >= patience:
+            self.history.stopped_early = True
+            return True
+        return False
+
+    def _write_metrics(self) -> None:
+        if self.run_dir is None:
+            return
+        lines = "".join(json.dumps(epoch) + "\n" for epoch in self.history.epochs)
+        atomic_write_text(lines, self.run_dir / METRICS)
+
+
+def format_epoch(metrics: dict[str, Any], epochs: int) -> str:
+    """One line per epoch: the bound, the test ELBO and its two terms, the time."""
+    line = (
+        f"epoch {metrics['epoch']:>3}/{epochs}  train {metrics['train_elbo']:9.3f}  "
+        f"test elbo {metrics['test_elbo']:9.3f} = E[log p(x|z)] "
+        f"{metrics['test_expected_log_likelihood']:9.3f} - KL {metrics['test_kl']:7.3f}"
+    )
+    if "validation_elbo" in metrics:
+        line += f"  valid {metrics['validation_elbo']:9.3f}"
+    return line + f"  {metrics['seconds']:6.2f} s"
+
+
+def fit(
+    vae,
+    data: VAEData,
+    config: TrainConfig,
+    *,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    saved_config: dict[str, Any] | None = None,
+    callbacks: Iterable[Callback] = (),
+    progress: bool = True,
+    log: Callable | None = print,
+) -> History:
+    """Train ``vae`` on ``data`` by SVI with the estimator of ``config``; return the history.
+
+    Per epoch it records ``train_elbo`` (the training estimator's own bound, unannealed:
+    the ELBO for ``mc``/``analytic``, L_K for ``iwae``), ``test_elbo`` with its terms
+    ``test_expected_log_likelihood`` and ``test_kl`` (closed-form KL where exact),
+    ``validation_*`` when there is a validation set, ``seconds``, ``lr`` and
+    ``kl_factor``; all in nats per data point. With ``run_dir`` it writes an atomic
+    checkpoint and ``metrics.jsonl`` after every epoch; ``resume=True`` continues from
+    the checkpoint there, reproducing the uninterrupted run exactly on CPU.
+
+    ``callbacks`` are called with each epoch's metrics dict.
+    """
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise UserInputError("CUDA is not available on this machine: use --device cpu")
+    if len(data.train) == 0:
+        raise UserInputError("the training set is empty: pass data with at least one point")
+    for split in ("train", "test", "validation"):
+        images = getattr(data, split).images
+        if images.shape[0]:
+            vae.check_data(images, what=f"the {split} set of {data.name}")
+    if run_dir is not None:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+    if not resume:
+        pyro.set_rng_seed(config.seed)
+    trainer = Trainer(vae, data, config, run_dir, saved_config)
+    if resume:
+        if run_dir is None:
+            raise UserInputError("resume needs the run folder that holds the checkpoint")
+        trainer.load_state_dict(load_checkpoint(Path(run_dir) / CHECKPOINT, config.device))
+        if config.epochs > trainer.epoch:
+            trainer.finished = False  # asked for more epochs than the run had
+    return trainer.run(callbacks=callbacks, progress=progress, log=log)

@@ -1,0 +1,40 @@
+"""Every example runs (tiny settings) and prints what it promises."""
+
+from __future__ import annotations
+
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def run_example(name: str, argv: list[str], capsys, monkeypatch) -> str:
+    monkeypatch.setattr(sys, "argv", [name, *argv])
+    runpy.run_path(str(EXAMPLES / name), run_name="__main__")
+    return capsys.readouterr().out
+
+
+def test_train_vae_script(capsys, monkeypatch):
+    out = run_example("train_vae.py", ["--epochs", "2", "--limit", "200"], capsys, monkeypatch)
+    assert "--- Trace_ELBO ---" in out and "--- TraceMeanField_ELBO ---" in out
+    assert out.count("E[log p(x|z)]") == 4 and "KL" in out
+
+
+def test_train_with_fit_script(capsys, monkeypatch, tmp_path):
+    out = run_example(
+        "train_with_fit.py",
+        ["--epochs", "2", "--limit", "200", "--out", str(tmp_path)],
+        capsys,
+        monkeypatch,
+    )
+    assert "mc: best test ELBO" in out and "analytic: best test ELBO" in out
+    assert (tmp_path / "mc" / "checkpoint.pt").is_file()
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in EXAMPLES.glob("*.py")))
+def test_every_example_is_smoke_tested(name):
+    tested = Path(__file__).read_text()
+    assert name in tested, f"{name} has no smoke test"
