@@ -21,7 +21,10 @@ from .config import (
     DATASET_NAMES,
     ESTIMATOR_NAMES,
     LIKELIHOOD_NAMES,
+    DataConfig,
+    ModelConfig,
     RunConfig,
+    TrainConfig,
 )
 from .errors import NonFiniteError, UserInputError
 
@@ -57,6 +60,8 @@ _TRAIN_FLAGS = {
     "hidden": ("model", "hidden"),
     "activation": ("model", "activation"),
     "network": ("model", "network"),
+    "guide": ("model", "guide"),
+    "free_bits": ("train", "free_bits"),
     "estimator": ("train", "estimator"),
     "particles": ("train", "particles"),
     "alpha": ("train", "alpha"),
@@ -95,10 +100,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--estimator", choices=ESTIMATOR_NAMES, help="default mc (Trace_ELBO)")
     train.add_argument("--particles", type=int, help="samples of z per data point (K)")
     train.add_argument("--alpha", type=float, help="order of the renyi bound")
-    train.add_argument("--latent-dims", type=_int_list, help="latent size, e.g. 50")
+    train.add_argument(
+        "--latent-dims", type=_int_list, help="latent size, e.g. 50; several layers: 100,50"
+    )
     train.add_argument("--hidden", type=_int_list, help="hidden widths, e.g. 200,200")
     train.add_argument("--activation", choices=ACTIVATION_NAMES, help="default tanh")
     train.add_argument("--network", choices=("mlp", "conv"), help="default mlp")
+    train.add_argument(
+        "--guide",
+        choices=("top-down", "bottom-up"),
+        help="inference order with several latent layers (--latent-dims 100,50): default top-down",
+    )
+    train.add_argument("--free-bits", type=float, metavar="NATS", help="free bits per layer")
     train.add_argument("--epochs", type=int, help="passes over the training set (default 10)")
     train.add_argument("--batch-size", type=int, help="default 128")
     train.add_argument("--lr", type=float, help="learning rate (default 1e-3)")
@@ -136,7 +149,89 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--out", type=Path, help="PNG file (default RUN_DIR/plots/samples-N.png)")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--draw", action="store_true", help="draw x ~ p(x|z) instead of its mean")
+    compare = commands.add_parser(
+        "compare",
+        help="train one model per estimator on an equal budget and compare them",
+        description="Train every estimator from the same initial parameters, data order and "
+        "number of gradient steps, with K particles each; evaluate all with the same K for "
+        "log p(x); measure gradient variance and SNR; write comparison.json/.csv/.md and plots.",
+    )
+    compare.add_argument(
+        "--estimators",
+        default="mc,analytic,iwae,stl,dreg,penalty",
+        help="comma-separated (default mc,analytic,iwae,stl,dreg,penalty)",
+    )
+    compare.add_argument("--particles", type=int, default=5, help="K for every estimator (5)")
+    compare.add_argument("--dataset", choices=DATASET_NAMES, default="digits")
+    compare.add_argument("--data-dir", help="folder of IDX files for the MNIST family")
+    compare.add_argument("--binarize", choices=BINARIZE_NAMES, default="dynamic")
+    compare.add_argument("--latent-dims", type=_int_list, help="default 50")
+    compare.add_argument("--hidden", type=_int_list, help="default 200,200")
+    compare.add_argument("--guide", choices=("top-down", "bottom-up"), default="top-down")
+    compare.add_argument("--epochs", type=int, default=10)
+    compare.add_argument("--batch-size", type=int, default=128)
+    compare.add_argument("--lr", type=float, default=1e-3)
+    compare.add_argument("--limit", type=int, help="use only this many train/test points")
+    compare.add_argument("--seed", type=int, default=0)
+    compare.add_argument("--repeats", type=int, default=1, help="seeds per estimator (1)")
+    compare.add_argument("--eval-samples", type=int, default=1000, help="K for log p(x)")
+    compare.add_argument("--eval-points", type=int, help="test points evaluated (default all)")
+    compare.add_argument("--grad-draws", type=int, default=100, help="gradient draws (100)")
+    compare.add_argument("--snr-particles", type=_int_list, default=(1, 3, 10, 30))
+    compare.add_argument("--bound-particles", type=_int_list, default=(1, 5, 50, 500))
+    compare.add_argument("--out", type=Path, default=Path("runs/compare"))
+    compare.add_argument("--overwrite", action="store_true", help="replace --out's comparison")
+    compare.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
+
+
+def _compare(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from .compare import compare_estimators, markdown_table, parse_estimators
+    from .runs import command_line
+
+    estimators = parse_estimators(args.estimators)
+    if args.particles < 1:
+        raise UserInputError(f"--particles must be >= 1, got {args.particles}")
+    if args.out.exists() and not args.out.is_dir():
+        raise UserInputError(f"--out {args.out} is a file: pass a folder")
+    if (args.out / "comparison.json").exists() and not args.overwrite:
+        raise UserInputError(
+            f"{args.out} holds a comparison: pass --overwrite to replace it, or another --out"
+        )
+    model = {"guide": args.guide}
+    if args.latent_dims:
+        model["latent_dims"] = args.latent_dims
+    if args.hidden:
+        model["hidden"] = args.hidden
+    config = RunConfig(
+        model=ModelConfig(**model),
+        data=DataConfig(
+            dataset=args.dataset, data_dir=args.data_dir, binarize=args.binarize, limit=args.limit
+        ),
+        train=TrainConfig(
+            particles=args.particles,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            seed=args.seed,
+        ),
+    )
+    result = compare_estimators(
+        config,
+        estimators,
+        args.out,
+        repeats=args.repeats,
+        eval_samples=args.eval_samples,
+        eval_points=args.eval_points,
+        grad_draws=args.grad_draws,
+        snr_particles=args.snr_particles,
+        bound_particles=args.bound_particles,
+        progress=not args.quiet,
+        command=command_line(argv),
+    )
+    print(markdown_table(result["summary"]))
+    print(f"comparison: {args.out / 'comparison.md'}")
+    return 0
 
 
 def resolve_config(args: argparse.Namespace) -> RunConfig:
@@ -184,6 +279,7 @@ def run_training(config: RunConfig, out: Path, args: argparse.Namespace, argv) -
     import torch
 
     from .data import load_data
+    from .estimators import check_estimator_fits
     from .evaluation import evaluate
     from .model import build_vae
     from .runs import clear_run_dir, command_line, write_plots, write_report
@@ -204,6 +300,7 @@ def run_training(config: RunConfig, out: Path, args: argparse.Namespace, argv) -
     vae = build_vae(config.model, data.data_shape)
     for split in ("train", "test"):
         vae.check_data(getattr(data, split).images, what=f"the {split} set of {data.name}")
+    check_estimator_fits(config.train.estimator, vae)
     if args.resume:
         from .checkpoint import load_checkpoint
 
@@ -321,6 +418,8 @@ def main(argv: list[str] | None = None) -> int:
             return _evaluate(args)
         if args.command == "sample":
             return _sample(args)
+        if args.command == "compare":
+            return _compare(args, argv)
     except UserInputError as error:
         print(f"pyro-vae {args.command}: error: {error}", file=sys.stderr)
         return 2

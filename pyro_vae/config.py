@@ -14,7 +14,7 @@ from typing import Any
 
 from .errors import UserInputError
 
-ESTIMATOR_NAMES = ("mc", "analytic", "iwae", "renyi")
+ESTIMATOR_NAMES = ("mc", "analytic", "iwae", "renyi", "stl", "dreg", "penalty")
 LIKELIHOOD_NAMES = ("bernoulli", "continuous_bernoulli", "gaussian")
 DATASET_NAMES = ("digits", "mnist", "fashion-mnist", "kmnist")
 BINARIZE_NAMES = ("dynamic", "static", "none")
@@ -41,6 +41,7 @@ class ModelConfig:
     gaussian_scale: float | None = 1.0  # fixed scale of a Gaussian likelihood; None learns it
     prior_loc: float = 0.0  # mu_p of the N(mu_p, sigma_p^2) prior on z
     prior_scale: float = 1.0  # sigma_p of the prior
+    guide: str = "top-down"  # several layers: top-down (ladder) or bottom-up inference
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "latent_dims", tuple(int(d) for d in self.latent_dims))
@@ -55,6 +56,7 @@ class ModelConfig:
         if self.gaussian_scale is not None:
             _positive(self.gaussian_scale, "gaussian_scale")
         _positive(self.prior_scale, "prior_scale")
+        _choice(self.guide, ("top-down", "bottom-up"), "guide")
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    estimator: str = "mc"  # mc (Trace_ELBO) | analytic (TraceMeanField_ELBO) | iwae | renyi
+    estimator: str = "mc"  # mc (Trace_ELBO), analytic (TraceMeanField_ELBO), iwae, renyi, stl, ...
     particles: int = 1  # samples of z per data point and step (K)
     alpha: float = 0.5  # order of the Renyi bound (estimator "renyi" only)
     epochs: int = 10  # passes over the training set
@@ -87,6 +89,7 @@ class TrainConfig:
     lr_schedule: str = "constant"  # constant | exponential | cosine (per epoch)
     lr_gamma: float = 0.95  # exponential schedule: learning-rate factor per epoch
     kl_warmup_epochs: float = 0.0  # epochs over which the KL factor rises linearly to 1
+    free_bits: float = 0.0  # nats: a layer's batch-mean KL below this gets no gradient
     early_stopping_patience: int = 0  # stop after this many epochs without a better validation ELBO
     eval_particles: int = 1  # samples of z for the per-epoch test ELBO
     seed: int = 0  # seeds torch, numpy, python and the data order
@@ -108,6 +111,13 @@ class TrainConfig:
         _positive(self.lr_gamma, "lr_gamma")
         if self.estimator == "renyi" and self.alpha == 1:
             raise UserInputError("renyi with alpha = 1 is the ELBO: use --estimator mc")
+        if self.free_bits < 0:
+            raise UserInputError(f"free_bits must be >= 0, got {self.free_bits}")
+        if self.free_bits and self.estimator not in ("mc", "analytic"):
+            raise UserInputError(
+                f"free bits apply to the KL of the ELBO: use them with --estimator mc or "
+                f"analytic, not {self.estimator}"
+            )
         if self.kl_warmup_epochs < 0:
             raise UserInputError(f"kl_warmup_epochs must be >= 0, got {self.kl_warmup_epochs}")
         if self.early_stopping_patience < 0:

@@ -8,22 +8,26 @@ whole (scaled) data set; divide by the number of data points for nats per data p
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import pyro
+import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
 from pyro.infer.enum import get_importance_trace
-from pyro.poutine.util import site_is_subsample
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import prune_subsample_sites, site_is_subsample
+from torch import nn
 from torch.distributions import kl_divergence
 
 from .errors import UserInputError
 from .model import DATA_PLATE
 
 #: Estimator names accepted by :func:`make_elbo`.
-ESTIMATORS = ("mc", "analytic", "iwae", "renyi")
+ESTIMATORS = ("mc", "analytic", "iwae", "renyi", "stl", "dreg", "penalty")
 PARTICLE_PLATE = "num_particles_vectorized"
 
 
@@ -40,6 +44,10 @@ def make_elbo(
     - ``"analytic"``: :class:`pyro.infer.TraceMeanField_ELBO`, closed-form KL.
     - ``"iwae"``: importance-weighted bound L_K (Burda et al., 2016), per data point.
     - ``"renyi"``: Renyi bound of order ``alpha`` (Li & Turner, 2016), per data point.
+    - ``"stl"``: the ELBO with the path-derivative gradient (Roeder et al., 2017).
+    - ``"dreg"``: the IWAE bound with the doubly reparameterized gradient (Tucker et al., 2018).
+    - ``"penalty"``: the seed question's ``sum_j mu_j^2 + (sigma_j - 1)^2`` in place of
+      the KL; not a bound (see :class:`PenaltyObjective`).
     """
     if not isinstance(num_particles, int) or num_particles < 1:
         raise UserInputError(
@@ -66,7 +74,24 @@ def make_elbo(
         return ImportanceWeightedELBO(
             num_particles, alpha=alpha, max_plate_nesting=max_plate_nesting
         )
+    if name == "stl":
+        return StickingTheLandingELBO(num_particles, max_plate_nesting)
+    if name == "dreg":
+        return DReGELBO(num_particles, max_plate_nesting)
+    if name == "penalty":
+        return PenaltyObjective(num_particles, max_plate_nesting)
     raise UserInputError(f"unknown estimator {name!r}: choose one of {', '.join(ESTIMATORS)}")
+
+
+def check_estimator_fits(name: str, vae) -> None:
+    """Refuse an estimator that would be wrong for this model and guide, saying why."""
+    if name == "analytic" and not getattr(vae, "analytic_kl_is_exact", True):
+        raise UserInputError(
+            "the analytic (closed-form) KL of TraceMeanField_ELBO is biased with the "
+            "bottom-up guide: z1's model parent z2 is sampled after z1 in q(z1|x) q(z2|z1), "
+            "so KL(q(z1|x) || p(z1|z2)) is taken at a z2 that depends on z1. Use --estimator "
+            "mc, or --guide top-down"
+        )
 
 
 # --------------------------------------------------------------------- shared plumbing
@@ -106,8 +131,179 @@ def sample_sites(trace: poutine.Trace) -> list[dict]:
     ]
 
 
-# --------------------------------------------------------------------- IWAE and Renyi
-class ImportanceWeightedELBO(ELBO):
+# --------------------------------------------------------------------- particle estimators
+def check_reparameterized(guide_trace: poutine.Trace, estimator: str) -> None:
+    for site in sample_sites(guide_trace):
+        if not site["fn"].has_rsample:
+            raise UserInputError(
+                f"guide site {site['name']!r} ({type(site['fn']).__name__}) is not "
+                f"reparameterizable, and {estimator} needs a reparameterized guide"
+            )
+
+
+def _tempered(site: dict, log_prob: torch.Tensor, data_scale: float, num_particles: int):
+    """A site's log-density per data point, times its scale relative to the data scale.
+
+    The relative scale is 1 except under KL warm-up (:class:`~pyro_vae.training.LatentScale`).
+    """
+    scale = site["scale"] / data_scale
+    if site["mask"] is not None:
+        log_prob = log_prob * site["mask"]
+    return per_datapoint(site, log_prob * scale if scale != 1.0 else log_prob, num_particles)
+
+
+def log_weights(
+    model_trace: poutine.Trace, guide_trace: poutine.Trace, num_particles: int
+) -> tuple[torch.Tensor, float]:
+    """Per-particle, per-data-point ``log p(x, z) - log q(z|x)`` ``(K, batch)``, data scale."""
+    data_scale = _data_scale(model_trace)
+    log_w = 0.0
+    for site in sample_sites(model_trace):
+        log_w = log_w + per_datapoint(site, site["log_prob"], num_particles)
+    for site in sample_sites(guide_trace):
+        log_w = log_w - per_datapoint(site, site["log_prob"], num_particles)
+    return log_w / data_scale, data_scale
+
+
+def detach_distribution(fn: dist.Distribution, site_name: str = "") -> dist.Distribution:
+    """The same distribution with its parameters cut from the graph (values kept)."""
+    if isinstance(fn, torch.distributions.Independent):
+        base = detach_distribution(fn.base_dist, site_name)
+        return dist.Independent(base, fn.reinterpreted_batch_ndims)
+    if isinstance(fn, torch.distributions.Normal):
+        return dist.Normal(fn.loc.detach(), fn.scale.detach(), validate_args=False)
+    raise UserInputError(
+        f"guide site {site_name!r} is a {type(fn).__name__}: the path-derivative estimators "
+        f"(stl, dreg) and the penalty support Normal guide sites"
+    )
+
+
+class _ParamsAsGiven(Messenger):
+    """``pyro.param(name, tensor)`` returns ``tensor`` and leaves the param store alone."""
+
+    def _pyro_param(self, msg: dict) -> None:
+        if len(msg["args"]) > 1 and torch.is_tensor(msg["args"][1]):
+            msg["value"] = msg["args"][1]
+            msg["done"] = True
+
+
+class _Call(nn.Module):
+    def __init__(self, owner: nn.Module, fn: Callable) -> None:
+        super().__init__()
+        self.owner = owner
+        self.fn = fn
+
+    def forward(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+
+def guide_log_prob_detached(
+    guide: Callable,
+    guide_trace: poutine.Trace,
+    args: tuple,
+    kwargs: dict,
+    num_particles: int,
+    max_plate_nesting: int = 1,
+    values: dict[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    r"""``log q_{stop_grad(phi)}(z | x)`` per particle and data point ``(K, batch)``.
+
+    The guide's density with its *parameters* detached, at the sampled ``z`` (or at
+    ``values``), keeping every dependence on ``z`` itself: the path-derivative term of
+    Roeder, Wu & Duvenaud, "Sticking the Landing" (2017). With one latent site the
+    site's distribution parameters depend on x alone, so detaching them is exact; with
+    several (hierarchical guides, where q(z1 | z2, x) depends on z2) the guide is re-run
+    on the same ``z`` with detached copies of its module's parameters.
+    """
+    data_scale = _data_scale(guide_trace)
+    sites = sample_sites(guide_trace)
+    values = values if values is not None else {site["name"]: site["value"] for site in sites}
+    if len(sites) == 1:
+        site = sites[0]
+        fn = detach_distribution(site["fn"], site["name"])
+        return _tempered(site, fn.log_prob(values[site["name"]]), data_scale, num_particles)
+    owner = getattr(guide, "__self__", None)
+    if not isinstance(owner, nn.Module):
+        raise UserInputError(
+            "stl and dreg with several latent sites need the guide to be a method of a "
+            "torch.nn.Module (like VAE.guide), to re-run it with detached parameters"
+        )
+    plate = particle_plate(num_particles, max_plate_nesting)
+
+    def rerun(*run_args, **run_kwargs) -> poutine.Trace:
+        with poutine.block(), _ParamsAsGiven(), warnings.catch_warnings():
+            # pyro.module warns that detached copies are not registered: that is the point
+            warnings.filterwarnings("ignore", message=".*not registered in the param store")
+            conditioned = poutine.condition(plate(guide), data=values)
+            return poutine.trace(conditioned).get_trace(*run_args, **run_kwargs)
+
+    detached = {f"owner.{name}": p.detach() for name, p in owner.named_parameters()}
+    trace = torch.func.functional_call(_Call(owner, rerun), detached, args, kwargs)
+    log_q = 0.0
+    for site in sample_sites(trace):
+        if not isinstance(site["fn"], dist.Distribution):
+            continue
+        log_prob = site["fn"].log_prob(site["value"])
+        log_q = log_q + _tempered(
+            guide_trace.nodes[site["name"]], log_prob, data_scale, num_particles
+        )
+    return log_q
+
+
+class ParticleELBO(ELBO):
+    """Base of the estimators here: K vectorized particles, a value per data point.
+
+    Subclasses implement :meth:`value_and_surrogate`, returning per data point the
+    objective's value and a surrogate whose gradient is the estimator's gradient. The
+    mini-batch scale ``num_data / batch`` multiplies both afterwards.
+    """
+
+    #: name used in error messages
+    estimator = "this estimator"
+
+    def __init__(self, num_particles: int = 1, max_plate_nesting: int = 1) -> None:
+        super().__init__(num_particles=num_particles, max_plate_nesting=max_plate_nesting)
+
+    def _get_trace(self, model, guide, args, kwargs):
+        plate = particle_plate(self.num_particles, self.max_plate_nesting)
+        model_trace, guide_trace = get_importance_trace(
+            "flat", self.max_plate_nesting + 1, plate(model), plate(guide), args, kwargs
+        )
+        check_reparameterized(guide_trace, self.estimator)
+        return model_trace, guide_trace
+
+    def _get_traces(self, model, guide, args, kwargs):
+        yield self._get_trace(model, guide, args, kwargs)
+
+    def value_and_surrogate(
+        self, model, guide, args, kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Per data point: the objective (detached), the surrogate, and the data scale."""
+        raise NotImplementedError
+
+    def _elbo_and_surrogate(self, model, guide, args, kwargs):
+        value, surrogate, data_scale = self.value_and_surrogate(model, guide, args, kwargs)
+        return data_scale * value.sum(), data_scale * surrogate.sum()
+
+    def loss(self, model, guide, *args, **kwargs) -> float:
+        """-objective of the data set (scaled mini-batch), as a float."""
+        with torch.no_grad():
+            elbo, _ = self._elbo_and_surrogate(model, guide, args, kwargs)
+        return -elbo.item()
+
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
+        """-objective, differentiable with the estimator's gradient."""
+        elbo, surrogate = self._elbo_and_surrogate(model, guide, args, kwargs)
+        return -(elbo + (surrogate - surrogate.detach()))
+
+    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+        elbo, surrogate = self._elbo_and_surrogate(model, guide, args, kwargs)
+        if surrogate.requires_grad:
+            (-surrogate).backward()
+        return -elbo.item()
+
+
+class ImportanceWeightedELBO(ParticleELBO):
     r"""Importance-weighted (alpha = 0) and Renyi bounds, per data point.
 
     With log-weights ``log w_k = log p(x, z_k) - log q(z_k | x)`` for K draws from the
@@ -117,83 +313,205 @@ class ImportanceWeightedELBO(ELBO):
         L_{\alpha} = \frac{1}{1-\alpha} \log \frac{1}{K} \sum_k w_k^{1-\alpha},
 
     which for alpha = 0 is the IWAE bound L_K (Burda, Grosse & Salakhutdinov,
-    "Importance Weighted Autoencoders", 2016) and for K = 1 is the ELBO. The log-sum-exp
-    runs over particles separately for each data point, and the mini-batch scale
+    "Importance Weighted Autoencoders", 2016) and for K = 1 is the ELBO (Renyi bounds:
+    Li & Turner, "Renyi Divergence Variational Inference", 2016). The log-sum-exp runs
+    over particles separately for each data point, and the mini-batch scale
     ``num_data / batch`` multiplies the bound *after* it; scaling the log-weights before
     the log-sum-exp, as :class:`pyro.infer.RenyiELBO` does under a subsampled plate,
     gives a different, wrong objective. Site scales other than the data scale (KL
-    warm-up) temper their log-densities inside the weight.
-
-    The gradient is the reparameterised gradient of this bound; subclasses change it
-    (DReG) by overriding :meth:`surrogate_bound`.
+    warm-up) temper their log-densities inside the weight. The gradient is the
+    reparameterised gradient of the bound.
     """
+
+    estimator = "iwae"
 
     def __init__(self, num_particles: int = 5, alpha: float = 0.0, max_plate_nesting: int = 1):
         if alpha == 1:
             raise ValueError("alpha = 1 is the ELBO: use Trace_ELBO")
-        super().__init__(num_particles=num_particles, max_plate_nesting=max_plate_nesting)
+        super().__init__(num_particles, max_plate_nesting)
         self.alpha = float(alpha)
-
-    def _get_trace(self, model, guide, args, kwargs):
-        plate = particle_plate(self.num_particles, self.max_plate_nesting)
-        return get_importance_trace(
-            "flat", self.max_plate_nesting + 1, plate(model), plate(guide), args, kwargs
-        )
-
-    def log_weights(
-        self, model_trace: poutine.Trace, guide_trace: poutine.Trace
-    ) -> tuple[torch.Tensor, float]:
-        """Per-particle, per-data-point log-weights ``(K, batch)`` and the data scale."""
-        data_scale = _data_scale(model_trace)
-        log_w = 0.0
-        for site in sample_sites(model_trace):
-            log_w = log_w + per_datapoint(site, site["log_prob"], self.num_particles)
-        for site in sample_sites(guide_trace):
-            if not site["fn"].has_rsample:
-                raise UserInputError(
-                    f"guide site {site['name']!r} is not reparameterizable; "
-                    f"importance-weighted bounds here need a reparameterized guide"
-                )
-            log_w = log_w - per_datapoint(site, site["log_prob"], self.num_particles)
-        return log_w / data_scale, data_scale
 
     def bound(self, log_w: torch.Tensor) -> torch.Tensor:
         """The bound per data point from log-weights ``(K, batch)``."""
         scaled = (1.0 - self.alpha) * log_w
         return (torch.logsumexp(scaled, 0) - math.log(self.num_particles)) / (1.0 - self.alpha)
 
-    def surrogate_bound(
-        self, model_trace: poutine.Trace, guide_trace: poutine.Trace, log_w: torch.Tensor
-    ) -> torch.Tensor:
-        """Per-data-point tensor whose gradient is the estimator's (default: the bound's)."""
-        return self.bound(log_w)
+    def value_and_surrogate(self, model, guide, args, kwargs):
+        model_trace, guide_trace = self._get_trace(model, guide, args, kwargs)
+        log_w, data_scale = log_weights(model_trace, guide_trace, self.num_particles)
+        return self.bound(log_w.detach()), self.bound(log_w), data_scale
 
-    def _elbo_and_surrogate(self, model, guide, args, kwargs):
-        model_trace, guide_trace = next(self._get_traces(model, guide, args, kwargs))
-        log_w, data_scale = self.log_weights(model_trace, guide_trace)
-        elbo = data_scale * self.bound(log_w.detach()).sum()
-        surrogate = data_scale * self.surrogate_bound(model_trace, guide_trace, log_w).sum()
-        return elbo, surrogate
 
-    def _get_traces(self, model, guide, args, kwargs):
-        yield self._get_trace(model, guide, args, kwargs)
+class StickingTheLandingELBO(ParticleELBO):
+    r"""The ELBO with the path-derivative ("sticking the landing") gradient.
 
-    def loss(self, model, guide, *args, **kwargs) -> float:
-        """-bound of the data set (scaled mini-batch), as a float."""
-        with torch.no_grad():
-            elbo, _ = self._elbo_and_surrogate(model, guide, args, kwargs)
-        return -elbo.item()
+    Value: the ELBO averaged over K particles, exactly as ``Trace_ELBO``. Gradient:
+    ``1/K sum_k grad [log p(x, z_k) - log q_{stop_grad(phi)}(z_k | x)]``, the
+    reparameterised gradient with the score term ``-grad_phi log q_phi(z)`` dropped
+    (Roeder, Wu & Duvenaud, "Sticking the Landing: Simple, Lower-Variance Gradient
+    Estimators for Variational Inference", 2017). The dropped term has expectation
+    zero, so the estimator is unbiased; its variance vanishes when q is the exact
+    posterior, where ``log p(x, z) - log q(z|x)`` is constant in z.
+    """
 
-    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        """-bound, differentiable with the estimator's gradient."""
-        elbo, surrogate = self._elbo_and_surrogate(model, guide, args, kwargs)
-        return -(elbo + (surrogate - surrogate.detach()))
+    estimator = "stl"
 
-    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
-        elbo, surrogate = self._elbo_and_surrogate(model, guide, args, kwargs)
-        if surrogate.requires_grad:
-            (-surrogate).backward()
-        return -elbo.item()
+    def value_and_surrogate(self, model, guide, args, kwargs):
+        model_trace, guide_trace = self._get_trace(model, guide, args, kwargs)
+        log_w, data_scale = log_weights(model_trace, guide_trace, self.num_particles)
+        log_q = log_w.new_zeros(())
+        for site in sample_sites(guide_trace):
+            log_q = log_q + per_datapoint(site, site["log_prob"], self.num_particles) / data_scale
+        log_q_stl = guide_log_prob_detached(
+            guide, guide_trace, args, kwargs, self.num_particles, self.max_plate_nesting
+        )
+        path_log_w = log_w + log_q - log_q_stl
+        return log_w.detach().mean(0), path_log_w.mean(0), data_scale
+
+
+class DReGELBO(ImportanceWeightedELBO):
+    r"""IWAE bound with the doubly reparameterized gradient (DReG).
+
+    Tucker, Lawson, Gu & Maddison, "Doubly Reparameterized Gradient Estimators for Monte
+    Carlo Objectives" (2018). With normalised weights ``w~_k = w_k / sum_j w_j``:
+
+    - generative (model) parameters: the ordinary IWAE gradient
+      ``sum_k w~_k grad_theta log p(x, z_k)``;
+    - inference (guide) parameters: ``sum_k w~_k^2 d log w_k / d z_k * d z_k / d phi``,
+      with ``log w_k`` using ``log q`` with detached parameters.
+
+    Both are computed from one surrogate: the model's density at leaf copies of the
+    samples (so that its gradient is the direct one), plus the path term
+    ``sum_k (w~_k^2 d log w_k / d z_k) . z_k`` with the coefficient detached. A
+    parameter shared by model and guide receives both contributions.
+    """
+
+    estimator = "dreg"
+
+    def __init__(self, num_particles: int = 5, max_plate_nesting: int = 1):
+        super().__init__(num_particles, alpha=0.0, max_plate_nesting=max_plate_nesting)
+
+    def value_and_surrogate(self, model, guide, args, kwargs):
+        plate = particle_plate(self.num_particles, self.max_plate_nesting)
+        guide_trace = poutine.trace(plate(guide)).get_trace(*args, **kwargs)
+        guide_trace = prune_subsample_sites(guide_trace)
+        check_reparameterized(guide_trace, self.estimator)
+        guide_trace.compute_log_prob()
+        samples = {site["name"]: site["value"] for site in sample_sites(guide_trace)}
+        leaves = {name: value.detach().requires_grad_() for name, value in samples.items()}
+        model_trace = poutine.trace(poutine.condition(plate(model), data=leaves)).get_trace(
+            *args, **kwargs
+        )
+        model_trace = prune_subsample_sites(model_trace)
+        model_trace.compute_log_prob()
+        data_scale = _data_scale(model_trace)
+        log_p = 0.0
+        for site in sample_sites(model_trace):
+            log_p = log_p + per_datapoint(site, site["log_prob"], self.num_particles) / data_scale
+        log_q = guide_log_prob_detached(
+            guide, guide_trace, args, kwargs, self.num_particles, self.max_plate_nesting, leaves
+        )
+        log_w = log_p - log_q
+        value = self.bound(log_w.detach())
+        if not torch.is_grad_enabled():
+            return value, value, data_scale
+        weights = torch.softmax(log_w.detach(), 0)
+        names = list(leaves)
+        grads = torch.autograd.grad(
+            (weights.pow(2) * log_w).sum(), [leaves[n] for n in names], retain_graph=True
+        )
+        path = sum(
+            (grad.detach() * samples[name]).reshape(self.num_particles, grad.shape[1], -1).sum(-1)
+            for name, grad in zip(names, grads)
+        )
+        surrogate = (weights * log_p).sum(0) + path.sum(0)
+        return value, surrogate, data_scale
+
+
+class PenaltyObjective(ParticleELBO):
+    r"""The seed question's ad-hoc objective: reconstruction minus a quadratic penalty.
+
+    .. math::
+        \tilde{L} = E_q[\log p(x|z)] - \sum_j \big(\mu_j^2 + (\sigma_j - 1)^2\big)
+
+    with (mu, sigma) the guide's location and scale at each latent site, in place of
+    ``KL(q(z|x) || p(z))``. It pulls q towards N(0, 1) as the KL does, but it is **not a
+    lower bound** on log p(x): the KL grows like ``-log sigma`` as sigma -> 0 while this
+    penalty stays below 1 per dimension, so a sharp q makes it exceed log p(x). Provided
+    to measure exactly that (``pyro-vae compare``), not to train models one trusts.
+    """
+
+    estimator = "penalty"
+
+    def value_and_surrogate(self, model, guide, args, kwargs):
+        model_trace, guide_trace = self._get_trace(model, guide, args, kwargs)
+        data_scale = _data_scale(model_trace)
+        objective = 0.0
+        for site in sample_sites(model_trace):
+            if site["is_observed"]:
+                log_lik = per_datapoint(site, site["log_prob"], self.num_particles)
+                objective = objective + log_lik / data_scale
+        for site in sample_sites(guide_trace):
+            normal = site["fn"]
+            while isinstance(normal, torch.distributions.Independent):
+                normal = normal.base_dist
+            if not isinstance(normal, torch.distributions.Normal):
+                raise UserInputError(
+                    f"the penalty needs Normal guide sites; {site['name']!r} is a "
+                    f"{type(normal).__name__}"
+                )
+            penalty = (normal.loc.pow(2) + (normal.scale - 1).pow(2)).sum(-1)
+            relative = site["scale"] / data_scale  # KL warm-up scales the penalty too
+            objective = objective - per_datapoint(site, penalty * relative, self.num_particles)
+        return objective.detach().mean(0), objective.mean(0), data_scale
+
+
+class FreeBitsELBO(ParticleELBO):
+    r"""The ELBO, trained with "free bits" per latent layer.
+
+    Kingma et al., "Improved Variational Inference with Inverse Autoregressive Flow"
+    (2016): each latent site's KL, averaged over the mini-batch, enters the training
+    objective as ``max(free_bits, KL_l)``; below the threshold it gets no gradient, so
+    the encoder is not pushed to switch the layer off. The *reported* value is the
+    ELBO itself, unchanged. ``kl="analytic"`` uses the closed-form KL per site (as
+    TraceMeanField_ELBO), ``kl="mc"`` uses ``log q - log p`` at the samples.
+    """
+
+    estimator = "free bits"
+
+    def __init__(
+        self,
+        num_particles: int = 1,
+        free_bits: float = 0.0,
+        kl: str = "analytic",
+        max_plate_nesting: int = 1,
+    ) -> None:
+        super().__init__(num_particles, max_plate_nesting)
+        self.free_bits = float(free_bits)
+        self.kl = kl
+
+    def value_and_surrogate(self, model, guide, args, kwargs):
+        model_trace, guide_trace = self._get_trace(model, guide, args, kwargs)
+        data_scale = _data_scale(model_trace)
+        value = surrogate = 0.0
+        for site in sample_sites(model_trace):
+            log_p = per_datapoint(site, site["log_prob"], self.num_particles) / data_scale
+            if site["is_observed"]:
+                value, surrogate = value + log_p, surrogate + log_p
+                continue
+            guide_site = guide_trace.nodes[site["name"]]
+            if self.kl == "analytic":
+                kl = kl_divergence(guide_site["fn"], site["fn"]) * (
+                    guide_site["scale"] / data_scale
+                )
+                kl = per_datapoint(site, kl.expand(log_p.shape), self.num_particles)
+            else:
+                log_q = per_datapoint(guide_site, guide_site["log_prob"], self.num_particles)
+                kl = log_q / data_scale - log_p
+            counts = bool(kl.detach().mean() >= self.free_bits)
+            value = value - kl
+            surrogate = surrogate - (kl if counts else kl.detach())
+        return value.detach().mean(0), surrogate.mean(0), data_scale
 
 
 # --------------------------------------------------------------------- ELBO, term by term
@@ -234,6 +552,8 @@ def elbo_terms(vae, x: torch.Tensor, kl: str = "analytic", num_samples: int = 1)
     """
     if kl not in ("analytic", "mc"):
         raise UserInputError(f"kl must be 'analytic' or 'mc', got {kl!r}")
+    if kl == "analytic":
+        check_estimator_fits("analytic", vae)
     x = vae.flatten(x)
     model_trace, guide_trace = vectorized_traces(vae.model, vae.guide, x, num_samples)
     log_likelihood = 0.0

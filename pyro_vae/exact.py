@@ -230,6 +230,11 @@ class TwoLayerLinearGaussianVAE(nn.Module):
     def latent_sites(self) -> tuple[str, ...]:
         return ("z1", "z2")
 
+    @property
+    def analytic_kl_is_exact(self) -> bool:
+        """Closed-form KL (TraceMeanField_ELBO) is exact for the top-down guide only."""
+        return self.guide_order == "top-down"
+
     def flatten(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2 or x.shape[1] != self.data_dim:
             raise ValueError(

@@ -37,7 +37,8 @@ def register_module(name: str, module: nn.Module) -> None:
     store = pyro.get_param_store()
     for param_name, param in module.named_parameters():
         full_name = f"{name}$$${param_name}"
-        if full_name in store and store.get_param(full_name) is not param:
+        # (detached copies, as the path-derivative estimators use, never own the names)
+        if param.requires_grad and full_name in store and store.get_param(full_name) is not param:
             del store[full_name]
     pyro.module(name, module)
 
@@ -133,6 +134,11 @@ class VAE(nn.Module):
     def latent_sites(self) -> tuple[str, ...]:
         return (LATENT_SITE,)
 
+    @property
+    def analytic_kl_is_exact(self) -> bool:
+        """Whether TraceMeanField_ELBO's closed-form KL is exact for this model and guide."""
+        return True
+
     # ----------------------------------------------------------------- data checks
     def flatten(self, x: torch.Tensor) -> torch.Tensor:
         """Return ``x`` as ``(batch, data_dim)``; refuse a shape that does not fit."""
@@ -184,8 +190,11 @@ def build_vae(config, data_shape: Sequence[int]) -> VAE:
     from .networks import ConvDecoder, ConvEncoder, GaussianMLP, MLPDecoder
 
     data_dim = math.prod(data_shape)
-    if len(config.latent_dims) != 1:
-        raise DataError("several latent layers need the hierarchical VAE")
+    likelihood = make_likelihood(config.likelihood, data_dim, config.gaussian_scale)
+    if len(config.latent_dims) > 1:
+        from .hierarchical import build_hierarchical
+
+        return build_hierarchical(config, data_shape, likelihood)
     latent_dim = config.latent_dims[0]
     if config.network == "conv":
         if len(data_shape) != 3:
@@ -198,7 +207,6 @@ def build_vae(config, data_shape: Sequence[int]) -> VAE:
         decoder = MLPDecoder(
             latent_dim, data_dim, tuple(reversed(config.hidden)), config.activation
         )
-    likelihood = make_likelihood(config.likelihood, data_dim, config.gaussian_scale)
     return VAE(
         encoder, decoder, likelihood, latent_dim, data_shape, config.prior_loc, config.prior_scale
     )

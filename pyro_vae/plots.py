@@ -149,6 +149,35 @@ def plot_learning_curves(epochs: Sequence[dict[str, Any]], path: str | Path) -> 
     return _save(fig, path)
 
 
+def kl_sites(epochs: Sequence[dict[str, Any]]) -> list[str]:
+    """Latent sites with a per-site KL in the metrics (``test_kl_z1``, ...)."""
+    return sorted(
+        k.removeprefix("test_kl_")
+        for k in (epochs[0] if epochs else {})
+        if k.startswith("test_kl_")
+    )
+
+
+def plot_kl_per_layer(epochs: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """Each latent layer's test KL, and its active units, per epoch."""
+    plt = _pyplot()
+    x = [e["epoch"] for e in epochs]
+    sites = kl_sites(epochs)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for index, site in enumerate(sites):
+        axes[0].plot(x, [e[f"test_kl_{site}"] for e in epochs], color=f"C{index}", label=site)
+        key = f"test_active_units_{site}"
+        if key in epochs[0]:
+            axes[1].plot(x, [e[key] for e in epochs], color=f"C{index}", label=site)
+    axes[0].set_title("test KL per latent layer (nats per data point)", fontsize=10)
+    axes[1].set_title("active units per latent layer (Cov_x E_q[z] > 0.01)", fontsize=10)
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def _save(fig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -133,7 +133,10 @@ def write_plots(run_dir: Path, vae, data, epochs: list[dict[str, Any]]) -> list[
 
     folder = run_dir / "plots"
     images = data.evaluation_images("test")
-    return [
+    extra = []
+    if len(plots.kl_sites(epochs)) > 1:
+        extra.append(plots.plot_kl_per_layer(epochs, folder / "kl_per_layer.png"))
+    return extra + [
         plots.plot_learning_curves(epochs, folder / "learning_curves.png"),
         plots.plot_reconstructions(vae, images, folder / "reconstructions.png"),
         plots.plot_samples(vae, folder / "samples.png"),
@@ -190,6 +193,19 @@ def write_report(
             f"| PSIS k-hat: mean / max / share > 0.7 | {evaluation['khat_mean']:.2f} / "
             f"{evaluation['khat_max']:.2f} / {evaluation['khat_share_above_0.7']:.1%} |",
         ]
+    sites = sorted(k.removeprefix("test_kl_") for k in last if k.startswith("test_kl_"))
+    if len(sites) > 1:
+        lines += [
+            "",
+            "Per latent layer (last epoch; active units: Cov_x E_q[z] > 0.01):",
+            "",
+            "| layer | test KL | active units |",
+            "| --- | --- | --- |",
+        ]
+        by_site = (evaluation or {}).get("active_units_by_site", {})
+        for site in sites:
+            units = by_site.get(site, last.get(f"test_active_units_{site}", "-"))
+            lines.append(f"| {site} | {last[f'test_kl_{site}']:.3f} | {units} |")
     lines += ["", "## Plots", ""]
     for path in plot_paths:
         relative = path.relative_to(run_dir)

@@ -36,7 +36,8 @@ from .checkpoint import (
 from .config import TrainConfig
 from .data import VAEData
 from .errors import CheckpointError, NonFiniteError, UserInputError
-from .estimators import elbo_terms, make_elbo
+from .estimators import FreeBitsELBO, check_estimator_fits, elbo_terms, make_elbo
+from .evaluation import active_units
 
 CHECKPOINT = "checkpoint.pt"
 BEST_CHECKPOINT = "best.pt"
@@ -125,7 +126,12 @@ class Trainer:
         self.config = config
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.saved_config = saved_config if saved_config is not None else {"train": asdict(config)}
-        self.elbo = make_elbo(config.estimator, config.particles, alpha=config.alpha)
+        check_estimator_fits(config.estimator, vae)
+        if config.free_bits:
+            kl = "analytic" if config.estimator == "analytic" else "mc"
+            self.elbo = FreeBitsELBO(config.particles, config.free_bits, kl)
+        else:
+            self.elbo = make_elbo(config.estimator, config.particles, alpha=config.alpha)
         self.parameters = [p for p in vae.parameters() if p.requires_grad]
         if config.optimizer == "adam":
             self.optimizer = torch.optim.Adam(self.parameters, lr=config.lr)
@@ -280,6 +286,11 @@ class Trainer:
                     self.vae, images, config.eval_particles, device=config.device
                 )
                 metrics.update({f"{split}_{name}": value for name, value in values.items()})
+            units = active_units(self.vae, splits[0][1].to(config.device))
+            metrics["test_active_units"] = units["active_units"]
+            if len(units["by_site"]) > 1:
+                for site, counts in units["by_site"].items():
+                    metrics[f"test_active_units_{site}"] = counts["active"]
         return metrics
 
     def run(

@@ -86,11 +86,16 @@ def _two_layer_draws(name, vae, x, repeats, num_particles):
     return torch.tensor(losses, dtype=torch.float64), torch.stack(grads).double()
 
 
-@pytest.mark.parametrize("name", ["mc", "analytic"])
-def test_two_layer_top_down_values_and_gradients_are_unbiased(name):
+# every estimator whose objective is the ELBO: the averaging ones with 100 particles, the
+# importance-weighted ones with one particle (where L_1 is the ELBO)
+@pytest.mark.parametrize(
+    "name,particles",
+    [("mc", 100), ("analytic", 100), ("stl", 100), ("iwae", 1), ("renyi", 1), ("dreg", 1)],
+)
+def test_two_layer_top_down_values_and_gradients_are_unbiased(name, particles):
     vae = TwoLayerLinearGaussianVAE.random(5, (3, 2), (0.6, 0.8), "top-down", seed=4)
     x = vae.marginal().sample((N,)).float()
-    losses, grads = _two_layer_draws(name, vae, x, repeats=300, num_particles=100)
+    losses, grads = _two_layer_draws(name, vae, x, repeats=300, num_particles=particles)
     exact = vae.exact_elbo(x).sum()
     vae.zero_grad(set_to_none=True)
     (-exact).backward()

@@ -38,3 +38,36 @@ def test_train_with_fit_script(capsys, monkeypatch, tmp_path):
 def test_every_example_is_smoke_tested(name):
     tested = Path(__file__).read_text()
     assert name in tested, f"{name} has no smoke test"
+
+
+def test_compare_estimators_script(capsys, monkeypatch, tmp_path):
+    out = run_example(
+        "compare_estimators.py",
+        [
+            "--epochs",
+            "1",
+            "--limit",
+            "200",
+            "--draws",
+            "10",
+            "--eval-samples",
+            "10",
+            "--out",
+            str(tmp_path / "c"),
+        ],
+        capsys,
+        monkeypatch,
+    )
+    assert "SNR against K" in out and "| dreg |" in out
+    assert (tmp_path / "c" / "comparison.md").is_file()
+
+
+def test_hierarchical_vae_script(capsys, monkeypatch):
+    out = run_example(
+        "hierarchical_vae.py",
+        ["--epochs", "1", "--limit", "200", "--eval-samples", "10"],
+        capsys,
+        monkeypatch,
+    )
+    assert "2 layers, bottom-up" in out and "2 layers, top-down" in out
+    assert "z1: KL" in out and "z2: KL" in out

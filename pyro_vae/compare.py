@@ -1,0 +1,606 @@
+"""Comparing estimators: gradient variance and SNR, bound tightness, equal-budget training.
+
+- :func:`gradient_draws` / :func:`gradient_statistics`: M gradient estimates with fresh
+  noise at fixed parameters and a fixed mini-batch; per parameter group (encoder: the
+  guide's parameters, decoder: the model's) the total variance, the mean per-parameter
+  signal-to-noise ratio ``|mean| / std`` (Rainforth et al., "Tighter Variational Bounds
+  are Not Necessarily Better", 2018) and, given a reference gradient, the bias.
+- :func:`bound_tightness`: per data point L_1 (the ELBO), L_K for several K, the
+  importance-sampled log p(x), their gaps, and the penalty objective next to them.
+- :func:`compare_estimators`: trains one model per estimator from the same initial
+  parameters, data order and number of steps, evaluates all with the same K, and
+  writes ``comparison.json``, ``.csv``, ``.md`` and plots.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyro
+import torch
+from pyro import poutine
+
+from .errors import UserInputError
+from .estimators import ESTIMATORS, check_estimator_fits, log_importance_weights, make_elbo
+
+GROUPS = ("encoder", "decoder", "shared")
+
+
+# ------------------------------------------------------------------ gradients
+def parameter_groups(vae, x: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+    """The parameters the guide uses (encoder), the model uses (decoder), or both (shared).
+
+    Each list follows the order in which the program registers them, which for
+    ``pyro.module`` is the module's own ``parameters()`` order.
+    """
+    with pyro.validation_enabled(False):
+        guide_params = {
+            name: site["value"]
+            for name, site in poutine.trace(vae.guide, param_only=True).get_trace(x).nodes.items()
+        }
+        model_params = {
+            name: site["value"]
+            for name, site in poutine.trace(vae.model, param_only=True).get_trace(x).nodes.items()
+        }
+    # in the order pyro.module registers them: the modules' own parameter order
+    return {
+        "encoder": [p for n, p in guide_params.items() if n not in model_params],
+        "decoder": [p for n, p in model_params.items() if n not in guide_params],
+        "shared": [p for n, p in guide_params.items() if n in model_params],
+    }
+
+
+def gradient_draws(
+    vae, x: torch.Tensor, elbo, num_draws: int, num_data: int | None = None
+) -> dict[str, torch.Tensor]:
+    """``num_draws`` estimates of the gradient of ``-objective``, fresh noise each time.
+
+    Returns, per parameter group, a float64 tensor ``(num_draws, parameters)``. The
+    parameters and the mini-batch stay fixed. (Each draw needs its own backward pass;
+    the particles within a draw are vectorized.)
+    """
+    if num_draws < 2:
+        raise UserInputError(f"gradient statistics need at least 2 draws, got {num_draws}")
+    groups = parameter_groups(vae, x)
+    draws: dict[str, list[torch.Tensor]] = {name: [] for name, params in groups.items() if params}
+    parameters = [p for params in groups.values() for p in params]
+    with pyro.validation_enabled(False):
+        for _ in range(num_draws):
+            for p in parameters:
+                p.grad = None
+            elbo.loss_and_grads(vae.model, vae.guide, x, num_data=num_data)
+            for name in draws:
+                draws[name].append(
+                    torch.cat(
+                        [
+                            (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                            for p in groups[name]
+                        ]
+                    ).double()
+                )
+    for p in parameters:
+        p.grad = None
+    return {name: torch.stack(values) for name, values in draws.items()}
+
+
+def gradient_statistics(
+    draws: torch.Tensor, reference: torch.Tensor | None = None
+) -> dict[str, float]:
+    """Total variance, SNR and (given a reference gradient) bias of gradient draws.
+
+    ``draws`` is ``(M, P)``. ``snr_mean`` averages ``|mean_p| / std_p`` over the P
+    coordinates whose draws vary; ``variance`` is ``sum_p var_p`` (the trace of the
+    covariance); ``bias_norm`` is ``||mean - reference||`` and ``bias_z_max`` the
+    largest ``|mean_p - reference_p|`` in standard errors of the mean.
+    """
+    m = draws.shape[0]
+    mean, std = draws.mean(0), draws.std(0)
+    varying = std > 0
+    snr = mean[varying].abs() / std[varying]
+    result = {
+        "draws": m,
+        "parameters": int(draws.shape[1]),
+        "variance": float(std.pow(2).sum()),
+        "snr_mean": float(snr.mean()) if snr.numel() else float("nan"),
+        "snr_median": float(snr.median()) if snr.numel() else float("nan"),
+        "mean_norm": float(mean.norm()),
+    }
+    if reference is not None:
+        reference = reference.double().reshape(-1)
+        bias = mean - reference
+        standard_error = std / math.sqrt(m)
+        z = bias[varying].abs() / standard_error[varying]
+        result.update(
+            {
+                "bias_norm": float(bias.norm()),
+                "relative_bias": float(bias.norm() / reference.norm().clamp_min(1e-300)),
+                "bias_z_max": float(z.max()) if z.numel() else 0.0,
+            }
+        )
+    return result
+
+
+def estimator_gradient_statistics(
+    vae,
+    x: torch.Tensor,
+    estimator: str,
+    num_particles: int,
+    num_draws: int,
+    reference: dict[str, torch.Tensor] | None = None,
+    alpha: float = 0.5,
+) -> dict[str, dict[str, float]]:
+    """:func:`gradient_statistics` of one estimator, per parameter group."""
+    elbo = make_elbo(estimator, num_particles, alpha=alpha)
+    draws = gradient_draws(vae, x, elbo, num_draws)
+    return {
+        group: gradient_statistics(values, None if reference is None else reference.get(group))
+        for group, values in draws.items()
+    }
+
+
+def snr_versus_particles(
+    vae,
+    x: torch.Tensor,
+    estimators: Sequence[str] = ("iwae", "dreg"),
+    particles: Sequence[int] = (1, 3, 10, 30),
+    num_draws: int = 100,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Encoder and decoder SNR (and variance) of each estimator for each K."""
+    rows = []
+    for estimator in estimators:
+        for k in particles:
+            pyro.set_rng_seed(seed)
+            stats = estimator_gradient_statistics(vae, x, estimator, k, num_draws)
+            row = {"estimator": estimator, "particles": k}
+            for group, values in stats.items():
+                row[f"{group}_snr"] = values["snr_mean"]
+                row[f"{group}_variance"] = values["variance"]
+            rows.append(row)
+    return rows
+
+
+# ------------------------------------------------------------------ bounds
+@torch.no_grad()
+def bound_tightness(
+    vae,
+    x: torch.Tensor,
+    particles: Sequence[int] = (1, 5, 50, 500),
+    num_samples: int = 5000,
+    penalty_particles: int = 10,
+) -> dict[str, Any]:
+    """L_1 <= L_K <= log p(x), per data point, and the penalty objective beside them.
+
+    Returns means over the data points (nats per data point) and the per-point values:
+    ``bounds[K]`` (one draw of L_K per point), ``log_likelihood`` (L with
+    ``num_samples``), ``gap`` = log p(x) - L_1, and ``penalty`` (the seed question's
+    objective) with the share of points where it exceeds log p(x) (impossible for a
+    lower bound). Where the model knows its exact ``log_marginal`` (``pyro_vae.exact``),
+    the exact log p(x) and ELBO are included.
+    """
+    from .evaluation import log_likelihood
+
+    x = vae.flatten(x)
+    with pyro.validation_enabled(False):
+        per_point: dict[int, torch.Tensor] = {}
+        for k in particles:
+            log_w = log_importance_weights(vae, x, k).double()
+            per_point[k] = torch.logsumexp(log_w, 0) - math.log(k)
+        log_px = log_likelihood(vae, x, num_samples)
+        penalty = make_elbo("penalty", penalty_particles)
+        value, _, _ = penalty.value_and_surrogate(vae.model, vae.guide, (x,), {})
+    value = value.double()
+    result: dict[str, Any] = {
+        "particles": list(particles),
+        "bound_means": [float(per_point[k].mean()) for k in particles],
+        "log_likelihood": float(log_px.mean()),
+        "log_likelihood_samples": num_samples,
+        "gap_log_likelihood_minus_elbo": float((log_px - per_point[particles[0]]).mean())
+        if particles[0] == 1
+        else None,
+        "penalty_objective": float(value.mean()),
+        "penalty_minus_log_likelihood": float((value - log_px).mean()),
+        "penalty_exceeds_log_likelihood_share": float((value > log_px).double().mean()),
+        "per_point": {
+            "log_likelihood": log_px.tolist(),
+            "penalty": value.tolist(),
+            **{f"L_{k}": per_point[k].tolist() for k in particles},
+        },
+    }
+    if hasattr(vae, "log_marginal") and hasattr(vae, "exact_elbo"):
+        result["exact_log_marginal"] = float(vae.log_marginal(x).mean())
+        result["exact_elbo"] = float(vae.exact_elbo(x).mean())
+    return result
+
+
+# ------------------------------------------------------------------ equal-budget training
+def parse_estimators(text: str | Sequence[str]) -> list[str]:
+    names = [n.strip() for n in text.split(",")] if isinstance(text, str) else list(text)
+    names = [n for n in names if n]
+    unknown = [n for n in names if n not in ESTIMATORS]
+    if unknown or not names:
+        raise UserInputError(
+            f"unknown estimator(s) {', '.join(unknown) or '(none given)'}: choose from "
+            f"{', '.join(ESTIMATORS)}"
+        )
+    if len(set(names)) != len(names):
+        raise UserInputError(f"an estimator is listed twice in {', '.join(names)}")
+    return names
+
+
+def check_estimators_run(
+    vae, x: torch.Tensor, estimators: Sequence[str], particles: int, alpha: float
+) -> None:
+    """Run each estimator once on a small batch: a clear error now, not mid-comparison."""
+    for name in estimators:
+        model = copy.deepcopy(vae)
+        try:
+            check_estimator_fits(name, model)
+            make_elbo(name, particles, alpha=alpha).loss_and_grads(model.model, model.guide, x)
+        except UserInputError as error:
+            raise UserInputError(f"estimator {name} cannot run with this model: {error}") from None
+        except (ValueError, NotImplementedError, RuntimeError) as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error)
+            raise UserInputError(f"estimator {name} cannot run with this model: {reason}") from None
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    array = np.asarray(values, dtype=float)
+    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
+
+
+def compare_estimators(
+    config,
+    estimators: Sequence[str],
+    out_dir: str | Path,
+    repeats: int = 1,
+    eval_samples: int = 1000,
+    eval_points: int | None = None,
+    grad_draws: int = 100,
+    grad_batch: int = 100,
+    snr_particles: Sequence[int] = (1, 3, 10, 30),
+    bound_particles: Sequence[int] = (1, 5, 50, 500),
+    bound_points: int = 200,
+    progress: bool = True,
+    log: Callable[[str], None] | None = print,
+    command: str = "",
+) -> dict[str, Any]:
+    """Train one model per estimator and repeat, on an equal budget, and compare them.
+
+    Every estimator starts from the same initial parameters (per repeat), sees the data
+    in the same order, and takes the same number of gradient steps with the same number
+    of particles K (``config.train.particles``) per data point; wall time is recorded so
+    that equal-time comparisons can be read off too. Each trained model is evaluated
+    with the same K (``eval_samples``) for log p(x), and its own gradient estimator is
+    measured at its final parameters on a fixed mini-batch.
+    """
+    from .data import load_data
+    from .evaluation import evaluate
+    from .model import build_vae
+    from .training import fit
+
+    estimators = parse_estimators(estimators)
+    if repeats < 1:
+        raise UserInputError(f"--repeats must be >= 1, got {repeats}")
+    if eval_samples < 1:
+        raise UserInputError(f"--eval-samples must be >= 1, got {eval_samples}")
+    if grad_draws < 2:
+        raise UserInputError(f"--grad-draws must be >= 2 (a variance needs two), got {grad_draws}")
+    if min(snr_particles) < 1 or min(bound_particles) < 1:
+        raise UserInputError("every K in --snr-particles and --bound-particles must be >= 1")
+    train = config.train
+    data = load_data(
+        config.data.dataset,
+        config.data.data_dir,
+        config.data.binarize,
+        config.data.validation_size,
+        seed=train.seed,
+        limit=config.data.limit,
+    )
+    test_images = data.evaluation_images("test")
+    if eval_points is not None:
+        test_images = test_images[:eval_points]
+    torch.manual_seed(train.seed)
+    probe = build_vae(config.model, data.data_shape)
+    probe.check_data(test_images, "the test set")
+    check_estimators_run(probe, test_images[:8], estimators, train.particles, train.alpha)
+    grad_batch_images = test_images[: min(grad_batch, len(test_images))]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    runs: list[dict[str, Any]] = []
+    trained: dict[str, Any] = {}
+    for repeat in range(repeats):
+        seed = train.seed + repeat
+        torch.manual_seed(seed)
+        initial = build_vae(config.model, data.data_shape)
+        for name in estimators:
+            vae = copy.deepcopy(initial)
+            run_config = dataclasses.replace(train, estimator=name, seed=seed)
+            if log is not None:
+                log(f"--- {name}, repeat {repeat + 1}/{repeats} (K={train.particles}) ---")
+            started = time.perf_counter()
+            history = fit(vae, data, run_config, progress=progress, log=None)
+            train_seconds = time.perf_counter() - started
+            evaluation = evaluate(vae, test_images, eval_samples, progress=progress)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                objective = -make_elbo(name, train.particles, alpha=train.alpha).loss(
+                    vae.model, vae.guide, test_images
+                ) / len(test_images)
+                gradients = estimator_gradient_statistics(
+                    vae, grad_batch_images, name, train.particles, grad_draws, alpha=train.alpha
+                )
+            run = {
+                "estimator": name,
+                "repeat": repeat,
+                "seed": seed,
+                "particles": train.particles,
+                "epochs": len(history),
+                "steps": history.last["step"],
+                "seconds_per_epoch": float(np.median(history["seconds"])),
+                "train_seconds": train_seconds,
+                "history": history.epochs,
+                "test_objective": objective,
+                "objective_minus_log_likelihood": objective - evaluation["test_log_likelihood"],
+                "evaluation": evaluation,
+                "gradients": gradients,
+            }
+            runs.append(run)
+            if repeat == 0:
+                trained[name] = vae
+            if log is not None:
+                log(
+                    f"{name}: test ELBO {evaluation['test_elbo']:.3f}, log p(x) "
+                    f"{evaluation['test_log_likelihood']:.3f} (K={eval_samples}), own objective "
+                    f"{objective:.3f}, {run['seconds_per_epoch']:.2f} s/epoch"
+                )
+
+    summary = _summarise(runs, estimators)
+    # SNR against K and bound against K, at the parameters of the first repeat's models
+    reference_name = next((n for n in ("iwae", "dreg", "mc") if n in trained), estimators[0])
+    snr_estimators = [n for n in ("iwae", "dreg") if n in estimators] or ["iwae", "dreg"]
+    if log is not None:
+        log(f"SNR against K at the {reference_name}-trained parameters ...")
+    snr_rows = snr_versus_particles(
+        trained[reference_name],
+        grad_batch_images,
+        snr_estimators,
+        snr_particles,
+        grad_draws,
+        seed=train.seed,
+    )
+    if log is not None:
+        log("bounds against K ...")
+    bounds = {}
+    for name, vae in trained.items():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(train.seed)
+            bounds[name] = bound_tightness(
+                vae, test_images[:bound_points], bound_particles, eval_samples
+            )
+            bounds[name].pop("per_point")
+
+    result = {
+        "command": command,
+        "config": config.to_dict(),
+        "estimators": estimators,
+        "repeats": repeats,
+        "eval_samples": eval_samples,
+        "eval_points": int(len(test_images)),
+        "grad_draws": grad_draws,
+        "grad_batch": int(len(grad_batch_images)),
+        "summary": summary,
+        "snr_versus_particles": {"parameters_of": reference_name, "rows": snr_rows},
+        "bounds_versus_particles": bounds,
+        "runs": runs,
+    }
+    (out / "comparison.json").write_text(json.dumps(result, indent=2) + "\n")
+    _write_csv(out / "comparison.csv", summary)
+    plots = _plots(out, runs, estimators, snr_rows, reference_name, bounds)
+    _write_markdown(out / "comparison.md", result, plots)
+    return result
+
+
+_SUMMARY_FIELDS = (
+    ("test_elbo", lambda r: r["evaluation"]["test_elbo"]),
+    ("test_log_likelihood", lambda r: r["evaluation"]["test_log_likelihood"]),
+    ("test_objective", lambda r: r["test_objective"]),
+    ("objective_minus_log_likelihood", lambda r: r["objective_minus_log_likelihood"]),
+    ("encoder_snr", lambda r: r["gradients"].get("encoder", {}).get("snr_mean", float("nan"))),
+    ("decoder_snr", lambda r: r["gradients"].get("decoder", {}).get("snr_mean", float("nan"))),
+    ("encoder_variance", lambda r: r["gradients"].get("encoder", {}).get("variance", float("nan"))),
+    ("decoder_variance", lambda r: r["gradients"].get("decoder", {}).get("variance", float("nan"))),
+    ("active_units", lambda r: r["evaluation"]["active_units"]),
+    ("seconds_per_epoch", lambda r: r["seconds_per_epoch"]),
+)
+
+
+def _summarise(runs: list[dict[str, Any]], estimators: Sequence[str]) -> list[dict[str, Any]]:
+    rows = []
+    for name in estimators:
+        mine = [r for r in runs if r["estimator"] == name]
+        row: dict[str, Any] = {
+            "estimator": name,
+            "repeats": len(mine),
+            "particles": mine[0]["particles"],
+            "epochs": mine[0]["epochs"],
+            "steps": mine[0]["steps"],
+        }
+        for field, getter in _SUMMARY_FIELDS:
+            mean, std = _mean_std([getter(r) for r in mine])
+            row[field] = mean
+            row[f"{field}_std"] = std
+        rows.append(row)
+    return rows
+
+
+def _write_csv(path: Path, summary: list[dict[str, Any]]) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(summary[0]))
+        writer.writeheader()
+        writer.writerows(summary)
+
+
+def _pm(row: dict[str, Any], field: str, digits: int = 2) -> str:
+    value, std = row[field], row[f"{field}_std"]
+    if row["repeats"] > 1:
+        return f"{value:.{digits}f} ± {std:.{digits}f}"
+    return f"{value:.{digits}f}"
+
+
+def markdown_table(summary: list[dict[str, Any]]) -> str:
+    lines = [
+        "| estimator | test ELBO | test log p(x) | own objective − log p(x) | encoder SNR | "
+        "decoder SNR | encoder grad. variance | decoder grad. variance | active units | "
+        "s / epoch |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in summary:
+        lines.append(
+            f"| {row['estimator']} | {_pm(row, 'test_elbo')} | {_pm(row, 'test_log_likelihood')} | "
+            f"{_pm(row, 'objective_minus_log_likelihood')} | {_pm(row, 'encoder_snr', 3)} | "
+            f"{_pm(row, 'decoder_snr', 3)} | {row['encoder_variance']:.3g} | "
+            f"{row['decoder_variance']:.3g} | {row['active_units']:.0f} | "
+            f"{_pm(row, 'seconds_per_epoch')} |"
+        )
+    return "\n".join(lines)
+
+
+def _write_markdown(path: Path, result: dict[str, Any], plots: list[Path]) -> None:
+    config = result["config"]
+    train = config["train"]
+    lines = [
+        f"# Estimator comparison: {config['data']['dataset']}",
+        "",
+        f"Equal budget: every estimator trained from the same initial parameters with the "
+        f"same data order, {result['summary'][0]['steps']} gradient steps "
+        f"({train['epochs']} epochs, batch {train['batch_size']}), K = {train['particles']} "
+        f"samples per data point, Adam {train['lr']:g}; {result['repeats']} repeat(s) "
+        f"(± is the standard deviation over repeats). Test log p(x): importance sampled, "
+        f"K = {result['eval_samples']}, {result['eval_points']} test points. Gradient "
+        f"statistics: {result['grad_draws']} draws at each model's final parameters on "
+        f"{result['grad_batch']} test points; SNR is the mean over parameters of "
+        f"|mean| / std. 'own objective − log p(x)' is each estimator's own objective on the "
+        f"test set minus log p(x): a lower bound must be ≤ 0 (up to Monte Carlo error).",
+        "",
+        markdown_table(result["summary"]),
+        "",
+    ]
+    bounds = result["bounds_versus_particles"]
+    if bounds:
+        ks = next(iter(bounds.values()))["particles"]
+        lines += [
+            "Bounds against K (first repeat's models, nats per data point):",
+            "",
+            "| trained with | "
+            + " | ".join(f"L_{k}" for k in ks)
+            + " | log p(x) | penalty objective |",
+            "| --- |" + " --- |" * (len(ks) + 2),
+        ]
+        for name, b in bounds.items():
+            lines.append(
+                f"| {name} | "
+                + " | ".join(f"{v:.2f}" for v in b["bound_means"])
+                + f" | {b['log_likelihood']:.2f} | {b['penalty_objective']:.2f} |"
+            )
+        lines.append("")
+    lines += ["## Plots", ""]
+    lines += [f"![{p.stem}](plots/{p.name})\n" for p in plots]
+    if result["command"]:
+        lines += ["## Reproduce", "", "```", result["command"], "```", ""]
+    path.write_text("\n".join(lines))
+
+
+def _plots(out: Path, runs, estimators, snr_rows, reference_name, bounds) -> list[Path]:
+    from .plots import _pyplot, _save
+
+    plt = _pyplot()
+    folder = out / "plots"
+    paths = []
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for index, name in enumerate(estimators):
+        histories = [r["history"] for r in runs if r["estimator"] == name]
+        epochs = [e["epoch"] for e in histories[0]]
+        values = np.array([[e["test_elbo"] for e in h] for h in histories])
+        ax.plot(epochs, values.mean(0), label=name, color=f"C{index}")
+        if len(histories) > 1:
+            ax.fill_between(epochs, values.min(0), values.max(0), color=f"C{index}", alpha=0.2)
+    ax.set_xlabel("epoch (equal number of gradient steps)")
+    ax.set_ylabel("test ELBO (nats per data point)")
+    ax.set_title("Learning curves: test ELBO, same data order and steps", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    paths.append(_save(fig, folder / "learning_curves.png"))
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for group, ax in zip(("encoder", "decoder"), axes):
+        for index, name in enumerate(sorted({r["estimator"] for r in snr_rows})):
+            rows = [r for r in snr_rows if r["estimator"] == name]
+            ax.plot(
+                [r["particles"] for r in rows],
+                [r.get(f"{group}_snr", np.nan) for r in rows],
+                "o-",
+                label=name,
+                color=f"C{index}",
+            )
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("K (particles)")
+        ax.set_ylabel("mean SNR |mean| / std")
+        ax.set_title(
+            f"{group} gradient SNR against K ({reference_name}-trained parameters)", fontsize=10
+        )
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    paths.append(_save(fig, folder / "snr_vs_k.png"))
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for group, ax in zip(("encoder", "decoder"), axes):
+        values = [
+            np.mean(
+                [
+                    r["gradients"].get(group, {}).get("variance", np.nan)
+                    for r in runs
+                    if r["estimator"] == name
+                ]
+            )
+            for name in estimators
+        ]
+        ax.bar(estimators, values, color=[f"C{i}" for i in range(len(estimators))])
+        ax.set_yscale("log")
+        ax.set_title(f"{group} gradient variance (trace of covariance)", fontsize=10)
+        ax.tick_params(axis="x", rotation=30)
+        ax.grid(alpha=0.3, axis="y")
+    paths.append(_save(fig, folder / "gradient_variance.png"))
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for index, (name, b) in enumerate(bounds.items()):
+        ax.plot(b["particles"], b["bound_means"], "o-", color=f"C{index}", label=f"L_K, {name}")
+        ax.axhline(b["log_likelihood"], color=f"C{index}", ls=":", lw=1)
+        if name == "penalty":
+            ax.axhline(
+                b["penalty_objective"],
+                color=f"C{index}",
+                ls="--",
+                lw=1.5,
+                label="penalty objective (penalty model)",
+            )
+    ax.set_xscale("log")
+    ax.set_xlabel("K")
+    ax.set_ylabel("nats per data point")
+    ax.set_title("L_1 (ELBO) <= L_K <= log p(x) (dotted: log p(x), K=5000 or as set)", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    paths.append(_save(fig, folder / "bounds_vs_k.png"))
+    return paths

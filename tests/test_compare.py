@@ -1,0 +1,239 @@
+"""Gradient diagnostics, bound tightness and `pyro-vae compare`."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from torch import nn
+
+from pyro_vae.cli import main
+from pyro_vae.compare import (
+    bound_tightness,
+    check_estimators_run,
+    estimator_gradient_statistics,
+    gradient_statistics,
+    parse_estimators,
+    snr_versus_particles,
+)
+from pyro_vae.errors import UserInputError
+from pyro_vae.exact import LinearGaussianVAE
+
+from .helpers import exact_grads
+
+
+def test_gradient_statistics_on_known_draws():
+    torch.manual_seed(0)
+    mean = torch.tensor([1.0, -2.0, 0.0])
+    std = torch.tensor([0.5, 4.0, 1.0])
+    draws = mean + std * torch.randn(20000, 3, dtype=torch.float64)
+    stats = gradient_statistics(draws, reference=mean)
+    # SNR = |mean| / std = (2, 0.5, 0): mean 0.833; 2e4 draws pin it to about 1%
+    assert stats["snr_mean"] == pytest.approx((2 + 0.5 + 0) / 3, rel=0.03)
+    assert stats["variance"] == pytest.approx(0.25 + 16 + 1, rel=0.03)
+    assert stats["bias_z_max"] < 5
+    shifted = gradient_statistics(draws, reference=mean + 0.5)
+    assert shifted["bias_z_max"] > 20
+
+
+@pytest.fixture
+def linear():
+    vae = LinearGaussianVAE.random(data_dim=5, latent_dim=2, noise_scale=0.8, seed=3)
+    return vae, vae.marginal().sample((16,)).float()
+
+
+def test_estimator_statistics_against_the_exact_gradient(linear):
+    vae, x = linear
+    reference = exact_grads(vae, -vae.exact_elbo(x).sum())
+    stats = estimator_gradient_statistics(vae, x, "mc", 5, 400, reference=reference)
+    assert set(stats) == {"encoder", "decoder"}
+    for group in ("encoder", "decoder"):
+        assert stats[group]["bias_z_max"] < 5  # unbiased: within 5 standard errors
+        assert stats[group]["relative_bias"] < 0.1
+    biased = estimator_gradient_statistics(vae, x, "penalty", 5, 400, reference=reference)
+    assert biased["encoder"]["bias_z_max"] > 10  # the penalty's gradient is not the ELBO's
+
+
+@pytest.fixture
+def fitted():
+    """A guide near the exact posterior (posterior KL gap 0.74 nats)."""
+    vae = LinearGaussianVAE.random(6, 3, noise_scale=0.7, seed=1, orthogonal=True)
+    x = vae.marginal().sample((16,)).float()
+    vae.set_guide_to_posterior()
+    with torch.no_grad():
+        vae.encoder.loc.bias += 0.3
+        vae.encoder.raw_scale += 0.3
+    return vae, x
+
+
+def test_iwae_encoder_snr_falls_with_k_and_dregs_does_not(fitted):
+    # where the asymptotics apply; measured with 300 draws: IWAE encoder SNR 0.77, 0.25,
+    # 0.073 and DReG 2.1, 2.7, 8.1 at K = 1, 10, 100; decoder SNR 1.1, 2.0, 6.7 for both
+    vae, x = fitted
+    rows = snr_versus_particles(vae, x, ("iwae", "dreg"), (1, 10, 100), num_draws=300)
+    snr = {(r["estimator"], r["particles"]): r for r in rows}
+    # Rainforth et al. (2018): IWAE's inference-network SNR decays like 1/sqrt(K)
+    assert snr["iwae", 100]["encoder_snr"] < 0.2 * snr["iwae", 1]["encoder_snr"]
+    # Tucker et al. (2018): DReG's grows instead
+    assert snr["dreg", 100]["encoder_snr"] > 2 * snr["dreg", 1]["encoder_snr"]
+    # the generative network's SNR grows with K for both, and is the same gradient
+    for name in ("iwae", "dreg"):
+        assert snr[name, 100]["decoder_snr"] > 3 * snr[name, 1]["decoder_snr"]
+
+
+def test_bound_tightness_on_the_linear_gaussian(fitted):
+    vae, x = fitted
+    result = bound_tightness(vae, x, particles=(1, 5, 50), num_samples=4000)
+    l1, l5, l50 = result["bound_means"]
+    assert l1 < l5 < l50 < result["log_likelihood"] + 0.05
+    assert result["log_likelihood"] == pytest.approx(result["exact_log_marginal"], abs=0.1)
+    assert l1 == pytest.approx(result["exact_elbo"], abs=0.5)
+    assert result["gap_log_likelihood_minus_elbo"] > 0
+
+
+def test_penalty_exceeds_log_likelihood_for_a_sharp_posterior():
+    vae = LinearGaussianVAE.random(6, 3, noise_scale=0.05, seed=1, orthogonal=True)
+    x = vae.marginal().sample((30,)).float()
+    vae.set_guide_to_posterior()
+    result = bound_tightness(vae, x, particles=(1, 5), num_samples=500)
+    # KL ~ -log(sigma) per dimension while the penalty stays below 1 + mu^2: for all but
+    # the points with the largest posterior means (where mu^2 > mu^2 / 2 wins) the
+    # "objective" is above log p(x), which no lower bound can be (measured: 28 of 30)
+    assert result["penalty_exceeds_log_likelihood_share"] > 0.8
+    assert result["penalty_minus_log_likelihood"] > 3
+
+
+def test_estimator_names_are_checked():
+    assert parse_estimators("mc, dreg") == ["mc", "dreg"]
+    with pytest.raises(UserInputError, match="unknown estimator.*elbo3"):
+        parse_estimators("mc,elbo3")
+    with pytest.raises(UserInputError, match="listed twice"):
+        parse_estimators("mc,mc")
+    with pytest.raises(UserInputError, match="at least 2 draws"):
+        estimator_gradient_statistics(
+            LinearGaussianVAE.random(3, 2), torch.zeros(4, 3), "mc", 1, num_draws=1
+        )
+
+
+class _GammaVAE(nn.Module):
+    """A model whose guide is not Gaussian: the path estimators must refuse it."""
+
+    def __init__(self):
+        super().__init__()
+        self.rate = nn.Parameter(torch.ones(()))
+
+    def flatten(self, x):
+        return x
+
+    def model(self, x, num_data=None):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Gamma(2.0, 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    def guide(self, x, num_data=None):
+        pyro.module("encoder", self)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Gamma(2.0, nn.functional.softplus(self.rate)))
+
+
+def test_an_estimator_that_cannot_run_is_named():
+    vae = _GammaVAE()
+    check_estimators_run(vae, torch.ones(4), ["mc", "iwae"], 2, 0.5)
+    with pytest.raises(UserInputError, match="estimator stl cannot run with this model"):
+        check_estimators_run(vae, torch.ones(4), ["mc", "stl"], 2, 0.5)
+
+
+TINY = [
+    "--dataset",
+    "digits",
+    "--limit",
+    "200",
+    "--latent-dims",
+    "3",
+    "--hidden",
+    "16",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "50",
+    "--grad-draws",
+    "5",
+    "--eval-samples",
+    "20",
+    "--snr-particles",
+    "1,3",
+    "--bound-particles",
+    "1,5",
+    "--quiet",
+]
+
+
+def test_compare_command_end_to_end(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    code = main(
+        [
+            "compare",
+            "--estimators",
+            "mc,analytic,iwae,stl,dreg,penalty",
+            *TINY,
+            "--repeats",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| penalty |" in printed
+    result = json.loads((out / "comparison.json").read_text())
+    assert [row["estimator"] for row in result["summary"]] == [
+        "mc",
+        "analytic",
+        "iwae",
+        "stl",
+        "dreg",
+        "penalty",
+    ]
+    assert len(result["runs"]) == 12
+    steps = {run["steps"] for run in result["runs"]}
+    assert steps == {8}  # equal budget: 2 epochs of 4 batches, every estimator
+    with open(out / "comparison.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {
+        "estimator",
+        "test_elbo",
+        "test_log_likelihood",
+        "test_log_likelihood_std",
+        "encoder_snr",
+        "decoder_snr",
+        "encoder_variance",
+        "seconds_per_epoch",
+    } <= set(rows[0])
+    markdown = (out / "comparison.md").read_text()
+    assert "| estimator | test ELBO |" in markdown and "±" in markdown
+    for name in ("learning_curves", "snr_vs_k", "gradient_variance", "bounds_vs_k"):
+        path = out / "plots" / f"{name}.png"
+        assert path.read_bytes()[:4] == b"\x89PNG" and path.stat().st_size > 5000
+    # refuses to overwrite
+    assert main(["compare", *TINY, "--out", str(out)]) == 2
+    assert "holds a comparison" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--estimators", "mc,foo"], "unknown estimator(s) foo"),
+        (["--particles", "0"], "--particles must be >= 1"),
+        (["--grad-draws", "1"], "--grad-draws must be >= 2"),
+        (["--repeats", "0"], "--repeats must be >= 1"),
+    ],
+)
+def test_compare_bad_input(flags, message, tmp_path, capsys):
+    code = main(["compare", *TINY, *flags, "--out", str(tmp_path / "c")])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "c").exists()
