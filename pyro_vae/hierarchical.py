@@ -149,7 +149,7 @@ class HierarchicalVAE(VAE):
             for layer in range(top - 1, 0, -1):
                 loc, scale = self.conditionals[layer - 1](z)
                 z = pyro.sample(latent_site(layer), dist.Normal(loc, scale).to_event(1))
-            pyro.sample(OBSERVED_SITE, self.likelihood(self.decoder(z)).to_event(1), obs=x)
+            pyro.sample(OBSERVED_SITE, self.likelihood.event_distribution(self.decoder(z)), obs=x)
 
     def guide(self, x: torch.Tensor, num_data: int | None = None) -> None:
         x = self.flatten(x)

@@ -275,12 +275,17 @@ class Trainer:
 
     def _check_finite(self, loss: float) -> None:
         grads = [p.grad for p in self.parameters if p.grad is not None]
-        # the max-norm: finite exactly when every entry is (a 2-norm can overflow)
-        grad_norm = (
-            torch.nn.utils.get_total_norm(grads, norm_type=math.inf) if grads else torch.tensor(0.0)
-        )
-        if math.isfinite(loss) and torch.isfinite(grad_norm):
+        if not grads:
             return
+        # Fast path: per-tensor 2-norms (0.13 ms here; the max-norm takes 1.3 ms). They
+        # overflow for entries above ~1e19, so a non-finite norm is confirmed entry by
+        # entry before the run is stopped.
+        norms = torch.stack(torch._foreach_norm(grads))
+        if math.isfinite(loss) and bool(torch.isfinite(norms).all()):
+            return
+        if math.isfinite(loss) and all(bool(torch.isfinite(g).all()) for g in grads):
+            return
+        grad_norm = torch.nn.utils.get_total_norm(grads, norm_type=math.inf)
         self.optimizer.zero_grad(set_to_none=True)
         what = "loss" if not math.isfinite(loss) else "gradient"
         where = (

@@ -269,3 +269,27 @@ def test_log_likelihood_does_not_depend_on_chunking(digits_vae):
     assert chunked.dtype == torch.float64 and chunked.shape == (N,)
     # different draws, same quantity: agree to within the estimator's spread
     assert (chunked - whole).abs().mean() < 1.0
+
+
+@pytest.mark.parametrize("validation", [True, False])
+@pytest.mark.parametrize("num_particles", [1, 4])
+def test_closed_form_kl_elbo_equals_pyros_trace_mean_field(digits_vae, validation, num_particles):
+    from pyro.infer import TraceMeanField_ELBO
+
+    vae, x = digits_vae
+    results = []
+    for elbo in (
+        make_elbo("analytic", num_particles),
+        TraceMeanField_ELBO(
+            num_particles=num_particles, vectorize_particles=num_particles > 1, max_plate_nesting=1
+        ),
+    ):
+        pyro.set_rng_seed(6)
+        vae.zero_grad()
+        with pyro.validation_enabled(validation):
+            loss = elbo.differentiable_loss(vae.model, vae.guide, x, num_data=500)
+        loss.backward()
+        results.append((loss.item(), [p.grad.clone() for p in vae.parameters()]))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

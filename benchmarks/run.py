@@ -1,0 +1,538 @@
+"""Benchmarks: pyro-vae against a pure-PyTorch floor and against Pyro's own VAE example.
+
+Every comparison is measured in this one process and run, with A and B interleaved
+(A, B, A, B, ...) and medians reported, so that ratios are not skewed by drift.
+
+- training: ``pyro_vae.fit`` (its ``seconds`` per epoch) against a hand-written PyTorch
+  loop of the same network, batches, optimizer (fused Adam) and estimator;
+- pyro-example: the configuration of Pyro's ``examples/vae/vae.py`` (784-400 softplus-50,
+  batch 256, grey levels with a Bernoulli likelihood, Adam 1e-3, Trace_ELBO, a DataLoader
+  over an in-memory tensor dataset), reimplemented here, against ``fit`` on the same
+  configuration;
+- evaluation: ``pyro_vae.log_likelihood`` (K = 5000) against a plain batched PyTorch
+  implementation, with peak memory of each measured in a fresh subprocess;
+- scaling: time per step against batch size and against K.
+
+    python benchmarks/run.py --quick            # under 5 minutes on 2 cores
+    python benchmarks/run.py --out benchmarks/results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pyro
+import pyro.distributions as dist
+import torch
+import torch.nn.functional as F
+from pyro.infer import SVI, Trace_ELBO
+from torch import nn
+
+from pyro_vae import ModelConfig, TrainConfig, build_vae, load_data
+from pyro_vae.data import Split, VAEData
+from pyro_vae.evaluation import log_likelihood
+from pyro_vae.training import fit, make_adam
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MNIST = ROOT.parent / "shared" / "data" / "mnist"
+#: the network of the issue's prototype and of Pyro's example: 784-400 softplus-50
+NETWORK = ModelConfig(latent_dims=(50,), hidden=(400,), activation="softplus")
+
+
+# ------------------------------------------------------------------------ data
+def load(args) -> VAEData:
+    folder = args.data_dir or os.environ.get("PYRO_VAE_MNIST_DIR") or DEFAULT_MNIST
+    if Path(folder).exists():
+        return load_data("mnist", folder, binarize="dynamic")
+    print(f"MNIST not found in {folder}: benchmarking on digits instead")
+    return load_data("digits", binarize="dynamic")
+
+
+def subset(data: VAEData, images: int, binarize: str = "dynamic") -> VAEData:
+    """``images`` training points; a 10-point test set (fit's per-epoch evaluation stays
+    out of its ``seconds``, but it is still run)."""
+    train = Split(data.train.images[:images], data.train.labels[:images])
+    test = Split(data.test.images[:10], data.test.labels[:10])
+    return dataclasses.replace(data, train=train, test=test, binarize=binarize)
+
+
+# ------------------------------------------------------------------------ the floor
+def floor_loss(vae, x: torch.Tensor, estimator: str, k: int, num_data: int) -> torch.Tensor:
+    """The estimator's loss for the data set, written in plain PyTorch (no Pyro)."""
+    loc, scale = vae.encoder(x)
+    batch = x.shape[0]
+    if estimator == "analytic":
+        z = loc + scale * torch.randn(k, *loc.shape)
+        log_lik = -F.binary_cross_entropy_with_logits(
+            vae.decoder(z), x.expand(k, *x.shape), reduction="none"
+        ).sum(-1)
+        kl = 0.5 * (scale.pow(2) + loc.pow(2) - 1 - 2 * scale.log()).sum(-1)
+        elbo = log_lik.mean(0) - kl
+        return -elbo.sum() * (num_data / batch)
+    eps = torch.randn(k, *loc.shape)
+    z = loc + scale * eps
+    log_lik = -F.binary_cross_entropy_with_logits(
+        vae.decoder(z), x.expand(k, *x.shape), reduction="none"
+    ).sum(-1)
+    half_log_2pi = 0.5 * math.log(2 * math.pi)
+    log_prior = (-0.5 * z.pow(2) - half_log_2pi).sum(-1)
+    log_q = (-0.5 * eps.pow(2) - scale.log() - half_log_2pi).sum(-1)
+    log_w = log_lik + log_prior - log_q
+    if estimator == "mc":
+        bound = log_w.mean(0)
+    elif estimator == "iwae":
+        bound = torch.logsumexp(log_w, 0) - math.log(k)
+    else:
+        raise ValueError(estimator)
+    return -bound.sum() * (num_data / batch)
+
+
+def floor_epoch(vae, data: VAEData, estimator: str, k: int, batch_size: int, seed: int) -> float:
+    """One epoch of the plain loop; seconds. Same batches, optimizer and step as fit."""
+    optimizer = make_adam(list(vae.parameters()), 1e-3)
+    generator = torch.Generator().manual_seed(seed)
+    num_data = len(data.train)
+    started = time.perf_counter()
+    total = 0.0
+    for x in data.batches(batch_size, generator):
+        optimizer.zero_grad(set_to_none=True)
+        loss = floor_loss(vae, x, estimator, k, num_data)
+        loss.backward()
+        optimizer.step()
+        total += loss.item()
+    return time.perf_counter() - started
+
+
+def fit_epoch(vae, data: VAEData, estimator: str, k: int, batch_size: int, seed: int) -> float:
+    config = TrainConfig(
+        estimator=estimator, particles=k, epochs=1, batch_size=batch_size, seed=seed
+    )
+    history = fit(vae, data, config, progress=False, log=None)
+    return history.last["seconds"]
+
+
+def interleaved(functions: dict[str, Any], repeats: int) -> dict[str, list[float]]:
+    """Run each function once per round, in turn, for ``repeats`` rounds (after a warm-up)."""
+    for function in functions.values():
+        function()
+    times: dict[str, list[float]] = {name: [] for name in functions}
+    for _ in range(repeats):
+        for name, function in functions.items():
+            times[name].append(function())
+    return times
+
+
+def training(data: VAEData, args) -> list[dict[str, Any]]:
+    cases = [
+        ("mc", 1, 128),
+        ("mc", 1, 256),
+        ("analytic", 1, 128),
+        ("analytic", 1, 256),
+        ("iwae", 5, 128),
+        ("iwae", 50, 128),
+    ]
+    rows = []
+    for estimator, k, batch in cases:
+        steps = args.steps if k < 50 else max(5, args.steps // 5)
+        part = subset(data, steps * batch)
+        torch.manual_seed(0)
+        ours_vae = build_vae(NETWORK, data.data_shape)
+        floor_vae = build_vae(NETWORK, data.data_shape)
+        floor_vae.load_state_dict(ours_vae.state_dict())
+        times = interleaved(
+            {
+                "pyro_vae.fit": partial(fit_epoch, ours_vae, part, estimator, k, batch, 0),
+                "pytorch floor": partial(floor_epoch, floor_vae, part, estimator, k, batch, 0),
+            },
+            args.repeats,
+        )
+        ours, floor = (
+            statistics.median(times[n]) / steps for n in ("pyro_vae.fit", "pytorch floor")
+        )
+        pair_ratios = [a / b for a, b in zip(times["pyro_vae.fit"], times["pytorch floor"])]
+        row = {
+            "estimator": estimator,
+            "particles": k,
+            "batch": batch,
+            "steps": steps,
+            "ours_ms_per_step": 1e3 * ours,
+            "floor_ms_per_step": 1e3 * floor,
+            "ours_images_per_s": batch / ours,
+            "floor_images_per_s": batch / floor,
+            "ratio": ours / floor,
+            "ratio_of_pairs_median": statistics.median(pair_ratios),
+            "ratio_of_pairs_range": [min(pair_ratios), max(pair_ratios)],
+            "target": 1.10 if estimator == "iwae" and k == 50 else 1.05,
+        }
+        rows.append(row)
+        print(
+            f"  {estimator:8} K={k:<3} B={batch:<4} ours {row['ours_ms_per_step']:7.2f} ms  "
+            f"floor {row['floor_ms_per_step']:7.2f} ms  ratio {row['ratio']:.3f} "
+            f"(pairs {min(pair_ratios):.3f}..{max(pair_ratios):.3f}; target <= {row['target']})",
+            flush=True,
+        )
+    return rows
+
+
+# ------------------------------------------------------------------------ Pyro's example
+class ExampleEncoder(nn.Module):
+    """As in Pyro's examples/vae/vae.py: 784 -> 400 softplus -> (loc, exp(.))."""
+
+    def __init__(self, z_dim: int = 50, hidden_dim: int = 400) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(784, hidden_dim)
+        self.fc21 = nn.Linear(hidden_dim, z_dim)
+        self.fc22 = nn.Linear(hidden_dim, z_dim)
+        self.softplus = nn.Softplus()
+
+    def forward(self, x):
+        x = x.reshape(-1, 784)
+        hidden = self.softplus(self.fc1(x))
+        return self.fc21(hidden), torch.exp(self.fc22(hidden))
+
+
+class ExampleDecoder(nn.Module):
+    def __init__(self, z_dim: int = 50, hidden_dim: int = 400) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(z_dim, hidden_dim)
+        self.fc21 = nn.Linear(hidden_dim, 784)
+        self.softplus = nn.Softplus()
+
+    def forward(self, z):
+        return torch.sigmoid(self.fc21(self.softplus(self.fc1(z))))
+
+
+class ExampleVAE(nn.Module):
+    """The model and guide of Pyro's example (probabilities, not logits; site names too)."""
+
+    def __init__(self, z_dim: int = 50, hidden_dim: int = 400) -> None:
+        super().__init__()
+        self.encoder = ExampleEncoder(z_dim, hidden_dim)
+        self.decoder = ExampleDecoder(z_dim, hidden_dim)
+        self.z_dim = z_dim
+
+    def model(self, x):
+        pyro.module("decoder", self.decoder)
+        with pyro.plate("data", x.shape[0]):
+            z_loc = torch.zeros(x.shape[0], self.z_dim, dtype=x.dtype, device=x.device)
+            z_scale = torch.ones(x.shape[0], self.z_dim, dtype=x.dtype, device=x.device)
+            z = pyro.sample("latent", dist.Normal(z_loc, z_scale).to_event(1))
+            loc_img = self.decoder.forward(z)
+            pyro.sample(
+                "obs",
+                dist.Bernoulli(loc_img, validate_args=False).to_event(1),
+                obs=x.reshape(-1, 784),
+            )
+
+    def guide(self, x):
+        pyro.module("encoder", self.encoder)
+        with pyro.plate("data", x.shape[0]):
+            z_loc, z_scale = self.encoder.forward(x)
+            pyro.sample("latent", dist.Normal(z_loc, z_scale).to_event(1))
+
+
+class CachedMNIST(torch.utils.data.Dataset):
+    """Like the example's MNISTCached: float images in [0, 1] held in memory, one item per
+    index, labels one-hot."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.data = images
+        self.targets = F.one_hot(labels, 10).float()
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index):
+        return self.data[index], self.targets[index]
+
+
+def example_epoch(vae: ExampleVAE, loader) -> float:
+    pyro.clear_param_store()
+    svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 1.0e-3}), loss=Trace_ELBO())
+    started = time.perf_counter()
+    epoch_loss = 0.0
+    for x, _ in loader:
+        epoch_loss += svi.step(x)
+    return time.perf_counter() - started
+
+
+def pyro_example(data: VAEData, args) -> dict[str, Any]:
+    images = args.example_images
+    grey = subset(data, images, binarize="none")
+    loader = torch.utils.data.DataLoader(
+        CachedMNIST(grey.train.images, grey.train.labels),
+        batch_size=256,
+        shuffle=True,
+        num_workers=0,
+        pin_memory=False,
+    )
+    torch.manual_seed(0)
+    theirs = ExampleVAE()
+    ours = build_vae(NETWORK, data.data_shape)
+    floor_vae = build_vae(NETWORK, data.data_shape)
+    pyro.enable_validation(True)  # the example runs with Pyro's default validation
+    times = interleaved(
+        {
+            "pyro example": lambda: example_epoch(theirs, loader),
+            "pyro_vae.fit": partial(fit_epoch, ours, grey, "mc", 1, 256, 0),
+            "pytorch floor": partial(floor_epoch, floor_vae, grey, "mc", 1, 256, 0),
+        },
+        args.repeats,
+    )
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    scale = 60000 / images
+    result = {
+        "images": images,
+        "seconds_per_60000_images": {name: value * scale for name, value in medians.items()},
+        "ours_over_example": medians["pyro_vae.fit"] / medians["pyro example"],
+        "ours_over_floor": medians["pyro_vae.fit"] / medians["pytorch floor"],
+        "example_over_floor": medians["pyro example"] / medians["pytorch floor"],
+        "mirrors": "pyro examples/vae/vae.py: 784-400 softplus-50, exp scale, Bernoulli(probs) "
+        "on grey levels, batch 256, pyro.optim.Adam 1e-3, Trace_ELBO, SVI.step, DataLoader "
+        "(shuffle, num_workers=0) over in-memory float images, Pyro validation on",
+    }
+    per_epoch = result["seconds_per_60000_images"]
+    print(
+        f"  per epoch (60,000 images): example {per_epoch['pyro example']:.2f} s, "
+        f"pyro_vae.fit {per_epoch['pyro_vae.fit']:.2f} s, floor {per_epoch['pytorch floor']:.2f}"
+        f" s; ours / example {result['ours_over_example']:.3f}, ours / floor "
+        f"{result['ours_over_floor']:.3f}",
+        flush=True,
+    )
+    return result
+
+
+# ------------------------------------------------------------------------ evaluation
+@torch.no_grad()
+def floor_log_likelihood(vae, x: torch.Tensor, k: int, chunk: int = 250, batch: int = 10):
+    """Importance-sampled log p(x), plain PyTorch: chunks of samples, float64 log-sum-exp."""
+    out = []
+    half_log_2pi = 0.5 * math.log(2 * math.pi)
+    for start in range(0, len(x), batch):
+        xb = x[start : start + batch]
+        loc, scale = vae.encoder(xb)
+        total = torch.full((len(xb),), -math.inf, dtype=torch.float64)
+        for first in range(0, k, chunk):
+            size = min(chunk, k - first)
+            eps = torch.randn(size, *loc.shape)
+            z = loc + scale * eps
+            log_lik = -F.binary_cross_entropy_with_logits(
+                vae.decoder(z), xb.expand(size, *xb.shape), reduction="none"
+            ).sum(-1)
+            log_w = (
+                log_lik
+                + (-0.5 * z.pow(2) - half_log_2pi).sum(-1)
+                - (-0.5 * eps.pow(2) - scale.log() - half_log_2pi).sum(-1)
+            )
+            total = torch.logaddexp(total, torch.logsumexp(log_w.double(), 0))
+        out.append(total - math.log(k))
+    return torch.cat(out)
+
+
+def _evaluation_inputs(args):
+    data = load(args)
+    torch.manual_seed(0)
+    vae = build_vae(NETWORK, data.data_shape)
+    x = data.evaluation_images("test")[: args.eval_points]
+    return vae, x
+
+
+def evaluation(args) -> dict[str, Any]:
+    vae, x = _evaluation_inputs(args)
+    pyro.enable_validation(False)
+    times = interleaved(
+        {
+            "pyro_vae.log_likelihood": lambda: _timed(lambda: log_likelihood(vae, x, 5000)),
+            "pytorch floor": lambda: _timed(lambda: floor_log_likelihood(vae, x, 5000)),
+        },
+        args.repeats,
+    )
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    memory = {name: _peak_memory(name, args) for name in ("ours", "floor")}
+    result = {
+        "points": len(x),
+        "samples": 5000,
+        "seconds_per_1000_points": {n: v * 1000 / len(x) for n, v in medians.items()},
+        "ratio": medians["pyro_vae.log_likelihood"] / medians["pytorch floor"],
+        "peak_memory_mb": memory,
+        "target": 1.10,
+    }
+    print(
+        f"  log p(x), K=5000, {len(x)} points: ours {medians['pyro_vae.log_likelihood']:.2f} s, "
+        f"floor {medians['pytorch floor']:.2f} s, ratio {result['ratio']:.3f} (target <= 1.10); "
+        f"peak memory ours {memory['ours']:.0f} MB, floor {memory['floor']:.0f} MB",
+        flush=True,
+    )
+    return result
+
+
+def _timed(function) -> float:
+    started = time.perf_counter()
+    function()
+    return time.perf_counter() - started
+
+
+def _peak_memory(which: str, args) -> float:
+    """Peak resident memory added by one evaluation, in a fresh process (MB)."""
+    argv = [
+        sys.executable,
+        __file__,
+        "--memory-probe",
+        which,
+        "--eval-points",
+        str(args.eval_points),
+    ]
+    if args.data_dir:
+        argv += ["--data-dir", str(args.data_dir)]
+    output = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    return float(output.strip().splitlines()[-1])
+
+
+def memory_probe(which: str, args) -> None:
+    """In a fresh process: the model and random binary images only (no data set loaded,
+    whose decompression would dominate the peak), then one evaluation."""
+    torch.manual_seed(0)
+    vae = build_vae(NETWORK, (1, 28, 28))
+    x = torch.bernoulli(torch.full((args.eval_points, 784), 0.3))
+    pyro.enable_validation(False)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if which == "ours":
+        log_likelihood(vae, x, 5000)
+    else:
+        floor_log_likelihood(vae, x, 5000)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print((after - before) / 1024)  # ru_maxrss is in kB on Linux
+
+
+# ------------------------------------------------------------------------ scaling
+def scaling(data: VAEData, args) -> dict[str, Any]:
+    rows = []
+    steps = max(5, args.steps // 4)
+    for estimator, k, batch in [("mc", 1, b) for b in args.batches] + [
+        ("iwae", k, 128) for k in args.particles
+    ]:
+        part = subset(data, steps * batch)
+        torch.manual_seed(0)
+        ours_vae = build_vae(NETWORK, data.data_shape)
+        floor_vae = build_vae(NETWORK, data.data_shape)
+        times = interleaved(
+            {
+                "ours": partial(fit_epoch, ours_vae, part, estimator, k, batch, 0),
+                "floor": partial(floor_epoch, floor_vae, part, estimator, k, batch, 0),
+            },
+            max(1, args.repeats // 2),
+        )
+        ours, floor = (statistics.median(times[n]) / steps * 1e3 for n in ("ours", "floor"))
+        rows.append(
+            {
+                "estimator": estimator,
+                "particles": k,
+                "batch": batch,
+                "ours_ms_per_step": ours,
+                "floor_ms_per_step": floor,
+                "ratio": ours / floor,
+            }
+        )
+        print(
+            f"  {estimator:5} K={k:<4} B={batch:<5} ours {ours:8.2f} ms  floor {floor:8.2f} ms  "
+            f"ratio {ours / floor:.3f}",
+            flush=True,
+        )
+    return {"rows": rows}
+
+
+# ------------------------------------------------------------------------ main
+def environment() -> dict[str, Any]:
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "pyro": pyro.__version__,
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+    }
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [
+        "| estimator | K | batch | pyro_vae.fit ms/step | PyTorch floor ms/step | ratio | target |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in result.get("training", []):
+        verdict = "holds" if r["ratio"] <= r["target"] else "missed"
+        lines.append(
+            f"| {r['estimator']} | {r['particles']} | {r['batch']} | {r['ours_ms_per_step']:.2f} | "
+            f"{r['floor_ms_per_step']:.2f} | {r['ratio']:.3f} | <= {r['target']} ({verdict}) |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer steps and repeats (< 5 min)")
+    parser.add_argument("--data-dir", type=Path, help="MNIST IDX folder (default ../shared)")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results.json")
+    parser.add_argument("--sections", default="training,pyro-example,evaluation,scaling")
+    parser.add_argument("--steps", type=int, help="gradient steps per timed epoch")
+    parser.add_argument("--repeats", type=int, help="interleaved rounds per comparison")
+    parser.add_argument("--eval-points", type=int, help="test points for log p(x)")
+    parser.add_argument("--example-images", type=int, help="images per example epoch")
+    parser.add_argument("--memory-probe", choices=("ours", "floor"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    quick = args.quick
+    args.steps = args.steps or (40 if quick else 150)
+    args.repeats = args.repeats or (3 if quick else 7)
+    args.eval_points = args.eval_points or (20 if quick else 200)
+    args.example_images = args.example_images or (15360 if quick else 60000)
+    args.batches = (32, 128, 512) if quick else (32, 64, 128, 256, 512, 1024)
+    args.particles = (1, 10, 50) if quick else (1, 5, 10, 50, 100)
+    if args.memory_probe:
+        memory_probe(args.memory_probe, args)
+        return
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    pyro.enable_validation(False)
+    data = load(args)
+    result: dict[str, Any] = {
+        "environment": environment(),
+        "quick": quick,
+        "steps": args.steps,
+        "repeats": args.repeats,
+    }
+    print(f"pyro-vae benchmarks ({'quick' if quick else 'full'}): {result['environment']}")
+    started = time.perf_counter()
+    if "training" in sections:
+        print("training throughput, 784-400 softplus-50 MLP, fused Adam both sides:")
+        result["training"] = training(data, args)
+    if "pyro-example" in sections:
+        print("against Pyro's examples/vae/vae.py configuration:")
+        result["pyro_example"] = pyro_example(data, args)
+        pyro.enable_validation(False)
+    if "evaluation" in sections:
+        print("evaluation throughput:")
+        result["evaluation"] = evaluation(args)
+    if "scaling" in sections:
+        print("scaling (time per step against batch size, then against K):")
+        result["scaling"] = scaling(data, args)
+    result["seconds"] = time.perf_counter() - started
+    print(markdown(result))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{result['seconds']:.0f} s; results in {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""The benchmark script runs end to end (tiny settings; timings are not asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_benchmark_script_runs(tmp_path, mnist_dir):
+    out = tmp_path / "bench.json"
+    argv = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "run.py"),
+        "--quick",
+        "--steps",
+        "2",
+        "--repeats",
+        "1",
+        "--eval-points",
+        "2",
+        "--example-images",
+        "512",
+        "--data-dir",
+        str(mnist_dir),
+        "--out",
+        str(out),
+    ]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert {r["estimator"] for r in data["training"]} == {"mc", "analytic", "iwae"}
+    assert all(r["ratio"] > 0 for r in data["training"])
+    assert data["pyro_example"]["ours_over_example"] > 0
+    assert data["evaluation"]["peak_memory_mb"]["ours"] >= 0
+    assert "| estimator | K | batch |" in result.stdout
