@@ -182,7 +182,69 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", type=Path, default=Path("runs/compare"))
     compare.add_argument("--overwrite", action="store_true", help="replace --out's comparison")
     compare.add_argument("--quiet", action="store_true", help="no progress bars")
+    diagnose = commands.add_parser(
+        "diagnose",
+        help="NUTS reference posterior, amortization and approximation gaps, PSIS k-hat",
+        description="For test images of a run: sample p(z|x) with NUTS (ArviZ InferenceData "
+        "next to the guide's draws), measure the approximation and amortization gaps "
+        "(Cremer et al. 2018) and PSIS k-hat; write netCDF, diagnostics.json/.md and plots.",
+    )
+    diagnose.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    diagnose.add_argument("--images", type=int, default=10, help="first N test images (10)")
+    diagnose.add_argument("--image-ids", type=_int_list, help="test image indices, e.g. 3,17")
+    diagnose.add_argument("--chains", type=int, default=4, help="NUTS chains (4)")
+    diagnose.add_argument("--warmup", type=int, default=300, help="NUTS warm-up steps (300)")
+    diagnose.add_argument("--samples", type=int, default=300, help="NUTS draws per chain (300)")
+    diagnose.add_argument("--is-samples", type=int, default=5000, help="K for log p(x) (5000)")
+    diagnose.add_argument("--local-steps", type=int, default=1000, help="local SVI steps (1000)")
+    diagnose.add_argument("--khat-images", type=int, default=1000, help="images for k-hat")
+    diagnose.add_argument("--khat-samples", type=int, default=1000, help="K for k-hat (1000)")
+    diagnose.add_argument("--seed", type=int, default=0)
+    diagnose.add_argument("--no-jit", action="store_true", help="NUTS without the JIT")
+    diagnose.add_argument("--out", type=Path, help="default RUN_DIR/diagnostics")
+    diagnose.add_argument("--overwrite", action="store_true", help="replace earlier diagnostics")
+    diagnose.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
+
+
+def _diagnose(args: argparse.Namespace) -> int:
+    from .diagnostics import diagnose
+
+    result = diagnose(
+        args.run_dir,
+        args.out,
+        images=args.images,
+        image_ids=args.image_ids,
+        chains=args.chains,
+        warmup=args.warmup,
+        samples=args.samples,
+        is_samples=args.is_samples,
+        local_steps=args.local_steps,
+        khat_images=args.khat_images,
+        khat_samples=args.khat_samples,
+        seed=args.seed,
+        jit=not args.no_jit,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    gaps, nuts = result["gaps"], result["nuts"]
+    for key, label in (
+        ("approximation_gap", "approximation gap"),
+        ("amortization_gap", "amortization gap"),
+    ):
+        v = gaps[key]
+        print(
+            f"{label:18} {v['mean']:7.3f} nats  (95% interval {v['ci95_low']:.3f} to "
+            f"{v['ci95_high']:.3f}, {gaps['images']} images)"
+        )
+    print(
+        f"NUTS: max r-hat {nuts['rhat_max']:.3f}, min bulk ESS {nuts['ess_bulk_min']:.0f}, "
+        f"{nuts['divergences']} divergences; k-hat > 0.7 for "
+        f"{result['khat']['share_above_0.7']:.1%} of {result['khat']['images']} images"
+    )
+    out = args.out or args.run_dir / "diagnostics"
+    print(f"diagnostics: {out / 'diagnostics.md'}")
+    return 0
 
 
 def _compare(args: argparse.Namespace, argv: list[str] | None) -> int:
@@ -420,6 +482,8 @@ def main(argv: list[str] | None = None) -> int:
             return _sample(args)
         if args.command == "compare":
             return _compare(args, argv)
+        if args.command == "diagnose":
+            return _diagnose(args)
     except UserInputError as error:
         print(f"pyro-vae {args.command}: error: {error}", file=sys.stderr)
         return 2

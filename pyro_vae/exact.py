@@ -152,6 +152,21 @@ class LinearGaussianVAE(VAE):
         """The limit of L_K as K grows: log p(x)."""
         return self.log_marginal(x)
 
+    def mean_field_gap(self) -> float:
+        """The approximation gap of the best diagonal Gaussian, ``min_q KL(q || p(z|x))``.
+
+        For a Gaussian posterior N(mu, Sigma) the minimiser of KL(q || p) over diagonal
+        Gaussians has mean mu and variances 1 / diag(Sigma^-1) (Bishop, PRML, 10.1.2),
+        so the gap is ``1/2 (log det Sigma - sum_i log (1 / (Sigma^-1)_ii))``: the same for
+        every x. Nats per data point.
+        """
+        w, _ = self._w_b()
+        s2 = self.noise_scale**2
+        m = w.T @ w + s2 * torch.eye(self.latent_dim, dtype=_F64)
+        covariance = s2 * torch.linalg.inv(m)
+        optimal_variances = s2 / torch.diagonal(m)  # 1 / diag(Sigma^-1), Sigma^-1 = M / s^2
+        return float(0.5 * (torch.logdet(covariance) - optimal_variances.log().sum()).detach())
+
     @torch.no_grad()
     def set_guide_to_posterior(self) -> None:
         """Make q(z|x) the exact posterior. Needs a diagonal posterior covariance
