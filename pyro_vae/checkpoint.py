@@ -46,12 +46,13 @@ def rng_state(data_generator: torch.Generator | None = None) -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any], data_generator: torch.Generator | None = None) -> None:
-    torch.set_rng_state(state["torch"])
+    # RNG states are CPU byte tensors, whatever device a checkpoint was mapped to
+    torch.set_rng_state(state["torch"].cpu())
     numpy_state = state["numpy"]
     np.random.set_state(
         (
             numpy_state["kind"],
-            numpy_state["keys"].numpy().astype(np.uint32),
+            numpy_state["keys"].cpu().numpy().astype(np.uint32),
             numpy_state["position"],
             numpy_state["has_gauss"],
             numpy_state["cached_gaussian"],
@@ -60,9 +61,9 @@ def set_rng_state(state: dict[str, Any], data_generator: torch.Generator | None 
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
     if data_generator is not None and "data" in state:
-        data_generator.set_state(state["data"])
+        data_generator.set_state(state["data"].cpu())
 
 
 def atomic_save(payload: Any, path: str | Path) -> None:
@@ -86,6 +87,7 @@ def atomic_write_text(text: str, path: str | Path) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+    _fsync_directory(path.parent)
 
 
 def _fsync_directory(folder: Path) -> None:
@@ -114,8 +116,10 @@ def save_checkpoint(path: str | Path, **contents: Any) -> None:
     atomic_save({"format": FORMAT, "version": VERSION, **contents}, path)
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True``; a clear error if it is missing or bad."""
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint on the CPU with ``weights_only=True``; a clear error if it is
+    missing or unreadable. (``load_state_dict`` moves parameters and optimizer state to
+    the device they are loaded into; RNG states must stay on the CPU.)"""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(
@@ -123,7 +127,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"or pass the folder of a run that saved one"
         )
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as error:
+        raise CheckpointError(f"cannot read checkpoint {path}: {error.strerror or error}") from None
     except Exception as error:  # truncated zip, foreign pickle, ...
         first_line = (
             str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -228,10 +228,14 @@ def _diagnose(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     gaps, nuts = result["gaps"], result["nuts"]
+    if "skipped" in gaps:
+        print(f"gaps {gaps['skipped']}")
     for key, label in (
         ("approximation_gap", "approximation gap"),
         ("amortization_gap", "amortization gap"),
     ):
+        if key not in gaps:
+            continue
         v = gaps[key]
         print(
             f"{label:18} {v['mean']:7.3f} nats  (95% interval {v['ci95_low']:.3f} to "
@@ -256,10 +260,17 @@ def _compare(args: argparse.Namespace, argv: list[str] | None) -> int:
         raise UserInputError(f"--particles must be >= 1, got {args.particles}")
     if args.out.exists() and not args.out.is_dir():
         raise UserInputError(f"--out {args.out} is a file: pass a folder")
-    if (args.out / "comparison.json").exists() and not args.overwrite:
-        raise UserInputError(
-            f"{args.out} holds a comparison: pass --overwrite to replace it, or another --out"
-        )
+    if args.out.exists() and any(args.out.iterdir()):
+        if not (args.out / "comparison.json").exists():
+            raise UserInputError(
+                f"{args.out} is not empty and holds no comparison: choose a new or empty folder"
+            )
+        if not args.overwrite:
+            raise UserInputError(
+                f"{args.out} holds a comparison: pass --overwrite to replace it, or another --out"
+            )
+    if args.eval_points is not None and args.eval_points < 1:
+        raise UserInputError(f"--eval-points must be >= 1, got {args.eval_points}")
     model = {"guide": args.guide}
     if args.latent_dims:
         model["latent_dims"] = args.latent_dims
@@ -341,7 +352,7 @@ def run_training(config: RunConfig, out: Path, args: argparse.Namespace, argv) -
     import torch
 
     from .data import load_data
-    from .estimators import check_estimator_fits
+    from .estimators import check_estimator_fits, make_elbo
     from .evaluation import evaluate
     from .model import build_vae
     from .runs import clear_run_dir, command_line, write_plots, write_report
@@ -363,6 +374,14 @@ def run_training(config: RunConfig, out: Path, args: argparse.Namespace, argv) -
     for split in ("train", "test"):
         vae.check_data(getattr(data, split).images, what=f"the {split} set of {data.name}")
     check_estimator_fits(config.train.estimator, vae)
+    make_elbo(config.train.estimator, config.train.particles, alpha=config.train.alpha)
+    if config.model.likelihood == "bernoulli" and config.data.binarize == "none":
+        print(
+            "note: grey levels under a Bernoulli likelihood are scored by cross-entropy, not "
+            "a normalized density: log p(x) is not comparable to published numbers (use "
+            "--binarize dynamic, or --likelihood continuous_bernoulli)",
+            file=sys.stderr,
+        )
     if args.resume:
         from .checkpoint import load_checkpoint
 
@@ -401,6 +420,7 @@ def run_training(config: RunConfig, out: Path, args: argparse.Namespace, argv) -
         command_line(argv),
         plot_paths,
         history.stopped_early,
+        history.best_epoch,
     )
     print(f"run folder: {out}  (report: {report})")
     return 0
@@ -428,6 +448,11 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     if args.samples < 1:
         raise UserInputError(f"--samples must be >= 1, got {args.samples}")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserInputError("CUDA is not available on this machine: use --device cpu")
     config, vae, data, _ = load_run(args.run_dir, args.device)
     result = evaluate(
         vae,
@@ -490,6 +515,14 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteError as error:
         print(f"pyro-vae {args.command}: stopped: {error}", file=sys.stderr)
         return 1
+    except OSError as error:  # unwritable --out, a file where a folder should be, ...
+        where = f" ({error.filename})" if getattr(error, "filename", None) else ""
+        print(
+            f"pyro-vae {args.command}: error: {error.strerror or error}{where}: check the "
+            f"paths and permissions",
+            file=sys.stderr,
+        )
+        return 2
     except KeyboardInterrupt:
         print(f"pyro-vae {args.command}: interrupted", file=sys.stderr)
         return 130

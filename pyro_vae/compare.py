@@ -420,6 +420,8 @@ _SUMMARY_FIELDS = (
     ("decoder_snr", lambda r: r["gradients"].get("decoder", {}).get("snr_mean", float("nan"))),
     ("encoder_variance", lambda r: r["gradients"].get("encoder", {}).get("variance", float("nan"))),
     ("decoder_variance", lambda r: r["gradients"].get("decoder", {}).get("variance", float("nan"))),
+    ("shared_snr", lambda r: r["gradients"].get("shared", {}).get("snr_mean", float("nan"))),
+    ("shared_variance", lambda r: r["gradients"].get("shared", {}).get("variance", float("nan"))),
     ("active_units", lambda r: r["evaluation"]["active_units"]),
     ("seconds_per_epoch", lambda r: r["seconds_per_epoch"]),
 )

@@ -8,6 +8,7 @@ likelihood on dynamically binarized images. No torch import here: ``--help`` is 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -21,14 +22,39 @@ BINARIZE_NAMES = ("dynamic", "static", "none")
 ACTIVATION_NAMES = ("tanh", "relu", "softplus", "elu", "gelu", "silu")
 
 
-def _choice(value: str, choices: tuple[str, ...], what: str) -> None:
-    if value not in choices:
+def _choice(value: Any, choices: tuple[str, ...], what: str) -> None:
+    if not isinstance(value, str) or value not in choices:
         raise UserInputError(f"unknown {what} {value!r}: choose one of {', '.join(choices)}")
 
 
-def _positive(value: float, what: str) -> None:
-    if not value > 0:
+def _integer(value: Any, what: str, minimum: int, maximum: int | None = None) -> int:
+    """An int (not a bool, not 2.5) in [minimum, maximum]."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UserInputError(f"{what} must be an integer, got {value!r}")
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise UserInputError(f"{what} must be an integer {bound}, got {value}")
+    return value
+
+
+def _number(value: Any, what: str, minimum: float | None = None, positive: bool = False) -> float:
+    """A finite real number, > 0 if ``positive``, >= ``minimum`` if given."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise UserInputError(f"{what} must be a finite number, got {value!r}")
+    if positive and not value > 0:
         raise UserInputError(f"{what} must be > 0, got {value}")
+    if minimum is not None and value < minimum:
+        raise UserInputError(f"{what} must be >= {minimum}, got {value}")
+    return float(value)
+
+
+def _integers(values: Any, what: str, allow_empty: bool = False) -> tuple[int, ...]:
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise UserInputError(f"{what} must be a list of integers, got {values!r}")
+    values = tuple(values)
+    if not values and not allow_empty:
+        raise UserInputError(f"{what} must hold at least one integer")
+    return tuple(_integer(v, what, 1) for v in values)
 
 
 @dataclass(frozen=True)
@@ -44,18 +70,15 @@ class ModelConfig:
     guide: str = "top-down"  # several layers: top-down (ladder) or bottom-up inference
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "latent_dims", tuple(int(d) for d in self.latent_dims))
-        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
-        if not self.latent_dims or min(self.latent_dims) < 1:
-            raise UserInputError(f"latent dims must be integers >= 1, got {self.latent_dims}")
-        if self.hidden and min(self.hidden) < 1:
-            raise UserInputError(f"hidden sizes must be integers >= 1, got {self.hidden}")
+        object.__setattr__(self, "latent_dims", _integers(self.latent_dims, "latent dims"))
+        object.__setattr__(self, "hidden", _integers(self.hidden, "hidden sizes", True))
         _choice(self.activation, ACTIVATION_NAMES, "activation")
         _choice(self.network, ("mlp", "conv"), "network")
         _choice(self.likelihood, LIKELIHOOD_NAMES, "likelihood")
         if self.gaussian_scale is not None:
-            _positive(self.gaussian_scale, "gaussian_scale")
-        _positive(self.prior_scale, "prior_scale")
+            _number(self.gaussian_scale, "gaussian_scale", positive=True)
+        _number(self.prior_loc, "prior_loc")
+        _number(self.prior_scale, "prior_scale", positive=True)
         _choice(self.guide, ("top-down", "bottom-up"), "guide")
 
 
@@ -69,11 +92,12 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _choice(self.dataset, DATASET_NAMES, "dataset")
+        if self.data_dir is not None and not isinstance(self.data_dir, str):
+            raise UserInputError(f"data_dir must be a folder name, got {self.data_dir!r}")
         _choice(self.binarize, BINARIZE_NAMES, "binarization")
-        if self.validation_size < 0:
-            raise UserInputError(f"validation_size must be >= 0, got {self.validation_size}")
-        if self.limit is not None and self.limit < 1:
-            raise UserInputError(f"limit must be >= 1, got {self.limit}")
+        _integer(self.validation_size, "validation_size", 0)
+        if self.limit is not None:
+            _integer(self.limit, "limit", 1)
 
 
 @dataclass(frozen=True)
@@ -85,7 +109,7 @@ class TrainConfig:
     batch_size: int = 128  # data points per gradient step
     lr: float = 1e-3  # Adam learning rate
     optimizer: str = "adam"  # adam | clipped_adam (Pyro's ClippedAdam, gradient norm clipping)
-    clip_norm: float = 10.0  # clipped_adam only: maximal gradient norm per parameter
+    clip_norm: float = 10.0  # clipped_adam only: gradient entries are clipped to +/- this
     lr_schedule: str = "constant"  # constant | exponential | cosine (per epoch)
     lr_gamma: float = 0.95  # exponential schedule: learning-rate factor per epoch
     kl_warmup_epochs: float = 0.0  # epochs over which the KL factor rises linearly to 1
@@ -101,27 +125,22 @@ class TrainConfig:
         _choice(self.lr_schedule, ("constant", "exponential", "cosine"), "learning-rate schedule")
         _choice(self.device, ("cpu", "cuda"), "device")
         for name in ("particles", "epochs", "batch_size", "eval_particles"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise UserInputError(
-                    f"{name.replace('_', '-')} must be an integer >= 1, got {value}"
-                )
-        _positive(self.lr, "learning rate")
-        _positive(self.clip_norm, "clip_norm")
-        _positive(self.lr_gamma, "lr_gamma")
+            _integer(getattr(self, name), name.replace("_", "-"), 1)
+        _integer(self.seed, "seed", 0, 2**32 - 1)  # numpy's seeds are 32-bit
+        _integer(self.early_stopping_patience, "early_stopping_patience", 0)
+        _number(self.lr, "learning rate", positive=True)
+        _number(self.clip_norm, "clip_norm", positive=True)
+        _number(self.lr_gamma, "lr_gamma", positive=True)
+        _number(self.alpha, "alpha")
+        _number(self.kl_warmup_epochs, "kl_warmup_epochs", minimum=0)
+        _number(self.free_bits, "free_bits", minimum=0)
         if self.estimator == "renyi" and self.alpha == 1:
             raise UserInputError("renyi with alpha = 1 is the ELBO: use --estimator mc")
-        if self.free_bits < 0:
-            raise UserInputError(f"free_bits must be >= 0, got {self.free_bits}")
         if self.free_bits and self.estimator not in ("mc", "analytic"):
             raise UserInputError(
                 f"free bits apply to the KL of the ELBO: use them with --estimator mc or "
                 f"analytic, not {self.estimator}"
             )
-        if self.kl_warmup_epochs < 0:
-            raise UserInputError(f"kl_warmup_epochs must be >= 0, got {self.kl_warmup_epochs}")
-        if self.early_stopping_patience < 0:
-            raise UserInputError("early_stopping_patience must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -167,12 +186,17 @@ class RunConfig:
                 )
             try:
                 built[name] = section_class(**section)
-            except TypeError as error:
+            except UserInputError as error:
+                raise UserInputError(f"{source}, section {name!r}: {error}") from None
+            except (TypeError, ValueError) as error:
                 raise UserInputError(f"{source}: bad value in section {name!r}: {error}") from None
         return cls(**built)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        """Write as JSON, atomically (a kill mid-write leaves the old file)."""
+        from .checkpoint import atomic_write_text
+
+        atomic_write_text(json.dumps(self.to_dict(), indent=2) + "\n", path)
 
     @classmethod
     def load(cls, path: str | Path) -> RunConfig:

@@ -457,7 +457,12 @@ class DReGELBO(ImportanceWeightedELBO):
         guide_trace.compute_log_prob()
         samples = {site["name"]: site["value"] for site in sample_sites(guide_trace)}
         leaves = {name: value.detach().requires_grad_() for name, value in samples.items()}
-        model_trace = poutine.trace(poutine.condition(plate(model), data=leaves)).get_trace(
+        # replay (not condition): the latent sites stay latent, so handlers such as the
+        # KL warm-up's LatentScale still recognise them
+        at_leaves = poutine.Trace()
+        for name, leaf in leaves.items():
+            at_leaves.add_node(name, type="sample", is_observed=False, value=leaf, infer={})
+        model_trace = poutine.trace(poutine.replay(plate(model), trace=at_leaves)).get_trace(
             *args, **kwargs
         )
         model_trace = prune_subsample_sites(model_trace)
@@ -558,15 +563,16 @@ class FreeBitsELBO(ParticleELBO):
                 value, surrogate = value + log_p, surrogate + log_p
                 continue
             guide_site = guide_trace.nodes[site["name"]]
+            relative = guide_site["scale"] / data_scale  # the KL warm-up factor, else 1
             if self.kl == "analytic":
-                kl = kl_divergence(guide_site["fn"], site["fn"]) * (
-                    guide_site["scale"] / data_scale
-                )
+                kl = kl_divergence(guide_site["fn"], site["fn"]) * relative
                 kl = per_datapoint(site, kl.expand(log_p.shape), self.num_particles)
             else:
                 log_q = per_datapoint(guide_site, guide_site["log_prob"], self.num_particles)
                 kl = log_q / data_scale - log_p
-            counts = bool(kl.detach().mean() >= self.free_bits)
+            # the threshold applies to the KL itself: beta * max(free_bits, KL) under warm-up
+            unannealed = kl.detach().mean() / relative if relative else kl.detach().mean()
+            counts = bool(unannealed >= self.free_bits)
             value = value - kl
             surrogate = surrogate - (kl if counts else kl.detach())
         return value.detach().mean(0), surrogate.mean(0), data_scale

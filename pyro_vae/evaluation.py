@@ -139,22 +139,28 @@ def log_likelihood_and_khat(
 
 
 @torch.no_grad()
-def active_units(vae, x: torch.Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD) -> dict[str, Any]:
+def active_units(
+    vae, x: torch.Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD, parent_draws: int = 32
+) -> dict[str, Any]:
     """Latent units whose posterior mean varies over the data (Burda et al., 2016).
 
-    ``A_u = Cov_x(E_{q(z|x)}[z_u]) > 0.01``. For a hierarchical model, units are counted
-    per latent site, with the means of the guide's distributions at each site.
+    ``A_u = Cov_x(E_{q(z|x)}[z_u]) > 0.01``. For a hierarchical guide, a layer's mean is
+    its conditional mean averaged over ``parent_draws`` draws of the layers it depends
+    on (the conditional mean at a single draw would add that draw's noise to the
+    covariance over x). For a one-layer guide the draws change nothing.
     """
     import pyro
     from pyro import poutine
+
+    from .estimators import particle_plate
 
     means: dict[str, list[torch.Tensor]] = {}
     for start in range(0, x.shape[0], 1000):
         batch = vae.flatten(x[start : start + 1000])
         with pyro.validation_enabled(False):
-            trace = poutine.trace(vae.guide).get_trace(batch)
+            trace = poutine.trace(particle_plate(parent_draws)(vae.guide)).get_trace(batch)
         for name in vae.latent_sites:
-            means.setdefault(name, []).append(trace.nodes[name]["fn"].mean)
+            means.setdefault(name, []).append(trace.nodes[name]["fn"].mean.mean(0))
     per_site = {}
     for name, values in means.items():
         variance = torch.cat(values).var(0)

@@ -36,6 +36,10 @@ def check_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
     """Refuse to clobber anything: explain what is there and which flag to pass."""
     if out.exists() and not out.is_dir():
         raise UserInputError(f"--out {out} is a file: pass a folder for the run")
+    if resume and overwrite:
+        raise UserInputError(
+            "--resume continues the run in --out and --overwrite deletes it: pass one of them"
+        )
     if resume:
         if not (out / "checkpoint.pt").is_file() or not (out / "config.json").is_file():
             raise UserInputError(
@@ -43,8 +47,16 @@ def check_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
                 f"missing): train without --resume first"
             )
         return
-    if not out.exists() or not any(out.iterdir()) or overwrite:
+    if not out.exists() or not any(out.iterdir()):
         return
+    is_run = (out / "checkpoint.pt").exists() or (out / "config.json").exists()
+    if overwrite:
+        if is_run:
+            return
+        raise UserInputError(
+            f"{out} is not empty and is not a pyro-vae run folder: --overwrite replaces runs "
+            f"only; choose a new or empty folder"
+        )
     if (out / "checkpoint.pt").exists():
         # report.md is written last: without it the run (or its evaluation) is unfinished
         finished = (out / "report.md").exists()
@@ -82,9 +94,9 @@ def load_run(run_dir: str | Path, device: str = "cpu", best: bool = True):
     config = RunConfig.load(run_dir / "config.json") if (run_dir / "config.json").exists() else None
     if config is None:
         raise UserInputError(f"{run_dir} has no config.json: is it a pyro-vae run folder?")
-    checkpoint = load_checkpoint(run_dir / "checkpoint.pt", map_location=device)
+    checkpoint = load_checkpoint(run_dir / "checkpoint.pt")
     if best and checkpoint.get("stopped_early") and (run_dir / "best.pt").exists():
-        checkpoint = load_checkpoint(run_dir / "best.pt", map_location=device)
+        checkpoint = load_checkpoint(run_dir / "best.pt")
     data = load_data(
         config.data.dataset,
         config.data.data_dir,
@@ -158,9 +170,16 @@ def write_report(
     command: str,
     plot_paths: list[Path],
     stopped_early: bool = False,
+    best_epoch: int | None = None,
 ) -> Path:
-    """``report.md``: what was trained, the numbers, the plots, and how to reproduce it."""
+    """``report.md``: what was trained, the numbers, the plots, and how to reproduce it.
+
+    After early stopping the summary shows the best epoch, whose parameters the model
+    (and its evaluation) holds."""
     last = epochs[-1] if epochs else {}
+    which = "last epoch"
+    if stopped_early and best_epoch:
+        last, which = epochs[best_epoch - 1], f"best epoch, {best_epoch}"
     seconds = sorted(e["seconds"] for e in epochs)
     median_seconds = _fmt(seconds[len(seconds) // 2]) if seconds else "-"
     lines = [
@@ -172,9 +191,9 @@ def write_report(
         "",
         "| quantity | value |",
         "| --- | --- |",
-        f"| epochs | {last.get('epoch', 0)}{' (stopped early)' if stopped_early else ''} |",
-        f"| train bound (estimator's own, last epoch) | {_fmt(last.get('train_elbo'))} |",
-        f"| test ELBO (last epoch) | {_fmt(last.get('test_elbo'))} |",
+        f"| epochs | {len(epochs)}{' (stopped early)' if stopped_early else ''} |",
+        f"| train bound (estimator's own, {which}) | {_fmt(last.get('train_elbo'))} |",
+        f"| test ELBO ({which}) | {_fmt(last.get('test_elbo'))} |",
         f"| test E_q[log p(x given z)] | {_fmt(last.get('test_expected_log_likelihood'))} |",
         f"| test KL(q(z given x) from p(z)) | {_fmt(last.get('test_kl'))} |",
         f"| seconds per epoch (median) | {median_seconds} |",
@@ -241,5 +260,7 @@ def write_report(
         "",
     ]
     path = run_dir / "report.md"
-    path.write_text("\n".join(lines))
+    from .checkpoint import atomic_write_text  # the finished-run marker: written whole
+
+    atomic_write_text("\n".join(lines), path)
     return path

@@ -201,11 +201,29 @@ class Trainer:
             self.best_elbo = float(state["best_elbo"])
             self.epochs_since_best = int(state["epochs_since_best"])
             self.finished = bool(state["finished"])
+            if isinstance(self.scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
+                self._stretch_cosine(self.config.epochs)
         except (KeyError, RuntimeError, ValueError, TypeError) as error:
             raise CheckpointError(
                 f"the checkpoint does not fit this model or version ({str(error).splitlines()[0]}):"
                 f" resume with the run's own config.json, or start over with --overwrite"
             ) from None
+
+    def _stretch_cosine(self, epochs: int) -> None:
+        """A run extended with --epochs anneals to its new end: the closed form at the
+        current epoch (the scheduler's own update is relative to the last rate)."""
+        scheduler = self.scheduler
+        if scheduler.T_max == epochs:
+            return
+        scheduler.T_max = epochs
+        progress = min(scheduler.last_epoch, epochs) / epochs
+        rates = [
+            scheduler.eta_min + (base - scheduler.eta_min) * (1 + math.cos(math.pi * progress)) / 2
+            for base in scheduler.base_lrs
+        ]
+        for group, rate in zip(self.optimizer.param_groups, rates):
+            group["lr"] = rate
+        scheduler._last_lr = rates
 
     def save(self, path: Path | None = None) -> None:
         if self.run_dir is None:
@@ -331,6 +349,8 @@ class Trainer:
         config = self.config
         if self.epoch == 0 and self.step == 0:
             self.save()  # a good checkpoint exists from the start
+        elif self.history.epochs:
+            self._write_metrics()  # resumed: metrics.jsonl matches the checkpoint again
         while self.epoch < config.epochs and not self.finished:
             started = time.perf_counter()
             train_elbo = self.train_epoch(progress)
@@ -352,8 +372,10 @@ class Trainer:
             self.history.epochs.append(metrics)
             stop = self._early_stopping(metrics)
             self.finished = stop or self.epoch >= config.epochs
-            self.save()
+            # metrics first: a kill between the two leaves metrics one epoch ahead of the
+            # checkpoint, which the resumed run rewrites (the other order loses a line)
             self._write_metrics()
+            self.save()
             if log is not None:
                 log(format_epoch(metrics, config.epochs))
             for callback in callbacks:
@@ -442,7 +464,7 @@ def fit(
     if resume:
         if run_dir is None:
             raise UserInputError("resume needs the run folder that holds the checkpoint")
-        trainer.load_state_dict(load_checkpoint(Path(run_dir) / CHECKPOINT, config.device))
-        if config.epochs > trainer.epoch:
+        trainer.load_state_dict(load_checkpoint(Path(run_dir) / CHECKPOINT))
+        if config.epochs > trainer.epoch and not trainer.history.stopped_early:
             trainer.finished = False  # asked for more epochs than the run had
     return trainer.run(callbacks=callbacks, progress=progress, log=log)

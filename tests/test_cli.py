@@ -179,7 +179,7 @@ def test_unknown_choices_are_one_line_errors(flags, message, capsys, tmp_path):
         (["--lr", "0"], "learning rate must be > 0"),
         (["--lr", "-0.1"], "learning rate must be > 0"),
         (["--particles", "0"], "particles must be an integer >= 1"),
-        (["--limit", "0"], "limit must be >= 1"),
+        (["--limit", "0"], "limit must be an integer >= 1"),
         (["--early-stopping", "3"], "early stopping needs a validation set"),
         (["--device", "cuda"], "CUDA is not available"),
         (["--eval-samples", "-1"], "--eval-samples must be >= 0"),
@@ -408,3 +408,67 @@ def test_mnist_train_evaluate_sample(mnist_dir, tmp_path, capsys):
     assert code == 0 and json.loads(stdout)["points"] == 1000
     code, _, _ = run_cli(["sample", out, "--n", "9"], capsys)
     assert code == 0 and is_png(out / "plots" / "samples-9.png")
+
+
+# --------------------------------------------------------------------- review fixes
+def test_resume_and_overwrite_together_are_refused(finished_run, capsys):
+    _expect_refusal(
+        ["train", "--resume", "--overwrite", "--out", finished_run],
+        capsys,
+        "pass one of them",
+        watched=finished_run,
+    )
+
+
+def test_bad_seed_with_overwrite_keeps_the_old_run(finished_run, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(finished_run, copy)
+    for seed in ("-1", str(2**32)):
+        _expect_refusal(
+            ["train", *TINY, "--seed", seed, "--overwrite", "--out", copy],
+            capsys,
+            "seed must be an integer in [0, 4294967295]",
+            watched=copy,
+        )
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
+    (tmp_path / "plots").mkdir()
+    (tmp_path / "plots" / "mine.png").write_bytes(b"not yours")
+    (tmp_path / "report.md").write_text("my notes")
+    _expect_refusal(
+        ["train", *TINY, "--overwrite", "--out", tmp_path],
+        capsys,
+        "is not a pyro-vae run folder",
+        watched=tmp_path,
+    )
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ('{"model": {"latent_dims": ["a"]}}', "latent dims must be an integer"),
+        ('{"model": {"latent_dims": [2.7]}}', "latent dims must be an integer"),
+        ('{"data": {"limit": 2.5}}', "limit must be an integer"),
+        ('{"model": {"prior_loc": "x"}}', "prior_loc must be a finite number"),
+        ('{"train": {"alpha": "x"}}', "alpha must be a finite number"),
+        ('{"train": {"lr": Infinity}}', "learning rate must be a finite number"),
+        ('{"train": {"kl_warmup_epochs": NaN}}', "kl_warmup_epochs must be a finite number"),
+        ('{"data": {"data_dir": 5}}', "data_dir must be a folder name"),
+    ],
+)
+def test_bad_values_in_config_files(content, message, capsys, tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text(content)
+    _expect_refusal(["train", "--config", config, "--out", tmp_path / "r"], capsys, message)
+    assert not (tmp_path / "r").exists()
+
+
+def test_out_under_a_file_is_a_one_line_error(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    _expect_refusal(
+        ["train", *TINY, "--eval-samples", "0", "--out", blocker / "sub"],
+        capsys,
+        "check the paths and permissions",
+    )

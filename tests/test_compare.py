@@ -223,10 +223,19 @@ def test_compare_command_end_to_end(tmp_path, capsys):
     assert "holds a comparison" in capsys.readouterr().err
 
 
+def test_compare_refuses_a_folder_that_holds_something_else(tmp_path, capsys):
+    (tmp_path / "plots").mkdir()
+    (tmp_path / "plots" / "learning_curves.png").write_bytes(b"a training run's plot")
+    code = main(["compare", *TINY, "--out", str(tmp_path)])
+    assert code == 2 and "holds no comparison" in capsys.readouterr().err
+    assert (tmp_path / "plots" / "learning_curves.png").read_bytes() == b"a training run's plot"
+
+
 @pytest.mark.parametrize(
     "flags,message",
     [
         (["--estimators", "mc,foo"], "unknown estimator(s) foo"),
+        (["--eval-points", "-3"], "--eval-points must be >= 1"),
         (["--particles", "0"], "--particles must be >= 1"),
         (["--grad-draws", "1"], "--grad-draws must be >= 2"),
         (["--repeats", "0"], "--repeats must be >= 1"),

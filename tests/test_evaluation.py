@@ -18,7 +18,7 @@ def test_active_units_count_the_dimensions_the_encoder_uses():
     x = vae.marginal().sample((500,)).float()
     result = active_units(vae, x)
     assert result["active_units"] == 2 and result["latent_dims"] == 4
-    assert result["by_site"]["z"]["variance"][1] == 0.0
+    assert result["by_site"]["z"]["variance"][1] < 1e-12
 
 
 def test_khat_is_small_for_a_good_guide_and_large_for_a_narrow_one():
@@ -56,3 +56,21 @@ def test_evaluate_reports_consistent_numbers():
     assert result["test_log_likelihood"] > result["test_elbo"]  # L_200 above L_1
     assert 0 <= result["active_units"] <= 4
     assert 0 <= result["khat_share_above_0.7"] <= 1
+
+
+def test_active_units_average_conditional_means_over_parent_draws():
+    from pyro_vae.exact import TwoLayerLinearGaussianVAE
+
+    # bottom-up guide whose z1 ignores x: E_q[z2 | x] is the same for every image, so z2
+    # has no active unit, though q(z2 | z1)'s mean at one draw of z1 varies a lot
+    vae = TwoLayerLinearGaussianVAE.random(5, (3, 2), (0.6, 0.8), "bottom-up", seed=4)
+    with torch.no_grad():
+        vae.inference.q1.weight.zero_()
+        vae.inference.raw_scale1.fill_(0.5)  # q(z1) with sd ~1: noisy single draws
+        vae.inference.q2_from_z1.weight.fill_(1.0)
+    x = vae.marginal().sample((400,)).float()
+    one_draw = active_units(vae, x, parent_draws=1)["by_site"]["z2"]["active"]
+    # averaged over 4096 draws the noise variance is ~3 / 4096 < 0.001
+    averaged = active_units(vae, x, parent_draws=4096)["by_site"]["z2"]
+    assert one_draw == 2  # the single-draw noise alone exceeds the 0.01 threshold
+    assert averaged["active"] == 0 and max(averaged["variance"]) < 0.01

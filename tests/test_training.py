@@ -228,3 +228,71 @@ def test_empty_and_out_of_support_data_are_refused(small_data):
 def test_bad_training_options_are_refused(field, value, message):
     with pytest.raises(UserInputError, match=message):
         TrainConfig(**{field: value})
+
+
+def test_resuming_an_early_stopped_run_does_not_train_again(tmp_path):
+    data = load_data("digits", validation_size=100, limit=400)
+    config = TrainConfig(epochs=60, batch_size=32, lr=2e-2, early_stopping_patience=2)
+    vae = _vae(data)
+    history = fit(vae, data, config, run_dir=tmp_path, log=None)
+    assert history.stopped_early
+    before = (tmp_path / "metrics.jsonl").read_text()
+    again = _vae(data, seed=5)
+    resumed = fit(again, data, config, run_dir=tmp_path, resume=True, log=None)
+    assert len(resumed) == len(history) and (tmp_path / "metrics.jsonl").read_text() == before
+    for a, b in zip(vae.state_dict().values(), again.state_dict().values()):
+        assert torch.equal(a, b)  # both hold the best epoch's parameters
+
+
+def test_extending_a_cosine_schedule_anneals_to_the_new_end(small_data, tmp_path):
+    short = TrainConfig(epochs=2, batch_size=100, lr_schedule="cosine")
+    fit(_vae(small_data), small_data, short, run_dir=tmp_path, log=None)
+    history = fit(
+        _vae(small_data),
+        small_data,
+        dataclasses.replace(short, epochs=4),
+        run_dir=tmp_path,
+        resume=True,
+        log=None,
+    )
+    lrs = history["lr"]
+    # recorded before each epoch's schedule step; without the fix the learning rate
+    # would rise again after the old horizon of 2 epochs
+    assert lrs[2] > lrs[3] and all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_metrics_are_rewritten_from_the_checkpoint_on_resume(small_data, tmp_path):
+    config = TrainConfig(epochs=2, batch_size=100)
+    fit(_vae(small_data), small_data, config, run_dir=tmp_path, log=None)
+    metrics = tmp_path / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    metrics.write_text(lines[0] + "\n")  # a kill that lost the last line
+    fit(
+        _vae(small_data),
+        small_data,
+        dataclasses.replace(config, epochs=3),
+        run_dir=tmp_path,
+        resume=True,
+        log=None,
+    )
+    assert [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()] == [1, 2, 3]
+
+
+def test_free_bits_threshold_applies_to_the_unannealed_kl(small_data):
+    from pyro_vae.estimators import FreeBitsELBO
+    from pyro_vae.training import evaluate_elbo
+
+    vae = _vae(small_data)
+    x = small_data.evaluation_images()[:30]
+    kl = evaluate_elbo(vae, x, num_samples=1)["kl"]
+    beta, threshold = 0.1, 0.5 * kl  # beta * KL < threshold <= KL: the KL counts
+
+    def grads(elbo):
+        pyro.set_rng_seed(2)
+        vae.zero_grad()
+        with LatentScale(beta):
+            elbo.loss_and_grads(vae.model, vae.guide, x)
+        return [p.grad.clone() for p in vae.parameters()]
+
+    for a, b in zip(grads(FreeBitsELBO(1, threshold, "analytic")), grads(make_elbo("analytic"))):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
