@@ -44,6 +44,7 @@ from torch import nn
 from pyro_vae import ModelConfig, TrainConfig, build_vae, load_data
 from pyro_vae.data import Split, VAEData
 from pyro_vae.evaluation import log_likelihood
+from pyro_vae.runs import environment as run_environment
 from pyro_vae.training import fit, make_adam
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -480,15 +481,8 @@ def scaling(data: VAEData, args) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------ main
 def environment() -> dict[str, Any]:
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "pyro": pyro.__version__,
-        "threads": torch.get_num_threads(),
-        "cpus": os.cpu_count(),
-        "machine": platform.machine(),
-        "processor": platform.processor() or platform.machine(),
-    }
+    """The runs' own environment record, plus the processor."""
+    return {**run_environment(), "processor": platform.processor() or platform.machine()}
 
 
 def markdown(result: dict[str, Any]) -> str:

@@ -374,6 +374,7 @@ def run_training(config: RunConfig, out: Path, args: argparse.Namespace, argv) -
     for split in ("train", "test"):
         vae.check_data(getattr(data, split).images, what=f"the {split} set of {data.name}")
     check_estimator_fits(config.train.estimator, vae)
+    # build the estimator once here so that a bad combination fails before any file is written
     make_elbo(config.train.estimator, config.train.particles, alpha=config.train.alpha)
     if config.model.likelihood == "bernoulli" and config.data.binarize == "none":
         print(

@@ -114,20 +114,26 @@ def nuts_posterior(
             divergent[list(stats.get("divergences", {}).get("chain 0", []))] = True
             diverging.append(divergent)
             step_size.append(float(kernel.step_size))
-    posterior = {name: np.stack(values) for name, values in draws.items()}
-    ids = list(image_ids) if image_ids is not None else list(range(x.shape[0]))
-    az = _arviz()
-    return az.from_dict(
-        posterior=posterior,
+    return _inference_data(
+        {name: np.stack(values) for name, values in draws.items()},
+        image_ids if image_ids is not None else range(x.shape[0]),
         sample_stats={"diverging": np.stack(diverging)},
-        coords={"image": ids},
-        dims={name: ["image", f"{name}_dim"] for name in posterior},
         attrs={
             "sampler": "NUTS (pyro.infer.MCMC), chains run sequentially",
             "warmup": warmup,
             "step_size": json.dumps(step_size),
             "seconds": time.perf_counter() - started,
         },
+    )
+
+
+def _inference_data(posterior: dict[str, np.ndarray], image_ids, **groups):
+    """ArviZ InferenceData with dims ``(chain, draw, image, <site>_dim)`` per site."""
+    return _arviz().from_dict(
+        posterior=posterior,
+        coords={"image": list(image_ids)},
+        dims={name: ["image", f"{name}_dim"] for name in posterior},
+        **groups,
     )
 
 
@@ -149,11 +155,9 @@ def guide_draws(
         site["name"]: site["value"].reshape(chains, samples, *site["value"].shape[1:]).cpu().numpy()
         for site in sample_sites(guide_trace)
     }
-    ids = list(image_ids) if image_ids is not None else list(range(x.shape[0]))
-    return _arviz().from_dict(
-        posterior=posterior,
-        coords={"image": ids},
-        dims={name: ["image", f"{name}_dim"] for name in posterior},
+    return _inference_data(
+        posterior,
+        image_ids if image_ids is not None else range(x.shape[0]),
         attrs={"sampler": "the guide q(z|x), independent draws"},
     )
 
@@ -299,18 +303,12 @@ def importance_summary(vae, x: torch.Tensor, num_samples: int) -> dict[str, torc
     the posterior that is almost constant in z, so its estimate is far more precise than
     the closed-form-KL one, whose reconstruction term alone keeps its variance.
     """
-    from .estimators import log_importance_weights
-    from .evaluation import psis_khat
+    from .evaluation import _sizes, _weight_chunks, psis_khat
 
     x = vae.flatten(x)
-    chunk = max(1, min(num_samples, 2**21 // max(1, x.shape[0] * vae.data_dim)))
+    chunk, _ = _sizes(vae, x.shape[0], num_samples, None, x.shape[0])
     with torch.no_grad(), pyro.validation_enabled(False):
-        log_w = torch.cat(
-            [
-                log_importance_weights(vae, x, min(chunk, num_samples - start)).double()
-                for start in range(0, num_samples, chunk)
-            ]
-        )
+        log_w = torch.cat(list(_weight_chunks(vae, x, num_samples, chunk)))
     return {
         "elbo": log_w.mean(0),
         "elbo_se": log_w.std(0) / math.sqrt(num_samples),
@@ -404,7 +402,7 @@ def diagnose(
     Writes ``nuts.nc`` and ``guide.nc`` (ArviZ InferenceData), ``diagnostics.json``,
     ``diagnostics.md`` and ``plots/*.png``.
     """
-    from .evaluation import log_likelihood_and_khat
+    from .evaluation import KHAT_THRESHOLD, log_likelihood_and_khat
     from .runs import load_run
 
     if images < 1:
@@ -473,7 +471,7 @@ def diagnose(
             "samples": khat_samples,
             "mean": float(khat.mean()),
             "max": float(khat.max()),
-            "share_above_0.7": float((khat > 0.7).mean()),
+            "share_above_0.7": float((khat > KHAT_THRESHOLD).mean()),
             "share_above_0.5": float((khat > 0.5).mean()),
             "worst": [{"image": int(i), "khat": float(khat[i])} for i in worst],
         },

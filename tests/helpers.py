@@ -6,6 +6,21 @@ import math
 
 import torch
 
+#: CLI flags for a tiny, fast run on 200 digits (the tests of train, compare, diagnose).
+TINY_RUN = [
+    "--dataset",
+    "digits",
+    "--limit",
+    "200",
+    "--latent-dims",
+    "3",
+    "--hidden",
+    "16",
+    "--batch-size",
+    "50",
+    "--quiet",
+]
+
 
 def flat_grads(module: torch.nn.Module) -> torch.Tensor:
     return torch.cat(

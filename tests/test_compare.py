@@ -23,7 +23,7 @@ from pyro_vae.compare import (
 from pyro_vae.errors import UserInputError
 from pyro_vae.exact import LinearGaussianVAE
 
-from .helpers import exact_grads
+from .helpers import TINY_RUN, exact_grads
 
 
 def test_gradient_statistics_on_known_draws():
@@ -148,18 +148,9 @@ def test_an_estimator_that_cannot_run_is_named():
 
 
 TINY = [
-    "--dataset",
-    "digits",
-    "--limit",
-    "200",
-    "--latent-dims",
-    "3",
-    "--hidden",
-    "16",
+    *TINY_RUN,
     "--epochs",
     "2",
-    "--batch-size",
-    "50",
     "--grad-draws",
     "5",
     "--eval-samples",
@@ -168,7 +159,6 @@ TINY = [
     "1,3",
     "--bound-particles",
     "1,5",
-    "--quiet",
 ]
 
 

@@ -21,6 +21,8 @@ from pyro_vae.diagnostics import (
 from pyro_vae.estimators import elbo_terms
 from pyro_vae.exact import LinearGaussianVAE
 
+from .helpers import TINY_RUN
+
 
 @pytest.fixture
 def linear():
@@ -91,21 +93,7 @@ def test_gaps_match_the_exact_gaps(linear):
     assert interval["ci95_low"] <= interval["mean"] <= interval["ci95_high"]
 
 
-TINY = [
-    "--dataset",
-    "digits",
-    "--limit",
-    "200",
-    "--latent-dims",
-    "3",
-    "--hidden",
-    "16",
-    "--batch-size",
-    "50",
-    "--quiet",
-    "--eval-samples",
-    "0",
-]
+TINY = [*TINY_RUN, "--eval-samples", "0"]
 
 
 @pytest.fixture(scope="module")
