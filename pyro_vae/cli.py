@@ -74,6 +74,7 @@ _TRAIN_FLAGS = {
     "early_stopping": ("train", "early_stopping_patience"),
     "seed": ("train", "seed"),
     "device": ("train", "device"),
+    "compile": ("train", "compile"),
 }
 
 
@@ -123,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--limit", type=int, help="use only this many train/test points")
     train.add_argument("--seed", type=int, help="default 0")
     train.add_argument("--device", choices=("cpu", "cuda"), help="default cpu")
+    train.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        help="replay each step's loss and gradients from a graph captured from the Pyro ELBO "
+        "(default); --no-compile runs the ELBO eagerly every step",
+    )
     train.add_argument("--out", type=Path, default=Path("runs/latest"), help="run folder")
     train.add_argument("--resume", action="store_true", help="continue the run in --out")
     train.add_argument("--overwrite", action="store_true", help="replace the run in --out")

@@ -119,6 +119,12 @@ class ClosedFormKL_ELBO(TraceMeanField_ELBO):
         return model_trace, guide_trace
 
     def _differentiable_loss_particle(self, model_trace, guide_trace):
+        elbo = self.differentiable_elbo_particle(model_trace, guide_trace)
+        loss = -(elbo.detach() if torch._C._get_tracing_state() else torch_item(elbo))
+        return loss, -elbo
+
+    def differentiable_elbo_particle(self, model_trace, guide_trace) -> torch.Tensor:
+        """One particle's ELBO, ``E[log p(x|z)] - KL(q || p)``, as a tensor."""
         elbo = 0.0
         for name, site in model_trace.nodes.items():
             if site["type"] != "sample" or site_is_subsample(site):
@@ -141,8 +147,7 @@ class ClosedFormKL_ELBO(TraceMeanField_ELBO):
             if guide_site["type"] == "sample" and name not in model_trace.nodes:
                 if not site_is_subsample(guide_site):
                     elbo = elbo - _log_prob_sum(guide_site)
-        loss = -(elbo.detach() if torch._C._get_tracing_state() else torch_item(elbo))
-        return loss, -elbo
+        return elbo
 
 
 def _log_prob_sum(site: dict) -> torch.Tensor:

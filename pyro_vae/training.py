@@ -2,7 +2,10 @@
 
 Each step computes the estimator's loss (``elbo.differentiable_loss``, a Pyro ELBO on
 the Pyro model and guide) and its gradients, checks that both are finite, and only then
-lets the optimizer step. That check is why the loop does not call
+lets the optimizer step. The loss and gradients come from a graph captured from that
+ELBO once per batch shape and checked against it (:mod:`pyro_vae.compiled`; about 1 ms
+less per step, measured), or from the ELBO itself with ``compile=False``, under KL
+warm-up, and for free bits. That check is why the loop does not call
 ``pyro.infer.SVI.step``, which steps at once; and the optimizer is a ``torch.optim``
 optimizer over the VAE's parameters, whose ``state_dict`` covers every parameter whether
 or not it has stepped (Pyro's ``PyroOptim.get_state`` covers only those that have, so a
@@ -35,6 +38,7 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from .compiled import CompiledLoss
 from .config import TrainConfig
 from .data import VAEData
 from .errors import CheckpointError, NonFiniteError, UserInputError
@@ -144,6 +148,8 @@ class Trainer:
             self.elbo = FreeBitsELBO(config.particles, config.free_bits, kl)
         else:
             self.elbo = make_elbo(config.estimator, config.particles, alpha=config.alpha)
+        # the step's loss and gradients: the ELBO's, replayed from a captured graph
+        self.loss = CompiledLoss(self.elbo, self.vae, enabled=config.compile)
         self.parameters = [p for p in vae.parameters() if p.requires_grad]
         if config.optimizer == "adam":
             self.optimizer = make_adam(self.parameters, config.lr)
@@ -285,21 +291,17 @@ class Trainer:
 
     def _loss_and_grads(self, batch: torch.Tensor) -> float:
         """The estimator's loss (a float) and its gradient in the parameters' ``.grad``."""
-        loss = self.elbo.differentiable_loss(
-            self.vae.model, self.vae.guide, batch, num_data=self.num_data
-        )
-        loss.backward()
-        return loss.item()
+        return self.loss.loss_and_grads(batch, num_data=self.num_data)
 
     def _check_finite(self, loss: float) -> None:
         grads = [p.grad for p in self.parameters if p.grad is not None]
         if not grads:
             return
-        # Fast path: per-tensor 2-norms (0.13 ms here; the max-norm takes 1.3 ms). They
-        # overflow for entries above ~1e19, so a non-finite norm is confirmed entry by
-        # entry before the run is stopped.
-        norms = torch.stack(torch._foreach_norm(grads))
-        if math.isfinite(loss) and bool(torch.isfinite(norms).all()):
+        # Fast path: the sum of all entries is finite when every entry is (0.07 ms here;
+        # per-tensor 2-norms take 0.13 ms, the max-norm 1.3 ms). A sum can overflow for
+        # huge finite entries, so a non-finite sum is confirmed entry by entry.
+        total = torch.stack([grad.sum() for grad in grads]).sum()
+        if math.isfinite(loss) and math.isfinite(float(total)):
             return
         if math.isfinite(loss) and all(bool(torch.isfinite(g).all()) for g in grads):
             return

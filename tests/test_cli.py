@@ -282,6 +282,7 @@ def test_resume_refuses_changed_options(finished_run, capsys):
         ('{"train": {"lr": Infinity}}', "learning rate must be a finite number"),
         ('{"train": {"kl_warmup_epochs": NaN}}', "kl_warmup_epochs must be a finite number"),
         ('{"data": {"data_dir": 5}}', "data_dir must be a folder name"),
+        ('{"train": {"compile": "yes"}}', "compile must be true or false"),
     ],
 )
 def test_bad_config_files(content, message, capsys, tmp_path):
@@ -303,6 +304,7 @@ def test_config_file_then_flags(capsys, tmp_path):
             "100",
             "--epochs",
             "2",
+            "--no-compile",
             "--eval-samples",
             "0",
             "--quiet",
@@ -314,6 +316,7 @@ def test_config_file_then_flags(capsys, tmp_path):
     assert code == 0
     saved = json.loads((tmp_path / "r" / "config.json").read_text())
     assert saved["model"]["latent_dims"] == [2] and saved["train"]["epochs"] == 2
+    assert saved["train"]["compile"] is False
 
 
 @pytest.mark.parametrize(

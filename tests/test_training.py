@@ -135,12 +135,14 @@ def test_huge_learning_rate_stops_without_corrupting_parameters(small_data, tmp_
     assert all(torch.isfinite(p).all() for p in vae.parameters())
 
 
-def test_large_finite_gradients_are_not_mistaken_for_overflow(small_data):
-    # a 2-norm of gradients near 1e20 overflows float32; their max-norm does not
+@pytest.mark.parametrize("size", [1e20, 1e37])
+def test_large_finite_gradients_are_not_mistaken_for_overflow(small_data, size):
+    # the fast check's sum of all entries overflows float32 at 1e37 (a 2-norm at 1e20):
+    # the entry-by-entry confirmation must then find them finite
     vae = _vae(small_data)
     trainer = Trainer(vae, small_data, TrainConfig(epochs=1))
     for p in trainer.parameters:
-        p.grad = torch.full_like(p, 1e20)
+        p.grad = torch.full_like(p, size)
     trainer._check_finite(1e30)  # finite: no error
     trainer.parameters[0].grad[0] = float("inf")
     with pytest.raises(NonFiniteError, match="non-finite gradient"):

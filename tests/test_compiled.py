@@ -1,0 +1,221 @@
+"""The captured loss-and-gradient graph against the eager Pyro ELBO it was captured from."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from torch import nn
+
+from pyro_vae import ModelConfig, TrainConfig, build_vae, load_data, make_elbo
+from pyro_vae.compiled import CompiledLoss
+from pyro_vae.estimators import FreeBitsELBO
+from pyro_vae.model import param_store_registration
+from pyro_vae.training import LatentScale, fit
+
+SMALL = ModelConfig(latent_dims=(3,), hidden=(16,))
+NUM_DATA = 1000
+
+
+@pytest.fixture
+def eager_pyro():
+    """The trainer's setting: Pyro validation off, no param-store registration."""
+    with pyro.validation_enabled(False), param_store_registration(False):
+        yield
+
+
+def _batch(seed: int = 1, size: int = 20) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.bernoulli(torch.rand(size, 64, generator=generator), generator=generator)
+
+
+def _loss_and_grads(compiled: CompiledLoss, x: torch.Tensor, seed: int, eager: bool = False):
+    compiled.owner.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    if eager:
+        loss = compiled._eager((x,), {"num_data": NUM_DATA})
+    else:
+        loss = compiled.loss_and_grads(x, num_data=NUM_DATA)
+    grads = [p.grad.clone() if p.grad is not None else None for p in compiled.owner.parameters()]
+    return loss, grads
+
+
+def _assert_same(first, second) -> None:
+    (loss_a, grads_a), (loss_b, grads_b) = first, second
+    assert loss_a == pytest.approx(loss_b, rel=1e-6)
+    for a, b in zip(grads_a, grads_b):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+CASES = {
+    "mc": (SMALL, "mc", 1),
+    "mc, 3 vectorized particles": (SMALL, "mc", 3),
+    "analytic": (SMALL, "analytic", 1),
+    "iwae K=5": (SMALL, "iwae", 5),
+    "renyi": (SMALL, "renyi", 4),
+    "stl": (SMALL, "stl", 2),
+    "dreg": (SMALL, "dreg", 3),
+    "penalty": (SMALL, "penalty", 1),
+    "learned gaussian scale": (
+        dataclasses.replace(SMALL, likelihood="gaussian", gaussian_scale=None),
+        "mc",
+        1,
+    ),
+    "hierarchical top-down, analytic": (
+        dataclasses.replace(SMALL, latent_dims=(4, 2)),
+        "analytic",
+        1,
+    ),
+    "hierarchical bottom-up, dreg": (
+        dataclasses.replace(SMALL, latent_dims=(4, 2), guide="bottom-up"),
+        "dreg",
+        3,
+    ),
+    "conv": (dataclasses.replace(SMALL, network="conv", hidden=(8,)), "mc", 1),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_graph_equals_the_eager_elbo_in_value_and_gradient(case, eager_pyro):
+    """Same noise, same loss and gradients; then again after the parameters moved.
+
+    The second comparison catches a value baked into the graph at capture time (it
+    would still match at the capture's parameters). On CPU the two agree bit for bit
+    here; the tolerance only allows for other kernels elsewhere.
+    """
+    config, estimator, particles = CASES[case]
+    torch.manual_seed(0)
+    vae = build_vae(config, (1, 8, 8))
+    compiled = CompiledLoss(make_elbo(estimator, particles), vae)
+    x = _batch()
+    _assert_same(_loss_and_grads(compiled, x, 5), _loss_and_grads(compiled, x, 5, eager=True))
+    assert len(compiled._graphs) == 1 and not compiled.fallbacks
+    optimizer = torch.optim.Adam(vae.parameters(), lr=0.02)
+    for _ in range(3):
+        _loss_and_grads(compiled, x, 7)
+        optimizer.step()
+    other = _batch(seed=2)
+    _assert_same(
+        _loss_and_grads(compiled, other, 11), _loss_and_grads(compiled, other, 11, eager=True)
+    )
+
+
+def test_each_replay_draws_fresh_noise_from_the_global_generator(eager_pyro):
+    torch.manual_seed(0)
+    compiled = CompiledLoss(make_elbo("mc"), build_vae(SMALL, (1, 8, 8)))
+    x = _batch()
+    first, again = _loss_and_grads(compiled, x, 3), _loss_and_grads(compiled, x, 3)
+    assert first[0] == again[0]
+    compiled.owner.zero_grad(set_to_none=True)
+    losses = {compiled.loss_and_grads(x, num_data=NUM_DATA) for _ in range(5)}
+    assert len(losses) == 5
+
+
+def test_gradients_accumulate_like_backward(eager_pyro):
+    torch.manual_seed(0)
+    compiled = CompiledLoss(make_elbo("analytic"), build_vae(SMALL, (1, 8, 8)))
+    x = _batch()
+    _, once = _loss_and_grads(compiled, x, 3)
+    torch.manual_seed(3)
+    compiled.loss_and_grads(x, num_data=NUM_DATA)  # on top of the grads already there
+    for single, param in zip(once, compiled.owner.parameters()):
+        torch.testing.assert_close(param.grad, 2 * single)
+
+
+def test_one_graph_per_input_shape_shared_by_later_fits_of_the_same_module(eager_pyro):
+    torch.manual_seed(0)
+    vae = build_vae(SMALL, (1, 8, 8))
+    compiled = CompiledLoss(make_elbo("mc"), vae)
+    for size in (20, 20, 7, 20):
+        compiled.loss_and_grads(_batch(size=size), num_data=NUM_DATA)
+    assert len(compiled._graphs) == 2
+    assert CompiledLoss(make_elbo("mc"), vae)._graphs is compiled._graphs
+    other = CompiledLoss(make_elbo("mc", 2), vae)  # another estimator: its own graphs
+    other.loss_and_grads(_batch(), num_data=NUM_DATA)
+    assert len(compiled._graphs) == 3
+
+
+@pytest.mark.parametrize(
+    "setting",
+    ["inside a Pyro handler (KL warm-up)", "Pyro validation on", "free bits"],
+)
+def test_runs_eagerly_where_a_graph_would_be_wrong(setting, eager_pyro):
+    torch.manual_seed(0)
+    vae = build_vae(SMALL, (1, 8, 8))
+    elbo = FreeBitsELBO(1, 0.5, "analytic") if setting == "free bits" else make_elbo("mc")
+    compiled = CompiledLoss(elbo, vae)
+    x = _batch()
+    contexts = {
+        "inside a Pyro handler (KL warm-up)": LatentScale(0.3),
+        "Pyro validation on": pyro.validation_enabled(True),
+        "free bits": pyro.validation_enabled(False),
+    }
+    with contexts[setting]:
+        torch.manual_seed(4)
+        loss = compiled.loss_and_grads(x, num_data=NUM_DATA)
+        vae.zero_grad(set_to_none=True)
+        torch.manual_seed(4)
+        expected = elbo.differentiable_loss(vae.model, vae.guide, x, num_data=NUM_DATA)
+    assert not compiled._graphs
+    assert loss == pytest.approx(expected.item(), rel=1e-6)
+
+
+class _DataDependent(nn.Module):
+    """A model whose structure depends on a tensor's value: no static graph exists."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loc = nn.Parameter(torch.zeros(2))
+
+    def model(self, x, num_data=None):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+            if float(z.sum()) > 0:  # Python control flow on a sampled value
+                pyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=x)
+            else:
+                pyro.sample("x", dist.Normal(-z, 1.0).to_event(1), obs=x)
+
+    def guide(self, x, num_data=None):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(self.loc, 1.0).to_event(1))
+
+
+def test_a_model_with_data_dependent_control_flow_falls_back_with_a_warning(eager_pyro):
+    module = _DataDependent()
+    compiled = CompiledLoss(make_elbo("mc"), module)
+    x = torch.randn(5, 2)
+    with pytest.warns(UserWarning, match="the loss runs eagerly for inputs .*capture failed"):
+        loss = compiled.loss_and_grads(x)
+    assert compiled._graphs and all(graph is None for graph in compiled._graphs.values())
+    assert torch.isfinite(torch.tensor(loss)) and module.loc.grad is not None
+
+
+def test_fit_trains_the_same_parameters_compiled_or_eager():
+    data = load_data("digits", limit=120)
+    states = {}
+    for compile_ in (True, False):
+        torch.manual_seed(0)
+        vae = build_vae(SMALL, data.data_shape)
+        config = TrainConfig(
+            epochs=2, batch_size=50, compile=compile_, estimator="iwae", particles=3
+        )
+        history = fit(vae, data, config, progress=False, log=None)
+        states[compile_] = (history["train_elbo"], vae.state_dict())
+    assert states[True][0] == pytest.approx(states[False][0], rel=1e-6)
+    for name, value in states[True][1].items():
+        torch.testing.assert_close(value, states[False][1][name], rtol=1e-5, atol=1e-6)
+
+
+def test_a_graph_that_disagrees_with_the_elbo_is_not_used(eager_pyro, monkeypatch):
+    torch.manual_seed(0)
+    compiled = CompiledLoss(make_elbo("mc"), build_vae(SMALL, (1, 8, 8)))
+    eager = compiled._eager
+    monkeypatch.setattr(compiled, "_eager", lambda args, kwargs: eager(args, kwargs) * 1.001)
+    with pytest.warns(UserWarning, match="the graph's loss .* is not the ELBO's"):
+        compiled.loss_and_grads(_batch(), num_data=NUM_DATA)
+    assert list(compiled._graphs.values()) == [None]
