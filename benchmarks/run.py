@@ -42,8 +42,11 @@ from pyro.infer import SVI, Trace_ELBO
 from torch import nn
 
 from pyro_vae import ModelConfig, TrainConfig, build_vae, load_data
+from pyro_vae.compiled import CompiledLoss
 from pyro_vae.data import Split, VAEData
-from pyro_vae.evaluation import log_likelihood
+from pyro_vae.estimators import make_elbo
+from pyro_vae.evaluation import _sizes, log_likelihood
+from pyro_vae.model import param_store_registration
 from pyro_vae.runs import environment as run_environment
 from pyro_vae.training import fit, make_adam
 
@@ -126,14 +129,38 @@ def fit_epoch(vae, data: VAEData, estimator: str, k: int, batch_size: int, seed:
 
 
 def interleaved(functions: dict[str, Any], repeats: int) -> dict[str, list[float]]:
-    """Run each function once per round, in turn, for ``repeats`` rounds (after a warm-up)."""
+    """Run each function once per round, in turn, for ``repeats`` rounds (after a warm-up).
+
+    The order alternates between rounds (A B, B A, ...), so neither side always runs
+    first after the other's caches and allocations.
+    """
     for function in functions.values():
         function()
     times: dict[str, list[float]] = {name: [] for name in functions}
-    for _ in range(repeats):
-        for name, function in functions.items():
-            times[name].append(function())
+    names = list(functions)
+    for round_ in range(repeats):
+        for name in names if round_ % 2 == 0 else reversed(names):
+            times[name].append(functions[name]())
     return times
+
+
+def compared(ours: list[float], floor: list[float]) -> dict[str, Any]:
+    """The ratio ours / floor of interleaved timings.
+
+    Headline: the median over rounds of each round's ratio. The two runs of a round are
+    seconds apart, so slow drifts of the machine (its speed varied by a factor of three
+    within minutes here, with other work on the host) cancel in each ratio; the ratio of
+    the two medians is reported too, and the spread of the per-round ratios.
+    """
+    pairs = sorted(a / b for a, b in zip(ours, floor))
+    quartiles = statistics.quantiles(pairs, n=4) if len(pairs) > 1 else [pairs[0]] * 3
+    return {
+        "ratio": statistics.median(pairs),
+        "ratio_of_medians": statistics.median(ours) / statistics.median(floor),
+        "ratio_of_pairs_quartiles": [quartiles[0], quartiles[2]],
+        "ratio_of_pairs_range": [pairs[0], pairs[-1]],
+        "rounds": len(pairs),
+    }
 
 
 def training(data: VAEData, args) -> list[dict[str, Any]]:
@@ -163,7 +190,6 @@ def training(data: VAEData, args) -> list[dict[str, Any]]:
         ours, floor = (
             statistics.median(times[n]) / steps for n in ("pyro_vae.fit", "pytorch floor")
         )
-        pair_ratios = [a / b for a, b in zip(times["pyro_vae.fit"], times["pytorch floor"])]
         row = {
             "estimator": estimator,
             "particles": k,
@@ -173,17 +199,17 @@ def training(data: VAEData, args) -> list[dict[str, Any]]:
             "floor_ms_per_step": 1e3 * floor,
             "ours_images_per_s": batch / ours,
             "floor_images_per_s": batch / floor,
-            "ratio": ours / floor,
-            "ratio_of_pairs_median": statistics.median(pair_ratios),
-            "ratio_of_pairs_range": [min(pair_ratios), max(pair_ratios)],
+            **compared(times["pyro_vae.fit"], times["pytorch floor"]),
             # the issue's targets: mc/analytic at batch 128 and 256, iwae at K=50 (K=5 has none)
             "target": {"mc": 1.05, "analytic": 1.05}.get(estimator, 1.10 if k == 50 else None),
         }
         rows.append(row)
+        low, high = row["ratio_of_pairs_quartiles"]
         print(
             f"  {estimator:8} K={k:<3} B={batch:<4} ours {row['ours_ms_per_step']:7.2f} ms  "
             f"floor {row['floor_ms_per_step']:7.2f} ms  ratio {row['ratio']:.3f} "
-            f"(pairs {min(pair_ratios):.3f}..{max(pair_ratios):.3f}; {_target(row['target'])})",
+            f"(quartiles {low:.3f}..{high:.3f}, of medians {row['ratio_of_medians']:.3f}; "
+            f"{_target(row['target'])})",
             flush=True,
         )
     return rows
@@ -292,16 +318,16 @@ def pyro_example(data: VAEData, args) -> dict[str, Any]:
             "pyro_vae.fit": partial(fit_epoch, ours, grey, "mc", 1, 256, 0),
             "pytorch floor": partial(floor_epoch, floor_vae, grey, "mc", 1, 256, 0),
         },
-        args.repeats,
+        min(args.repeats, 7),  # whole epochs: long enough to average the noise within
     )
     medians = {name: statistics.median(values) for name, values in times.items()}
     scale = 60000 / images
     result = {
         "images": images,
         "seconds_per_60000_images": {name: value * scale for name, value in medians.items()},
-        "ours_over_example": medians["pyro_vae.fit"] / medians["pyro example"],
-        "ours_over_floor": medians["pyro_vae.fit"] / medians["pytorch floor"],
-        "example_over_floor": medians["pyro example"] / medians["pytorch floor"],
+        "ours_over_example": compared(times["pyro_vae.fit"], times["pyro example"])["ratio"],
+        "ours_over_floor": compared(times["pyro_vae.fit"], times["pytorch floor"])["ratio"],
+        "example_over_floor": compared(times["pyro example"], times["pytorch floor"])["ratio"],
         "mirrors": "pyro examples/vae/vae.py: 784-400 softplus-50, exp scale, Bernoulli(probs) "
         "on grey levels, batch 256, pyro.optim.Adam 1e-3, Trace_ELBO, SVI.step, DataLoader "
         "(shuffle, num_workers=0) over in-memory float images, Pyro validation on",
@@ -319,7 +345,7 @@ def pyro_example(data: VAEData, args) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------ evaluation
 @torch.no_grad()
-def floor_log_likelihood(vae, x: torch.Tensor, k: int, chunk: int = 250, batch: int = 10):
+def floor_log_likelihood(vae, x: torch.Tensor, k: int, chunk: int = 267, batch: int = 10):
     """Importance-sampled log p(x), plain PyTorch: chunks of samples, float64 log-sum-exp."""
     out = []
     half_log_2pi = 0.5 * math.log(2 * math.pi)
@@ -353,29 +379,48 @@ def _evaluation_inputs(args):
 
 
 def evaluation(args) -> dict[str, Any]:
+    """Rounds of 20 points (cycling through ``eval_points``), ours and the floor in turn,
+    with the floor using the same chunks of samples as ``log_likelihood``."""
     vae, x = _evaluation_inputs(args)
     pyro.enable_validation(False)
+    per_round = min(20, len(x))
+    chunk, batch = _sizes(vae, per_round, 5000, None, None)
+    slices: dict[str, int] = {}
+
+    def points(side: str) -> torch.Tensor:
+        start = (slices.setdefault(side, 0) * per_round) % len(x)
+        slices[side] += 1
+        return x[start : start + per_round]
+
     times = interleaved(
         {
-            "pyro_vae.log_likelihood": lambda: _timed(lambda: log_likelihood(vae, x, 5000)),
-            "pytorch floor": lambda: _timed(lambda: floor_log_likelihood(vae, x, 5000)),
+            "pyro_vae.log_likelihood": lambda: _timed(
+                partial(log_likelihood, vae, points("ours"), 5000)
+            ),
+            "pytorch floor": lambda: _timed(
+                partial(floor_log_likelihood, vae, points("floor"), 5000, chunk, batch)
+            ),
         },
-        args.repeats,
+        3 * args.repeats,
     )
     medians = {name: statistics.median(values) for name, values in times.items()}
     memory = {name: _peak_memory(name, args) for name in ("ours", "floor")}
     result = {
         "points": len(x),
+        "points_per_round": per_round,
         "samples": 5000,
-        "seconds_per_1000_points": {n: v * 1000 / len(x) for n, v in medians.items()},
-        "ratio": medians["pyro_vae.log_likelihood"] / medians["pytorch floor"],
+        "chunk": chunk,
+        "seconds_per_1000_points": {n: v * 1000 / per_round for n, v in medians.items()},
+        **compared(times["pyro_vae.log_likelihood"], times["pytorch floor"]),
         "peak_memory_mb": memory,
         "target": 1.10,
     }
+    per_1000 = result["seconds_per_1000_points"]
     print(
-        f"  log p(x), K=5000, {len(x)} points: ours {medians['pyro_vae.log_likelihood']:.2f} s, "
-        f"floor {medians['pytorch floor']:.2f} s, ratio {result['ratio']:.3f} (target <= 1.10); "
-        f"peak memory ours {memory['ours']:.0f} MB, floor {memory['floor']:.0f} MB",
+        f"  log p(x), K=5000, chunks of {chunk}: ours {per_1000['pyro_vae.log_likelihood']:.1f}"
+        f" s, floor {per_1000['pytorch floor']:.1f} s per 1000 points, ratio "
+        f"{result['ratio']:.3f} (of medians {result['ratio_of_medians']:.3f}; target <= 1.10);"
+        f" peak memory ours {memory['ours']:.0f} MB, floor {memory['floor']:.0f} MB",
         flush=True,
     )
     return result
@@ -411,6 +456,15 @@ def memory_probe(which: str, args) -> None:
     resident memory before it. The high-water mark is reset first (Linux
     ``/proc/self/clear_refs``), because importing torch and Pyro can leave a peak above
     anything the evaluation reaches, which would hide it behind ``ru_maxrss``."""
+    if which == "capture-machinery":
+        reset = _reset_peak_rss()
+        before = _status_kb("VmRSS")
+        started = time.perf_counter()
+        _load_capture_machinery()
+        seconds = time.perf_counter() - started
+        print(seconds, (_status_kb("VmHWM" if reset else "VmRSS") - before) / 1024)
+        return
+    _load_capture_machinery()  # once per process, for both sides (measured on its own)
     torch.manual_seed(0)
     vae = build_vae(NETWORK, (1, 28, 28))
     x = torch.bernoulli(torch.full((args.eval_points, 784), 0.3))
@@ -423,6 +477,45 @@ def memory_probe(which: str, args) -> None:
         floor_log_likelihood(vae, x, 5000)
     after = _status_kb("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print((after - before) / 1024)  # both in kB
+
+
+def _load_capture_machinery() -> None:
+    """The first graph capture of a process imports torch's tracing stack (make_fx pulls
+    in torch._dynamo, sympy, ...): a one-time cost, reported on its own."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    make_fx(lambda t: t + 1, tracing_mode="fake")(torch.ones(1))
+
+
+def capture_cost(args) -> dict[str, float]:
+    """One-time costs of pyro_vae.compiled: loading torch's tracing stack (fresh
+    process), and capturing plus checking one training graph (mc, batch 128)."""
+    argv = [sys.executable, __file__, "--memory-probe", "capture-machinery"]
+    output = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    load_seconds, load_mb = (float(v) for v in output.strip().splitlines()[-1].split())
+    _load_capture_machinery()
+    torch.manual_seed(0)
+    vae = build_vae(NETWORK, (1, 28, 28))
+    x = torch.bernoulli(torch.full((128, 784), 0.3))
+    step = CompiledLoss(make_elbo("mc"), vae)
+    with param_store_registration(False):
+        first = _timed(lambda: step.loss_and_grads(x, num_data=60000))
+        replays = [_timed(lambda: step.loss_and_grads(x, num_data=60000)) for _ in range(20)]
+    result = {
+        "machinery_load_seconds": load_seconds,
+        "machinery_load_mb": load_mb,
+        "first_step_seconds": first,
+        "replayed_step_seconds": statistics.median(replays),
+        "capture_seconds": step.capture_seconds,
+    }
+    print(
+        f"  one-time: torch's tracing stack {load_seconds:.2f} s and {load_mb:.0f} MB per "
+        f"process; capturing + checking the mc graph (batch 128) {step.capture_seconds:.3f} s "
+        f"(the first step {first * 1e3:.0f} ms, a replayed step "
+        f"{result['replayed_step_seconds'] * 1e3:.1f} ms)",
+        flush=True,
+    )
+    return result
 
 
 def _reset_peak_rss() -> bool:
@@ -517,11 +610,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, help="interleaved rounds per comparison")
     parser.add_argument("--eval-points", type=int, help="test points for log p(x)")
     parser.add_argument("--example-images", type=int, help="images per example epoch")
-    parser.add_argument("--memory-probe", choices=("ours", "floor"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--memory-probe", choices=("ours", "floor", "capture-machinery"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args(argv)
     quick = args.quick
-    args.steps = args.steps or (40 if quick else 150)
-    args.repeats = args.repeats or (3 if quick else 7)
+    args.steps = args.steps or (20 if quick else 60)
+    args.repeats = args.repeats or (7 if quick else 21)
     args.eval_points = args.eval_points or (20 if quick else 200)
     args.example_images = args.example_images or (15360 if quick else 60000)
     args.batches = (32, 128, 512) if quick else (32, 64, 128, 256, 512, 1024)
@@ -543,6 +638,7 @@ def main(argv: list[str] | None = None) -> None:
     if "training" in sections:
         print("training throughput, 784-400 softplus-50 MLP, fused Adam both sides:")
         result["training"] = training(data, args)
+        result["capture"] = capture_cost(args)
     if "pyro-example" in sections:
         print("against Pyro's examples/vae/vae.py configuration:")
         result["pyro_example"] = pyro_example(data, args)

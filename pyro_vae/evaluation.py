@@ -6,11 +6,15 @@ import math
 import time
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
+import pyro
 import torch
+from pyro.infer.util import is_validation_enabled
 
+from .compiled import CompiledFunction
 from .errors import UserInputError
 from .estimators import log_importance_weights
 
@@ -37,9 +41,29 @@ def _sizes(vae, n: int, num_samples: int, chunk_size, batch_size) -> tuple[int, 
 
 
 def _weight_chunks(vae, batch: torch.Tensor, num_samples: int, chunk_size: int) -> Iterator:
+    """Log-weights ``(size, batch)`` in float64, ``chunk_size`` samples at a time.
+
+    Drawn through a graph captured from the Pyro model and guide once per chunk shape
+    and checked against them (:mod:`pyro_vae.compiled`): the same numbers without
+    Pyro's per-call tracing. Callers turn Pyro validation off, having checked the data.
+    """
+    weights = CompiledFunction(log_importance_weights, vae)
     for start in range(0, num_samples, chunk_size):
         size = min(chunk_size, num_samples - start)
-        yield log_importance_weights(vae, batch, size).to(torch.float64)
+        yield weights(batch, size).to(torch.float64)
+
+
+@contextmanager
+def _checked_once(vae, x: torch.Tensor) -> Iterator[None]:
+    """Check ``x`` against the likelihood once (under Pyro validation), then run the
+    chunks without Pyro's per-call checks; a model without ``check_data`` keeps them."""
+    check = getattr(vae, "check_data", None)
+    if not is_validation_enabled() or check is None:
+        yield
+        return
+    check(x)
+    with pyro.validation_enabled(False):
+        yield
 
 
 def _progress(total: int, num_samples: int, enabled: bool):
@@ -78,7 +102,7 @@ def log_likelihood(
     n = x.shape[0]
     chunk_size, batch_size = _sizes(vae, n, num_samples, chunk_size, batch_size)
     result = torch.empty(n, dtype=torch.float64, device=x.device)
-    with torch.no_grad(), _progress(n, num_samples, progress) as bar:
+    with torch.no_grad(), _checked_once(vae, x), _progress(n, num_samples, progress) as bar:
         for start in range(0, n, batch_size):
             batch = x[start : start + batch_size]
             total = torch.full((batch.shape[0],), -math.inf, dtype=torch.float64, device=x.device)
@@ -127,7 +151,7 @@ def log_likelihood_and_khat(
     chunk_size, batch_size = _sizes(vae, n, num_samples, chunk_size, batch_size)
     result = torch.empty(n, dtype=torch.float64)
     khats = np.empty(n)
-    with torch.no_grad(), _progress(n, num_samples, progress) as bar:
+    with torch.no_grad(), _checked_once(vae, x), _progress(n, num_samples, progress) as bar:
         for start in range(0, n, batch_size):
             batch = x[start : start + batch_size]
             log_w = torch.cat(list(_weight_chunks(vae, batch, num_samples, chunk_size)))

@@ -278,7 +278,7 @@ class Trainer:
                         )
                 else:
                     loss = reported = self._loss_and_grads(batch)
-                self._check_finite(loss)
+                self._check_finite(loss, self.loss.grad_sum if factor == 1.0 else None)
                 self.optimizer.step()
                 self.step += 1
                 size = batch.shape[0]
@@ -293,15 +293,21 @@ class Trainer:
         """The estimator's loss (a float) and its gradient in the parameters' ``.grad``."""
         return self.loss.loss_and_grads(batch, num_data=self.num_data)
 
-    def _check_finite(self, loss: float) -> None:
+    def _check_finite(self, loss: float, grad_sum: float | None = None) -> None:
+        """Stop the run if the loss or a gradient entry is not finite.
+
+        Fast path: the sum of all gradient entries is finite when every entry is. The
+        captured graph computes it (``grad_sum``) as each gradient is produced; else it
+        is summed here (0.07-0.2 ms; per-tensor 2-norms take 0.13 ms, the max-norm 1.3
+        ms). A sum can overflow for huge finite entries, so a non-finite sum is
+        confirmed entry by entry.
+        """
         grads = [p.grad for p in self.parameters if p.grad is not None]
         if not grads:
             return
-        # Fast path: the sum of all entries is finite when every entry is (0.07 ms here;
-        # per-tensor 2-norms take 0.13 ms, the max-norm 1.3 ms). A sum can overflow for
-        # huge finite entries, so a non-finite sum is confirmed entry by entry.
-        total = torch.stack([grad.sum() for grad in grads]).sum()
-        if math.isfinite(loss) and math.isfinite(float(total)):
+        if grad_sum is None:
+            grad_sum = float(torch.stack([grad.sum() for grad in grads]).sum())
+        if math.isfinite(loss) and math.isfinite(grad_sum):
             return
         if math.isfinite(loss) and all(bool(torch.isfinite(g).all()) for g in grads):
             return

@@ -36,4 +36,5 @@ def test_benchmark_script_runs(tmp_path, mnist_dir):
     assert all(r["ratio"] > 0 for r in data["training"])
     assert data["pyro_example"]["ours_over_example"] > 0
     assert data["evaluation"]["peak_memory_mb"]["ours"] >= 0
+    assert data["capture"]["capture_seconds"] > 0 and data["capture"]["machinery_load_mb"] >= 0
     assert "| estimator | K | batch |" in result.stdout

@@ -219,3 +219,45 @@ def test_a_graph_that_disagrees_with_the_elbo_is_not_used(eager_pyro, monkeypatc
     with pytest.warns(UserWarning, match="the graph's loss .* is not the ELBO's"):
         compiled.loss_and_grads(_batch(), num_data=NUM_DATA)
     assert list(compiled._graphs.values()) == [None]
+
+
+class _DiscreteLatent(nn.Module):
+    """A Bernoulli latent: Trace_ELBO needs its score-function term, eagerly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logit = nn.Parameter(torch.zeros(1))
+
+    def model(self, x, num_data=None):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Bernoulli(0.5))
+            pyro.sample("x", dist.Normal(2 * z, 1.0), obs=x)
+
+    def guide(self, x, num_data=None):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Bernoulli(logits=self.logit.expand(x.shape[0])))
+
+
+def test_a_guide_without_reparameterization_trains_with_the_eager_trace_elbo(eager_pyro):
+    module = _DiscreteLatent()
+    compiled = CompiledLoss(make_elbo("mc"), module)
+    x = torch.randn(6)
+    torch.manual_seed(2)
+    with pytest.warns(UserWarning, match="guide site 'z' is not reparameterized"):
+        loss = compiled.loss_and_grads(x)
+    grad = module.logit.grad.clone()
+    module.zero_grad(set_to_none=True)
+    torch.manual_seed(2)
+    expected = make_elbo("mc").differentiable_loss(module.model, module.guide, x)
+    expected.backward()
+    assert loss == pytest.approx(expected.item()) and torch.equal(grad, module.logit.grad)
+
+
+def test_the_graph_sums_its_gradients_for_the_finite_check(eager_pyro):
+    torch.manual_seed(0)
+    compiled = CompiledLoss(make_elbo("mc"), build_vae(SMALL, (1, 8, 8)))
+    _, grads = _loss_and_grads(compiled, _batch(), 3)
+    total = sum(float(g.double().sum()) for g in grads)
+    assert compiled.grad_sum == pytest.approx(total, rel=1e-4, abs=1e-3)
+    compiled._eager((_batch(),), {"num_data": NUM_DATA})
+    assert compiled.grad_sum is None  # an eager step leaves the check to the trainer
