@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -385,11 +386,10 @@ def evaluation(args) -> dict[str, Any]:
     pyro.enable_validation(False)
     per_round = min(20, len(x))
     chunk, batch = _sizes(vae, per_round, 5000, None, None)
-    slices: dict[str, int] = {}
+    starts = {side: itertools.cycle(range(0, len(x), per_round)) for side in ("ours", "floor")}
 
     def points(side: str) -> torch.Tensor:
-        start = (slices.setdefault(side, 0) * per_round) % len(x)
-        slices[side] += 1
+        start = next(starts[side])
         return x[start : start + per_round]
 
     times = interleaved(

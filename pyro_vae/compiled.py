@@ -219,9 +219,9 @@ class _Captured:
         self.owner = owner
         self._identity = identity
         # an owner that is not a module (functional_call cannot swap its tensors) runs eagerly
-        self.module = isinstance(owner, nn.Module)
+        self._swappable = isinstance(owner, nn.Module)
         self._graphs: dict[Any, _Graph | None] = {}
-        if self.module:
+        if self._swappable:
             self._graphs = _GRAPHS.setdefault(owner, {})
         self.fallbacks: dict[Any, str] = {}  # input signature -> why it runs eagerly
         self.capture_seconds = 0.0  # time spent capturing and checking graphs
@@ -229,7 +229,7 @@ class _Captured:
         self._frozen: list[nn.Parameter] | None = None
 
     def _usable(self) -> bool:
-        return self.module and not _PYRO_STACK and not is_validation_enabled()
+        return self._swappable and not _PYRO_STACK and not is_validation_enabled()
 
     # ------------------------------------------------------------------ inputs
     def _trainable(self) -> list[nn.Parameter]:
@@ -246,12 +246,10 @@ class _Captured:
         return [*self._trainable(), *self._frozen, *self.owner.buffers()]
 
     def _names(self) -> list[str]:
-        params = list(self.owner.named_parameters())
-        return [
-            *(n for n, p in params if p.requires_grad),
-            *(n for n, p in params if not p.requires_grad),
-            *(n for n, _ in self.owner.named_buffers()),
-        ]
+        """The names of :meth:`_tensors`, in its order."""
+        named = [*self.owner.named_parameters(), *self.owner.named_buffers()]
+        by_id = {id(tensor): name for name, tensor in named}
+        return [by_id[id(tensor)] for tensor in self._tensors()]
 
     def _run(self, graph: _Graph, args: tuple):
         return graph.replay(*[t.detach() for t in self._tensors()], *args)
@@ -452,14 +450,13 @@ class CompiledFunction(_Captured):
     :class:`CompiledLoss`; eager under a Pyro handler or Pyro validation.
     """
 
-    def __init__(self, function: Callable, owner: nn.Module, enabled: bool = True) -> None:
+    def __init__(self, function: Callable, owner: nn.Module) -> None:
         super().__init__(owner, function)
         self.function = function
-        self.enabled = enabled
         self.what = getattr(function, "__name__", "the function")
 
     def __call__(self, *args) -> torch.Tensor:
-        graph = self._graph_for(args, {}) if self.enabled and self._usable() else None
+        graph = self._graph_for(args, {}) if self._usable() else None
         if graph is None:
             with torch.no_grad():
                 return self.function(self.owner, *args)

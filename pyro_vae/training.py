@@ -278,7 +278,7 @@ class Trainer:
                         )
                 else:
                     loss = reported = self._loss_and_grads(batch)
-                self._check_finite(loss, self.loss.grad_sum if factor == 1.0 else None)
+                self._check_finite(loss, self.loss.grad_sum)  # None after an eager step
                 self.optimizer.step()
                 self.step += 1
                 size = batch.shape[0]
