@@ -66,14 +66,19 @@ def gradient_draws(
 
     Returns, per parameter group, a float64 tensor ``(num_draws, parameters)``. The
     parameters and the mini-batch stay fixed. (Each draw needs its own backward pass;
-    the particles within a draw are vectorized.)
+    the particles within a draw are vectorized.) The networks are in eval mode while the
+    draws are taken (dropout would add its own noise, BatchNorm would update its
+    statistics), and get their own modes back afterwards.
     """
+    from .evaluation import evaluation_mode
+
     if num_draws < 2:
         raise UserInputError(f"gradient statistics need at least 2 draws, got {num_draws}")
-    groups = parameter_groups(vae, x)
+    with evaluation_mode(vae):
+        groups = parameter_groups(vae, x)
     draws: dict[str, list[torch.Tensor]] = {name: [] for name, params in groups.items() if params}
     parameters = [p for params in groups.values() for p in params]
-    with pyro.validation_enabled(False):
+    with pyro.validation_enabled(False), evaluation_mode(vae):
         for _ in range(num_draws):
             for p in parameters:
                 p.grad = None
@@ -185,12 +190,12 @@ def bound_tightness(
     ``num_samples``), ``gap`` = log p(x) - L_1, and ``penalty`` (the seed question's
     objective) with the share of points where it exceeds log p(x) (impossible for a
     lower bound). Where the model knows its exact ``log_marginal`` (``pyro_vae.exact``),
-    the exact log p(x) and ELBO are included.
+    the exact log p(x) and ELBO are included. Runs with the networks in eval mode.
     """
-    from .evaluation import log_likelihood
+    from .evaluation import evaluation_mode, log_likelihood
 
     x = vae.flatten(x)
-    with pyro.validation_enabled(False):
+    with pyro.validation_enabled(False), evaluation_mode(vae):
         per_point: dict[int, torch.Tensor] = {}
         for k in particles:
             log_w = log_importance_weights(vae, x, k).double()
@@ -284,7 +289,7 @@ def compare_estimators(
     measured at its final parameters on a fixed mini-batch.
     """
     from .data import load_data
-    from .evaluation import evaluate
+    from .evaluation import evaluate, evaluation_mode
     from .model import build_vae
     from .training import fit
 
@@ -298,6 +303,7 @@ def compare_estimators(
     if min(snr_particles) < 1 or min(bound_particles) < 1:
         raise UserInputError("every K in --snr-particles and --bound-particles must be >= 1")
     train = config.train
+    compile_evaluation = None if train.compile == "auto" else bool(train.compile)
     data = load_data(
         config.data.dataset,
         config.data.data_dir,
@@ -331,8 +337,10 @@ def compare_estimators(
             started = time.perf_counter()
             history = fit(vae, data, run_config, progress=progress, log=None)
             train_seconds = time.perf_counter() - started
-            evaluation = evaluate(vae, test_images, eval_samples, progress=progress)
-            with torch.random.fork_rng(devices=[]):
+            evaluation = evaluate(
+                vae, test_images, eval_samples, progress=progress, compile=compile_evaluation
+            )
+            with torch.random.fork_rng(devices=[]), evaluation_mode(vae):
                 torch.manual_seed(seed)
                 objective = -make_elbo(name, train.particles, alpha=train.alpha).loss(
                     vae.model, vae.guide, test_images

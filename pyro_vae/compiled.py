@@ -1,39 +1,47 @@
-"""A Pyro ELBO's loss and gradients on a VAE, captured once per input shape and replayed.
+"""A Pyro ELBO's loss and gradients on a module, captured once and replayed.
 
 Pyro builds its traces in Python on every step: messengers, site dictionaries, the
-replay of the guide's samples into the model. On this machine that is about 1 ms per
-step, 15-25% of a 784-400-50 MLP step at batch 128 on two CPU cores. The tensor work
-itself is the same every step. :class:`CompiledLoss` runs the Pyro program and the
-ELBO once under :func:`torch.fx.experimental.proxy_tensor.make_fx` (on fake tensors:
-no data, no arithmetic), recording the operations of the loss *and* of its backward
-pass (the gradients come from ``torch.autograd.grad`` at capture time) into one graph,
-and replays that graph on every later step with the same input shapes: fresh noise each
-time (the random ops are in the graph), no Pyro bookkeeping, no autograd tape.
-:class:`CompiledFunction` does the same for a function evaluated without gradients
-(``log_likelihood``'s importance weights). The Pyro model, guide and ELBO stay the
-source of truth: the graph is what they computed, and it is checked against them.
+replay of the guide's samples into the model. That is about 1 ms per step here, 10-25%
+of a 784-400-50 MLP step at batch 128 on two CPU cores; the tensor work is the same
+every step. :class:`CompiledLoss` runs the Pyro program and the ELBO once under
+``make_fx`` (on fake tensors: no data, no arithmetic), recording the operations of the
+loss *and* of its backward pass (``torch.autograd.grad`` at capture time) as one graph,
+and replays that graph on later steps: fresh noise each time (the random ops are in the
+graph), no Pyro bookkeeping, no autograd tape. :class:`CompiledFunction` does the same
+for a function evaluated without gradients (``log_likelihood``'s importance weights).
+The Pyro model, guide and ELBO stay the source of truth: a graph is what they computed,
+and it is checked against them.
 
 Guarantees:
 
-- **Checked when built.** The graph and the eager ELBO are run from the same RNG
-  state; their loss and every gradient must agree (relative 1e-5), or that input shape
-  runs eagerly, with a warning that says why.
-- **Refuses what it cannot replay.** Python control flow on tensor values (``.item()``,
-  ``if tensor > 0``) raises while capturing; that shape then runs eagerly.
+- **A graph is reused only for what it baked in.** Its key holds the module's whole
+  structure: every submodule's type, ``training`` flag, plain attributes (a dropout
+  rate, an activation's slope) and hooks; every parameter's and buffer's name, shape,
+  dtype, device and ``requires_grad``; the estimator's settings; the inputs' shapes,
+  dtypes and devices; the default dtype. Freezing a layer, ``.eval()`` on a submodule,
+  a swapped layer or likelihood: each is a new key, so a new graph, never a stale one.
+- **Checked when built and when reused.** The step that captures a graph runs it and
+  the eager ELBO from the same RNG state and buffer values; the loss, every gradient and
+  every buffer must agree (relative 1e-5), or that key runs eagerly with a warning.
+  A graph found in the cache (captured by an earlier ``fit`` of the same module) is
+  checked the same way on its first use, which also covers what no key can see (a
+  global variable the model reads).
+- **No side effects.** Capturing runs on fake tensors. The checking step counts as
+  exactly one step: buffers (BatchNorm statistics) are updated once and the RNG advances
+  as one eager step would.
 - **Eager where a graph would be wrong.** Inside any Pyro handler (the KL warm-up's
   :class:`~pyro_vae.training.LatentScale`, a user's ``poutine.scale``), under Pyro
-  validation, with gradients off, for an owner that is not a ``torch.nn.Module``, and
-  for estimators not known to be static (:class:`~pyro_vae.estimators.FreeBitsELBO`
-  switches on a KL value), the ELBO runs eagerly as it always did.
+  validation, autocast, or with gradients off (for the loss), for an owner that is not
+  a ``torch.nn.Module``, a module with uninitialized (lazy) parameters, estimators not
+  known to be static (:class:`~pyro_vae.estimators.FreeBitsELBO` switches on a KL
+  value), and models whose Python branches on tensor values, the ELBO runs eagerly.
 - **Same numbers.** The graph holds the very operations autograd ran, so losses and
-  gradients equal the eager ones (bit for bit on CPU in the tests), and runs resume
-  exactly.
+  gradients equal the eager ones (bit for bit on CPU in the tests).
 
-Costs, measured here: the first capture in a process imports torch's tracing stack
-(``torch._dynamo``, sympy: about 1.5 s and 150 MB, once); each graph then takes about
-0.2 s to capture and check (mc, batch 128). A training epoch has at most two graphs:
-the full batch and the last, smaller one. Graphs are kept per module, so a later
-``fit`` of the same VAE reuses them.
+Capturing costs time once: the first capture in a process imports torch's tracing stack
+(about 1.4-1.9 s here), and each graph takes about 0.2 s to capture and check.
+:func:`capture_pays` weighs that against the Pyro bookkeeping a graph saves per call,
+so that short work (a small evaluation, a tiny training run) stays eager.
 """
 
 from __future__ import annotations
@@ -42,16 +50,20 @@ import math
 import time
 import warnings
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from pyro.infer import ELBO, Trace_ELBO
 from pyro.infer.util import is_validation_enabled
-from pyro.poutine.runtime import _PYRO_STACK
+from pyro.poutine.runtime import am_i_wrapped
 from pyro.poutine.util import site_is_subsample
 from torch import nn
 
+from . import compat
+from .compat import NotCompilable
 from .estimators import (
     ClosedFormKL_ELBO,
     DReGELBO,
@@ -61,25 +73,123 @@ from .estimators import (
 )
 from .model import param_store_registration
 
-#: relative agreement of the graph with the eager ELBO demanded when it is built
+__all__ = ["CompiledFunction", "CompiledLoss", "NotCompilable", "capture_pays", "module_state"]
+
+#: relative agreement of the graph with the eager ELBO demanded when it is built or reused
 TOLERANCE = 1e-5
+#: graphs kept per module (least recently used dropped first)
+MAX_GRAPHS = 32
 
-#: graphs by module, then by estimator and input signature: a second ``fit`` of the same
-#: VAE (more epochs, a benchmark's repeats) reuses them; they go with the module
+#: Cost model for :func:`capture_pays`, measured on the development machine (2 CPU
+#: cores; ``benchmarks/run.py`` reports the current values): Pyro's bookkeeping that a
+#: replayed call saves, seconds to capture and check one graph, and seconds to import
+#: torch's tracing stack for the first capture of a process.
+SAVED_PER_CALL = 1e-3
+CAPTURE_SECONDS = 0.25
+IMPORT_SECONDS = 1.6
+
+#: graphs by module, then by key: a second ``fit`` of the same module reuses them
 _GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: loss-and-gradient calls made on each module in this process, eager or replayed
+_CALLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-class NotCompilable(Exception):
-    """The loss cannot be captured as a static graph (the message says why)."""
+def capture_pays(calls: int, graphs: int = 1) -> bool:
+    """Whether capturing ``graphs`` graphs pays for itself over ``calls`` calls.
+
+    Capturing costs :data:`CAPTURE_SECONDS` per graph, plus :data:`IMPORT_SECONDS` once
+    per process (``torch.optim`` optimizers import the same stack when first built, so
+    training pays that anyway); each replayed call saves about :data:`SAVED_PER_CALL`
+    seconds. With no graph to capture (all cached), any call pays.
+    """
+    cost = graphs * CAPTURE_SECONDS + (0.0 if compat.tracing_stack_loaded() else IMPORT_SECONDS)
+    return calls * SAVED_PER_CALL > cost
 
 
+# ---------------------------------------------------------------------- what a graph bakes in
+_PLAIN = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device)
+
+
+def _value_key(value: Any, depth: int = 0) -> Any:
+    """A hashable stand-in for an attribute's value, equal exactly when the value is."""
+    if isinstance(value, _PLAIN):
+        return value
+    if torch.is_tensor(value):  # a plain tensor attribute is a constant of the graph
+        return ("tensor", id(value), compat.tensor_version(value), tuple(value.shape), value.dtype)
+    if isinstance(value, (tuple, list)) and depth < 4:
+        return (type(value), tuple(_value_key(v, depth + 1) for v in value))
+    if isinstance(value, dict) and depth < 4:
+        return (dict, tuple((k, _value_key(v, depth + 1)) for k, v in value.items()))
+    try:
+        hash(value)
+    except TypeError:
+        return ("unhashable", id(value))
+    return ("object", value)  # held by the key, so its identity is never reused
+
+
+def _attributes(module: nn.Module) -> tuple:
+    """A module's plain attributes (not its parameters, buffers, submodules or flags)."""
+    return tuple(
+        (name, _value_key(value))
+        for name, value in vars(module).items()
+        if not name.startswith("_") and name != "training"
+    )
+
+
+@dataclass(frozen=True)
+class ModuleState:
+    """What a graph of ``owner`` depends on, and the tensors it takes, in its order.
+
+    ``tensors`` holds the trainable parameters first (``trainable`` of them), then the
+    frozen parameters, then the buffers; ``names`` their names in ``owner``.
+    """
+
+    key: Any
+    names: tuple[str, ...]
+    tensors: tuple[torch.Tensor, ...]
+    trainable: int
+    buffers: tuple[torch.Tensor, ...]
+    reason: str | None  # why no graph can be captured now, or None
+
+
+def module_state(owner: nn.Module) -> ModuleState:
+    """Walk ``owner`` once: the key of everything a graph would bake in, and its inputs."""
+    from torch.nn.parameter import is_lazy
+
+    modules = tuple(
+        (name, type(module), module.training, _attributes(module), compat.module_hooks(module))
+        for name, module in owner.named_modules()
+    )
+    parameters = list(owner.named_parameters())
+    buffers = list(owner.named_buffers())
+    if any(is_lazy(t) for _, t in parameters + buffers):
+        reason = "the module has uninitialized (lazy) parameters; they are set on its first call"
+        return ModuleState(modules, (), (), 0, (), reason)
+    trainable = [(n, p) for n, p in parameters if p.requires_grad]
+    ordered = trainable + [(n, p) for n, p in parameters if not p.requires_grad] + buffers
+    spec = tuple((name, tuple(t.shape), t.dtype, t.device, t.requires_grad) for name, t in ordered)
+    return ModuleState(
+        key=(modules, spec, compat.global_module_hooks()),
+        names=tuple(name for name, _ in ordered),
+        tensors=tuple(t for _, t in ordered),
+        trainable=len(trainable),
+        buffers=tuple(t for _, t in buffers),
+        reason=None,
+    )
+
+
+def _autocast_enabled() -> bool:
+    return any(torch.is_autocast_enabled(device) for device in ("cpu", "cuda"))
+
+
+# ---------------------------------------------------------------------- the loss as tensor ops
 def reparameterized_trace_elbo(model_trace, guide_trace) -> torch.Tensor:
     """One particle of ``Trace_ELBO`` for a reparameterized guide, without host syncs.
 
     ``sum log p(x, z) - sum log q(z|x)`` over the traces' sample sites (scaled by the data
-    plate), exactly ``Trace_ELBO._differentiable_loss_particle``'s surrogate, whose
-    value then equals its ELBO; Pyro's version also converts the value to a float
-    (``.item()``), which a captured graph cannot replay.
+    plate), exactly ``Trace_ELBO``'s surrogate, whose value then equals its ELBO; Pyro's
+    version also converts the value to a float (``.item()``), which a captured graph
+    cannot replay.
     """
     value = 0.0
     for site in model_trace.nodes.values():
@@ -108,7 +218,7 @@ def traceable_loss(elbo: ELBO) -> Callable | None:
 
         def loss(model, guide, *args, **kwargs):
             total = 0.0
-            for model_trace, guide_trace in elbo._get_traces(model, guide, args, kwargs):
+            for model_trace, guide_trace in compat.elbo_traces(elbo, model, guide, args, kwargs):
                 total = total - particle(model_trace, guide_trace) / elbo.num_particles
             return total
 
@@ -118,6 +228,7 @@ def traceable_loss(elbo: ELBO) -> Callable | None:
     return None
 
 
+# ---------------------------------------------------------------------- graphs
 class _Runner(nn.Module):
     """``function(owner, *args)`` as a module, so that functional_call can swap the
     owner's parameters and buffers for the graph's inputs."""
@@ -132,27 +243,18 @@ class _Runner(nn.Module):
 
 
 class _Graph:
-    """A captured graph for one input signature: the ``torch.fx`` module (``module.code``
-    shows it) and the plain function that replays it."""
+    """A captured graph: the ``torch.fx`` module (``module.code`` shows it) and the plain
+    function that replays it."""
 
-    def __init__(self, module, grad_index: list[int]) -> None:
+    def __init__(self, module: torch.fx.GraphModule, grad_index: list[int]) -> None:
         self.module = module
         self.replay = replay_function(module)
         self.grad_index = grad_index  # which trainable parameters receive a gradient
 
 
-def _direct(target: Any) -> Any:
-    """An ATen operator's C++ entry point. ``OpOverload.__call__`` is a Python frame
-    around it (``return self._op(*args, **kwargs)``) that costs 1.5 us per call here, a
-    graph makes about 150 calls a step; other callables are kept as they are."""
-    if isinstance(target, torch._ops.OpOverload) and callable(getattr(target, "_op", None)):
-        return target._op
-    return target
-
-
 def replay_function(module: torch.fx.GraphModule) -> Callable:
-    """``module``'s graph as one Python function: each operator called directly, each
-    value released after its last use (as torch.fx's own code does)."""
+    """``module``'s graph as one Python function: each operator called through its C++
+    entry point, each value released after its last use (as torch.fx's own code does)."""
     nodes = list(module.graph.nodes)
     last_use = {}
     for index, node in enumerate(nodes):
@@ -190,7 +292,8 @@ def replay_function(module: torch.fx.GraphModule) -> Callable:
         elif node.op == "call_function":
             arguments = [source(a) for a in node.args]
             arguments += [f"{key}={source(v)}" for key, v in node.kwargs.items()]
-            lines.append(f"v{index} = {constant(_direct(node.target))}({', '.join(arguments)})")
+            entry = constant(compat.operator_entry(node.target))
+            lines.append(f"v{index} = {entry}({', '.join(arguments)})")
         elif node.op == "output":
             lines.append(f"return {source(node.args[0])}")
             continue
@@ -205,134 +308,220 @@ def replay_function(module: torch.fx.GraphModule) -> Callable:
     return scope["replay"]
 
 
-class _Captured:
-    """Graphs of ``function(owner, *args)``, one per input signature, checked when built.
+def _rng_devices(args: tuple) -> list[torch.device]:
+    return sorted(
+        {a.device for a in args if torch.is_tensor(a) and a.device.type == "cuda"}, key=str
+    )
 
-    Subclasses say what the graph returns (:meth:`_joint`) and how it is checked
-    against the eager function (:meth:`_check`).
+
+def _get_rng(devices: list[torch.device]) -> list[torch.Tensor]:
+    return [torch.get_rng_state()] + [torch.cuda.get_rng_state(d) for d in devices]
+
+
+def _set_rng(states: list[torch.Tensor], devices: list[torch.device]) -> None:
+    torch.set_rng_state(states[0])
+    for state, device in zip(states[1:], devices):
+        torch.cuda.set_rng_state(state, device)
+
+
+class _Captured:
+    """Graphs of ``function(owner, *args)``, keyed by all they depend on, checked when
+    built and when first reused. Subclasses say what the graph returns (:meth:`_joint`)
+    and how it is checked against the eager function (:meth:`_check`).
+
+    ``refresh_every_call`` (default) walks the owner on every call to build the key; a
+    caller that knows the owner cannot change between its calls (``fit`` within an
+    epoch) turns it off and calls :meth:`refresh` whenever the owner may have changed.
     """
 
     #: what the graph computes, for the fallback warning
     what = "the function"
 
-    def __init__(self, owner: nn.Module, identity: Any) -> None:
+    def __init__(self, owner: Any, enabled: bool = True, refresh_every_call: bool = True):
         self.owner = owner
-        self._identity = identity
+        self.enabled = enabled
+        self.refresh_every_call = refresh_every_call
         # an owner that is not a module (functional_call cannot swap its tensors) runs eagerly
         self._swappable = isinstance(owner, nn.Module)
-        self._graphs: dict[Any, _Graph | None] = {}
-        if self._swappable:
-            self._graphs = _GRAPHS.setdefault(owner, {})
-        self.fallbacks: dict[Any, str] = {}  # input signature -> why it runs eagerly
+        self._graphs: OrderedDict = (
+            _GRAPHS.setdefault(owner, OrderedDict()) if (self._swappable) else OrderedDict()
+        )
+        self._verified: set = set()  # keys this object captured or checked itself
+        self.fallbacks: dict[Any, str] = {}  # key -> why it runs eagerly
         self.capture_seconds = 0.0  # time spent capturing and checking graphs
-        self._params: list[nn.Parameter] | None = None
-        self._frozen: list[nn.Parameter] | None = None
+        self._state: ModuleState | None = None
+
+    # ------------------------------------------------------------------ state
+    def refresh(self) -> None:
+        """Re-read the owner (its structure, flags, parameters) before the next call."""
+        self._state = module_state(self.owner) if self._swappable else None
+
+    def _identity(self) -> Any:
+        raise NotImplementedError
 
     def _usable(self) -> bool:
-        return self._swappable and not _PYRO_STACK and not is_validation_enabled()
-
-    # ------------------------------------------------------------------ inputs
-    def _trainable(self) -> list[nn.Parameter]:
-        # the Parameter objects stay for the module's life (load_state_dict and .to()
-        # write into them); buffers may be replaced (.to()), so they are read per call
-        if self._params is None:
-            self._params = [p for p in self.owner.parameters() if p.requires_grad]
-        return self._params
-
-    def _tensors(self) -> list[torch.Tensor]:
-        """Trainable parameters first, then the rest (frozen parameters, buffers)."""
-        if self._frozen is None:
-            self._frozen = [p for p in self.owner.parameters() if not p.requires_grad]
-        return [*self._trainable(), *self._frozen, *self.owner.buffers()]
-
-    def _names(self) -> list[str]:
-        """The names of :meth:`_tensors`, in its order."""
-        named = [*self.owner.named_parameters(), *self.owner.named_buffers()]
-        by_id = {id(tensor): name for name, tensor in named}
-        return [by_id[id(tensor)] for tensor in self._tensors()]
-
-    def _run(self, graph: _Graph, args: tuple):
-        return graph.replay(*[t.detach() for t in self._tensors()], *args)
-
-    # ------------------------------------------------------------------ graphs
-    def _graph_for(self, args: tuple, kwargs: dict) -> _Graph | None:
-        key = (
-            self._identity,
-            tuple(
-                (a.shape, a.dtype, a.device, a.requires_grad) if torch.is_tensor(a) else a
-                for a in args
-            ),
-            tuple(sorted(kwargs.items())),
-            self.owner.training,
+        return (
+            self.enabled
+            and self._swappable
+            and not am_i_wrapped()
+            and not is_validation_enabled()
+            and not _autocast_enabled()
         )
-        if key not in self._graphs:
-            started = time.perf_counter()
-            try:
-                self._graphs[key] = self._capture(args, kwargs)
-            except NotCompilable as reason:
-                self._graphs[key] = None
-                self.fallbacks[key] = str(reason)
-                warnings.warn(
-                    f"pyro-vae: {self.what} runs eagerly for inputs {_describe(args)}: {reason}",
-                    stacklevel=4,
-                )
+
+    def cached_graphs(self) -> int:
+        """Graphs ready in the cache for the owner as it is now (any input shapes)."""
+        if not self._swappable:
+            return 0
+        if self.refresh_every_call or self._state is None:
+            self.refresh()
+        prefix = (self._identity(), self._state.key)
+        return sum(1 for key, g in self._graphs.items() if g is not None and key[:2] == prefix)
+
+    # ------------------------------------------------------------------ running
+    def _outputs(self, args: tuple, kwargs: dict):
+        """``(graph, state, outputs)`` of this call from a graph, or ``None`` (eager)."""
+        if not self._usable():
+            return None
+        if self.refresh_every_call or self._state is None:
+            self.refresh()
+        state = self._state
+        if state.reason is not None:
+            self._note_fallback(("state", state.reason), state.reason, args)
+            return None
+        try:
+            key = (
+                self._identity(),
+                state.key,
+                tuple(
+                    (a.shape, a.dtype, a.device, a.requires_grad) if torch.is_tensor(a) else a
+                    for a in args
+                ),
+                tuple(sorted(kwargs.items())),
+                torch.get_default_dtype(),
+            )
+            hash(key)
+        except TypeError:
+            self._note_fallback("unhashable", "an argument or attribute is not hashable", args)
+            return None
+        graph = self._graphs.get(key)
+        if key in self._graphs:
+            self._graphs.move_to_end(key)
+            if graph is None:
+                return None
+            if key in self._verified:
+                return graph, state, self._run(graph, state, args)
+        started = time.perf_counter()
+        try:
+            outputs = None
+            if graph is not None:  # captured by an earlier fit: checked on its first use
+                try:
+                    outputs = self._run_checked(graph, state, args, kwargs)
+                except NotCompilable:
+                    graph = None  # something the key cannot see changed: capture anew
+            if outputs is None:
+                graph = self._capture(state, args, kwargs)
+                outputs = self._run_checked(graph, state, args, kwargs)
+        except NotCompilable as reason:
+            self._graphs[key] = None
+            self._note_fallback(key, str(reason), args)
+            return None
+        finally:
             self.capture_seconds += time.perf_counter() - started
-        return self._graphs[key]
+        self._graphs[key] = graph
+        self._verified.add(key)
+        while len(self._graphs) > MAX_GRAPHS:
+            self._graphs.popitem(last=False)
+        return graph, state, outputs
 
-    def _capture(self, args: tuple, kwargs: dict) -> _Graph:
-        from torch.fx.experimental.proxy_tensor import make_fx
+    def _note_fallback(self, key: Any, reason: str, args: tuple) -> None:
+        if key in self.fallbacks:
+            return
+        self.fallbacks[key] = reason
+        warnings.warn(
+            f"pyro-vae: {self.what} runs eagerly for inputs {_describe(args)}: {reason}",
+            stacklevel=5,
+        )
 
+    def _run(self, graph: _Graph, state: ModuleState, args: tuple):
+        return graph.replay(*[t.detach() for t in state.tensors], *args)
+
+    def _run_checked(self, graph: _Graph, state: ModuleState, args: tuple, kwargs: dict):
+        """Run the graph as this call's result, and check it against the eager function
+        from the same RNG state and buffers; afterwards buffers and RNG are as after one
+        call. Raises :class:`NotCompilable`, with everything as before the call, if the
+        two disagree."""
+        devices = _rng_devices(args)
+        rng = _get_rng(devices)
+        buffers = [b.detach().clone() for b in state.buffers]
+        outputs = self._run(graph, state, args)
+        graph_rng = _get_rng(devices)
+        graph_buffers = [b.detach().clone() for b in state.buffers]
+        _set_rng(rng, devices)
+        _restore(state.buffers, buffers)
+        try:
+            with param_store_registration(False):
+                self._check(graph, state, outputs, args, kwargs)
+            if any(not _close(g, b) for g, b in zip(graph_buffers, state.buffers)):
+                raise NotCompilable("the graph updates the buffers differently from the ELBO")
+            if any(not torch.equal(a, b) for a, b in zip(graph_rng, _get_rng(devices))):
+                raise NotCompilable("the graph draws random numbers differently from the ELBO")
+        except BaseException:
+            _set_rng(rng, devices)
+            _restore(state.buffers, buffers)
+            raise
+        return outputs
+
+    def _capture(self, state: ModuleState, args: tuple, kwargs: dict) -> _Graph:
         if any(torch.is_tensor(a) and a.requires_grad for a in args):
             raise NotCompilable("an input requires gradients")
-        names = self._names()
-        tensors = self._tensors()
         runner = _Runner(self.owner, self._function(kwargs))
+        names = [f"owner.{name}" for name in state.names]
         grad_index: list[int] = []
 
         def joint(*flat):
-            swapped = {f"owner.{name}": t for name, t in zip(names, flat)}
-            return self._joint(runner, swapped, flat[len(names) :], flat, grad_index)
+            swapped, inputs = dict(zip(names, flat)), flat[len(names) :]
+            return self._joint(runner, swapped, inputs, flat[: state.trainable], grad_index)
 
-        trainable = len(self._trainable())
-        example = [t.detach().requires_grad_(i < trainable) for i, t in enumerate(tensors)]
-        devices = [a.device for a in args if torch.is_tensor(a) and a.device.type == "cuda"]
-        with (
-            torch.random.fork_rng(devices=devices),
-            param_store_registration(False),
-            warnings.catch_warnings(),
-        ):
-            warnings.simplefilter("ignore")  # warnings belong to the eager check below
-            state = torch.random.get_rng_state()
-            try:
-                graph = make_fx(joint, tracing_mode="fake")(*example, *args)
-            except NotCompilable:
-                raise
-            except Exception as error:  # what the capture refused, e.g. a .item()
-                message = str(error).strip().splitlines()[0] if str(error).strip() else ""
-                raise NotCompilable(
-                    f"the capture failed ({type(error).__name__}: {message[:200]})"
-                ) from None
-            graph.graph.eliminate_dead_code()  # e.g. the plates' unused index tensors
-            self._schedule(graph)
-            graph.recompile()
-            captured = _Graph(graph, list(grad_index))
-            torch.random.set_rng_state(state)
-            outputs = self._run(captured, args)
-            torch.random.set_rng_state(state)
-            self._check(captured, outputs, args, kwargs)
-        return captured
+        example = [
+            t.detach().requires_grad_(i < state.trainable) for i, t in enumerate(state.tensors)
+        ]
+        devices = _rng_devices(args)
+        rng = _get_rng(devices)
+        try:
+            with param_store_registration(False), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # warnings belong to the eager check
+                module = compat.make_fx_fake(joint)(*example, *args)
+        except NotCompilable:
+            raise
+        except Exception as error:  # what the capture refused, e.g. a .item()
+            message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise NotCompilable(
+                f"the capture failed ({type(error).__name__}: {message[:200]})"
+            ) from None
+        finally:
+            _set_rng(rng, devices)
+        module.graph.eliminate_dead_code()  # e.g. the plates' unused index tensors
+        self._schedule(module)
+        module.recompile()
+        return _Graph(module, list(grad_index))
 
     def _function(self, kwargs: dict) -> Callable:
         raise NotImplementedError
 
-    def _joint(self, runner, swapped, args, flat, grad_index):
+    def _joint(self, runner, swapped, args, trainable, grad_index):
         raise NotImplementedError
 
     def _schedule(self, module: torch.fx.GraphModule) -> None:
         """Reorder the captured graph's operations, if that helps (in place)."""
 
-    def _check(self, captured: _Graph, outputs, args: tuple, kwargs: dict) -> None:
+    def _check(self, graph: _Graph, state: ModuleState, outputs, args: tuple, kwargs: dict):
         raise NotImplementedError
+
+
+def _restore(buffers: tuple[torch.Tensor, ...], values: list[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for buffer, value in zip(buffers, values):
+            buffer.copy_(value)
 
 
 class CompiledLoss(_Captured):
@@ -340,9 +529,8 @@ class CompiledLoss(_Captured):
 
     ``loss_and_grads(*args, **kwargs)`` does what ``elbo.differentiable_loss(model,
     guide, *args, **kwargs).backward()`` does (gradients accumulate into the
-    parameters' ``.grad``) and returns the loss as a float. Tensor ``args`` may vary
-    in value; their shapes, dtypes and devices, the other arguments and
-    ``owner.training`` select the graph. With ``enabled=False`` it is the eager ELBO.
+    parameters' ``.grad``) and returns the loss as a float. With ``enabled=False`` it is
+    the eager ELBO.
     """
 
     what = "the loss"
@@ -350,36 +538,48 @@ class CompiledLoss(_Captured):
     def __init__(
         self,
         elbo: ELBO,
-        owner: nn.Module,
+        owner: Any,
         model: str = "model",
         guide: str = "guide",
         enabled: bool = True,
+        refresh_every_call: bool = True,
     ) -> None:
-        names = (model, guide)
-        super().__init__(owner, (type(elbo), repr(sorted(vars(elbo).items())), names))
+        super().__init__(owner, enabled, refresh_every_call)
         self.elbo = elbo
-        self.names = names
-        self.loss_fn = traceable_loss(elbo) if enabled else None
+        self.names = (model, guide)
+        self.loss_fn = traceable_loss(elbo)
+
+    #: the sum of all entries of the gradients the last graph replay added (finite if
+    #: they all are, barring overflow), computed as each gradient is produced, while
+    #: it is still in cache; ``None`` after an eager step
+    grad_sum: float | None = None
+
+    def _identity(self) -> Any:
+        settings = tuple(sorted((k, _value_key(v)) for k, v in vars(self.elbo).items()))
+        methods = tuple(getattr(type(self.owner), name, None) for name in self.names)
+        return (type(self.elbo), settings, self.names, methods)
+
+    def calls(self) -> int:
+        """Loss-and-gradient calls made on the owner in this process (any estimator,
+        eager or replayed): how much it has been trained here, for the auto policy."""
+        return _CALLS.get(self.owner, 0) if self._swappable else 0
 
     def loss_and_grads(self, *args, **kwargs) -> float:
-        graph = self._graph_for(args, kwargs) if self._usable() else None
-        if graph is None:
+        if self._swappable:
+            _CALLS[self.owner] = _CALLS.get(self.owner, 0) + 1
+        result = self._outputs(args, kwargs) if self.loss_fn is not None else None
+        if result is None:
             return self._eager(args, kwargs)
-        params = self._trainable()
-        outputs = self._run(graph, args)
+        graph, state, outputs = result
+        trainable = state.tensors[: state.trainable]
         for index, grad in zip(graph.grad_index, outputs[2:]):
-            param = params[index]
+            param = trainable[index]
             if param.grad is None:
                 param.grad = grad
             else:
                 param.grad.add_(grad)
         self.grad_sum = outputs[1].item()
         return outputs[0].item()
-
-    #: the sum of all entries of the gradients the last graph replay added (finite if
-    #: they all are, barring overflow), computed as each gradient is produced, while
-    #: it is still in cache; ``None`` after an eager step
-    grad_sum: float | None = None
 
     def _eager(self, args, kwargs) -> float:
         self.grad_sum = None
@@ -389,7 +589,7 @@ class CompiledLoss(_Captured):
         return loss.item()
 
     def _usable(self) -> bool:
-        return self.loss_fn is not None and torch.is_grad_enabled() and super()._usable()
+        return torch.is_grad_enabled() and super()._usable()
 
     def _function(self, kwargs: dict) -> Callable:
         loss_fn, (model, guide) = self.loss_fn, self.names
@@ -399,11 +599,11 @@ class CompiledLoss(_Captured):
 
         return loss
 
-    def _joint(self, runner, swapped, args, flat, grad_index):
+    def _joint(self, runner, swapped, args, trainable, grad_index):
         loss = torch.func.functional_call(runner, swapped, args)
         if not torch.is_tensor(loss) or loss.dim() != 0:
             raise NotCompilable("the loss is not a scalar tensor")
-        grads = torch.autograd.grad(loss, flat[: len(self._trainable())], allow_unused=True)
+        grads = torch.autograd.grad(loss, trainable, allow_unused=True)
         grad_index[:] = [i for i, g in enumerate(grads) if g is not None]
         used = [grads[i] for i in grad_index]
         grad_sum = torch.stack([g.sum() for g in used]).sum() if used else loss.new_zeros(())
@@ -417,22 +617,22 @@ class CompiledLoss(_Captured):
                 if user.target is torch.ops.aten.sum.default and len(user.all_input_nodes) == 1:
                     grad.append(user)
 
-    def _check(self, captured: _Graph, outputs, args: tuple, kwargs: dict) -> None:
+    def _check(self, graph: _Graph, state: ModuleState, outputs, args: tuple, kwargs: dict):
         """The graph's loss and gradients against the eager ELBO's, same noise."""
-        params = self._trainable()
+        params = state.tensors[: state.trainable]
         saved = [p.grad for p in params]
         for p in params:
             p.grad = None
         try:
             loss = self._eager(args, kwargs)
-            eager = {i: p.grad for i, p in enumerate(params)}
+            eager = [p.grad for p in params]
         finally:
             for p, grad in zip(params, saved):
                 p.grad = grad
-        if not math.isclose(float(outputs[0]), loss, rel_tol=TOLERANCE, abs_tol=1e-6):
+        if not _same_number(float(outputs[0]), loss):
             raise NotCompilable(f"the graph's loss {float(outputs[0])!r} is not the ELBO's {loss}")
-        graph_grads = dict(zip(captured.grad_index, outputs[2:]))
-        for i, expected in eager.items():
+        graph_grads = dict(zip(graph.grad_index, outputs[2:]))
+        for i, expected in enumerate(eager):
             got = graph_grads.get(i)
             if expected is None and got is None:
                 continue
@@ -446,42 +646,65 @@ class CompiledFunction(_Captured):
     """``function(owner, *args)`` without gradients (tensor in, tensor out), from a graph.
 
     For evaluation: :func:`pyro_vae.evaluation.log_likelihood` draws its importance
-    weights through one. Checked against ``function`` when captured, like
-    :class:`CompiledLoss`; eager under a Pyro handler or Pyro validation.
+    weights through one. Checked against ``function`` like :class:`CompiledLoss`.
     """
 
-    def __init__(self, function: Callable, owner: nn.Module) -> None:
-        super().__init__(owner, function)
+    def __init__(
+        self,
+        function: Callable,
+        owner: Any,
+        enabled: bool = True,
+        refresh_every_call: bool = True,
+    ) -> None:
+        super().__init__(owner, enabled, refresh_every_call)
         self.function = function
         self.what = getattr(function, "__name__", "the function")
 
+    def _identity(self) -> Any:
+        return self.function
+
     def __call__(self, *args) -> torch.Tensor:
-        graph = self._graph_for(args, {}) if self._usable() else None
-        if graph is None:
+        result = self._outputs(args, {})
+        if result is None:
             with torch.no_grad():
                 return self.function(self.owner, *args)
-        return self._run(graph, args)[0]
+        return result[2][0]
 
     def _function(self, kwargs: dict) -> Callable:
         return self.function
 
-    def _joint(self, runner, swapped, args, flat, grad_index):
+    def _joint(self, runner, swapped, args, trainable, grad_index):
         with torch.no_grad():
             output = torch.func.functional_call(runner, swapped, args)
         if not torch.is_tensor(output):
             raise NotCompilable("the function does not return a tensor")
         return (output,)
 
-    def _check(self, captured: _Graph, outputs, args: tuple, kwargs: dict) -> None:
+    def _check(self, graph: _Graph, state: ModuleState, outputs, args: tuple, kwargs: dict):
         with torch.no_grad():
             expected = self.function(self.owner, *args)
         if expected.shape != outputs[0].shape or not _close(outputs[0], expected):
             raise NotCompilable(f"the graph's values differ from {self.what}'s")
 
 
+def _same_number(got: float, expected: float) -> bool:
+    """Equal within :data:`TOLERANCE`, or the same non-finite value (a NaN step is
+    reported by the trainer; it does not make the graph wrong)."""
+    if not (math.isfinite(got) and math.isfinite(expected)):
+        return got == expected or (math.isnan(got) and math.isnan(expected))
+    return math.isclose(got, expected, rel_tol=TOLERANCE, abs_tol=1e-6)
+
+
 def _close(got: torch.Tensor, expected: torch.Tensor) -> bool:
-    scale = float(expected.abs().max()) if expected.numel() else 0.0
-    return torch.allclose(got, expected, rtol=TOLERANCE, atol=TOLERANCE * scale + 1e-12)
+    if got.shape != expected.shape or got.dtype != expected.dtype:
+        return False
+    if not got.is_floating_point():
+        return torch.equal(got, expected)
+    finite = expected[torch.isfinite(expected)]
+    scale = float(finite.abs().max()) if finite.numel() else 0.0
+    return torch.allclose(
+        got, expected, rtol=TOLERANCE, atol=TOLERANCE * scale + 1e-12, equal_nan=True
+    )
 
 
 def _describe(args: tuple) -> str:

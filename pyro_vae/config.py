@@ -118,11 +118,11 @@ class TrainConfig:
     eval_particles: int = 1  # samples of z for the per-epoch test ELBO
     seed: int = 0  # seeds torch, numpy, python and the data order
     device: str = "cpu"  # cpu | cuda
-    compile: bool = True  # replay the loss and gradients from a graph (pyro_vae.compiled)
+    compile: bool | str = "auto"  # replay steps from a captured graph; auto: if the run repays it
 
     def __post_init__(self) -> None:
-        if not isinstance(self.compile, bool):
-            raise UserInputError(f"compile must be true or false, got {self.compile!r}")
+        if not (isinstance(self.compile, bool) or self.compile == "auto"):
+            raise UserInputError(f"compile must be true, false or \"auto\", got {self.compile!r}")
         _choice(self.estimator, ESTIMATOR_NAMES, "estimator")
         _choice(self.optimizer, ("adam", "clipped_adam"), "optimizer")
         _choice(self.lr_schedule, ("constant", "exponential", "cosine"), "learning-rate schedule")

@@ -18,14 +18,16 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import weakref
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .compat import tensor_version
 from .errors import DataError
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "kmnist")
@@ -76,6 +78,9 @@ class VAEData:
     validation: Split
     test: Split
     seed: int = 0
+    #: checks already passed, by split and model kind (see ``training.check_data_once``)
+    checked: dict = field(default_factory=dict, repr=False, compare=False)
+    _evaluation: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def data_dim(self) -> int:
@@ -98,13 +103,21 @@ class VAEData:
         """The images of ``split`` as the model should see them when evaluated.
 
         Binarized data sets are binarized once with a seed fixed by the split name, so
-        every evaluation of every run sees the same binary images.
+        every evaluation of every run sees the same binary images. The result is kept
+        (fit evaluates every epoch); treat it as read-only.
         """
         images = getattr(self, split).images
         if self.binarize == "none" or split == "train" and self.binarize == "static":
             return images
+        version = tensor_version(images)
+        cached = self._evaluation.get(split)
+        if version is not None and cached is not None and cached[0]() is images:
+            if cached[1] == version:
+                return cached[2]
         generator = torch.Generator().manual_seed(self.seed * 1000 + zlib.crc32(split.encode()))
-        return torch.bernoulli(images, generator=generator)
+        binary = torch.bernoulli(images, generator=generator)
+        self._evaluation[split] = (weakref.ref(images), version, binary)
+        return binary
 
 
 def load_data(

@@ -38,6 +38,7 @@ from torch import nn
 
 from .errors import UserInputError
 from .estimators import make_elbo, sample_sites, vectorized_traces
+from .evaluation import evaluation_mode
 from .model import data_plate, param_store_registration
 from .networks import positive_scale
 
@@ -91,7 +92,12 @@ def nuts_posterior(
     draws: dict[str, list[np.ndarray]] = {}
     diverging, step_size = [], []
     started = time.perf_counter()
-    with frozen(vae), param_store_registration(False), pyro.validation_enabled(False):
+    with (
+        frozen(vae),
+        evaluation_mode(vae),
+        param_store_registration(False),
+        pyro.validation_enabled(False),
+    ):
         for chain in range(chains):
             pyro.set_rng_seed(seed + 1000 * chain)
             kernel = NUTS(
@@ -148,7 +154,7 @@ def guide_draws(
 ):
     """Independent draws from the guide q(z | x), shaped like :func:`nuts_posterior`'s."""
     x = vae.flatten(x)
-    with torch.random.fork_rng(devices=[]), pyro.validation_enabled(False):
+    with torch.random.fork_rng(devices=[]), pyro.validation_enabled(False), evaluation_mode(vae):
         torch.manual_seed(seed)
         _, guide_trace = vectorized_traces(vae.model, vae.guide, x, chains * samples)
     posterior = {
@@ -244,7 +250,7 @@ def optimize_local_guides(
     Returns an object usable as a VAE (model + local guide).
     """
     x = vae.flatten(x)
-    with torch.no_grad(), pyro.validation_enabled(False):
+    with torch.no_grad(), pyro.validation_enabled(False), evaluation_mode(vae):
         guide_trace = poutine.trace(vae.guide).get_trace(x)
     locs, scales = {}, {}
     model_order = [n for n in reversed(vae.latent_sites)]  # top layer first, as the model
@@ -266,6 +272,7 @@ def optimize_local_guides(
 
     with (
         frozen(vae),
+        evaluation_mode(vae),
         param_store_registration(False),
         pyro.validation_enabled(False),
         torch.random.fork_rng(devices=[]),
@@ -295,7 +302,9 @@ def _interval(values: np.ndarray) -> dict[str, float]:
     return {"mean": mean, "ci95_low": mean - half, "ci95_high": mean + half}
 
 
-def importance_summary(vae, x: torch.Tensor, num_samples: int) -> dict[str, torch.Tensor]:
+def importance_summary(
+    vae, x: torch.Tensor, num_samples: int, compile: bool | None = None
+) -> dict[str, torch.Tensor]:
     """From K draws of the guide, per image: the ELBO (mean log-weight) with its standard
     error, the importance-sampled log p(x), and PSIS k-hat: one set of weights for all.
 
@@ -303,12 +312,14 @@ def importance_summary(vae, x: torch.Tensor, num_samples: int) -> dict[str, torc
     the posterior that is almost constant in z, so its estimate is far more precise than
     the closed-form-KL one, whose reconstruction term alone keeps its variance.
     """
-    from .evaluation import _sizes, _weight_chunks, psis_khat
+    from .evaluation import _sizes, _weight_chunks, evaluation_mode, importance_weights, psis_khat
 
     x = vae.flatten(x)
-    chunk, _ = _sizes(vae, x.shape[0], num_samples, None, x.shape[0])
-    with torch.no_grad(), pyro.validation_enabled(False):
-        log_w = torch.cat(list(_weight_chunks(vae, x, num_samples, chunk)))
+    n = x.shape[0]
+    chunk, _ = _sizes(vae, n, num_samples, None, n)
+    with torch.no_grad(), pyro.validation_enabled(False), evaluation_mode(vae):
+        weights = importance_weights(vae, n, num_samples, chunk, n, compile)
+        log_w = torch.cat(list(_weight_chunks(weights, x, num_samples, chunk)))
     return {
         "elbo": log_w.mean(0),
         "elbo_se": log_w.std(0) / math.sqrt(num_samples),
@@ -332,6 +343,7 @@ def inference_gaps(
     local_lr: float = 0.05,
     seed: int = 0,
     progress: bool = False,
+    compile: bool | None = None,
 ) -> dict[str, Any]:
     """Approximation and amortization gaps per image (nats), with 95% intervals.
 
@@ -344,11 +356,11 @@ def inference_gaps(
     x = vae.flatten(x)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        encoder = importance_summary(vae, x, is_samples)
+        encoder = importance_summary(vae, x, is_samples, compile)
         local_vae = optimize_local_guides(
             vae, x, local_steps, local_lr, seed=seed, progress=progress
         )
-        local = importance_summary(local_vae, x, is_samples)
+        local = importance_summary(local_vae, x, is_samples, compile)
     log_px = local["log_likelihood"]
     approximation = (log_px - local["elbo"]).numpy()
     amortization = (local["elbo"] - encoder["elbo"]).numpy()
@@ -396,11 +408,15 @@ def diagnose(
     overwrite: bool = False,
     progress: bool = True,
     log=print,
+    compile: bool | None = None,
 ) -> dict[str, Any]:
     """``pyro-vae diagnose``: NUTS reference posterior, gaps, PSIS k-hat; files in out_dir.
 
     Writes ``nuts.nc`` and ``guide.nc`` (ArviZ InferenceData), ``diagnostics.json``,
-    ``diagnostics.md`` and ``plots/*.png``.
+    ``diagnostics.md`` and ``plots/*.png``. Every measurement runs with the networks in
+    eval mode.
+    ``compile``: draw importance weights through captured graphs (``None``: when the
+    amount of work repays the capture).
     """
     from .evaluation import KHAT_THRESHOLD, log_likelihood_and_khat
     from .runs import load_run
@@ -446,7 +462,8 @@ def diagnose(
         if log:
             log("gaps: local SVI per image, importance-sampled log p(x) ...")
         gaps = inference_gaps(
-            vae, x, is_samples, local_steps=local_steps, seed=seed, progress=progress
+            vae, x, is_samples, local_steps=local_steps, seed=seed, progress=progress,
+            compile=compile,
         )
         gaps.pop("local_guide")
     else:
@@ -456,7 +473,9 @@ def diagnose(
         log(f"PSIS k-hat on {n_khat} test images, K={khat_samples} ...")
     with torch.random.fork_rng(devices=[]), pyro.validation_enabled(False):
         torch.manual_seed(seed)
-        _, khat = log_likelihood_and_khat(vae, test[:n_khat], khat_samples, progress=progress)
+        _, khat = log_likelihood_and_khat(
+            vae, test[:n_khat], khat_samples, progress=progress, compile=compile
+        )
     worst = np.argsort(-khat)[:16]
     summary = nuts_summary(nuts)
     moments = _compare_moments(nuts, guide)

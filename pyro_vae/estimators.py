@@ -25,6 +25,7 @@ from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 from torch import nn
 from torch.distributions import kl_divergence
 
+from .compat import values_trace
 from .errors import UserInputError
 from .model import DATA_PLATE
 
@@ -120,7 +121,7 @@ class ClosedFormKL_ELBO(TraceMeanField_ELBO):
 
     def _differentiable_loss_particle(self, model_trace, guide_trace):
         elbo = self.differentiable_elbo_particle(model_trace, guide_trace)
-        loss = -(elbo.detach() if torch._C._get_tracing_state() else torch_item(elbo))
+        loss = -(elbo.detach() if torch.jit.is_tracing() else torch_item(elbo))
         return loss, -elbo
 
     def differentiable_elbo_particle(self, model_trace, guide_trace) -> torch.Tensor:
@@ -464,9 +465,7 @@ class DReGELBO(ImportanceWeightedELBO):
         leaves = {name: value.detach().requires_grad_() for name, value in samples.items()}
         # replay (not condition): the latent sites stay latent, so handlers such as the
         # KL warm-up's LatentScale still recognise them
-        at_leaves = poutine.Trace()
-        for name, leaf in leaves.items():
-            at_leaves.add_node(name, type="sample", is_observed=False, value=leaf, infer={})
+        at_leaves = values_trace(leaves)
         model_trace = poutine.trace(poutine.replay(plate(model), trace=at_leaves)).get_trace(
             *args, **kwargs
         )

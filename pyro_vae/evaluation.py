@@ -1,11 +1,16 @@
-"""Evaluation: importance-sampled log-likelihood, PSIS k-hat, active units, test ELBO."""
+"""Evaluation: importance-sampled log-likelihood, PSIS k-hat, active units, test ELBO.
+
+Every evaluation runs with the networks in eval mode (dropout off, BatchNorm on its
+running statistics, which it leaves alone) and restores each submodule's own mode
+afterwards: see :func:`evaluation_mode`.
+"""
 
 from __future__ import annotations
 
 import math
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -14,7 +19,7 @@ import pyro
 import torch
 from pyro.infer.util import is_validation_enabled
 
-from .compiled import CompiledFunction
+from .compiled import CompiledFunction, capture_pays
 from .errors import UserInputError
 from .estimators import log_importance_weights
 
@@ -25,6 +30,31 @@ DEFAULT_MAX_ELEMENTS = 2**21
 KHAT_THRESHOLD = 0.7
 #: Burda et al. (2016): a latent unit is active if Cov_x(E_q[z_u]) exceeds this.
 ACTIVE_UNIT_THRESHOLD = 0.01
+
+
+def _modules_of(owner: Any) -> list[torch.nn.Module]:
+    """The networks of ``owner``: itself if it is a module, else its module attributes."""
+    if isinstance(owner, torch.nn.Module):
+        return [owner]
+    return [v for v in vars(owner).values() if isinstance(v, torch.nn.Module)]
+
+
+@contextmanager
+def evaluation_mode(*owners: Any) -> Iterator[None]:
+    """Put every network of ``owners`` in eval mode, and restore each submodule's own mode.
+
+    Evaluations run in eval mode: dropout off, BatchNorm normalizing with its running
+    statistics and leaving them alone. A caller's mixed modes (an encoder training, a
+    decoder in eval mode) come back exactly as they were, even if the body raises.
+    """
+    modes = [(m, m.training) for owner in owners for o in _modules_of(owner) for m in o.modules()]
+    for module, _ in modes:
+        module.training = False
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def _sizes(vae, n: int, num_samples: int, chunk_size, batch_size) -> tuple[int, int]:
@@ -40,14 +70,26 @@ def _sizes(vae, n: int, num_samples: int, chunk_size, batch_size) -> tuple[int, 
     return chunk_size, batch_size
 
 
-def _weight_chunks(vae, batch: torch.Tensor, num_samples: int, chunk_size: int) -> Iterator:
-    """Log-weights ``(size, batch)`` in float64, ``chunk_size`` samples at a time.
+def importance_weights(
+    vae, n: int, num_samples: int, chunk_size: int, batch_size: int, compile: bool | None = None
+) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """``weights(batch, size)``: ``log p(x, z_k) - log q(z_k | x)`` for ``size`` draws.
 
-    Drawn through a graph captured from the Pyro model and guide once per chunk shape
-    and checked against them (:mod:`pyro_vae.compiled`): the same numbers without
-    Pyro's per-call tracing. Callers turn Pyro validation off, having checked the data.
+    Drawn through a graph captured from the Pyro model and guide and checked against
+    them (:mod:`pyro_vae.compiled`): the same numbers without Pyro's per-call tracing.
+    ``compile=None`` captures when the ``ceil(n / batch_size) * ceil(num_samples /
+    chunk_size)`` calls to come repay the capture (:func:`~pyro_vae.compiled.capture_pays`).
+    Callers turn Pyro validation off, having checked the data.
     """
-    weights = CompiledFunction(log_importance_weights, vae)
+    if compile is None:
+        calls = math.ceil(n / batch_size) * math.ceil(num_samples / chunk_size)
+        compile = capture_pays(calls, graphs=4 if n % batch_size else 2)
+    # one owner state for the whole evaluation: nothing changes the networks meanwhile
+    return CompiledFunction(log_importance_weights, vae, compile, refresh_every_call=False)
+
+
+def _weight_chunks(weights: Callable, batch: torch.Tensor, num_samples: int, chunk_size: int):
+    """Log-weights ``(size, batch)`` in float64, ``chunk_size`` samples at a time."""
     for start in range(0, num_samples, chunk_size):
         size = min(chunk_size, num_samples - start)
         yield weights(batch, size).to(torch.float64)
@@ -85,6 +127,7 @@ def log_likelihood(
     chunk_size: int | None = None,
     batch_size: int | None = None,
     progress: bool = False,
+    compile: bool | None = None,
 ) -> torch.Tensor:
     r"""Importance-sampled ``log p(x)`` per data point, in nats, float64.
 
@@ -96,17 +139,25 @@ def log_likelihood(
     lower bound that tightens as K grows. Samples are drawn ``chunk_size`` at a time
     (vectorized), and each chunk's log-sum-exp is accumulated in float64, so memory is
     bounded by ``chunk_size * batch_size * data_dim`` whatever K is. Works for any
-    model/guide pair whose sample sites live in the ``"data"`` plate.
+    model/guide pair whose sample sites live in the ``"data"`` plate. Runs with the
+    networks in eval mode (:func:`evaluation_mode`). ``compile``: draw the weights
+    through a captured graph (``None``: when the amount of work repays the capture).
     """
     x = vae.flatten(x)
     n = x.shape[0]
     chunk_size, batch_size = _sizes(vae, n, num_samples, chunk_size, batch_size)
     result = torch.empty(n, dtype=torch.float64, device=x.device)
-    with torch.no_grad(), _checked_once(vae, x), _progress(n, num_samples, progress) as bar:
+    with (
+        torch.no_grad(),
+        evaluation_mode(vae),
+        _checked_once(vae, x),
+        _progress(n, num_samples, progress) as bar,
+    ):
+        weights = importance_weights(vae, n, num_samples, chunk_size, batch_size, compile)
         for start in range(0, n, batch_size):
             batch = x[start : start + batch_size]
             total = torch.full((batch.shape[0],), -math.inf, dtype=torch.float64, device=x.device)
-            for log_w in _weight_chunks(vae, batch, num_samples, chunk_size):
+            for log_w in _weight_chunks(weights, batch, num_samples, chunk_size):
                 total = torch.logaddexp(total, torch.logsumexp(log_w, 0))
             result[start : start + batch.shape[0]] = total - math.log(num_samples)
             bar.update(batch.shape[0])
@@ -141,20 +192,28 @@ def log_likelihood_and_khat(
     chunk_size: int | None = None,
     batch_size: int | None = None,
     progress: bool = False,
+    compile: bool | None = None,
 ) -> tuple[torch.Tensor, np.ndarray]:
     """:func:`log_likelihood` and the PSIS k-hat of the same K weights, per data point.
 
     Holds the ``K x batch`` weights of one batch at a time (float64), for the k-hat fit.
+    Runs with the networks in eval mode.
     """
     x = vae.flatten(x)
     n = x.shape[0]
     chunk_size, batch_size = _sizes(vae, n, num_samples, chunk_size, batch_size)
     result = torch.empty(n, dtype=torch.float64)
     khats = np.empty(n)
-    with torch.no_grad(), _checked_once(vae, x), _progress(n, num_samples, progress) as bar:
+    with (
+        torch.no_grad(),
+        evaluation_mode(vae),
+        _checked_once(vae, x),
+        _progress(n, num_samples, progress) as bar,
+    ):
+        weights = importance_weights(vae, n, num_samples, chunk_size, batch_size, compile)
         for start in range(0, n, batch_size):
             batch = x[start : start + batch_size]
-            log_w = torch.cat(list(_weight_chunks(vae, batch, num_samples, chunk_size)))
+            log_w = torch.cat(list(_weight_chunks(weights, batch, num_samples, chunk_size)))
             end = start + batch.shape[0]
             result[start:end] = (torch.logsumexp(log_w, 0) - math.log(num_samples)).cpu()
             khats[start:end] = psis_khat(log_w)
@@ -168,30 +227,53 @@ def active_units(
 ) -> dict[str, Any]:
     """Latent units whose posterior mean varies over the data (Burda et al., 2016).
 
-    ``A_u = Cov_x(E_{q(z|x)}[z_u]) > 0.01``. For a hierarchical guide, a layer's mean is
-    its conditional mean averaged over ``parent_draws`` draws of the layers it depends
-    on (the conditional mean at a single draw would add that draw's noise to the
-    covariance over x). For a one-layer guide the draws change nothing.
+    ``A_u = Cov_x(E_{q(z|x)}[z_u]) > 0.01``, per latent site of the guide. Where a site's
+    distribution depends on other latent draws (a lower layer of a hierarchical guide),
+    ``E_q[z_u | x]`` is an expectation over those draws: it is estimated per data point
+    by the mean of the conditional means at ``parent_draws`` draws, whose Monte Carlo
+    variance (the within-x variance over ``parent_draws``) is estimated per data point
+    and subtracted from the variance over x, so the estimate of ``Cov_x(E_q[z_u | x])``
+    is unbiased. Sites whose distribution depends on x alone (every site of a one-layer
+    guide) need one draw, and get one. Runs with the networks in eval mode.
+
+    Returns the count over all sites, the number of latent dimensions, and per site its
+    count, dimensions and the per-unit variance of the posterior mean.
     """
     import pyro
     from pyro import poutine
 
-    from .estimators import particle_plate
+    from .estimators import particle_plate, sample_sites
 
-    means: dict[str, list[torch.Tensor]] = {}
-    for start in range(0, x.shape[0], 1000):
-        batch = vae.flatten(x[start : start + 1000])
+    def conditional_means(batch: torch.Tensor, draws: int) -> dict[str, torch.Tensor]:
         with pyro.validation_enabled(False):
-            trace = poutine.trace(particle_plate(parent_draws)(vae.guide)).get_trace(batch)
-        for name in vae.latent_sites:
-            means.setdefault(name, []).append(trace.nodes[name]["fn"].mean.mean(0))
+            trace = poutine.trace(particle_plate(draws)(vae.guide)).get_trace(batch)
+        means = {}
+        for site in sample_sites(trace):
+            mean = site["fn"].mean
+            means[site["name"]] = mean.expand(draws, *mean.shape[-2:])  # (draws, batch, dims)
+        return means
+
+    with evaluation_mode(vae):
+        x = vae.flatten(x)
+        probe = conditional_means(x[:1000], 2)
+        depends_on_draws = any(not torch.equal(m[0], m[1]) for m in probe.values())
+        draws = parent_draws if depends_on_draws else 1
+        means: dict[str, list[torch.Tensor]] = {}
+        within: dict[str, list[torch.Tensor]] = {}
+        for start in range(0, x.shape[0], 1000):
+            for name, m in conditional_means(x[start : start + 1000], draws).items():
+                means.setdefault(name, []).append(m.mean(0))
+                spread = m.var(0) / draws if draws > 1 else torch.zeros_like(m[0])
+                within.setdefault(name, []).append(spread)
     per_site = {}
     for name, values in means.items():
-        variance = torch.cat(values).var(0)
+        between = torch.cat(values).var(0)
+        variance = between - torch.cat(within[name]).mean(0)
         per_site[name] = {
             "active": int((variance > threshold).sum()),
             "dims": int(variance.numel()),
             "variance": variance.cpu().tolist(),
+            "parent_draws": draws,
         }
     return {
         "active_units": sum(site["active"] for site in per_site.values()),
@@ -207,6 +289,7 @@ def evaluate(
     elbo_samples: int = 10,
     progress: bool = False,
     chunk_size: int | None = None,
+    compile: bool | None = None,
 ) -> dict[str, Any]:
     """Everything we report about a trained VAE on ``images`` (nats per data point).
 
@@ -215,16 +298,18 @@ def evaluate(
     - ``test_log_likelihood``: importance-sampled log p(x) with K = ``num_samples``
       (``test_nll`` = its negative, positive, the number papers print);
     - ``active_units``; PSIS k-hat summary of the K weights (mean, max, share > 0.7).
+
+    Runs with the networks in eval mode and restores their modes (:func:`evaluation_mode`).
     """
     from .training import evaluate_elbo
 
     started = time.perf_counter()
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), evaluation_mode(vae):
         torch.manual_seed(0)
         analytic = evaluate_elbo(vae, images, elbo_samples)
         mc = evaluate_elbo(vae, images, elbo_samples, kl="mc")
         log_px, khat = log_likelihood_and_khat(
-            vae, images, num_samples, chunk_size=chunk_size, progress=progress
+            vae, images, num_samples, chunk_size=chunk_size, progress=progress, compile=compile
         )
         units = active_units(vae, images)
     log_px_mean = float(log_px.mean())

@@ -86,11 +86,12 @@ class Likelihood(nn.Module):
         """Raise :class:`DataError` if ``x`` has non-finite values or lies outside the support."""
         if x.numel() == 0:
             raise DataError(f"{what} is empty: pass at least one data point")
-        if not torch.isfinite(x).all():
+        # one pass over the data: a NaN makes both extremes NaN, an infinity is one of them
+        x_min, x_max = (float(v) for v in torch.aminmax(x.detach()))
+        if not (math.isfinite(x_min) and math.isfinite(x_max)):
             raise DataError(f"{what} contains NaN or infinite values: clean the data first")
         if self.support is not None:
             low, high = self.support
-            x_min, x_max = float(x.min()), float(x.max())
             if x_min < low or x_max > high:
                 raise DataError(
                     f"{what} has values in [{x_min:g}, {x_max:g}], outside [{low:g}, {high:g}] "

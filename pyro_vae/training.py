@@ -3,9 +3,12 @@
 Each step computes the estimator's loss (``elbo.differentiable_loss``, a Pyro ELBO on
 the Pyro model and guide) and its gradients, checks that both are finite, and only then
 lets the optimizer step. The loss and gradients come from a graph captured from that
-ELBO once per batch shape and checked against it (:mod:`pyro_vae.compiled`; about 1 ms
-less per step, measured), or from the ELBO itself with ``compile=False``, under KL
-warm-up, and for free bits. That check is why the loop does not call
+ELBO and checked against it (:mod:`pyro_vae.compiled`; about 1 ms less per step,
+measured) when the run is long enough to repay the capture, or from the ELBO itself
+(``compile=False``, short runs, KL warm-up, free bits). The networks train in the modes
+the caller left them in; every evaluation switches them to eval mode and back.
+
+The finite check before each step is why the loop does not call
 ``pyro.infer.SVI.step``, which steps at once; and the optimizer is a ``torch.optim``
 optimizer over the VAE's parameters, whose ``state_dict`` covers every parameter whether
 or not it has stepped (Pyro's ``PyroOptim.get_state`` covers only those that have, so a
@@ -21,6 +24,7 @@ import json
 import math
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,12 +42,13 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from .compiled import CompiledLoss
+from .compat import tensor_version
+from .compiled import CompiledLoss, capture_pays
 from .config import TrainConfig
 from .data import VAEData
 from .errors import CheckpointError, NonFiniteError, UserInputError
 from .estimators import FreeBitsELBO, check_estimator_fits, elbo_terms, make_elbo
-from .evaluation import active_units
+from .evaluation import active_units, evaluation_mode
 from .model import param_store_registration
 
 CHECKPOINT = "checkpoint.pt"
@@ -98,14 +103,16 @@ def evaluate_elbo(
 ) -> dict[str, float]:
     """Mean ELBO, expected log-likelihood and KL per data point over ``images``.
 
-    ``kl`` defaults to the closed form where it is exact for this model and guide.
+    ``kl`` defaults to the closed form where it is exact for this model and guide. Runs
+    with the networks in eval mode and restores their modes.
     """
     if kl is None:
         kl = "analytic" if getattr(vae, "analytic_kl_is_exact", True) else "mc"
     totals: dict[str, float] = {}
     for start in range(0, images.shape[0], EVAL_BATCH):
         batch = images[start : start + EVAL_BATCH].to(device)
-        terms = elbo_terms(vae, batch, kl=kl, num_samples=num_samples)
+        with evaluation_mode(vae):
+            terms = elbo_terms(vae, batch, kl=kl, num_samples=num_samples)
         values = {
             "elbo": terms.elbo,
             "expected_log_likelihood": terms.expected_log_likelihood,
@@ -115,6 +122,21 @@ def evaluate_elbo(
         for name, value in values.items():
             totals[name] = totals.get(name, 0.0) + float(value.sum())
     return {name: total / images.shape[0] for name, total in totals.items()}
+
+
+def learning_rate(config: TrainConfig, epoch: int) -> float:
+    """The learning rate of epoch ``epoch`` (0-based), in closed form.
+
+    ``constant``: ``lr``; ``exponential``: ``lr * lr_gamma**epoch``; ``cosine``:
+    ``lr * (1 + cos(pi * epoch / epochs)) / 2``, annealing to zero at the last epoch of
+    the run as it is configured now (a run extended with more epochs anneals to its new
+    end). A pure function of the epoch: a resumed run needs no scheduler state.
+    """
+    if config.lr_schedule == "exponential":
+        return config.lr * config.lr_gamma**epoch
+    if config.lr_schedule == "cosine":
+        return config.lr * (1 + math.cos(math.pi * min(epoch, config.epochs) / config.epochs)) / 2
+    return config.lr
 
 
 def make_adam(parameters: list[torch.Tensor], lr: float) -> torch.optim.Adam:
@@ -148,23 +170,18 @@ class Trainer:
             self.elbo = FreeBitsELBO(config.particles, config.free_bits, kl)
         else:
             self.elbo = make_elbo(config.estimator, config.particles, alpha=config.alpha)
-        # the step's loss and gradients: the ELBO's, replayed from a captured graph
-        self.loss = CompiledLoss(self.elbo, self.vae, enabled=config.compile)
-        self.parameters = [p for p in vae.parameters() if p.requires_grad]
+        # the step's loss and gradients: the ELBO's, replayed from a captured graph; the
+        # trainer refreshes the graph's view of the networks at the start of each epoch
+        self.loss = CompiledLoss(self.elbo, self.vae, refresh_every_call=False)
+        # every parameter: frozen ones get no gradient and are skipped by the step, and a
+        # callback may unfreeze them between epochs
+        self.parameters = list(vae.parameters())
         if config.optimizer == "adam":
             self.optimizer = make_adam(self.parameters, config.lr)
         else:
             from pyro.optim.clipped_adam import ClippedAdam
 
             self.optimizer = ClippedAdam(self.parameters, lr=config.lr, clip_norm=config.clip_norm)
-        if config.lr_schedule == "exponential":
-            self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, config.lr_gamma)
-        elif config.lr_schedule == "cosine":
-            self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-                self.optimizer, config.epochs
-            )
-        else:
-            self.scheduler = None
         self.data_generator = torch.Generator().manual_seed(config.seed)
         self.num_data = len(data.train)
         self.steps_per_epoch = math.ceil(self.num_data / config.batch_size)
@@ -180,7 +197,6 @@ class Trainer:
         return {
             "model": self.vae.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
             "rng": rng_state(self.data_generator),
             "epoch": self.epoch,
             "step": self.step,
@@ -197,8 +213,6 @@ class Trainer:
         try:
             self.vae.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
-            if self.scheduler is not None and state.get("scheduler") is not None:
-                self.scheduler.load_state_dict(state["scheduler"])
             set_rng_state(state["rng"], self.data_generator)
             self.epoch, self.step = int(state["epoch"]), int(state["step"])
             self.history = History(
@@ -207,29 +221,11 @@ class Trainer:
             self.best_elbo = float(state["best_elbo"])
             self.epochs_since_best = int(state["epochs_since_best"])
             self.finished = bool(state["finished"])
-            if isinstance(self.scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
-                self._stretch_cosine(self.config.epochs)
         except (KeyError, RuntimeError, ValueError, TypeError) as error:
             raise CheckpointError(
                 f"the checkpoint does not fit this model or version ({str(error).splitlines()[0]}):"
                 f" resume with the run's own config.json, or start over with --overwrite"
             ) from None
-
-    def _stretch_cosine(self, epochs: int) -> None:
-        """A run extended with --epochs anneals to its new end: the closed form at the
-        current epoch (the scheduler's own update is relative to the last rate)."""
-        scheduler = self.scheduler
-        if scheduler.T_max == epochs:
-            return
-        scheduler.T_max = epochs
-        progress = min(scheduler.last_epoch, epochs) / epochs
-        rates = [
-            scheduler.eta_min + (base - scheduler.eta_min) * (1 + math.cos(math.pi * progress)) / 2
-            for base in scheduler.base_lrs
-        ]
-        for group, rate in zip(self.optimizer.param_groups, rates):
-            group["lr"] = rate
-        scheduler._last_lr = rates
 
     def save(self, path: Path | None = None) -> None:
         if self.run_dir is None:
@@ -249,6 +245,9 @@ class Trainer:
         from tqdm.auto import tqdm
 
         config, vae = self.config, self.vae
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(config, self.epoch)
+        self.loss.refresh()  # the networks as they are now (a callback may have changed them)
         total, count = 0.0, 0
         bar = tqdm(
             total=self.steps_per_epoch,
@@ -328,10 +327,15 @@ class Trainer:
         )
 
     def evaluate(self) -> dict[str, float]:
-        """Test (and validation) ELBO with its terms, with an RNG forked from the run's."""
+        """Test (and validation) ELBO with its terms and active units, with an RNG forked
+        from the run's, in eval mode (the networks' modes are restored afterwards)."""
         config = self.config
         metrics: dict[str, float] = {}
-        with torch.random.fork_rng(devices=[]), pyro.validation_enabled(False):
+        with (
+            torch.random.fork_rng(devices=[]),
+            pyro.validation_enabled(False),
+            evaluation_mode(self.vae),
+        ):
             torch.manual_seed(config.seed * 100_003 + self.epoch)
             splits = [("test", self.data.evaluation_images("test"))]
             if len(self.data.validation):
@@ -355,6 +359,7 @@ class Trainer:
         log: Callable | None = print,
     ) -> History:
         config = self.config
+        self.loss.enabled = self.compiles()
         if self.epoch == 0 and self.step == 0:
             self.save()  # a good checkpoint exists from the start
         elif self.history.epochs:
@@ -375,8 +380,6 @@ class Trainer:
                 "lr": self.optimizer.param_groups[0]["lr"],
                 "kl_factor": self.kl_factor(self.step - 1),  # of the epoch's last step
             }
-            if self.scheduler is not None:
-                self.scheduler.step()
             self.history.epochs.append(metrics)
             stop = self._early_stopping(metrics)
             self.finished = stop or self.epoch >= config.epochs
@@ -395,6 +398,24 @@ class Trainer:
         return self.history
 
     _best_state: dict[str, torch.Tensor] | None = None
+
+    def compiles(self) -> bool:
+        """Whether steps replay a captured graph: ``config.compile``, or with ``"auto"``,
+        whether capturing pays (:func:`~pyro_vae.compiled.capture_pays`).
+
+        The work counted is the steps left in this run plus the steps this module has
+        already taken in this process: a caller who fits one epoch at a time in a loop
+        trains eagerly until the eager steps have cost about what a capture costs, and
+        from then on from graphs (the ski-rental rule: never more than about twice the
+        best choice made in hindsight). Graphs already cached for the module as it is
+        now cost nothing to capture.
+        """
+        if self.config.compile != "auto":
+            return bool(self.config.compile)
+        shapes = 2 if self.num_data % self.config.batch_size else 1
+        needed = max(0, shapes - self.loss.cached_graphs())
+        steps = max(0, self.config.epochs - self.epoch) * self.steps_per_epoch
+        return capture_pays(steps + self.loss.calls(), graphs=needed)
 
     def _early_stopping(self, metrics: dict[str, float]) -> bool:
         if "validation_elbo" not in metrics:
@@ -432,6 +453,34 @@ def format_epoch(metrics: dict[str, Any], epochs: int) -> str:
     return line + f"  {metrics['seconds']:6.2f} s"
 
 
+def check_data_once(vae, data: VAEData) -> None:
+    """Check every split of ``data`` against the model (its shape, finite values inside
+    the likelihood's support), once per data set and kind of model.
+
+    The check reads every value (70,000 MNIST images: a sizeable share of a short
+    ``fit`` call), so it is remembered in ``data``: a later call with the same model
+    kind on the same, unchanged tensors skips it. Replacing a split's tensor or changing
+    it in place (its version counter moves) makes the next call check again.
+    """
+    likelihood = getattr(vae, "likelihood", None)
+    kind = (
+        type(vae),
+        getattr(vae, "data_shape", None),
+        type(likelihood),
+        getattr(likelihood, "support", None),
+    )
+    for split in ("train", "test", "validation"):
+        images = getattr(data, split).images
+        if not images.shape[0]:
+            continue
+        version = tensor_version(images)
+        seen = data.checked.get((split, kind))
+        if version is not None and seen is not None and seen[0]() is images and seen[1] == version:
+            continue
+        vae.check_data(images, what=f"the {split} set of {data.name}")
+        data.checked[(split, kind)] = (weakref.ref(images), version)
+
+
 def fit(
     vae,
     data: VAEData,
@@ -460,10 +509,7 @@ def fit(
         raise UserInputError("CUDA is not available on this machine: use --device cpu")
     if len(data.train) == 0:
         raise UserInputError("the training set is empty: pass data with at least one point")
-    for split in ("train", "test", "validation"):
-        images = getattr(data, split).images
-        if images.shape[0]:
-            vae.check_data(images, what=f"the {split} set of {data.name}")
+    check_data_once(vae, data)
     if run_dir is not None:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
     if not resume:

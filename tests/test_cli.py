@@ -93,6 +93,33 @@ def test_evaluate_json(finished_run, capsys):
     assert code == 0 and "test log p(x), K=10" in out
 
 
+def test_evaluate_compiles_on_request_and_not_by_default_for_small_work(
+    finished_run, capsys, monkeypatch
+):
+    from pyro_vae import evaluation
+
+    seen = []
+    original = evaluation.CompiledFunction
+
+    def spy(function, owner, enabled=True, **kwargs):
+        seen.append(enabled)
+        return original(function, owner, enabled, **kwargs)
+
+    monkeypatch.setattr(evaluation, "CompiledFunction", spy)
+    for flags, expected in (([], False), (["--compile"], True), (["--no-compile"], False)):
+        code, out, _ = run_cli(["evaluate", finished_run, "--samples", "20", *flags], capsys)
+        assert code == 0 and seen[-1] is expected, (flags, seen)
+
+
+@pytest.mark.parametrize("command", ["compare", "diagnose"])
+def test_compare_and_diagnose_take_the_compile_switch(command):
+    from pyro_vae.cli import build_parser
+
+    args = build_parser().parse_args([command, *(["run"] if command == "diagnose" else []),
+                                      "--no-compile"])
+    assert args.compile is False
+
+
 def test_sample_writes_a_png(finished_run, capsys, tmp_path):
     code, _, _ = run_cli(["sample", finished_run, "--n", "16", "--out", tmp_path / "s.png"], capsys)
     assert code == 0 and is_png(tmp_path / "s.png")
@@ -282,7 +309,7 @@ def test_resume_refuses_changed_options(finished_run, capsys):
         ('{"train": {"lr": Infinity}}', "learning rate must be a finite number"),
         ('{"train": {"kl_warmup_epochs": NaN}}', "kl_warmup_epochs must be a finite number"),
         ('{"data": {"data_dir": 5}}', "data_dir must be a folder name"),
-        ('{"train": {"compile": "yes"}}', "compile must be true or false"),
+        ('{"train": {"compile": "yes"}}', "compile must be true, false or"),
     ],
 )
 def test_bad_config_files(content, message, capsys, tmp_path):

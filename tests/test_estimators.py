@@ -275,7 +275,9 @@ def test_log_likelihood_does_not_depend_on_chunking(digits_vae, monkeypatch):
 
     monkeypatch.setattr(evaluation, "log_importance_weights", weights)
     # the chunking alone: stateful stand-in weights are called as they are, not captured
-    monkeypatch.setattr(evaluation, "CompiledFunction", lambda f, owner: partial(f, owner))
+    monkeypatch.setattr(
+        evaluation, "CompiledFunction", lambda f, owner, *args, **kwargs: partial(f, owner)
+    )
     exact = torch.logsumexp(fixed.double(), 0) - math.log(60)
     for chunk, batch in ((60, N), (7, N), (60, 5), (13, 3)):
         pieces = []

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+import warnings
+
 import pytest
 import torch
 
-from pyro_vae import ModelConfig, TrainConfig, build_vae, load_data
+from pyro_vae import ModelConfig, TrainConfig, build_vae, load_data, make_elbo
 from pyro_vae.evaluation import active_units, evaluate, log_likelihood_and_khat, psis_khat
 from pyro_vae.exact import LinearGaussianVAE
 from pyro_vae.training import fit
@@ -74,3 +77,135 @@ def test_active_units_average_conditional_means_over_parent_draws():
     averaged = active_units(vae, x, parent_draws=4096)["by_site"]["z2"]
     assert one_draw == 2  # the single-draw noise alone exceeds the 0.01 threshold
     assert averaged["active"] == 0 and max(averaged["variance"]) < 0.01
+
+
+def test_active_units_of_a_lower_layer_remove_the_monte_carlo_variance_of_its_parents():
+    """Known answer: q(z1|x) = N(x_0 e_0 + c, ~1), q(z2|z1) = N(sum(z1) + c2, .), so
+    E_q[z1_0 | x] = x_0 + c and E_q[z2_j | x] = x_0 + const: their variance over x is
+    exactly the sample variance of x_0, every other unit of z1 has variance 0.
+
+    The conditional mean of z2 averaged over 32 draws of z1 carries Monte Carlo noise of
+    variance ~3 * 0.95 / 32 = 0.09 per image, above the 0.01 threshold on its own (the
+    reported bug counted such units active). The corrected estimate differs from the
+    exact value only through the covariance of that noise with x_0 and through the
+    estimate of the noise variance: a standard error of about
+    sqrt(4 * Var(x_0) * 0.09 / 2000) ~ 0.02 for 2000 images; 0.1 is 5 of those.
+    """
+    from pyro_vae.exact import TwoLayerLinearGaussianVAE
+
+    vae = TwoLayerLinearGaussianVAE.random(5, (3, 2), (0.6, 0.8), "bottom-up", seed=4)
+    with torch.no_grad():
+        vae.inference.q1.weight.zero_()
+        vae.inference.q1.weight[0, 0] = 1.0
+        vae.inference.raw_scale1.fill_(0.5)
+        vae.inference.q2_from_z1.weight.fill_(1.0)
+    x = vae.marginal().sample((2000,)).float()
+    exact = float(x[:, 0].var())
+    torch.manual_seed(0)
+    result = active_units(vae, x)  # the default: 32 parent draws
+    z1, z2 = result["by_site"]["z1"], result["by_site"]["z2"]
+    assert z1["variance"][0] == pytest.approx(exact, rel=1e-4)  # z1 needs no draws of others
+    assert max(abs(v) for v in z1["variance"][1:]) < 1e-10
+    assert z2["variance"] == pytest.approx([exact, exact], abs=0.1)
+    assert (z1["active"], z2["active"]) == (1, 2)
+    # and where E_q[z2 | x] does not depend on x at all, no unit of z2 is active
+    with torch.no_grad():
+        vae.inference.q1.weight.zero_()
+    torch.manual_seed(0)
+    z2 = active_units(vae, x)["by_site"]["z2"]
+    assert z2["active"] == 0 and max(abs(v) for v in z2["variance"]) < 0.01
+
+
+def test_a_one_layer_guide_needs_one_draw_for_its_active_units():
+    vae = LinearGaussianVAE.random(6, 4, noise_scale=0.5, seed=0)
+    x = vae.marginal().sample((300,)).float()
+    assert active_units(vae, x)["by_site"]["z"]["parent_draws"] == 1
+
+
+class _Noisy(torch.nn.Module):
+    """An encoder body with dropout and BatchNorm: train mode changes numbers and state."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = torch.nn.BatchNorm1d(64)
+        self.drop = torch.nn.Dropout(0.5)
+
+    def forward(self, x):
+        lead = x.shape[:-1]
+        return self.drop(self.norm(x.reshape(-1, 64))).reshape(*lead, 64)
+
+
+def _noisy_vae():
+    torch.manual_seed(0)
+    vae = build_vae(ModelConfig(latent_dims=(3,), hidden=(16,)), (1, 8, 8))
+    vae.encoder.body = torch.nn.Sequential(_Noisy(), vae.encoder.body)
+    vae.decoder.eval()  # a caller's own mix of modes
+    return vae
+
+
+def _modes(vae):
+    return {name: m.training for name, m in vae.named_modules()}
+
+
+@pytest.mark.parametrize(
+    "measure",
+    ["evaluate", "log_likelihood", "active_units", "gradient_draws", "bound_tightness",
+     "inference_gaps", "nuts_posterior"],
+)
+def test_every_evaluation_runs_in_eval_mode_and_restores_the_callers_modes(measure):
+    from pyro_vae.compare import bound_tightness, gradient_draws
+    from pyro_vae.diagnostics import inference_gaps, nuts_posterior
+    from pyro_vae.evaluation import log_likelihood
+
+    x = load_data("digits", limit=40).evaluation_images("test")[:12]
+    runs = {
+        "evaluate": lambda vae: evaluate(vae, x, num_samples=20, elbo_samples=2)["test_elbo"],
+        "log_likelihood": lambda vae: log_likelihood(vae, x, num_samples=20),
+        "active_units": lambda vae: active_units(vae, x)["by_site"]["z"]["variance"],
+        "gradient_draws": lambda vae: gradient_draws(vae, x, make_elbo("mc"), 3)["encoder"],
+        "bound_tightness": lambda vae: bound_tightness(vae, x, (1, 5), 20)["bound_means"],
+        "inference_gaps": lambda vae: inference_gaps(vae, x[:2], 50, local_steps=3)[
+            "amortized_elbo"
+        ]["mean"],
+        "nuts_posterior": lambda vae: nuts_posterior(
+            vae, x[:1], chains=1, warmup=4, samples=4, jit=False
+        ).posterior["z"].values,
+    }
+    vae = _noisy_vae()
+    modes = _modes(vae)
+    norm = vae.encoder.body[0].norm
+    before = (norm.running_mean.clone(), int(norm.num_batches_tracked))
+    results = []
+    for _ in range(2):
+        torch.manual_seed(5)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # NUTS's few warm-up steps
+            results.append(runs[measure](vae))
+    assert _modes(vae) == modes
+    assert torch.equal(norm.running_mean, before[0]) and int(norm.num_batches_tracked) == before[1]
+    # and with dropout off the same seed gives the same numbers as an eval-mode copy
+    frozen = copy.deepcopy(vae).eval()
+    torch.manual_seed(5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = runs[measure](frozen)
+    assert str(results[0]) == str(expected) == str(results[1])
+
+
+def test_short_evaluations_stay_eager_and_long_ones_capture(monkeypatch):
+    from pyro_vae import compiled
+    from pyro_vae.compiled import _GRAPHS, capture_pays
+    from pyro_vae.evaluation import log_likelihood
+
+    monkeypatch.setattr(compiled.compat, "tracing_stack_loaded", lambda: False)
+    assert not capture_pays(30) and not capture_pays(1000, graphs=2)
+    assert capture_pays(10_000, graphs=2)
+    monkeypatch.setattr(compiled.compat, "tracing_stack_loaded", lambda: True)
+    assert capture_pays(1000) and not capture_pays(100)
+
+    vae = LinearGaussianVAE.random(6, 2, noise_scale=0.5, seed=0)
+    x = vae.marginal().sample((20,)).float()
+    log_likelihood(vae, x, num_samples=50)  # 2 batches x 1 chunk: eager
+    assert not _GRAPHS.get(vae)
+    log_likelihood(vae, x, num_samples=50, compile=True)
+    assert any(g is not None for g in _GRAPHS[vae].values())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import pyro
 import pytest
@@ -298,3 +299,77 @@ def test_free_bits_threshold_applies_to_the_unannealed_kl(small_data):
 
     for a, b in zip(grads(FreeBitsELBO(1, threshold, "analytic")), grads(make_elbo("analytic"))):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_the_data_are_checked_once_per_data_set_until_they_change(monkeypatch):
+    small_data = load_data("digits", limit=300)  # a data set no other test has checked
+    vae = _vae(small_data)
+    calls = []
+    check = vae.check_data
+    monkeypatch.setattr(vae, "check_data", lambda x, what: calls.append(what) or check(x, what))
+    config = TrainConfig(epochs=1, batch_size=100)
+    fit(vae, small_data, config, log=None, progress=False)
+    assert len(calls) == 2  # train and test (no validation split)
+    fit(vae, small_data, config, log=None, progress=False)
+    assert len(calls) == 2  # the same tensors, unchanged: no second pass over the data
+    small_data.test.images[0, 0] = 2.0  # an in-place change outside the support
+    with pytest.raises(DataError, match="outside"):
+        fit(vae, small_data, config, log=None, progress=False)
+    small_data.test.images[0, 0] = 0.0
+    fit(vae, small_data, config, log=None, progress=False)
+    assert len(calls) == 4  # the test split was checked again after each change
+
+
+def test_short_runs_train_eagerly_and_long_ones_from_a_graph(small_data, monkeypatch):
+    from pyro_vae import compiled
+    from pyro_vae.compiled import _GRAPHS
+
+    monkeypatch.setattr(compiled.compat, "tracing_stack_loaded", lambda: True)
+    for epochs, captured in ((1, False), (300, True)):  # 3 steps per epoch; 0.25 s a graph
+        vae = _vae(small_data)
+        trainer = Trainer(vae, small_data, TrainConfig(epochs=epochs, batch_size=100))
+        assert trainer.compiles() is captured
+    vae = _vae(small_data)
+    fit(vae, small_data, TrainConfig(epochs=1, batch_size=100), log=None, progress=False)
+    assert not _GRAPHS.get(vae)
+    fit(vae, small_data, TrainConfig(epochs=1, batch_size=100, compile=True), log=None,
+        progress=False)
+    assert any(g is not None for g in _GRAPHS[vae].values())
+
+
+@pytest.mark.parametrize("schedule", ["constant", "exponential", "cosine"])
+def test_learning_rates_follow_the_schedule_in_closed_form_through_resume(
+    small_data, tmp_path, schedule
+):
+    from pyro_vae.training import learning_rate
+
+    config = TrainConfig(epochs=4, batch_size=150, lr=0.01, lr_schedule=schedule, lr_gamma=0.5)
+    history = fit(_vae(small_data), small_data, config, run_dir=tmp_path / "a", log=None)
+    expected = {
+        "constant": [0.01] * 4,
+        "exponential": [0.01, 0.005, 0.0025, 0.00125],
+        "cosine": [0.01 * (1 + math.cos(math.pi * e / 4)) / 2 for e in range(4)],
+    }[schedule]
+    assert history["lr"] == pytest.approx(expected)
+    assert [learning_rate(config, e) for e in range(4)] == pytest.approx(expected)
+    # extended from 2 to 4 epochs, a cosine run anneals to its new end
+    fit(_vae(small_data), small_data, dataclasses.replace(config, epochs=2),
+        run_dir=tmp_path / "b", log=None)
+    resumed = fit(_vae(small_data), small_data, config, run_dir=tmp_path / "b", resume=True,
+                  log=None)
+    assert resumed["lr"][2:] == pytest.approx(expected[2:])
+
+
+def test_one_epoch_fits_in_a_loop_start_eager_then_capture_once_it_pays(small_data, monkeypatch):
+    from pyro_vae import compiled
+    from pyro_vae.compiled import _GRAPHS
+
+    monkeypatch.setattr(compiled.compat, "tracing_stack_loaded", lambda: True)
+    monkeypatch.setattr(compiled, "CAPTURE_SECONDS", 0.004)  # the price of 4 saved steps
+    vae = _vae(small_data)
+    config = TrainConfig(epochs=1, batch_size=100)  # 3 steps: 3 ms saved < 4 ms
+    captured = []
+    for _ in range(3):
+        fit(vae, small_data, config, log=None, progress=False)
+        captured.append(sum(g is not None for g in _GRAPHS.get(vae, {}).values()))
+    assert captured == [0, 1, 1]  # 3 + 3 earlier steps repay it; then the graph is reused
