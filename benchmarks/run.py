@@ -122,26 +122,109 @@ def floor_epoch(vae, data: VAEData, estimator: str, k: int, batch_size: int, see
 
 
 def fit_epoch(vae, data: VAEData, estimator: str, k: int, batch_size: int, seed: int) -> float:
+    """The training seconds of a one-epoch ``fit``, replaying captured graphs (the per-step
+    comparison: ``compile=True``, so that the short timed epochs do not run eagerly)."""
     config = TrainConfig(
-        estimator=estimator, particles=k, epochs=1, batch_size=batch_size, seed=seed
+        estimator=estimator, particles=k, epochs=1, batch_size=batch_size, seed=seed, compile=True
     )
     history = fit(vae, data, config, progress=False, log=None)
     return history.last["seconds"]
+
+
+def fit_call(vae, data: VAEData, estimator: str, batch_size: int) -> float:
+    """A whole one-epoch ``fit`` call with its defaults, as a user pays it: the data check,
+    building the trainer, the epoch, the per-epoch test evaluation."""
+    config = TrainConfig(estimator=estimator, epochs=1, batch_size=batch_size)
+    return _timed(lambda: fit(vae, data, config, progress=False, log=None))
+
+
+def whole_calls(data: VAEData, args) -> list[dict[str, Any]]:
+    """Whole one-epoch ``fit`` calls on the full training set against whole epochs of the
+    plain loop, alternating, on the same two models throughout (as a user calling ``fit``
+    in a loop). The first calls are reported apart: the first trains eagerly (one epoch
+    does not repay a capture on its own), the second captures the graphs, the later ones
+    replay them."""
+    rows = []
+    if args.call_images:
+        data = subset(data, args.call_images)
+    for estimator, batch in (("mc", 128), ("mc", 256), ("analytic", 128), ("analytic", 256)):
+        torch.manual_seed(0)
+        ours_vae = build_vae(NETWORK, data.data_shape)
+        floor_vae = build_vae(NETWORK, data.data_shape)
+        floor_vae.load_state_dict(ours_vae.state_dict())
+        first = [fit_call(ours_vae, data, estimator, batch) for _ in range(2)]
+        times = interleaved(
+            {
+                "pyro_vae.fit": partial(fit_call, ours_vae, data, estimator, batch),
+                "pytorch floor": partial(floor_epoch, floor_vae, data, estimator, 1, batch, 0),
+            },
+            args.call_repeats,
+        )
+        row = {
+            "estimator": estimator,
+            "batch": batch,
+            "images": len(data.train),
+            "first_calls_seconds": first,
+            "ours_seconds": statistics.median(times["pyro_vae.fit"]),
+            "floor_seconds": statistics.median(times["pytorch floor"]),
+            **compared(times["pyro_vae.fit"], times["pytorch floor"]),
+            "target": 1.05,
+        }
+        rows.append(row)
+        low, high = row["ratio_of_pairs_quartiles"]
+        print(
+            f"  {estimator:8} B={batch:<4} one-epoch fit call {row['ours_seconds']:6.2f} s, "
+            f"plain epoch {row['floor_seconds']:6.2f} s, ratio {row['ratio']:.3f} (quartiles "
+            f"{low:.3f}..{high:.3f}; {_target(1.05)}); first two calls "
+            f"{first[0]:.2f} s (eager), {first[1]:.2f} s (captures)",
+            flush=True,
+        )
+    return rows
+
+
+def _machine_busy() -> float | None:
+    """CPU seconds the whole machine has spent busy (Linux ``/proc/stat``), or None."""
+    try:
+        with open("/proc/stat") as handle:
+            fields = handle.readline().split()
+    except OSError:
+        return None
+    return sum(int(v) for v in fields[1:4]) / os.sysconf("SC_CLK_TCK")  # user, nice, system
+
+
+#: CPUs used by other processes during each timed call of the last ``interleaved``
+OTHERS: list[float] = []
+
+
+def _watched(function) -> float:
+    """Run ``function`` (which returns its own timing) and note how many CPUs other
+    processes used meanwhile: with torch's two OpenMP threads on two cores, one busy
+    neighbour makes the threads share a core and spin, and steps take 4-7x longer (for
+    fresh and trained parameters alike; measured, not denormal floats)."""
+    busy, own, started = _machine_busy(), time.process_time(), time.perf_counter()
+    result = function()
+    wall = time.perf_counter() - started
+    if busy is not None and wall > 0:
+        others = ((_machine_busy() - busy) - (time.process_time() - own)) / wall
+        OTHERS.append(max(0.0, others))
+    return result
 
 
 def interleaved(functions: dict[str, Any], repeats: int) -> dict[str, list[float]]:
     """Run each function once per round, in turn, for ``repeats`` rounds (after a warm-up).
 
     The order alternates between rounds (A B, B A, ...), so neither side always runs
-    first after the other's caches and allocations.
+    first after the other's caches and allocations. :data:`OTHERS` collects the load
+    other processes put on the machine during the timed calls.
     """
     for function in functions.values():
         function()
+    OTHERS.clear()
     times: dict[str, list[float]] = {name: [] for name in functions}
     names = list(functions)
     for round_ in range(repeats):
         for name in names if round_ % 2 == 0 else reversed(names):
-            times[name].append(functions[name]())
+            times[name].append(_watched(functions[name]))
     return times
 
 
@@ -161,6 +244,10 @@ def compared(ours: list[float], floor: list[float]) -> dict[str, Any]:
         "ratio_of_pairs_quartiles": [quartiles[0], quartiles[2]],
         "ratio_of_pairs_range": [pairs[0], pairs[-1]],
         "rounds": len(pairs),
+        # CPUs other processes used during the timed calls: above ~0.3 the absolute
+        # times are inflated (the per-round ratio still compares like with like)
+        "others_cpu_median": statistics.median(OTHERS) if OTHERS else None,
+        "others_cpu_max": max(OTHERS) if OTHERS else None,
     }
 
 
@@ -214,6 +301,79 @@ def training(data: VAEData, args) -> list[dict[str, Any]]:
             flush=True,
         )
     return rows
+
+
+def trained_state(data: VAEData, args) -> dict[str, Any]:
+    """Step times at trained parameters, not only fresh ones (numeric slowdowns such as
+    denormal floats appear only after training): the network is trained with IWAE K=50
+    for ``trained_steps`` steps, then ours and the floor are timed, alternating, at the
+    fresh and at the trained parameters, for IWAE K=50 and mc."""
+    torch.manual_seed(0)
+    fresh = build_vae(NETWORK, data.data_shape)
+    trained = build_vae(NETWORK, data.data_shape)
+    trained.load_state_dict(fresh.state_dict())
+    batch = 128
+    part = subset(data, args.trained_steps * batch)
+    started = time.perf_counter()
+    config = TrainConfig(estimator="iwae", particles=50, epochs=1, batch_size=batch, compile=True)
+    fit(trained, part, config, progress=False, log=None)
+    train_seconds = time.perf_counter() - started
+    rows = []
+    for estimator, k in (("iwae", 50), ("mc", 1)):
+        steps = max(5, args.steps // 5) if k == 50 else args.steps
+        timed = subset(data, steps * batch)
+        models = {}
+        for state_name, source in (("fresh", fresh), ("trained", trained)):
+            for side in ("ours", "floor"):
+                model = build_vae(NETWORK, data.data_shape)
+                model.load_state_dict(source.state_dict())
+                models[f"{side}, {state_name}"] = model
+        functions = {
+            name: partial(_epoch_from, model, copy_state(model), name, timed, estimator, k, batch)
+            for name, model in models.items()
+        }
+        times = interleaved(functions, args.trained_repeats)
+        per_step = {name: statistics.median(v) / steps * 1e3 for name, v in times.items()}
+        row = {
+            "estimator": estimator,
+            "particles": k,
+            "batch": batch,
+            "ms_per_step": per_step,
+            "ours_over_floor_fresh": compared(times["ours, fresh"], times["floor, fresh"])["ratio"],
+            "ours_over_floor_trained": compared(times["ours, trained"], times["floor, trained"])[
+                "ratio"
+            ],
+            "trained_over_fresh_ours": compared(times["ours, trained"], times["ours, fresh"])[
+                "ratio"
+            ],
+            "trained_over_fresh_floor": compared(times["floor, trained"], times["floor, fresh"])[
+                "ratio"
+            ],
+            "others_cpu_median": statistics.median(OTHERS) if OTHERS else None,
+            "others_cpu_max": max(OTHERS) if OTHERS else None,
+        }
+        rows.append(row)
+        print(
+            f"  {estimator:5} K={k:<3} ms/step: "
+            + ", ".join(f"{name} {value:.1f}" for name, value in per_step.items())
+            + f"; ours/floor fresh {row['ours_over_floor_fresh']:.3f}, trained "
+            f"{row['ours_over_floor_trained']:.3f}; trained/fresh ours "
+            f"{row['trained_over_fresh_ours']:.3f}, floor {row['trained_over_fresh_floor']:.3f}"
+            f" (other processes: median {row['others_cpu_median'] or 0:.2f} CPUs)",
+            flush=True,
+        )
+    return {"trained_steps": args.trained_steps, "train_seconds": train_seconds, "rows": rows}
+
+
+def _epoch_from(model, state, name, data, estimator, k, batch) -> float:
+    """One timed epoch from the same parameters in every round."""
+    model.load_state_dict(state)
+    epoch = fit_epoch if name.startswith("ours") else floor_epoch
+    return epoch(model, data, estimator, k, batch, 0)
+
+
+def copy_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: value.clone() for name, value in model.state_dict().items()}
 
 
 # ------------------------------------------------------------------------ Pyro's example
@@ -605,9 +765,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer steps and repeats (< 5 min)")
     parser.add_argument("--data-dir", type=Path, help="MNIST IDX folder (default ../shared)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results.json")
-    parser.add_argument("--sections", default="training,pyro-example,evaluation,scaling")
+    parser.add_argument(
+        "--sections",
+        default="training,whole-calls,trained-state,pyro-example,evaluation,scaling",
+    )
+    parser.add_argument("--trained-steps", type=int, help="IWAE-50 steps before timing")
+    parser.add_argument("--trained-repeats", type=int, help="rounds at trained parameters")
     parser.add_argument("--steps", type=int, help="gradient steps per timed epoch")
     parser.add_argument("--repeats", type=int, help="interleaved rounds per comparison")
+    parser.add_argument("--call-repeats", type=int, help="rounds of whole one-epoch calls")
+    parser.add_argument(
+        "--call-images", type=int, help="training images for whole calls (default all)"
+    )
     parser.add_argument("--eval-points", type=int, help="test points for log p(x)")
     parser.add_argument("--example-images", type=int, help="images per example epoch")
     parser.add_argument(
@@ -617,6 +786,9 @@ def main(argv: list[str] | None = None) -> None:
     quick = args.quick
     args.steps = args.steps or (20 if quick else 60)
     args.repeats = args.repeats or (7 if quick else 21)
+    args.call_repeats = args.call_repeats or (3 if quick else 7)
+    args.trained_steps = args.trained_steps or (60 if quick else 469)
+    args.trained_repeats = args.trained_repeats or (3 if quick else 7)
     args.eval_points = args.eval_points or (20 if quick else 200)
     args.example_images = args.example_images or (15360 if quick else 60000)
     args.batches = (32, 128, 512) if quick else (32, 64, 128, 256, 512, 1024)
@@ -639,6 +811,12 @@ def main(argv: list[str] | None = None) -> None:
         print("training throughput, 784-400 softplus-50 MLP, fused Adam both sides:")
         result["training"] = training(data, args)
         result["capture"] = capture_cost(args)
+    if "whole-calls" in sections:
+        print("whole one-epoch fit calls against whole plain epochs (full training set):")
+        result["whole_calls"] = whole_calls(data, args)
+    if "trained-state" in sections:
+        print("fresh against trained parameters (IWAE K=50 training first):")
+        result["trained_state"] = trained_state(data, args)
     if "pyro-example" in sections:
         print("against Pyro's examples/vae/vae.py configuration:")
         result["pyro_example"] = pyro_example(data, args)

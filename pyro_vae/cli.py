@@ -75,6 +75,7 @@ _TRAIN_FLAGS = {
     "seed": ("train", "seed"),
     "device": ("train", "device"),
     "compile": ("train", "compile"),
+    "monitor_images": ("train", "monitor_images"),
 }
 
 
@@ -132,6 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--validation-size", type=int, help="training points held out")
     train.add_argument("--early-stopping", type=int, metavar="PATIENCE", help="epochs")
     train.add_argument("--limit", type=int, help="use only this many train/test points")
+    train.add_argument(
+        "--monitor-images",
+        type=int,
+        metavar="N",
+        help="test images evaluated after every epoch, a fixed random subset (default 2000; "
+        "the final evaluation uses the whole test set)",
+    )
     train.add_argument("--seed", type=int, help="default 0")
     train.add_argument("--device", choices=("cpu", "cuda"), help="default cpu")
     _compile_flag(train, "each step's loss and gradients")

@@ -350,11 +350,18 @@ class _Captured:
         self.fallbacks: dict[Any, str] = {}  # key -> why it runs eagerly
         self.capture_seconds = 0.0  # time spent capturing and checking graphs
         self._state: ModuleState | None = None
+        self._prefix: _Hashed | None = None
 
     # ------------------------------------------------------------------ state
     def refresh(self) -> None:
         """Re-read the owner (its structure, flags, parameters) before the next call."""
-        self._state = module_state(self.owner) if self._swappable else None
+        self._state = state = module_state(self.owner) if self._swappable else None
+        self._prefix = None
+        if state is not None and state.reason is None:
+            try:
+                self._prefix = _Hashed((self._identity(), state.key, torch.get_default_dtype()))
+            except TypeError:  # an attribute or setting that cannot be hashed
+                self._prefix = None
 
     def _identity(self) -> Any:
         raise NotImplementedError
@@ -374,8 +381,8 @@ class _Captured:
             return 0
         if self.refresh_every_call or self._state is None:
             self.refresh()
-        prefix = (self._identity(), self._state.key)
-        return sum(1 for key, g in self._graphs.items() if g is not None and key[:2] == prefix)
+        prefix = self._prefix
+        return sum(1 for key, g in self._graphs.items() if g is not None and key[0] == prefix)
 
     # ------------------------------------------------------------------ running
     def _outputs(self, args: tuple, kwargs: dict):
@@ -387,29 +394,29 @@ class _Captured:
         state = self._state
         if state.reason is not None:
             self._note_fallback(("state", state.reason), state.reason, args)
+            if state.reason.startswith("the module has uninitialized"):
+                self._state = None  # its first call initializes it: look again next time
             return None
         try:
-            key = (
-                self._identity(),
-                state.key,
-                tuple(
-                    (a.shape, a.dtype, a.device, a.requires_grad) if torch.is_tensor(a) else a
-                    for a in args
-                ),
-                tuple(sorted(kwargs.items())),
-                torch.get_default_dtype(),
+            signature = tuple(
+                (a.shape, a.dtype, a.device, a.requires_grad) if torch.is_tensor(a) else a
+                for a in args
             )
-            hash(key)
+            key = (self._prefix, signature, tuple(sorted(kwargs.items())))
+            if self._prefix is None:
+                raise TypeError
+            graph = self._graphs.get(key, _MISSING)
         except TypeError:
             self._note_fallback("unhashable", "an argument or attribute is not hashable", args)
             return None
-        graph = self._graphs.get(key)
-        if key in self._graphs:
-            self._graphs.move_to_end(key)
+        if graph is not _MISSING:
             if graph is None:
                 return None
             if key in self._verified:
                 return graph, state, self._run(graph, state, args)
+            self._graphs.move_to_end(key)
+        else:
+            graph = None
         started = time.perf_counter()
         try:
             outputs = None
@@ -516,6 +523,28 @@ class _Captured:
 
     def _check(self, graph: _Graph, state: ModuleState, outputs, args: tuple, kwargs: dict):
         raise NotImplementedError
+
+
+_MISSING = object()
+
+
+class _Hashed:
+    """A key's fixed part with its hash computed once (the module's structure is a big
+    tuple; hashing it on every step would cost more than the lookup it serves)."""
+
+    __slots__ = ("value", "hash")
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+        self.hash = hash(value)
+
+    def __hash__(self) -> int:
+        return self.hash
+
+    def __eq__(self, other: object) -> bool:
+        return other is self or (
+            isinstance(other, _Hashed) and other.hash == self.hash and other.value == self.value
+        )
 
 
 def _restore(buffers: tuple[torch.Tensor, ...], values: list[torch.Tensor]) -> None:

@@ -116,6 +116,7 @@ class TrainConfig:
     free_bits: float = 0.0  # nats: a layer's batch-mean KL below this gets no gradient
     early_stopping_patience: int = 0  # stop after this many epochs without a better validation ELBO
     eval_particles: int = 1  # samples of z for the per-epoch test ELBO
+    monitor_images: int | None = 2000  # test images evaluated after each epoch; None: all
     seed: int = 0  # seeds torch, numpy, python and the data order
     device: str = "cpu"  # cpu | cuda
     compile: bool | str = "auto"  # replay steps from a captured graph; auto: if the run repays it
@@ -131,6 +132,8 @@ class TrainConfig:
             _integer(getattr(self, name), name.replace("_", "-"), 1)
         _integer(self.seed, "seed", 0, 2**32 - 1)  # numpy's seeds are 32-bit
         _integer(self.early_stopping_patience, "early_stopping_patience", 0)
+        if self.monitor_images is not None:
+            _integer(self.monitor_images, "monitor_images", 1)
         _number(self.lr, "learning rate", positive=True)
         _number(self.clip_norm, "clip_norm", positive=True)
         _number(self.lr_gamma, "lr_gamma", positive=True)

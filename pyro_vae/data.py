@@ -78,9 +78,10 @@ class VAEData:
     validation: Split
     test: Split
     seed: int = 0
-    #: checks already passed, by split and model kind (see ``training.check_data_once``)
-    checked: dict = field(default_factory=dict, repr=False, compare=False)
-    _evaluation: dict = field(default_factory=dict, repr=False, compare=False)
+    #: checks already passed, by split and model kind (see ``training.check_data_once``);
+    #: not copied by ``dataclasses.replace``, whose splits may differ
+    checked: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    _evaluation: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def data_dim(self) -> int:

@@ -193,7 +193,8 @@ def write_report(
         "| --- | --- |",
         f"| epochs | {len(epochs)}{' (stopped early)' if stopped_early else ''} |",
         f"| train bound (estimator's own, {which}) | {_fmt(last.get('train_elbo'))} |",
-        f"| test ELBO ({which}) | {_fmt(last.get('test_elbo'))} |",
+        f"| test ELBO ({which}, {last.get('test_images', 'all')} test images) | "
+        f"{_fmt(last.get('test_elbo'))} |",
         f"| test E_q[log p(x given z)] | {_fmt(last.get('test_expected_log_likelihood'))} |",
         f"| test KL(q(z given x) from p(z)) | {_fmt(last.get('test_kl'))} |",
         f"| seconds per epoch (median) | {median_seconds} |",

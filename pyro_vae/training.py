@@ -326,9 +326,27 @@ class Trainer:
             f"likelihood's support, or a too aggressive estimator setting"
         )
 
+    def monitor_images(self) -> torch.Tensor:
+        """The test images evaluated after every epoch: all of them, or with
+        ``config.monitor_images`` a fixed random subset of that many (the same in every
+        run and epoch: a seeded permutation, so that curves are comparable; not the first
+        images, since MNIST's first 5,000 test images are the easier half). The full test
+        set is evaluated at the end of a run (``pyro-vae train``, ``evaluate``)."""
+        images = self.data.evaluation_images("test")
+        limit = self.config.monitor_images
+        if limit is None or limit >= len(images):
+            return images
+        if self._monitor is None or self._monitor[0] is not images:
+            order = torch.randperm(len(images), generator=torch.Generator().manual_seed(20241121))
+            self._monitor = (images, images[order[:limit].sort().values])
+        return self._monitor[1]
+
+    _monitor: tuple[torch.Tensor, torch.Tensor] | None = None
+
     def evaluate(self) -> dict[str, float]:
         """Test (and validation) ELBO with its terms and active units, with an RNG forked
-        from the run's, in eval mode (the networks' modes are restored afterwards)."""
+        from the run's, in eval mode (the networks' modes are restored afterwards). The
+        test set is :meth:`monitor_images`; ``test_images`` records how many."""
         config = self.config
         metrics: dict[str, float] = {}
         with (
@@ -337,7 +355,7 @@ class Trainer:
             evaluation_mode(self.vae),
         ):
             torch.manual_seed(config.seed * 100_003 + self.epoch)
-            splits = [("test", self.data.evaluation_images("test"))]
+            splits = [("test", self.monitor_images())]
             if len(self.data.validation):
                 splits.append(("validation", self.data.evaluation_images("validation")))
             for split, images in splits:
@@ -346,6 +364,7 @@ class Trainer:
                 )
                 metrics.update({f"{split}_{name}": value for name, value in values.items()})
             units = active_units(self.vae, splits[0][1].to(config.device))
+            metrics["test_images"] = len(splits[0][1])
             metrics["test_active_units"] = units["active_units"]
             if len(units["by_site"]) > 1:
                 for site, counts in units["by_site"].items():

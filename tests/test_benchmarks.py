@@ -24,6 +24,14 @@ def test_benchmark_script_runs(tmp_path, mnist_dir):
         "2",
         "--example-images",
         "512",
+        "--call-images",
+        "512",
+        "--call-repeats",
+        "1",
+        "--trained-steps",
+        "2",
+        "--trained-repeats",
+        "1",
         "--data-dir",
         str(mnist_dir),
         "--out",
@@ -34,6 +42,11 @@ def test_benchmark_script_runs(tmp_path, mnist_dir):
     data = json.loads(out.read_text())
     assert {r["estimator"] for r in data["training"]} == {"mc", "analytic", "iwae"}
     assert all(r["ratio"] > 0 for r in data["training"])
+    assert [r["estimator"] for r in data["whole_calls"]] == ["mc", "mc", "analytic", "analytic"]
+    assert all(r["ratio"] > 0 and len(r["first_calls_seconds"]) == 2 for r in data["whole_calls"])
+    trained = data["trained_state"]["rows"]
+    assert [r["estimator"] for r in trained] == ["iwae", "mc"]
+    assert all(r["trained_over_fresh_ours"] > 0 for r in trained)
     assert data["pyro_example"]["ours_over_example"] > 0
     assert data["evaluation"]["peak_memory_mb"]["ours"] >= 0
     assert data["capture"]["capture_seconds"] > 0 and data["capture"]["machinery_load_mb"] >= 0
