@@ -20,12 +20,13 @@ Guarantees:
   dtype, device and ``requires_grad``; the estimator's settings; the inputs' shapes,
   dtypes and devices; the default dtype. Freezing a layer, ``.eval()`` on a submodule,
   a swapped layer or likelihood: each is a new key, so a new graph, never a stale one.
-- **Checked when built and when reused.** The step that captures a graph runs it and
-  the eager ELBO from the same RNG state and buffer values; the loss, every gradient and
-  every buffer must agree (relative 1e-5), or that key runs eagerly with a warning.
-  A graph found in the cache (captured by an earlier ``fit`` of the same module) is
-  checked the same way on its first use, which also covers what no key can see (a
-  global variable the model reads).
+  Plain attributes are described by value, also inside containers, plain objects (a
+  hyperparameter namespace) and function closures. One thing no key sees: a module-level
+  global that the model or guide reads is baked in when the graph is captured; keep
+  quantities that change between fits on the module, or train with ``compile=False``.
+- **Checked when built.** The step that captures a graph runs it and the eager ELBO
+  from the same RNG state and buffer values; the loss, every gradient and every buffer
+  must agree (relative 1e-5), or that key runs eagerly with a warning.
 - **No side effects.** Capturing runs on fake tensors. The checking step counts as
   exactly one step: buffers (BatchNorm statistics) are updated once and the RNG advances
   as one eager step would.
@@ -48,6 +49,7 @@ from __future__ import annotations
 
 import math
 import time
+import types
 import warnings
 import weakref
 from collections import OrderedDict
@@ -90,7 +92,8 @@ IMPORT_SECONDS = 1.6
 
 #: graphs by module, then by key: a second ``fit`` of the same module reuses them
 _GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-#: loss-and-gradient calls made on each module in this process, eager or replayed
+#: calls made on each module in this process, eager or replayed, by work (the loss, or a
+#: function): what the auto policy counts
 _CALLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -111,20 +114,45 @@ _PLAIN = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.
 
 
 def _value_key(value: Any, depth: int = 0) -> Any:
-    """A hashable stand-in for an attribute's value, equal exactly when the value is."""
+    """A hashable stand-in for an attribute's value, equal exactly when the value is.
+
+    Containers, plain objects (a hyperparameter namespace, a dataclass) and functions (their
+    code, defaults and closure cells) are described by what they hold, so changing a value
+    inside them changes the key; other objects by themselves (held by the key, so that an
+    identity is never reused)."""
     if isinstance(value, _PLAIN):
         return value
-    if torch.is_tensor(value):  # a plain tensor attribute is a constant of the graph
+    if depth >= 6:
+        return ("deep", id(value))
+    inner = depth + 1
+    if torch.is_tensor(value):  # (a capture refuses tensors that are not module inputs)
         return ("tensor", id(value), compat.tensor_version(value), tuple(value.shape), value.dtype)
-    if isinstance(value, (tuple, list)) and depth < 4:
-        return (type(value), tuple(_value_key(v, depth + 1) for v in value))
-    if isinstance(value, dict) and depth < 4:
-        return (dict, tuple((k, _value_key(v, depth + 1)) for k, v in value.items()))
+    if isinstance(value, (tuple, list)):
+        return (type(value), tuple(_value_key(v, inner) for v in value))
+    if isinstance(value, dict):
+        return (dict, tuple((k, _value_key(v, inner)) for k, v in value.items()))
+    if isinstance(value, nn.Module):  # a module kept outside the module tree
+        return ("module", id(value))
+    if isinstance(value, types.FunctionType):
+        cells = tuple(_cell_key(cell, value, inner) for cell in value.__closure__ or ())
+        return ("function", value.__code__, _value_key(value.__defaults__, inner), cells)
+    if isinstance(value, types.MethodType):
+        return ("method", value.__func__, id(value.__self__))
+    if not isinstance(value, type) and hasattr(value, "__dict__"):
+        return ("object", type(value), _value_key(vars(value), inner))
     try:
         hash(value)
     except TypeError:
         return ("unhashable", id(value))
-    return ("object", value)  # held by the key, so its identity is never reused
+    return ("object", value)
+
+
+def _cell_key(cell: Any, function: Any, depth: int) -> Any:
+    try:
+        contents = cell.cell_contents
+    except ValueError:  # an empty cell
+        return "empty"
+    return "itself" if contents is function else _value_key(contents, depth)
 
 
 def _attributes(module: nn.Module) -> tuple:
@@ -176,6 +204,12 @@ def module_state(owner: nn.Module) -> ModuleState:
         buffers=tuple(t for _, t in buffers),
         reason=None,
     )
+
+
+def largest(tensor: torch.Tensor) -> torch.Tensor:
+    """``max |tensor|`` in one pass over it (NaN if it holds a NaN)."""
+    low, high = torch.aminmax(tensor)
+    return torch.maximum(high, -low)
 
 
 def _autocast_enabled() -> bool:
@@ -346,7 +380,6 @@ class _Captured:
         self._graphs: OrderedDict = (
             _GRAPHS.setdefault(owner, OrderedDict()) if (self._swappable) else OrderedDict()
         )
-        self._verified: set = set()  # keys this object captured or checked itself
         self.fallbacks: dict[Any, str] = {}  # key -> why it runs eagerly
         self.capture_seconds = 0.0  # time spent capturing and checking graphs
         self._state: ModuleState | None = None
@@ -374,6 +407,20 @@ class _Captured:
             and not is_validation_enabled()
             and not _autocast_enabled()
         )
+
+    #: what calls are counted under (per owner): the loss, or the function
+    _work: Any = "loss"
+
+    def calls(self) -> int:
+        """Calls made on the owner in this process for the same work (any estimator's
+        loss and gradients; or this function), eager or replayed: how much of it there
+        has been, for the auto policy (:func:`capture_pays`)."""
+        return _CALLS.get(self.owner, {}).get(self._work, 0) if self._swappable else 0
+
+    def _count(self) -> None:
+        if self._swappable:
+            counts = _CALLS.setdefault(self.owner, {})
+            counts[self._work] = counts.get(self._work, 0) + 1
 
     def cached_graphs(self) -> int:
         """Graphs ready in the cache for the owner as it is now (any input shapes)."""
@@ -410,24 +457,11 @@ class _Captured:
             self._note_fallback("unhashable", "an argument or attribute is not hashable", args)
             return None
         if graph is not _MISSING:
-            if graph is None:
-                return None
-            if key in self._verified:
-                return graph, state, self._run(graph, state, args)
-            self._graphs.move_to_end(key)
-        else:
-            graph = None
+            return None if graph is None else (graph, state, self._run(graph, state, args))
         started = time.perf_counter()
         try:
-            outputs = None
-            if graph is not None:  # captured by an earlier fit: checked on its first use
-                try:
-                    outputs = self._run_checked(graph, state, args, kwargs)
-                except NotCompilable:
-                    graph = None  # something the key cannot see changed: capture anew
-            if outputs is None:
-                graph = self._capture(state, args, kwargs)
-                outputs = self._run_checked(graph, state, args, kwargs)
+            graph = self._capture(state, args, kwargs)
+            outputs = self._run_checked(graph, state, args, kwargs)
         except NotCompilable as reason:
             self._graphs[key] = None
             self._note_fallback(key, str(reason), args)
@@ -435,8 +469,7 @@ class _Captured:
         finally:
             self.capture_seconds += time.perf_counter() - started
         self._graphs[key] = graph
-        self._verified.add(key)
-        while len(self._graphs) > MAX_GRAPHS:
+        while len(self._graphs) > MAX_GRAPHS:  # the least recently captured goes first
             self._graphs.popitem(last=False)
         return graph, state, outputs
 
@@ -502,6 +535,11 @@ class _Captured:
             raise
         except Exception as error:  # what the capture refused, e.g. a .item()
             message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            if "FakeTensor" in message:
+                raise NotCompilable(
+                    "the program uses a tensor that is neither a parameter nor a buffer of "
+                    "the module (keep tensors on the module with register_buffer)"
+                ) from None
             raise NotCompilable(
                 f"the capture failed ({type(error).__name__}: {message[:200]})"
             ) from None
@@ -578,24 +616,18 @@ class CompiledLoss(_Captured):
         self.names = (model, guide)
         self.loss_fn = traceable_loss(elbo)
 
-    #: the sum of all entries of the gradients the last graph replay added (finite if
-    #: they all are, barring overflow), computed as each gradient is produced, while
-    #: it is still in cache; ``None`` after an eager step
-    grad_sum: float | None = None
+    #: the largest magnitude of any gradient entry the last graph replay added (NaN if
+    #: any entry is NaN), computed as each gradient is produced, while it is still in
+    #: cache, for the trainer's finite check; ``None`` after an eager step
+    grad_max: float | None = None
 
     def _identity(self) -> Any:
         settings = tuple(sorted((k, _value_key(v)) for k, v in vars(self.elbo).items()))
         methods = tuple(getattr(type(self.owner), name, None) for name in self.names)
         return (type(self.elbo), settings, self.names, methods)
 
-    def calls(self) -> int:
-        """Loss-and-gradient calls made on the owner in this process (any estimator,
-        eager or replayed): how much it has been trained here, for the auto policy."""
-        return _CALLS.get(self.owner, 0) if self._swappable else 0
-
     def loss_and_grads(self, *args, **kwargs) -> float:
-        if self._swappable:
-            _CALLS[self.owner] = _CALLS.get(self.owner, 0) + 1
+        self._count()
         result = self._outputs(args, kwargs) if self.loss_fn is not None else None
         if result is None:
             return self._eager(args, kwargs)
@@ -607,11 +639,11 @@ class CompiledLoss(_Captured):
                 param.grad = grad
             else:
                 param.grad.add_(grad)
-        self.grad_sum = outputs[1].item()
+        self.grad_max = outputs[1].item()
         return outputs[0].item()
 
     def _eager(self, args, kwargs) -> float:
-        self.grad_sum = None
+        self.grad_max = None
         model, guide = (getattr(self.owner, name) for name in self.names)
         loss = self.elbo.differentiable_loss(model, guide, *args, **kwargs)
         loss.backward()
@@ -635,15 +667,15 @@ class CompiledLoss(_Captured):
         grads = torch.autograd.grad(loss, trainable, allow_unused=True)
         grad_index[:] = [i for i, g in enumerate(grads) if g is not None]
         used = [grads[i] for i in grad_index]
-        grad_sum = torch.stack([g.sum() for g in used]).sum() if used else loss.new_zeros(())
-        return (loss.detach(), grad_sum, *used)
+        grad_max = torch.stack([largest(g) for g in used]).amax() if used else loss.new_zeros(())
+        return (loss.detach(), grad_max, *used)
 
     def _schedule(self, module: torch.fx.GraphModule) -> None:
-        """Sum each gradient right after the operation that produces it."""
+        """Reduce each gradient (its extremes) right after the operation producing it."""
         output = next(node for node in module.graph.nodes if node.op == "output")
         for grad in output.args[0][2:]:
             for user in list(grad.users):
-                if user.target is torch.ops.aten.sum.default and len(user.all_input_nodes) == 1:
+                if user.target is torch.ops.aten.aminmax.default:
                     grad.append(user)
 
     def _check(self, graph: _Graph, state: ModuleState, outputs, args: tuple, kwargs: dict):
@@ -687,12 +719,14 @@ class CompiledFunction(_Captured):
     ) -> None:
         super().__init__(owner, enabled, refresh_every_call)
         self.function = function
+        self._work = function
         self.what = getattr(function, "__name__", "the function")
 
     def _identity(self) -> Any:
         return self.function
 
     def __call__(self, *args) -> torch.Tensor:
+        self._count()
         result = self._outputs(args, {})
         if result is None:
             with torch.no_grad():

@@ -253,11 +253,11 @@ def test_a_guide_without_reparameterization_trains_with_the_eager_trace_elbo(eag
     assert loss == pytest.approx(expected.item()) and torch.equal(grad, module.logit.grad)
 
 
-def test_the_graph_sums_its_gradients_for_the_finite_check(eager_pyro):
+def test_the_graph_reports_its_largest_gradient_entry_for_the_finite_check(eager_pyro):
     torch.manual_seed(0)
     compiled = CompiledLoss(make_elbo("mc"), build_vae(SMALL, (1, 8, 8)))
     _, grads = _loss_and_grads(compiled, _batch(), 3)
-    total = sum(float(g.double().sum()) for g in grads)
-    assert compiled.grad_sum == pytest.approx(total, rel=1e-4, abs=1e-3)
+    largest = max(float(g.abs().max()) for g in grads)
+    assert compiled.grad_max == largest
     compiled._eager((_batch(),), {"num_data": NUM_DATA})
-    assert compiled.grad_sum is None  # an eager step leaves the check to the trainer
+    assert compiled.grad_max is None  # an eager step leaves the check to the trainer

@@ -15,6 +15,7 @@ the same bits.
 from __future__ import annotations
 
 import copy
+import types
 import warnings
 from collections.abc import Callable
 
@@ -195,25 +196,26 @@ def test_fits_evaluation_runs_in_eval_mode_and_restores_the_modes(data):
     assert history.last["test_elbo"] == expected["elbo"]
 
 
-# ---------------------------------------------------------------------- what no key can see
-MODEL_SCALE = {"value": 1.0}
+# ---------------------------------------------------------------------- values inside attributes
+class _SettingsReader(VAE):
+    """A model that reads a hyperparameter from a plain object kept on the module."""
 
-
-class _GlobalReader(VAE):
-    """A model that reads a module-level variable: invisible to any key over the module."""
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.settings = types.SimpleNamespace(scale=1.0)
 
     def model(self, x, num_data=None):
         x = self.flatten(x)
         with pyro.plate("data", x.shape[0]):
             z = pyro.sample("z", self.prior())
-            logits = self.decoder(z) * MODEL_SCALE["value"]
+            logits = self.decoder(z) * self.settings.scale
             pyro.sample("x", self.likelihood.event_distribution(logits), obs=x)
 
 
-def test_a_reused_graph_is_checked_so_a_changed_global_is_not_replayed(data):
+def test_a_value_changed_inside_a_settings_object_recaptures(data):
     def build():
         torch.manual_seed(0)
-        return _GlobalReader(
+        return _SettingsReader(
             Net(64, 32, 4, gaussian=True),
             Net(4, 32, 64),
             make_likelihood("bernoulli", 64),
@@ -222,15 +224,25 @@ def test_a_reused_graph_is_checked_so_a_changed_global_is_not_replayed(data):
         )
 
     def scale(value):
-        return lambda vae: MODEL_SCALE.update(value=value)
+        def change(vae):
+            vae.settings.scale = value
+
+        return change
 
     steps = [(scale(1.0), {}), (scale(0.5), {})]
-    try:
-        compiled = _fits(build, steps, data, True, **TRAIN)
-        eager = _fits(build, steps, data, False, **TRAIN)
-    finally:
-        MODEL_SCALE["value"] = 1.0
+    compiled, eager, graphs = _compiled_and_eager(build, steps, data, **TRAIN)
     assert_same_training(compiled, eager)
+    assert graphs == 4
+
+
+def test_a_tensor_kept_outside_the_module_tree_runs_eagerly_with_a_reason(data):
+    vae = custom_vae()
+    vae.decoder.offset = torch.zeros(64)  # a plain attribute, not a buffer
+    forward = vae.decoder.forward
+    vae.decoder.forward = lambda z: forward(z) + vae.decoder.offset
+    config = TrainConfig(epochs=1, batch_size=60, compile=True)
+    with pytest.warns(UserWarning, match="neither a parameter nor a buffer"):
+        fit(vae, data, config, progress=False, log=None)
 
 
 def test_an_attribute_changed_in_place_recaptures(data):
