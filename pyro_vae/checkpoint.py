@@ -1,29 +1,42 @@
-"""Crash-proof checkpoints: written to a temporary file, fsynced, then renamed.
+"""Files a run writes: atomic writes, checksummed checkpoints, strict JSON.
 
-A checkpoint holds the model and guide parameters (one ``state_dict``: the networks
-are one module), the optimizer and learning-rate schedule, every RNG state (torch,
-numpy, python, and the data-order generator), epoch, step, the resolved config and the
-history so far. It is loaded with ``torch.load(weights_only=True)``: plain tensors and
-containers only, never arbitrary pickled objects. Whenever the process is killed, the
-file on disk is either the previous complete checkpoint or the new complete one.
+- Every file is written to a temporary file unique to its writer, fsynced, then renamed
+  over the target: a crash (or a full disk) leaves the old file or the new one, whole.
+- A checkpoint holds the model and guide parameters (one ``state_dict``), the optimizer,
+  every RNG state (torch, numpy, python, the data-order generator), epoch, step, the
+  config it was trained with and the history so far. It is stored with the SHA-256 of
+  its serialized payload; loading verifies the digest, then the structure (keys, types,
+  finite parameters), so a flipped bit, a truncation or a hand-crafted file is refused
+  with one line instead of loading silently. Loading uses ``torch.load(weights_only=
+  True)``: plain tensors and containers, never arbitrary pickled objects.
+- JSON files are standard JSON: a non-finite number is written as ``null``, with the
+  reason under ``"null_values"``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import io
+import json
+import math
 import os
+import pickle
 import random
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, NonFiniteError
 
 FORMAT = "pyro-vae-checkpoint"
-VERSION = 1
+VERSION = 2
 
 
+# ---------------------------------------------------------------------- RNG states
 def rng_state(data_generator: torch.Generator | None = None) -> dict[str, Any]:
     """Every RNG state a run depends on, as tensors and plain Python values."""
     kind, keys, position, has_gauss, cached = np.random.get_state()
@@ -66,28 +79,61 @@ def set_rng_state(state: dict[str, Any], data_generator: torch.Generator | None 
         data_generator.set_state(state["data"].cpu())
 
 
-def atomic_save(payload: Any, path: str | Path) -> None:
-    """``torch.save`` to ``path`` so that a crash leaves the old file or the new one, whole."""
+# ---------------------------------------------------------------------- atomic files
+def atomic_write_bytes(data: bytes, path: str | Path) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves the old file or the new one.
+
+    The temporary file is unique to this writer (``tempfile.mkstemp`` in the same
+    folder), fsynced, then renamed over ``path``. If writing fails (disk full, read-only
+    file system) the old file stays and the temporary file is removed; the ``OSError``
+    keeps its errno, so the caller can say "disk full" rather than "permissions".
+    """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        torch.save(payload, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    descriptor, temporary = tempfile.mkstemp(
+        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
+    )
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
     _fsync_directory(path.parent)
 
 
 def atomic_write_text(text: str, path: str | Path) -> None:
     """Write a text file through a temporary file and a rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_directory(path.parent)
+    atomic_write_bytes(text.encode("utf-8"), path)
+
+
+def atomic_write_json(value: Any, path: str | Path) -> None:
+    """Write ``value`` as standard JSON (see :func:`dumps_json`), atomically."""
+    atomic_write_text(dumps_json(value, indent=2) + "\n", path)
+
+
+def dumps_json(value: Any, indent: int | None = None) -> str:
+    """Standard JSON: every non-finite float becomes ``null``, and ``"null_values"``
+    (beside the top-level keys of a dict) says which, and what they were."""
+    nulls: dict[str, str] = {}
+
+    def clean(item: Any, where: str) -> Any:
+        if isinstance(item, float) and not math.isfinite(item):
+            nulls[where] = "NaN" if math.isnan(item) else ("+inf" if item > 0 else "-inf")
+            return None
+        if isinstance(item, dict):
+            return {k: clean(v, f"{where}.{k}" if where else str(k)) for k, v in item.items()}
+        if isinstance(item, (list, tuple)):
+            return [clean(v, f"{where}[{i}]") for i, v in enumerate(item)]
+        return item
+
+    cleaned = clean(value, "")
+    if nulls and isinstance(cleaned, dict):
+        cleaned["null_values"] = {**cleaned.get("null_values", {}), **nulls}
+    return json.dumps(cleaned, indent=indent, allow_nan=False)
 
 
 def _fsync_directory(folder: Path) -> None:
@@ -103,43 +149,176 @@ def _fsync_directory(folder: Path) -> None:
         os.close(descriptor)
 
 
+def remove_stale_temporaries(folder: Path) -> None:
+    """Remove temporary files a killed writer left behind (call while holding the lock)."""
+    for stale in folder.glob(".*.tmp"):
+        with contextlib.suppress(OSError):
+            stale.unlink()
+
+
+# ---------------------------------------------------------------------- checkpoints
+def non_finite(state: Any) -> str | None:
+    """The name of a floating-point tensor with a non-finite value in ``state``, if any."""
+    if torch.is_tensor(state):
+        if state.is_floating_point() and not torch.isfinite(state).all():
+            return ""
+        return None
+    if isinstance(state, (dict, list, tuple)):
+        items = state.items() if isinstance(state, dict) else enumerate(state)
+        for key, value in items:
+            inner = non_finite(value)
+            if inner is not None:
+                return f"{key}.{inner}" if inner else str(key)
+    return None
+
+
 def save_checkpoint(path: str | Path, **contents: Any) -> None:
-    """Save a checkpoint atomically. Refuses non-finite parameters (they are never saved)."""
-    model_state = contents.get("model", {})
-    for name, tensor in model_state.items():
-        if (
-            torch.is_tensor(tensor)
-            and tensor.is_floating_point()
-            and not torch.isfinite(tensor).all()
-        ):
-            raise CheckpointError(f"refusing to save a checkpoint with non-finite parameter {name}")
-    atomic_save({"format": FORMAT, "version": VERSION, **contents}, path)
+    """Save a checkpoint atomically, with the SHA-256 of its payload.
+
+    Refuses non-finite parameters or optimizer state (training never produces them; this
+    is the last guard before the disk)."""
+    for part in ("model", "optimizer"):
+        bad = non_finite(contents.get(part, {}))
+        if bad is not None:
+            raise NonFiniteError(
+                f"refusing to save a checkpoint whose {part} state holds non-finite values "
+                f"({bad}); the previous checkpoint is intact: lower the learning rate (--lr)"
+            )
+    buffer = io.BytesIO()
+    torch.save(contents, buffer)
+    payload = buffer.getvalue()
+    wrapper = {
+        "format": FORMAT,
+        "version": VERSION,
+        "sha256": hashlib.sha256(payload).hexdigest(),
+        "payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8),
+    }
+    buffer = io.BytesIO()
+    torch.save(wrapper, buffer)
+    atomic_write_bytes(buffer.getvalue(), path)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint on the CPU with ``weights_only=True``; a clear error if it is
-    missing or unreadable. (``load_state_dict`` moves parameters and optimizer state to
-    the device they are loaded into; RNG states must stay on the CPU.)"""
+    """Load a checkpoint on the CPU: digest verified, structure checked, tensors only.
+
+    Every problem (missing, truncated, altered, crafted, foreign) is a
+    :class:`~pyro_vae.errors.CheckpointError` whose one line names the file and the fix.
+    (``load_state_dict`` moves parameters and optimizer state to the device they are
+    loaded into; RNG states stay on the CPU.)
+    """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file")
     if not path.is_file():
         raise CheckpointError(
             f"no checkpoint at {path}: train first (pyro-vae train --out {path.parent}) "
             f"or pass the folder of a run that saved one"
         )
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError as error:
-        raise CheckpointError(f"cannot read checkpoint {path}: {error.strerror or error}") from None
-    except Exception as error:  # truncated zip, foreign pickle, ...
-        first_line = (
-            str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        )
-        raise CheckpointError(
-            f"checkpoint {path} is corrupt or not a pyro-vae checkpoint ({first_line[:120]}): "
-            f"delete it and train again (--overwrite)"
-        ) from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+    wrapper = _torch_load(path, path)
+    if not isinstance(wrapper, dict) or wrapper.get("format") != FORMAT:
         raise CheckpointError(
             f"{path} is not a pyro-vae checkpoint: pass a run folder's checkpoint.pt"
         )
-    return payload
+    if wrapper.get("version") != VERSION:
+        raise CheckpointError(
+            f"{path} was written by another version of pyro-vae (format version "
+            f"{wrapper.get('version')!r}, this one reads {VERSION}): start the run over "
+            f"(--overwrite)"
+        )
+    payload, digest = wrapper.get("payload"), wrapper.get("sha256")
+    if not (torch.is_tensor(payload) and payload.dtype == torch.uint8 and payload.dim() == 1):
+        raise CheckpointError(f"checkpoint {path} has no payload: it is damaged; start over")
+    data = payload.numpy().tobytes()
+    if not isinstance(digest, str) or hashlib.sha256(data).hexdigest() != digest:
+        raise CheckpointError(
+            f"checkpoint {path} fails its SHA-256 check: the file was altered or damaged on "
+            f"disk; restore it from a backup, or start the run over (--overwrite)"
+        )
+    contents = _torch_load(io.BytesIO(data), path)
+    check_checkpoint(contents, path)
+    return contents
+
+
+def _torch_load(source, path: Path) -> Any:
+    try:
+        return torch.load(source, map_location="cpu", weights_only=True)
+    except OSError as error:
+        raise CheckpointError(f"cannot read checkpoint {path}: {error.strerror or error}") from None
+    except pickle.UnpicklingError as error:
+        if "weights_only" in str(error) or "Unsupported" in str(error):
+            raise CheckpointError(
+                f"{path} holds Python objects other than tensors and plain containers, "
+                f"which pyro-vae never loads (a checkpoint is tensors only): it is not a "
+                f"pyro-vae checkpoint, or it was tampered with"
+            ) from None
+        raise _corrupt(path, error) from None
+    except Exception as error:  # truncated zip, garbage, ...
+        raise _corrupt(path, error) from None
+
+
+def _corrupt(path: Path, error: BaseException) -> CheckpointError:
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return CheckpointError(
+        f"checkpoint {path} is corrupt or not a pyro-vae checkpoint ({first[:120]}): "
+        f"restore it from a backup, or start the run over (--overwrite)"
+    )
+
+
+#: what a checkpoint must hold, and of which type
+_REQUIRED: dict[str, tuple[type, ...]] = {
+    "model": (dict,),
+    "optimizer": (dict,),
+    "rng": (dict,),
+    "epoch": (int,),
+    "step": (int,),
+    "config": (dict,),
+    "history": (list,),
+    "stopped_early": (bool,),
+    "best_elbo": (float, int),
+    "epochs_since_best": (int,),
+    "finished": (bool,),
+}
+
+
+def check_checkpoint(contents: Any, path: str | Path) -> None:
+    """Refuse a checkpoint whose structure is not what :func:`save_checkpoint` writes."""
+
+    def refuse(problem: str) -> CheckpointError:
+        return CheckpointError(
+            f"checkpoint {path} {problem}: it was not written by this pyro-vae, or was "
+            f"altered; start the run over (--overwrite)"
+        )
+
+    if not isinstance(contents, dict):
+        raise refuse("does not hold a dictionary")
+    for key, types in _REQUIRED.items():
+        if key not in contents:
+            raise refuse(f"has no {key!r}")
+        value = contents[key]
+        if not isinstance(value, types) or (bool in types) != isinstance(value, bool):
+            raise refuse(f"has {key!r} of type {type(value).__name__}")
+    for key in ("epoch", "step", "epochs_since_best"):
+        if contents[key] < 0:
+            raise refuse(f"has a negative {key!r}")
+    model = contents["model"]
+    if not model or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in model.items()):
+        raise refuse("has a 'model' that is not a dictionary of named tensors")
+    bad = non_finite(model)
+    if bad is not None:
+        raise refuse(f"holds non-finite parameter values ({bad})")
+    optimizer = contents["optimizer"]
+    if not isinstance(optimizer.get("state"), dict) or not isinstance(
+        optimizer.get("param_groups"), list
+    ):
+        raise refuse("has an 'optimizer' without state and parameter groups")
+    if non_finite(optimizer["state"]) is not None:
+        raise refuse("holds non-finite optimizer state")
+    rng = contents["rng"]
+    if not torch.is_tensor(rng.get("torch")) or not isinstance(rng.get("numpy"), dict):
+        raise refuse("has no usable RNG states")
+    history = contents["history"]
+    if not all(isinstance(epoch, dict) for epoch in history) or len(history) != contents["epoch"]:
+        raise refuse("has a history that does not match its epochs")
+    best = contents.get("best_epoch")
+    if best is not None and (isinstance(best, bool) or not isinstance(best, int)):
+        raise refuse("has a 'best_epoch' that is not an epoch number")

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -37,15 +39,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
+    """``"100,50"`` -> ``(100, 50)``; an empty item (``"5,,3"``, ``"5,"``) is an error."""
+    parts = [part.strip() for part in text.split(",")]
+    if not all(part.lstrip("+-").isdigit() for part in parts):
         raise argparse.ArgumentTypeError(
-            f"expected integers separated by commas, got {text!r}"
-        ) from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one integer")
-    return values
+            f"expected integers separated by commas, with no empty item, got {text!r}"
+        )
+    return tuple(int(part) for part in parts)
 
 
 # flag -> (section, field): the flags of `train` that map onto the config
@@ -265,10 +265,15 @@ def _diagnose(args: argparse.Namespace) -> int:
             f"{label:18} {v['mean']:7.3f} nats  (95% interval {v['ci95_low']:.3f} to "
             f"{v['ci95_high']:.3f}, {gaps['images']} images)"
         )
+    khat = result["khat"]
+    khat_text = (
+        f"k-hat > 0.7 for {khat['share_above_0.7']:.1%} of {khat['images']} images"
+        if khat.get("share_above_0.7") is not None
+        else f"k-hat {khat['note']}"
+    )
     print(
         f"NUTS: max r-hat {nuts['rhat_max']:.3f}, min bulk ESS {nuts['ess_bulk_min']:.0f}, "
-        f"{nuts['divergences']} divergences; k-hat > 0.7 for "
-        f"{result['khat']['share_above_0.7']:.1%} of {result['khat']['images']} images"
+        f"{nuts['divergences']} divergences; {khat_text}"
     )
     out = args.out or args.run_dir / "diagnostics"
     print(f"diagnostics: {out / 'diagnostics.md'}")
@@ -276,23 +281,21 @@ def _diagnose(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace, argv: list[str] | None) -> int:
-    from .compare import compare_estimators, markdown_table, parse_estimators
-    from .runs import command_line
+    from .compare import markdown_table, parse_estimators
+    from .runs import RunLock, command_line, is_empty
 
     estimators = parse_estimators(args.estimators)
     if args.particles < 1:
         raise UserInputError(f"--particles must be >= 1, got {args.particles}")
+    if args.repeats < 1:
+        raise UserInputError(f"--repeats must be >= 1, got {args.repeats}")
+    if not 0 <= args.seed <= 2**32 - args.repeats:
+        raise UserInputError(
+            f"--seed with --repeats {args.repeats} uses seeds {args.seed} to "
+            f"{args.seed + args.repeats - 1}; each must be in [0, 4294967295]"
+        )
     if args.out.exists() and not args.out.is_dir():
         raise UserInputError(f"--out {args.out} is a file: pass a folder")
-    if args.out.exists() and any(args.out.iterdir()):
-        if not (args.out / "comparison.json").exists():
-            raise UserInputError(
-                f"{args.out} is not empty and holds no comparison: choose a new or empty folder"
-            )
-        if not args.overwrite:
-            raise UserInputError(
-                f"{args.out} holds a comparison: pass --overwrite to replace it, or another --out"
-            )
     if args.eval_points is not None and args.eval_points < 1:
         raise UserInputError(f"--eval-points must be >= 1, got {args.eval_points}")
     model = {"guide": args.guide}
@@ -314,7 +317,29 @@ def _compare(args: argparse.Namespace, argv: list[str] | None) -> int:
             compile="auto" if args.compile is None else args.compile,
         ),
     )
-    result = compare_estimators(
+    with RunLock(args.out, command_line(argv)):
+        if not is_empty(args.out):
+            if not (args.out / "comparison.json").exists():
+                raise UserInputError(
+                    f"{args.out} is not empty and holds no comparison: choose a new or empty "
+                    f"folder"
+                )
+            if not args.overwrite:
+                raise UserInputError(
+                    f"{args.out} holds a comparison: pass --overwrite to replace it, or another "
+                    f"--out"
+                )
+        result = _run_compare(args, argv, config, estimators)
+    print(markdown_table(result["summary"]))
+    print(f"comparison: {args.out / 'comparison.md'}")
+    return 0
+
+
+def _run_compare(args, argv, config, estimators):
+    from .compare import compare_estimators
+    from .runs import command_line
+
+    return compare_estimators(
         config,
         estimators,
         args.out,
@@ -327,9 +352,6 @@ def _compare(args: argparse.Namespace, argv: list[str] | None) -> int:
         progress=not args.quiet,
         command=command_line(argv),
     )
-    print(markdown_table(result["summary"]))
-    print(f"comparison: {args.out / 'comparison.md'}")
-    return 0
 
 
 def resolve_config(args: argparse.Namespace) -> RunConfig:
@@ -348,14 +370,42 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
 
 
 def _train(args: argparse.Namespace, argv: list[str] | None) -> int:
-    from .runs import check_run_dir
+    """``pyro-vae train``: validate everything, lock the run folder, then write.
+
+    Order: options and config (no file touched), data and model (read only), memory;
+    then the folder's lock; what the folder holds; for --resume the verified checkpoint
+    and its own config; only then any write. Until the first epoch of this command is
+    checkpointed, a failure takes back what the command wrote (and --overwrite puts the
+    old run back); after it, the run is left resumable.
+    """
+    from .runs import RunLock, command_line
 
     out: Path = args.out
     if args.eval_samples < 0:
         raise UserInputError(f"--eval-samples must be >= 0, got {args.eval_samples}")
+    if args.resume and args.overwrite:
+        raise UserInputError(
+            "--resume continues the run in --out and --overwrite deletes it: pass one of them"
+        )
+    prepared = None
+    if not args.resume:
+        config = resolve_config(args)
+        prepared = prepare_run(config, args.eval_samples)
+    with RunLock(out, command_line(argv)):
+        return _train_locked(args, argv, out, prepared)
+
+
+def _train_locked(args, argv, out: Path, prepared) -> int:
+    from .checkpoint import load_checkpoint
+    from .runs import check_run_dir, holds_run, move_aside, recover, run_config
+
+    note = recover(out)
+    if note:
+        print(note, file=sys.stderr)
     check_run_dir(out, args.resume, args.overwrite)
     if args.resume:
-        config = RunConfig.load(out / "config.json")
+        checkpoint = load_checkpoint(out / "checkpoint.pt")  # verified: digest, structure
+        config = run_config(out, checkpoint)
         changed = [
             flag for flag in _TRAIN_FLAGS if getattr(args, flag) is not None and flag != "epochs"
         ] + (["config"] if args.config else [])
@@ -368,24 +418,78 @@ def _train(args: argparse.Namespace, argv: list[str] | None) -> int:
             config = dataclasses.replace(
                 config, train=dataclasses.replace(config.train, epochs=args.epochs)
             )
-    else:
-        config = resolve_config(args)
-    return run_training(config, out, args, argv)
+        prepared = prepare_run(config, args.eval_samples)
+    replacing = args.overwrite and holds_run(out)
+    if replacing:
+        move_aside(out)
+    transaction = _Transaction(out, replacing)
+    try:
+        return run_training(prepared, out, args, argv, transaction)
+    except BaseException:
+        transaction.rollback()
+        raise
 
 
-def run_training(config: RunConfig, out: Path, args: argparse.Namespace, argv) -> int:
+class _Transaction:
+    """What ``train`` wrote, taken back if it fails before its first epoch is saved."""
+
+    def __init__(self, out: Path, replacing: bool) -> None:
+        self.out = out
+        self.replacing = replacing
+        config = out / "config.json"
+        self.config_before = config.read_bytes() if config.exists() else None
+        self.existing = {p.name for p in out.iterdir()} if out.exists() else set()
+        self.committed = False
+
+    def commit(self, *_: Any) -> None:
+        """The first epoch of this command is checkpointed: the run stands."""
+        if not self.committed:
+            from .runs import drop_replaced
+
+            self.committed = True
+            drop_replaced(self.out)
+
+    def rollback(self) -> None:
+        from .runs import RUN_FILES, restore_replaced
+
+        if self.committed:
+            return
+        if self.replacing:
+            restore_replaced(self.out)
+            return
+        for name in RUN_FILES:
+            path = self.out / name
+            if name not in self.existing and path.exists():
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if self.config_before is not None:
+            from .checkpoint import atomic_write_bytes
+
+            atomic_write_bytes(self.config_before, self.out / "config.json")
+
+
+@dataclasses.dataclass
+class PreparedRun:
+    config: RunConfig
+    data: Any
+    vae: Any
+    evaluation_seconds: float = 0.0  # estimated, for the final log p(x)
+
+
+def prepare_run(config: RunConfig, eval_samples: int = 0) -> PreparedRun:
+    """Everything a run needs, checked, before its folder is touched: the device, the
+    data (read and checked against the model), the model, the estimator, the memory,
+    and the time the final log p(x) will take (an absurd K is refused now, not after
+    training)."""
     import torch
 
     from .data import load_data
     from .estimators import check_estimator_fits, make_elbo
-    from .evaluation import evaluate
     from .model import build_vae
-    from .runs import clear_run_dir, command_line, write_plots, write_report
-    from .training import fit
+    from .resources import check_training_fits
+    from .training import check_data_once
 
     if config.train.device == "cuda" and not torch.cuda.is_available():
         raise UserInputError("CUDA is not available on this machine: use --device cpu")
-    # Everything is validated before the run folder is touched.
     data = load_data(
         config.data.dataset,
         config.data.data_dir,
@@ -394,13 +498,19 @@ def run_training(config: RunConfig, out: Path, args: argparse.Namespace, argv) -
         seed=config.train.seed,
         limit=config.data.limit,
     )
+    check_training_fits(config, data.data_shape, len(data.train))
     torch.manual_seed(config.train.seed)
     vae = build_vae(config.model, data.data_shape)
-    for split in ("train", "test"):
-        vae.check_data(getattr(data, split).images, what=f"the {split} set of {data.name}")
+    check_data_once(vae, data)
     check_estimator_fits(config.train.estimator, vae)
     # build the estimator once here so that a bad combination fails before any file is written
     make_elbo(config.train.estimator, config.train.particles, alpha=config.train.alpha)
+    seconds = 0.0
+    if eval_samples:
+        from .evaluation import announce_evaluation
+
+        images = data.evaluation_images("test")
+        seconds = announce_evaluation(vae, images, eval_samples, log=None)
     if config.model.likelihood == "bernoulli" and config.data.binarize == "none":
         print(
             "note: grey levels under a Bernoulli likelihood are scored by cross-entropy, not "
@@ -408,13 +518,19 @@ def run_training(config: RunConfig, out: Path, args: argparse.Namespace, argv) -
             "--binarize dynamic, or --likelihood continuous_bernoulli)",
             file=sys.stderr,
         )
-    if args.resume:
-        from .checkpoint import load_checkpoint
+    return PreparedRun(config, data, vae, seconds)
 
-        load_checkpoint(out / "checkpoint.pt")  # a corrupt checkpoint fails here, not later
-    if args.overwrite and out.exists():
-        clear_run_dir(out)
-    out.mkdir(parents=True, exist_ok=True)
+
+def run_training(
+    prepared: PreparedRun, out: Path, args: argparse.Namespace, argv, transaction: _Transaction
+) -> int:
+    from .checkpoint import atomic_write_json
+    from .evaluation import evaluate
+    from .resources import human_seconds
+    from .runs import command_line, write_plots, write_report
+    from .training import fit
+
+    config, data, vae = prepared.config, prepared.data, prepared.vae
     config.save(out / "config.json")
     progress = not args.quiet
     history = fit(
@@ -425,17 +541,18 @@ def run_training(config: RunConfig, out: Path, args: argparse.Namespace, argv) -
         resume=args.resume,
         saved_config=config.to_dict(),
         progress=progress,
+        callbacks=[transaction.commit],
     )
+    transaction.commit()  # (a resumed run with no epoch left to train)
     evaluation = None
     if args.eval_samples:
-        print(f"evaluating: importance-sampled log p(x) with K={args.eval_samples} ...")
-        evaluation = evaluate(
-            vae,
-            data.evaluation_images("test").to(config.train.device),
-            args.eval_samples,
-            progress=progress,
+        images = data.evaluation_images("test").to(config.train.device)
+        print(
+            f"evaluating: importance-sampled log p(x) with K={args.eval_samples} on "
+            f"{len(images):,} test images, about {human_seconds(prepared.evaluation_seconds)} ..."
         )
-        (out / "evaluation.json").write_text(json.dumps(evaluation, indent=2) + "\n")
+        evaluation = evaluate(vae, images, args.eval_samples, progress=progress)
+        atomic_write_json(evaluation, out / "evaluation.json")
         print(format_evaluation(evaluation))
     plot_paths = write_plots(out, vae, data, history.epochs)
     report = write_report(
@@ -462,14 +579,18 @@ def format_evaluation(result: dict[str, Any]) -> str:
             f"{result['test_log_likelihood']:10.3f}  (NLL {result['test_nll']:.3f}, "
             f"s.e.m. {result['test_log_likelihood_sem']:.3f})",
             f"active units         {result['active_units']:>10} of {result['latent_dims']}",
-            f"PSIS k-hat           mean {result['khat_mean']:.2f}, max {result['khat_max']:.2f}, "
-            f"{result['khat_share_above_0.7']:.1%} above 0.7",
+            (
+                f"PSIS k-hat           mean {result['khat_mean']:.2f}, max "
+                f"{result['khat_max']:.2f}, {result['khat_share_above_0.7']:.1%} above 0.7"
+                if result["khat_mean"] is not None
+                else f"PSIS k-hat           {result['khat_note']}"
+            ),
         ]
     )
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .evaluation import evaluate
+    from .evaluation import announce_evaluation, evaluate
     from .runs import load_run
 
     if args.samples < 1:
@@ -480,9 +601,11 @@ def _evaluate(args: argparse.Namespace) -> int:
         if not torch.cuda.is_available():
             raise UserInputError("CUDA is not available on this machine: use --device cpu")
     config, vae, data, _ = load_run(args.run_dir, args.device)
+    images = data.evaluation_images("test").to(args.device)
+    announce_evaluation(vae, images, args.samples, log=None if args.json else print)
     result = evaluate(
         vae,
-        data.evaluation_images("test").to(args.device),
+        images,
         args.samples,
         progress=not args.quiet and not args.json,
         compile=args.compile,
@@ -505,7 +628,10 @@ def _sample(args: argparse.Namespace) -> int:
         raise UserInputError(f"--out {out} is a folder: pass a PNG file name")
     if out.suffix.lower() != ".png":
         raise UserInputError(f"--out {out} must end in .png")
-    _, vae, _, _ = load_run(args.run_dir)
+    config, vae, data, _ = load_run(args.run_dir)
+    from .resources import check_sampling_fits
+
+    check_sampling_fits(config.model, data.data_shape, args.n)
     import torch
     from torchvision.utils import save_image
 
@@ -542,18 +668,56 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteError as error:
         print(f"pyro-vae {args.command}: stopped: {error}", file=sys.stderr)
         return 1
-    except OSError as error:  # unwritable --out, a file where a folder should be, ...
-        where = f" ({error.filename})" if getattr(error, "filename", None) else ""
-        print(
-            f"pyro-vae {args.command}: error: {error.strerror or error}{where}: check the "
-            f"paths and permissions",
-            file=sys.stderr,
-        )
-        return 2
     except KeyboardInterrupt:
         print(f"pyro-vae {args.command}: interrupted", file=sys.stderr)
         return 130
+    except (OSError, MemoryError, RuntimeError) as error:
+        problem = environment_problem(error)
+        if problem is None:
+            raise
+        message, status = problem
+        print(f"pyro-vae {args.command}: {message}", file=sys.stderr)
+        return status
     return 0
+
+
+#: errno -> what the environment did, with the fix; exit status 1 (not bad input)
+_ENVIRONMENT = {
+    errno.ENOSPC: "disk full",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EIO: "input/output error (failing disk?)",
+    errno.ENOMEM: "out of memory",
+}
+
+
+def environment_problem(error: BaseException) -> tuple[str, int] | None:
+    """One line and an exit status for a failure of the machine rather than of the
+    input: a full disk, a read-only file system, no memory (status 1); a path that cannot
+    be used (status 2). ``None`` for anything else (a bug: its traceback is shown)."""
+    where = f" ({error.filename})" if getattr(error, "filename", None) else ""
+    if isinstance(error, OSError):
+        if error.errno in _ENVIRONMENT:
+            return (
+                f"stopped: {_ENVIRONMENT[error.errno]}{where}; files already written are "
+                f"intact: free space or fix the file system, then run again (--resume for "
+                f"a training run)",
+                1,
+            )
+        return (
+            f"error: {error.strerror or error}{where}: check the paths and permissions",
+            2,
+        )
+    text = str(error)
+    if isinstance(error, MemoryError) or "can't allocate memory" in text or (
+        "out of memory" in text.lower()
+    ):
+        return (
+            "stopped: out of memory; files already written are intact: lower --batch-size, "
+            "--particles or the model's sizes",
+            1,
+        )
+    return None
 
 
 if __name__ == "__main__":  # pragma: no cover

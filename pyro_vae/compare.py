@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -29,6 +28,7 @@ import pyro
 import torch
 from pyro import poutine
 
+from .checkpoint import atomic_write_json, atomic_write_text
 from .errors import UserInputError
 from .estimators import ESTIMATORS, check_estimator_fits, log_importance_weights, make_elbo
 
@@ -296,6 +296,11 @@ def compare_estimators(
     estimators = parse_estimators(estimators)
     if repeats < 1:
         raise UserInputError(f"--repeats must be >= 1, got {repeats}")
+    if config.train.seed + repeats - 1 > 2**32 - 1:
+        raise UserInputError(
+            f"seeds {config.train.seed} to {config.train.seed + repeats - 1} (one per repeat) "
+            f"must each be at most 4294967295: lower --seed"
+        )
     if eval_samples < 1:
         raise UserInputError(f"--eval-samples must be >= 1, got {eval_samples}")
     if grad_draws < 2:
@@ -412,7 +417,7 @@ def compare_estimators(
         "bounds_versus_particles": bounds,
         "runs": runs,
     }
-    (out / "comparison.json").write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_json(result, out / "comparison.json")
     _write_csv(out / "comparison.csv", summary)
     plots = _plots(out, runs, estimators, snr_rows, reference_name, bounds)
     _write_markdown(out / "comparison.md", result, plots)
@@ -528,7 +533,7 @@ def _write_markdown(path: Path, result: dict[str, Any], plots: list[Path]) -> No
     lines += [f"![{p.stem}](plots/{p.name})\n" for p in plots]
     if result["command"]:
         lines += ["## Reproduce", "", "```", result["command"], "```", ""]
-    path.write_text("\n".join(lines))
+    atomic_write_text("\n".join(lines), path)
 
 
 def _plots(out: Path, runs, estimators, snr_rows, reference_name, bounds) -> list[Path]:

@@ -37,14 +37,41 @@ def _integer(value: Any, what: str, minimum: int, maximum: int | None = None) ->
     return value
 
 
-def _number(value: Any, what: str, minimum: float | None = None, positive: bool = False) -> float:
-    """A finite real number, > 0 if ``positive``, >= ``minimum`` if given."""
+#: float32's largest finite value: every number a run uses must fit in the tensors' type
+FLOAT32_MAX = 3.4028234663852886e38
+#: scales (prior, Gaussian likelihood) enter the ELBO squared and inverted: outside this
+#: range their squares or inverse squares overflow or vanish in float32 arithmetic
+SCALE_RANGE = (1e-6, 1e6)
+
+
+def _number(
+    value: Any,
+    what: str,
+    minimum: float | None = None,
+    positive: bool = False,
+    maximum: float = FLOAT32_MAX,
+) -> float:
+    """A finite real number within float32's range (at most ``maximum`` in magnitude),
+    > 0 if ``positive``, >= ``minimum`` if given."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise UserInputError(f"{what} must be a finite number, got {value!r}")
     if positive and not value > 0:
         raise UserInputError(f"{what} must be > 0, got {value}")
     if minimum is not None and value < minimum:
         raise UserInputError(f"{what} must be >= {minimum}, got {value}")
+    if abs(value) > maximum:
+        raise UserInputError(f"{what} must be at most {maximum:g} in magnitude, got {value:g}")
+    return float(value)
+
+
+def _scale(value: Any, what: str) -> float:
+    low, high = SCALE_RANGE
+    _number(value, what, positive=True, maximum=math.inf)
+    if not low <= value <= high:
+        raise UserInputError(
+            f"{what} must be in [{low:g}, {high:g}], got {value:g}: the ELBO squares it and "
+            f"divides by its square, which overflows float32 outside that range"
+        )
     return float(value)
 
 
@@ -76,9 +103,9 @@ class ModelConfig:
         _choice(self.network, ("mlp", "conv"), "network")
         _choice(self.likelihood, LIKELIHOOD_NAMES, "likelihood")
         if self.gaussian_scale is not None:
-            _number(self.gaussian_scale, "gaussian_scale", positive=True)
-        _number(self.prior_loc, "prior_loc")
-        _number(self.prior_scale, "prior_scale", positive=True)
+            _scale(self.gaussian_scale, "gaussian_scale")
+        _number(self.prior_loc, "prior_loc", maximum=SCALE_RANGE[1])
+        _scale(self.prior_scale, "prior_scale")
         _choice(self.guide, ("top-down", "bottom-up"), "guide")
 
 
@@ -206,13 +233,68 @@ class RunConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> RunConfig:
-        path = Path(path)
-        try:
-            values = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise UserInputError(f"config file {path} does not exist: check the path") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        """Read a JSON config file (at most 1 MB, nested at most 20 deep)."""
+        return cls.from_dict(read_json(path, "config file"), source=f"config file {path}")
+
+
+#: a config or run-folder JSON file larger than this is not one (refused, not read)
+MAX_JSON_BYTES = 1 << 20
+MAX_JSON_DEPTH = 20
+
+
+def read_json(path: str | Path, what: str) -> Any:
+    """A small JSON file, read defensively: a folder, a device, a huge or deeply nested
+    file, or invalid JSON is one clear :class:`UserInputError`."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserInputError(f"{what} {path} is a folder, not a JSON file: pass the file")
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise UserInputError(f"{what} {path} does not exist: check the path") from None
+    except OSError as error:
+        raise UserInputError(f"{what} {path} cannot be read ({error.strerror})") from None
+    import stat
+
+    if not stat.S_ISREG(info.st_mode):
+        raise UserInputError(f"{what} {path} is not a regular file: pass a JSON file")
+    if info.st_size > MAX_JSON_BYTES:
+        raise UserInputError(
+            f"{what} {path} has {info.st_size:,} bytes, more than a config holds "
+            f"({MAX_JSON_BYTES:,} at most): pass the right file"
+        )
+    try:
+        text = path.read_text(encoding="utf-8")
+        if _depth(text) > MAX_JSON_DEPTH:
             raise UserInputError(
-                f"config file {path} is not valid JSON ({error}): fix it"
-            ) from None
-        return cls.from_dict(values, source=f"config file {path}")
+                f"{what} {path} is nested more than {MAX_JSON_DEPTH} levels deep: a config "
+                f"has two (sections, then keys)"
+            )
+        return json.loads(text)
+    except UserInputError:
+        raise
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+        raise UserInputError(f"{what} {path} is not valid JSON ({reason}): fix it") from None
+
+
+def _depth(text: str) -> int:
+    """The deepest nesting of brackets in a JSON text, strings skipped (no recursion)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest

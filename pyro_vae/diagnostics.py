@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -36,6 +37,7 @@ import torch
 from pyro import poutine
 from torch import nn
 
+from .checkpoint import atomic_write_json, atomic_write_text
 from .errors import UserInputError
 from .estimators import make_elbo, sample_sites, vectorized_traces
 from .evaluation import evaluation_mode
@@ -418,8 +420,13 @@ def diagnose(
     ``compile``: draw importance weights through captured graphs (``None``: when the
     amount of work repays the capture).
     """
-    from .evaluation import KHAT_THRESHOLD, log_likelihood_and_khat
-    from .runs import load_run
+    from .evaluation import (
+        KHAT_MIN_SAMPLES,
+        KHAT_THRESHOLD,
+        khat_summary,
+        log_likelihood_and_khat,
+    )
+    from .runs import RunLock, load_run
 
     if images < 1:
         raise UserInputError(f"--images must be >= 1, got {images}")
@@ -450,14 +457,11 @@ def diagnose(
     if not ids:
         raise UserInputError("no images selected")
     x = test[ids]
-    out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     if log:
         log(f"NUTS: {chains} chains x ({warmup} warmup + {samples} draws) on {len(ids)} images")
     nuts = nuts_posterior(vae, x, chains, warmup, samples, seed, ids, jit=jit, progress=progress)
     guide = guide_draws(vae, x, chains, samples, seed, ids)
-    nuts.to_netcdf(str(out / "nuts.nc"))
-    guide.to_netcdf(str(out / "guide.nc"))
     if len(vae.latent_sites) == 1:
         if log:
             log("gaps: local SVI per image, importance-sampled log p(x) ...")
@@ -476,30 +480,55 @@ def diagnose(
         _, khat = log_likelihood_and_khat(
             vae, test[:n_khat], khat_samples, progress=progress, compile=compile
         )
-    worst = np.argsort(-khat)[:16]
+    fitted = khat_samples >= KHAT_MIN_SAMPLES and bool(np.isfinite(khat).any())
+    worst = np.argsort(-np.nan_to_num(khat, nan=-np.inf))[:16] if fitted else np.array([], int)
     summary = nuts_summary(nuts)
     moments = _compare_moments(nuts, guide)
+    khat_result: dict[str, Any] = {"images": n_khat, "samples": khat_samples}
+    if fitted:
+        finite = khat[np.isfinite(khat)]
+        khat_result.update(
+            {
+                "mean": float(finite.mean()),
+                "max": float(finite.max()),
+                "share_above_0.7": float((finite > KHAT_THRESHOLD).mean()),
+                "share_above_0.5": float((finite > 0.5).mean()),
+                "worst": [{"image": int(i), "khat": float(khat[i])} for i in worst],
+            }
+        )
+    else:
+        khat_result["note"] = khat_summary(khat, khat_samples)["khat_note"]
     result = {
         "run_dir": str(run_dir),
         "image_ids": ids,
         "nuts": summary,
         "guide_vs_nuts": moments,
         "gaps": gaps,
-        "khat": {
-            "images": n_khat,
-            "samples": khat_samples,
-            "mean": float(khat.mean()),
-            "max": float(khat.max()),
-            "share_above_0.7": float((khat > KHAT_THRESHOLD).mean()),
-            "share_above_0.5": float((khat > 0.5).mean()),
-            "worst": [{"image": int(i), "khat": float(khat[i])} for i in worst],
-        },
+        "khat": khat_result,
         "seconds": time.perf_counter() - started,
     }
-    (out / "diagnostics.json").write_text(json.dumps(result, indent=2) + "\n")
-    plots = _plots(out, vae, nuts, guide, gaps, khat, test, worst, ids)
-    _markdown(out / "diagnostics.md", result, plots)
+    # everything is computed: now the folder, locked, with every file replaced atomically
+    with RunLock(out, f"pyro-vae diagnose {run_dir}"):
+        if (out / "diagnostics.json").exists() and not overwrite:
+            raise UserInputError(
+                f"{out} holds diagnostics: pass --overwrite to replace them, or another --out"
+            )
+        for name, idata in (("nuts.nc", nuts), ("guide.nc", guide)):
+            _write_netcdf(idata, out / name)
+        atomic_write_json(result, out / "diagnostics.json")
+        plots = _plots(out, vae, nuts, guide, gaps, khat, test, worst, ids)
+        _markdown(out / "diagnostics.md", result, plots)
     return result
+
+
+def _write_netcdf(idata, path: Path) -> None:
+    """ArviZ's netCDF file, written beside ``path`` and renamed over it (atomic)."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        idata.to_netcdf(str(temporary))
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def _compare_moments(nuts, guide, informed_sd: float = 0.5) -> dict[str, float]:
@@ -558,13 +587,18 @@ def _plots(out, vae, nuts, guide, gaps, khat, test, worst, ids) -> list[Path]:
     )
     paths.append(_save(fig, folder / "marginals_nuts_vs_guide.png"))
 
+    finite = khat[np.isfinite(khat)]
+    if len(worst) == 0:  # too few importance samples for any Pareto fit: nothing to plot
+        return paths + _gap_plots(plt, folder, gaps, ids)
     fig, ax = plt.subplots(figsize=(6, 3.8))
-    ax.hist(khat, bins=40, color="C0")
+    ax.hist(finite, bins=40, color="C0")
     for threshold, style in ((0.5, ":"), (0.7, "--")):
         ax.axvline(threshold, color="k", ls=style, label=f"k = {threshold}")
     ax.set_xlabel("PSIS k-hat of the importance weights (encoder as proposal)")
     ax.set_ylabel("test images")
-    ax.set_title(f"k-hat: {np.mean(khat > 0.7):.0%} of {len(khat)} images above 0.7", fontsize=10)
+    ax.set_title(
+        f"k-hat: {np.mean(finite > 0.7):.0%} of {len(finite)} images above 0.7", fontsize=10
+    )
     ax.legend(fontsize=8)
     paths.append(_save(fig, folder / "khat.png"))
 
@@ -580,9 +614,15 @@ def _plots(out, vae, nuts, guide, gaps, khat, test, worst, ids) -> list[Path]:
     )
     ax.axis("off")
     paths.append(_save(fig, folder / "worst_khat_images.png"))
-    if "skipped" in gaps:
-        return paths
+    return paths + _gap_plots(plt, folder, gaps, ids)
 
+
+def _gap_plots(plt, folder: Path, gaps: dict[str, Any], ids) -> list[Path]:
+    from .plots import _save
+
+    if "skipped" in gaps:
+        return []
+    paths = []
     per = gaps["per_image"]
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(ids) + 2), 4))
     positions = np.arange(len(ids))
@@ -655,12 +695,16 @@ def _markdown(path: Path, result: dict[str, Any], plots: list[Path]) -> None:
         "",
         "## PSIS k-hat",
         "",
-        f"{khat['images']} test images, K={khat['samples']}: mean {khat['mean']:.2f}, max "
-        f"{khat['max']:.2f}; {khat['share_above_0.7']:.1%} above 0.7 (importance sampling "
-        f"unreliable there), {khat['share_above_0.5']:.1%} above 0.5.",
+        (
+            f"{khat['images']} test images, K={khat['samples']}: mean {khat['mean']:.2f}, max "
+            f"{khat['max']:.2f}; {khat['share_above_0.7']:.1%} above 0.7 (importance sampling "
+            f"unreliable there), {khat['share_above_0.5']:.1%} above 0.5."
+            if "mean" in khat
+            else f"{khat['images']} test images, K={khat['samples']}: {khat['note']}."
+        ),
         "",
         "## Plots",
         "",
     ]
     lines += [f"![{p.stem}](plots/{p.name})\n" for p in plots]
-    path.write_text("\n".join(lines))
+    atomic_write_text("\n".join(lines), path)

@@ -28,6 +28,10 @@ from .estimators import log_importance_weights
 DEFAULT_MAX_ELEMENTS = 2**21
 #: PSIS k-hat above this: importance sampling is unreliable (Vehtari et al., 2024).
 KHAT_THRESHOLD = 0.7
+#: Fewest importance samples for which ArviZ fits a Pareto tail at all: it fits the
+#: largest ceil(min(K / 5, 3 sqrt(K))) weights and needs more than 4 of them (below, k-hat
+#: is infinite). The estimate is still noisy for K below a few hundred.
+KHAT_MIN_SAMPLES = 21
 #: Burda et al. (2016): a latent unit is active if Cov_x(E_q[z_u]) exceeds this.
 ACTIVE_UNIT_THRESHOLD = 0.01
 
@@ -78,14 +82,19 @@ def importance_weights(
     Drawn through a graph captured from the Pyro model and guide and checked against
     them (:mod:`pyro_vae.compiled`): the same numbers without Pyro's per-call tracing.
     ``compile=None`` captures when the ``ceil(n / batch_size) * ceil(num_samples /
-    chunk_size)`` calls to come repay the capture (:func:`~pyro_vae.compiled.capture_pays`).
+    chunk_size)`` calls to come, plus those made on the module before, repay the capture
+    (:func:`~pyro_vae.compiled.capture_pays`; graphs already cached cost nothing).
     Callers turn Pyro validation off, having checked the data.
     """
-    if compile is None:
-        calls = math.ceil(n / batch_size) * math.ceil(num_samples / chunk_size)
-        compile = capture_pays(calls, graphs=4 if n % batch_size else 2)
     # one owner state for the whole evaluation: nothing changes the networks meanwhile
-    return CompiledFunction(log_importance_weights, vae, compile, refresh_every_call=False)
+    weights = CompiledFunction(log_importance_weights, vae, False, refresh_every_call=False)
+    if compile is None:  # the calls to come, and those made before (repeated small work)
+        calls = math.ceil(n / batch_size) * math.ceil(num_samples / chunk_size)
+        shapes = (2 if n % batch_size else 1) * (2 if num_samples % chunk_size else 1)
+        needed = max(0, shapes - weights.cached_graphs())
+        compile = capture_pays(calls + weights.calls(), graphs=needed)
+    weights.enabled = compile
+    return weights
 
 
 def _weight_chunks(weights: Callable, batch: torch.Tensor, num_samples: int, chunk_size: int):
@@ -164,6 +173,47 @@ def log_likelihood(
     return result
 
 
+#: an evaluation estimated to take longer than this is refused by the command line
+MAX_EVALUATION_SECONDS = 30 * 24 * 3600.0
+
+
+def log_likelihood_seconds(
+    vae, x: torch.Tensor, num_samples: int, chunk_size: int | None = None
+) -> float:
+    """Estimated seconds of :func:`log_likelihood` on ``x`` with ``num_samples``, here:
+    one chunk of importance weights is timed (eagerly, after a warm-up call) and scaled
+    by the number of chunks. Errs high (a captured graph saves ~1 ms per chunk)."""
+    x = vae.flatten(x)
+    chunk, batch = _sizes(vae, x.shape[0], num_samples, chunk_size, None)
+    probe, size = x[:batch], min(chunk, num_samples)
+    with torch.no_grad(), evaluation_mode(vae), pyro.validation_enabled(False):
+        log_importance_weights(vae, probe, size)
+        started = time.perf_counter()
+        log_importance_weights(vae, probe, size)
+        seconds = time.perf_counter() - started
+    return seconds * math.ceil(x.shape[0] / batch) * math.ceil(num_samples / chunk)
+
+
+def announce_evaluation(vae, x: torch.Tensor, num_samples: int, log=print) -> float:
+    """Estimate the time of the importance-sampled log p(x) before it starts: say it when
+    it is long (over 10 s), refuse it when it is absurd (over 30 days: a typo in K)."""
+    from .resources import human_seconds
+
+    seconds = log_likelihood_seconds(vae, x, num_samples)
+    if seconds > MAX_EVALUATION_SECONDS:
+        raise UserInputError(
+            f"log p(x) with K={num_samples:,} on {len(x):,} images would take about "
+            f"{human_seconds(seconds)} here: lower the number of samples (the IWAE paper "
+            f"uses 5,000) or of images"
+        )
+    if seconds > 10 and log is not None:
+        log(
+            f"log p(x) with K={num_samples:,} on {len(x):,} test images: about "
+            f"{human_seconds(seconds)} (estimated from one timed chunk)"
+        )
+    return seconds
+
+
 def psis_khat(log_weights: torch.Tensor | np.ndarray) -> np.ndarray:
     """Pareto k-hat of the importance weights of each data point, through ArviZ.
 
@@ -221,6 +271,27 @@ def log_likelihood_and_khat(
     return result, khats
 
 
+def khat_summary(khat: np.ndarray, num_samples: int) -> dict[str, Any]:
+    """Mean, max and share above 0.7 of PSIS k-hat, or ``None`` with the reason when K
+    is too small for a Pareto fit (never an infinity presented as a measurement)."""
+    finite = khat[np.isfinite(khat)]
+    if num_samples < KHAT_MIN_SAMPLES or finite.size == 0:
+        return {
+            "khat_mean": None,
+            "khat_max": None,
+            "khat_share_above_0.7": None,
+            "khat_note": f"not computed: K={num_samples} importance samples are too few for "
+            f"a Pareto fit of the weights' tail (ArviZ needs K >= {KHAT_MIN_SAMPLES}; "
+            f"estimates are reliable from a few hundred)",
+        }
+    return {
+        "khat_mean": float(finite.mean()),
+        "khat_max": float(finite.max()),
+        "khat_share_above_0.7": float(np.mean(finite > KHAT_THRESHOLD)),
+        "khat_images": int(finite.size),
+    }
+
+
 @torch.no_grad()
 def active_units(
     vae, x: torch.Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD, parent_draws: int = 32
@@ -267,7 +338,9 @@ def active_units(
                 within.setdefault(name, []).append(spread)
     per_site = {}
     for name, values in means.items():
-        between = torch.cat(values).var(0)
+        values = torch.cat(values)
+        # one data point shows no variation over x: no unit can be counted active
+        between = values.var(0) if values.shape[0] > 1 else torch.zeros_like(values[0])
         variance = between - torch.cat(within[name]).mean(0)
         per_site[name] = {
             "active": int((variance > threshold).sum()),
@@ -321,7 +394,10 @@ def evaluate(
         "kl": analytic["kl"],
         "test_elbo_mc": mc["elbo"],
         "test_log_likelihood": log_px_mean,
-        "test_log_likelihood_sem": float(log_px.std() / math.sqrt(len(log_px))),
+        # (one image has no standard error: NaN, written as null in JSON)
+        "test_log_likelihood_sem": (
+            float(log_px.std() / math.sqrt(len(log_px))) if len(log_px) > 1 else math.nan
+        ),
         "test_nll": -log_px_mean,
         "importance_samples": num_samples,
         "elbo_samples": elbo_samples,
@@ -329,9 +405,7 @@ def evaluate(
         "active_units": units["active_units"],
         "latent_dims": units["latent_dims"],
         "active_units_by_site": {k: v["active"] for k, v in units["by_site"].items()},
-        "khat_mean": float(np.mean(khat)),
-        "khat_max": float(np.max(khat)),
-        "khat_share_above_0.7": float(np.mean(khat > KHAT_THRESHOLD)),
+        **khat_summary(khat, num_samples),
         "seconds": time.perf_counter() - started,
     }
     result.update(

@@ -79,7 +79,12 @@ def plot_latent_space(vae, images: torch.Tensor, labels: torch.Tensor, path: str
     manifold = dims == 2 and len(vae.data_shape) == 3 and hasattr(vae, "decoder")
     fig, axes = plt.subplots(1, 2 if manifold else 1, figsize=(10 if manifold else 5.5, 4.8))
     ax = axes[0] if manifold else axes
-    if dims > 2:
+    if dims > 2 and loc.shape[0] < 3:  # too few points for a PCA: the first two units
+        points = loc[:, :2].numpy()
+        ax.set_xlabel("z_1")
+        ax.set_ylabel("z_2")
+        title = f"E_q[z], first 2 of {dims} dims ({loc.shape[0]} points: too few for a PCA)"
+    elif dims > 2:
         from sklearn.decomposition import PCA
 
         pca = PCA(n_components=2).fit(loc.numpy())
@@ -179,11 +184,18 @@ def plot_kl_per_layer(epochs: Sequence[dict[str, Any]], path: str | Path) -> Pat
 
 
 def _save(fig, path: str | Path) -> Path:
+    """Save ``fig`` as a PNG, atomically (a reader never sees half an image)."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from .checkpoint import atomic_write_bytes
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    import matplotlib.pyplot as plt
-
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=110, format="png")
     plt.close(fig)
+    atomic_write_bytes(buffer.getvalue(), path)
     return path

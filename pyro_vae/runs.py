@@ -2,7 +2,9 @@
 
 A run folder holds ``config.json`` (resolved), ``metrics.jsonl`` (one JSON object per
 epoch), ``checkpoint.pt`` (latest; ``best.pt`` with early stopping), ``evaluation.json``,
-``plots/*.png`` and ``report.md``. Every input is validated before anything is written.
+``plots/*.png`` and ``report.md``; ``.lock`` marks its one writer (:class:`RunLock`).
+Every input is validated before anything is written, and every file is replaced
+atomically.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import RunConfig
+from .config import RunConfig, read_json
 from .errors import UserInputError
 
+#: what a run writes into its folder (and --overwrite replaces)
 RUN_FILES = (
     "config.json",
     "metrics.jsonl",
@@ -26,14 +29,108 @@ RUN_FILES = (
     "evaluation.json",
     "report.md",
     "plots",
-    ".checkpoint.pt.tmp",
-    ".best.pt.tmp",
-    ".metrics.jsonl.tmp",
+    "diagnostics",
+    "tensorboard",
 )
+#: the lock file of a run folder: held by its one writer for the whole command
+LOCK = ".lock"
+#: where --overwrite keeps the old run until the new one has its first checkpoint
+REPLACED = ".replaced"
+#: files of ours that do not make a folder "not empty"
+_OURS = (LOCK, REPLACED)
+
+
+class RunLock:
+    """One writer per run folder: an exclusive ``fcntl.flock`` on ``FOLDER/.lock``.
+
+    The kernel releases the lock when its process exits, however it exits, so a killed
+    run never blocks its own resume. A second writer is refused at once (exit 2) with the
+    holder's PID and command. The holder deletes the lock file (while still holding it)
+    when it is done, so a folder is left as the command found it; a process that locked
+    a file just deleted sees that the path no longer names the file it locked and tries
+    again, so two writers never hold locks on two different files. The folder is created
+    for the lock when missing, and removed again if the command leaves nothing else in it.
+    Readers (``evaluate``, ``sample``) take no lock: every file is replaced atomically, so
+    they see the old version or the new one, never a torn one.
+    """
+
+    def __init__(self, folder: Path, command: str = "") -> None:
+        self.folder = Path(folder)
+        self.command = command
+        self._descriptor: int | None = None
+        self._created = False
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        self.release()
+
+    def acquire(self) -> None:
+        if self.folder.exists() and not self.folder.is_dir():
+            raise UserInputError(f"--out {self.folder} is a file: pass a folder for the run")
+        self._created = not self.folder.exists()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / LOCK
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX: no lock, say so
+            import warnings
+
+            warnings.warn("pyro-vae: no fcntl here: run folders are not locked", stacklevel=2)
+            return
+        while True:
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.read(descriptor, 4096).decode("utf-8", "replace").strip()
+                os.close(descriptor)
+                raise UserInputError(
+                    f"{self.folder} is in use by another pyro-vae process "
+                    f"({holder or 'its PID is not recorded yet'}): wait for it to finish, or "
+                    f"choose another folder"
+                ) from None
+            # the file we locked must still be the one at the path: its holder deletes it
+            # when done, and may have done so between our open and our flock
+            try:
+                current = os.stat(path).st_ino
+            except FileNotFoundError:
+                current = None
+            if os.fstat(descriptor).st_ino == current:
+                break
+            os.close(descriptor)
+        os.ftruncate(descriptor, 0)
+        os.write(descriptor, f"PID {os.getpid()}: {self.command}".encode()[:4000])
+        self._descriptor = descriptor
+
+    def release(self) -> None:
+        if self._descriptor is None:
+            return
+        try:  # deleted while still held: see the class docstring
+            (self.folder / LOCK).unlink(missing_ok=True)
+            if self._created and not any(self.folder.iterdir()):
+                self.folder.rmdir()
+        except OSError:
+            pass
+        finally:
+            os.close(self._descriptor)  # releases the lock
+            self._descriptor = None
+
+
+def holds_run(out: Path) -> bool:
+    return (out / "checkpoint.pt").exists() or (out / "config.json").exists()
+
+
+def is_empty(out: Path) -> bool:
+    return not out.exists() or all(p.name in _OURS for p in out.iterdir())
 
 
 def check_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to clobber anything: explain what is there and which flag to pass."""
+    """Refuse to clobber anything: explain what is there and which flag to pass.
+
+    Called while holding the folder's :class:`RunLock`, after :func:`recover`."""
     if out.exists() and not out.is_dir():
         raise UserInputError(f"--out {out} is a file: pass a folder for the run")
     if resume and overwrite:
@@ -41,17 +138,26 @@ def check_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
             "--resume continues the run in --out and --overwrite deletes it: pass one of them"
         )
     if resume:
-        if not (out / "checkpoint.pt").is_file() or not (out / "config.json").is_file():
+        has_config, has_checkpoint = (
+            (out / "config.json").is_file(),
+            (out / "checkpoint.pt").is_file(),
+        )
+        if has_config and not has_checkpoint:
             raise UserInputError(
-                f"--resume: {out} holds no run to resume (config.json and checkpoint.pt "
-                f"missing): train without --resume first"
+                f"--resume: {out} has a config.json but no checkpoint.pt: the run stopped "
+                f"before its first checkpoint, so there is nothing to continue; start it "
+                f"again with --overwrite"
+            )
+        if not has_checkpoint:
+            raise UserInputError(
+                f"--resume: {out} holds no run to resume (no checkpoint.pt): train without "
+                f"--resume first"
             )
         return
-    if not out.exists() or not any(out.iterdir()):
+    if is_empty(out):
         return
-    is_run = (out / "checkpoint.pt").exists() or (out / "config.json").exists()
     if overwrite:
-        if is_run:
+        if holds_run(out):
             return
         raise UserInputError(
             f"{out} is not empty and is not a pyro-vae run folder: --overwrite replaces runs "
@@ -68,18 +174,107 @@ def check_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
     raise UserInputError(f"{out} is not empty: choose a new folder, or pass --overwrite")
 
 
-def clear_run_dir(out: Path) -> None:
-    """Remove the files a run writes (and nothing else) before starting over."""
+def move_aside(out: Path) -> None:
+    """--overwrite, step one: the old run's files go into ``out/.replaced``; they are
+    deleted by :func:`drop_replaced` once the new run has its first checkpoint, or put
+    back by :func:`restore_replaced` if it fails before that."""
+    aside = out / REPLACED
+    aside.mkdir(exist_ok=True)
     for name in RUN_FILES:
-        path = out / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
+        if (out / name).exists():
+            os.replace(out / name, aside / name)
+
+
+def restore_replaced(out: Path) -> bool:
+    """Put the old run back (the new one never reached its first checkpoint)."""
+    aside = out / REPLACED
+    if not aside.is_dir():
+        return False
+    for name in RUN_FILES:
+        target = out / name
+        if (aside / name).exists():
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+            os.replace(aside / name, target)
+        elif target.is_dir():  # written by the failed new run
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+    shutil.rmtree(aside)
+    return True
+
+
+def drop_replaced(out: Path) -> None:
+    """The new run has its first checkpoint: the old run's files go for good."""
+    if (out / REPLACED).is_dir():
+        shutil.rmtree(out / REPLACED)
+
+
+def recover(out: Path) -> str | None:
+    """Finish what a killed writer left (call while holding the lock): remove its
+    temporary files; after an interrupted --overwrite, restore the old run if the new
+    one never reached a checkpoint, else drop the old one. Returns a note for the user."""
+    from .checkpoint import remove_stale_temporaries
+
+    if not out.is_dir():
+        return None
+    remove_stale_temporaries(out)
+    if not (out / REPLACED).is_dir():
+        return None
+    if (out / "checkpoint.pt").exists():
+        drop_replaced(out)
+        return f"note: removed the run that an interrupted --overwrite replaced in {out}"
+    restore_replaced(out)
+    return f"note: restored the run in {out} that an interrupted --overwrite had set aside"
+
+
+def config_differences(saved: dict[str, Any], given: dict[str, Any]) -> list[str]:
+    """``section.key: saved -> given`` for every setting that differs."""
+    differences = []
+    for section in sorted(set(saved) | set(given)):
+        old, new = saved.get(section, {}), given.get(section, {})
+        if not isinstance(old, dict) or not isinstance(new, dict):
+            if old != new:
+                differences.append(f"{section}: {old!r} -> {new!r}")
+            continue
+        for key in sorted(set(old) | set(new)):
+            if _normalized(old.get(key)) != _normalized(new.get(key)):
+                differences.append(f"{section}.{key}: {old.get(key)!r} -> {new.get(key)!r}")
+    return differences
+
+
+def _normalized(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def run_config(run_dir: Path, checkpoint: dict[str, Any]) -> RunConfig:
+    """The config a run was trained with: the checkpoint's own (covered by its digest),
+    which ``config.json`` must match; an edited ``config.json`` is refused, naming each
+    changed setting."""
+    from .errors import CheckpointError
+
+    try:
+        config = RunConfig.from_dict(checkpoint["config"], source="the checkpoint's config")
+    except UserInputError as error:
+        raise CheckpointError(f"{run_dir}/checkpoint.pt: {error}") from None
+    written = read_json(run_dir / "config.json", "config file")
+    changed = config_differences(config.to_dict(), written if isinstance(written, dict) else {})
+    if changed:
+        raise UserInputError(
+            f"{run_dir}/config.json differs from the config its checkpoint was trained with "
+            f"({'; '.join(changed[:4])}{' ...' if len(changed) > 4 else ''}): restore "
+            f"config.json (the checkpoint's config is the truth), or start a new run"
+        )
+    return config
 
 
 def load_run(run_dir: str | Path, device: str = "cpu", best: bool = True):
-    """Config, model (with trained parameters), data and checkpoint of a run folder."""
+    """Config, model (with trained parameters), data and checkpoint of a run folder.
+
+    The checkpoint is verified (digest, structure); the config is the checkpoint's own,
+    which ``config.json`` must match."""
     import torch
 
     from .checkpoint import load_checkpoint
@@ -91,10 +286,10 @@ def load_run(run_dir: str | Path, device: str = "cpu", best: bool = True):
         raise UserInputError(
             f"run folder {run_dir} does not exist: pass the --out of a training run"
         )
-    config = RunConfig.load(run_dir / "config.json") if (run_dir / "config.json").exists() else None
-    if config is None:
+    if not (run_dir / "config.json").exists():
         raise UserInputError(f"{run_dir} has no config.json: is it a pyro-vae run folder?")
     checkpoint = load_checkpoint(run_dir / "checkpoint.pt")
+    config = run_config(run_dir, checkpoint)
     if best and checkpoint.get("stopped_early") and (run_dir / "best.pt").exists():
         checkpoint = load_checkpoint(run_dir / "best.pt")
     data = load_data(
@@ -106,16 +301,25 @@ def load_run(run_dir: str | Path, device: str = "cpu", best: bool = True):
         limit=config.data.limit,
     )
     vae = build_vae(config.model, data.data_shape)
-    try:
-        vae.load_state_dict(checkpoint["model"])
-    except RuntimeError as error:
-        raise UserInputError(
-            f"the checkpoint in {run_dir} does not fit its config.json "
-            f"({str(error).splitlines()[0][:100]}): was config.json edited?"
-        ) from None
+    load_parameters(vae, checkpoint["model"], run_dir)
     vae.to(device).eval()
     torch.set_grad_enabled(True)
     return config, vae, data, checkpoint
+
+
+def load_parameters(vae, state: dict[str, Any], where: Path) -> None:
+    """``vae.load_state_dict(state)``, with the first mismatch named if it does not fit."""
+    from .errors import CheckpointError
+
+    try:
+        vae.load_state_dict(state)
+    except RuntimeError as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        problem = lines[1] if len(lines) > 1 else (lines[0] if lines else "does not fit")
+        raise CheckpointError(
+            f"the checkpoint in {where} does not fit the model its config describes "
+            f"({problem[:160]}): it was written for another model; start a new run"
+        ) from None
 
 
 def environment() -> dict[str, Any]:
@@ -210,8 +414,12 @@ def write_report(
             f"{_fmt(evaluation['gap_log_likelihood_minus_elbo'])} |",
             f"| active units (Cov_x E_q[z] > 0.01) | {evaluation['active_units']} of "
             f"{evaluation['latent_dims']} |",
-            f"| PSIS k-hat: mean / max / share > 0.7 | {evaluation['khat_mean']:.2f} / "
-            f"{evaluation['khat_max']:.2f} / {evaluation['khat_share_above_0.7']:.1%} |",
+            (
+                f"| PSIS k-hat: mean / max / share > 0.7 | {evaluation['khat_mean']:.2f} / "
+                f"{evaluation['khat_max']:.2f} / {evaluation['khat_share_above_0.7']:.1%} |"
+                if evaluation.get("khat_mean") is not None
+                else f"| PSIS k-hat | {evaluation.get('khat_note', '-')} |"
+            ),
         ]
     sites = sorted(k.removeprefix("test_kl_") for k in last if k.startswith("test_kl_"))
     if len(sites) > 1:

@@ -102,13 +102,14 @@ def test_evaluate_compiles_on_request_and_not_by_default_for_small_work(
     original = evaluation.CompiledFunction
 
     def spy(function, owner, enabled=True, **kwargs):
-        seen.append(enabled)
-        return original(function, owner, enabled, **kwargs)
+        compiled = original(function, owner, enabled, **kwargs)
+        seen.append(compiled)
+        return compiled
 
     monkeypatch.setattr(evaluation, "CompiledFunction", spy)
     for flags, expected in (([], False), (["--compile"], True), (["--no-compile"], False)):
         code, out, _ = run_cli(["evaluate", finished_run, "--samples", "20", *flags], capsys)
-        assert code == 0 and seen[-1] is expected, (flags, seen)
+        assert code == 0 and seen[-1].enabled is expected, (flags, seen[-1].enabled)
 
 
 @pytest.mark.parametrize("command", ["compare", "diagnose"])

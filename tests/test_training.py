@@ -138,16 +138,30 @@ def test_huge_learning_rate_stops_without_corrupting_parameters(small_data, tmp_
 
 @pytest.mark.parametrize("size", [1e20, 1e37])
 def test_large_finite_gradients_are_not_mistaken_for_overflow(small_data, size):
-    # the fast check's sum of all entries overflows float32 at 1e37 (a 2-norm at 1e20):
-    # the entry-by-entry confirmation must then find them finite
+    # a sum of all entries would overflow float32 at 1e37 (a 2-norm at 1e20): the check
+    # reads the largest entry, so huge finite gradients pass where the optimizer can take
+    # them (clipped Adam), and a single inf among them is still caught
     vae = _vae(small_data)
-    trainer = Trainer(vae, small_data, TrainConfig(epochs=1))
+    trainer = Trainer(vae, small_data, TrainConfig(epochs=1, optimizer="clipped_adam"))
     for p in trainer.parameters:
         p.grad = torch.full_like(p, size)
-    trainer._check_finite(1e30)  # finite: no error
+    trainer._check_step(1e30, None)  # finite: no error
     trainer.parameters[0].grad[0] = float("inf")
     with pytest.raises(NonFiniteError, match="non-finite gradient"):
-        trainer._check_finite(1e30)
+        trainer._check_step(1e30, None)
+
+
+def test_gradients_whose_squares_overflow_adam_are_refused_before_the_step(small_data):
+    # Adam keeps the squared gradient in float32: 1e20 ** 2 overflows it (above 1.8e19)
+    vae = _vae(small_data)
+    trainer = Trainer(vae, small_data, TrainConfig(epochs=1, optimizer="adam"))
+    for p in trainer.parameters:
+        p.grad = torch.full_like(p, 1e18)
+    trainer._check_step(1e30, None)  # squares fit in float32
+    trainer.parameters[0].grad[0] = 1e20
+    with pytest.raises(NonFiniteError, match="Adam squares them"):
+        trainer._check_step(1e30, None)
+    assert all(p.grad is None for p in trainer.parameters)  # the step is not taken
 
 
 def test_early_stopping_restores_the_best_parameters(tmp_path):
