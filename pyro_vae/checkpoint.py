@@ -149,11 +149,13 @@ def _fsync_directory(folder: Path) -> None:
         os.close(descriptor)
 
 
-def remove_stale_temporaries(folder: Path) -> None:
-    """Remove temporary files a killed writer left behind (call while holding the lock)."""
-    for stale in folder.glob(".*.tmp"):
-        with contextlib.suppress(OSError):
-            stale.unlink()
+def remove_stale_temporaries(folder: Path, names: tuple[str, ...]) -> None:
+    """Remove the temporary files that a killed writer of ``names`` left behind in
+    ``folder`` (call while holding the folder's lock); other files are never touched."""
+    for name in names:
+        for stale in folder.glob(f".{name}.*.tmp"):
+            with contextlib.suppress(OSError):
+                stale.unlink()
 
 
 # ---------------------------------------------------------------------- checkpoints
@@ -303,7 +305,8 @@ def check_checkpoint(contents: Any, path: str | Path) -> None:
     model = contents["model"]
     if not model or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in model.items()):
         raise refuse("has a 'model' that is not a dictionary of named tensors")
-    bad = non_finite(model)
+    # (in float32, the type the parameters are loaded into: 1e300 in float64 is inf there)
+    bad = non_finite({k: v.float() if v.is_floating_point() else v for k, v in model.items()})
     if bad is not None:
         raise refuse(f"holds non-finite parameter values ({bad})")
     optimizer = contents["optimizer"]
@@ -319,6 +322,18 @@ def check_checkpoint(contents: Any, path: str | Path) -> None:
     history = contents["history"]
     if not all(isinstance(epoch, dict) for epoch in history) or len(history) != contents["epoch"]:
         raise refuse("has a history that does not match its epochs")
+    for number, epoch in enumerate(history, start=1):
+        if epoch.get("epoch") != number or not all(
+            isinstance(epoch.get(key), (int, float)) and not isinstance(epoch.get(key), bool)
+            for key in _EPOCH_NUMBERS
+        ):
+            raise refuse(f"has a history whose epoch {number} lacks its numbers")
     best = contents.get("best_epoch")
-    if best is not None and (isinstance(best, bool) or not isinstance(best, int)):
-        raise refuse("has a 'best_epoch' that is not an epoch number")
+    if best is not None and (
+        isinstance(best, bool) or not isinstance(best, int) or not 1 <= best <= len(history)
+    ):
+        raise refuse("has a 'best_epoch' that is not one of its epochs")
+
+
+#: what every epoch of a checkpoint's history holds (the report and plots read them)
+_EPOCH_NUMBERS = ("step", "train_elbo", "test_elbo", "seconds", "lr")

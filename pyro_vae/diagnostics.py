@@ -507,8 +507,11 @@ def diagnose(
         "khat": khat_result,
         "seconds": time.perf_counter() - started,
     }
-    # everything is computed: now the folder, locked, with every file replaced atomically
-    with RunLock(out, f"pyro-vae diagnose {run_dir}"):
+    # everything is computed: now the folder, locked, with every file replaced atomically;
+    # inside the run folder, the run's own lock (a `train --overwrite` moves that folder)
+    inside = Path(out).resolve().is_relative_to(run_dir.resolve())
+    with RunLock(run_dir if inside else out, f"pyro-vae diagnose {run_dir}"):
+        Path(out).mkdir(parents=True, exist_ok=True)
         if (out / "diagnostics.json").exists() and not overwrite:
             raise UserInputError(
                 f"{out} holds diagnostics: pass --overwrite to replace them, or another --out"

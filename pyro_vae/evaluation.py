@@ -221,12 +221,15 @@ def psis_khat(log_weights: torch.Tensor | np.ndarray) -> np.ndarray:
     log importance ratios themselves, so they go to :func:`arviz.psislw` with a plus
     sign (PSIS-LOO passes ``-log_likelihood`` because its ratios are 1/p(y_i|theta)).
     ArviZ takes samples on the last axis. k-hat > 0.7 means the estimate is unreliable.
+    With fewer than ``KHAT_MIN_SAMPLES`` weights there is no tail to fit: NaN.
     """
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*ArviZ is undergoing", category=FutureWarning)
         import arviz as az
 
     weights = log_weights.detach().cpu().numpy() if torch.is_tensor(log_weights) else log_weights
+    if weights.shape[0] < KHAT_MIN_SAMPLES:  # too few for the tail fit: NaN, not a crash
+        return np.full(weights.shape[1:], np.nan)
     with warnings.catch_warnings():
         # ArviZ warns when k-hat is large; we report it instead
         warnings.simplefilter("ignore", UserWarning)

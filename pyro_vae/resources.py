@@ -18,8 +18,9 @@ from .errors import UserInputError
 FLOAT = 4
 #: copies of each activation a step holds (forward values, their gradients, temporaries)
 ACTIVATION_COPIES = 4
-#: copies of each parameter training holds (value, gradient, Adam's two moments)
-PARAMETER_COPIES = 4
+#: copies of each parameter training holds: value, gradient, Adam's two moments, and
+#: the start-of-epoch snapshot (value and moments) and best parameters kept to go back to
+PARAMETER_COPIES = 8
 
 
 def available_memory(device: str = "cpu") -> int | None:

@@ -9,6 +9,7 @@ atomically.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -81,7 +82,12 @@ class RunLock:
             warnings.warn("pyro-vae: no fcntl here: run folders are not locked", stacklevel=2)
             return
         while True:
-            descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:  # the holder removed the folder it had created
+                self._created = True
+                self.folder.mkdir(parents=True, exist_ok=True)
+                continue
             try:
                 fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
@@ -101,9 +107,12 @@ class RunLock:
             if os.fstat(descriptor).st_ino == current:
                 break
             os.close(descriptor)
-        os.ftruncate(descriptor, 0)
-        os.write(descriptor, f"PID {os.getpid()}: {self.command}".encode()[:4000])
         self._descriptor = descriptor
+        try:  # who holds it, for the refusal of a second writer (best effort: disk full)
+            os.ftruncate(descriptor, 0)
+            os.write(descriptor, f"PID {os.getpid()}: {self.command}".encode()[:4000])
+        except OSError:
+            pass
 
     def release(self) -> None:
         if self._descriptor is None:
@@ -220,14 +229,27 @@ def recover(out: Path) -> str | None:
 
     if not out.is_dir():
         return None
-    remove_stale_temporaries(out)
+    remove_stale_temporaries(out, (*RUN_FILES, "comparison.json", "comparison.csv",
+                                   "comparison.md"))
     if not (out / REPLACED).is_dir():
         return None
-    if (out / "checkpoint.pt").exists():
+    if _trained_epochs(out / "checkpoint.pt") >= 1:
         drop_replaced(out)
         return f"note: removed the run that an interrupted --overwrite replaced in {out}"
     restore_replaced(out)
     return f"note: restored the run in {out} that an interrupted --overwrite had set aside"
+
+
+def _trained_epochs(path: Path) -> int:
+    """Epochs a checkpoint holds; 0 if it is missing or does not load (the epoch-0
+    checkpoint a new run saves before training does not make it stand)."""
+    from .checkpoint import load_checkpoint
+    from .errors import CheckpointError
+
+    try:
+        return load_checkpoint(path)["epoch"] if path.exists() else 0
+    except CheckpointError:
+        return 0
 
 
 def config_differences(saved: dict[str, Any], given: dict[str, Any]) -> list[str]:
@@ -260,7 +282,16 @@ def run_config(run_dir: Path, checkpoint: dict[str, Any]) -> RunConfig:
     except UserInputError as error:
         raise CheckpointError(f"{run_dir}/checkpoint.pt: {error}") from None
     written = read_json(run_dir / "config.json", "config file")
-    changed = config_differences(config.to_dict(), written if isinstance(written, dict) else {})
+    written = written if isinstance(written, dict) else {}
+    # the one setting config.json may hold ahead of the checkpoint: the epochs a
+    # `--resume --epochs N` asked for, written before its first epoch was checkpointed
+    section = written.get("train")
+    target = section.get("epochs") if isinstance(section, dict) else None
+    if isinstance(target, int) and not isinstance(target, bool) and target >= checkpoint["epoch"]:
+        config = dataclasses.replace(
+            config, train=dataclasses.replace(config.train, epochs=max(1, target))
+        )
+    changed = config_differences(config.to_dict(), written)
     if changed:
         raise UserInputError(
             f"{run_dir}/config.json differs from the config its checkpoint was trained with "

@@ -326,7 +326,7 @@ class Trainer:
         where = f"epoch {self.epoch + 1}, step {self.step + 1}"
         kept = (
             f"; the last checkpoint ({self.run_dir / CHECKPOINT}, epoch {self.epoch}) is intact"
-            if self.run_dir is not None
+            if self.run_dir is not None and self.epoch > 0
             else ""
         )
         if not all(bool(torch.isfinite(p).all()) for p in self.parameters):

@@ -117,10 +117,14 @@ def test_1_a_second_writer_is_refused_with_the_holders_pid(tmp_path, capsys):
         first.wait()
         first.stderr.close()
     # the lock went with the killed process: the run resumes, its config is its own
-    code, _, err = run_cli(["train", "--resume", "--epochs", "3", "--quiet", "--out", out], capsys)
+    done = load_checkpoint(out / "checkpoint.pt")["epoch"]
+    code, _, err = run_cli(
+        ["train", "--resume", "--epochs", done + 1, "--quiet", "--out", out], capsys
+    )
     assert code == 0, err
     saved = json.loads((out / "config.json").read_text())
-    assert saved["train"]["seed"] == 0 and load_checkpoint(out / "checkpoint.pt")["epoch"] == 3
+    assert saved["train"]["seed"] == 0
+    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == done + 1
 
 
 def test_1_temporary_files_are_unique_per_writer_and_cleaned_up(finished):
@@ -163,6 +167,87 @@ def test_2_an_interrupted_overwrite_is_recovered_by_the_next_command(run_copy, c
     code, _, err = run_cli(["train", "--resume", "--quiet", "--out", run_copy], capsys)
     assert "restored the run" in err
     assert digest(run_copy) == before or code == 0
+
+
+def test_2_a_kill_during_the_first_epoch_of_an_overwrite_restores_the_old_run(
+    run_copy, capsys, tmp_path
+):
+    from pyro_vae.runs import move_aside
+
+    before = digest(run_copy)
+    epoch_zero = load_checkpoint(run_copy / "checkpoint.pt")
+    epoch_zero.update(epoch=0, step=0, history=[], best_epoch=None, finished=False)
+    move_aside(run_copy)
+    # what the new run had written when it was killed in epoch 1: its config and the
+    # checkpoint it saves before training
+    shutil.copy(run_copy / ".replaced" / "config.json", run_copy / "config.json")
+    craft(run_copy / "checkpoint.pt", epoch_zero)
+    code, _, err = run_cli(["train", "--resume", "--quiet", "--out", run_copy], capsys)
+    assert "restored the run" in err, err
+    assert digest(run_copy) == before or code == 0
+    assert load_checkpoint(run_copy / "checkpoint.pt")["epoch"] == 2
+
+
+def test_2_a_kill_before_the_first_epoch_of_a_longer_resume_leaves_the_run_usable(
+    run_copy, capsys
+):
+    # `--resume --epochs 4` writes config.json (epochs 4) before its first checkpoint: a
+    # kill in that window must not make the run look edited
+    saved = json.loads((run_copy / "config.json").read_text())
+    saved["train"]["epochs"] = 4
+    (run_copy / "config.json").write_text(json.dumps(saved))
+    code, _, err = run_cli(["evaluate", run_copy, "--samples", "2"], capsys)
+    assert code == 0, err
+    code, _, err = run_cli(["train", "--resume", "--quiet", "--out", run_copy], capsys)
+    assert code == 0, err  # the requeued resume trains to the epochs it was given
+    assert load_checkpoint(run_copy / "checkpoint.pt")["epoch"] == 4
+
+
+def test_1_a_lock_whose_holder_record_cannot_be_written_is_still_released(
+    tmp_path, monkeypatch
+):
+    import errno
+
+    from pyro_vae import runs
+
+    real = os.write
+
+    def full(descriptor, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(runs.os, "write", full)
+    with runs.RunLock(tmp_path / "r", "first"):
+        pass
+    monkeypatch.setattr(runs.os, "write", real)
+    with runs.RunLock(tmp_path / "r", "second"):  # not "in use": the first let go
+        assert (tmp_path / "r" / runs.LOCK).exists()
+    assert not (tmp_path / "r").exists()  # created for the lock, removed with it
+
+
+def test_1_a_lock_survives_its_folder_being_removed_by_the_last_holder(tmp_path, monkeypatch):
+    from pyro_vae import runs
+
+    folder = tmp_path / "r"
+    folder.mkdir()
+    real = os.open
+    removed = []
+
+    def open_after_removal(path, *args, **kwargs):
+        if not removed:  # the holder releases between our mkdir and our open
+            removed.append(True)
+            shutil.rmtree(folder)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(runs.os, "open", open_after_removal)
+    with runs.RunLock(folder, "second"):
+        assert (folder / runs.LOCK).exists()
+
+
+def test_2_a_refused_command_leaves_a_users_temporary_files_alone(tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / ".draft.tmp").write_text("mine")
+    refused(["train", *TINY, "--out", out], capsys, "not empty", watched=out)
 
 
 # ---------------------------------------------------------------------- 3. corruption
@@ -327,6 +412,14 @@ def test_6_a_device_or_a_folder_as_config_is_refused(tmp_path, capsys):
         (lambda c: next(iter(c["model"].values())).fill_(float("nan")), "non-finite parameter"),
         (lambda c: c.update(history="not a list"), "has 'history' of type str"),
         (lambda c: c.update(epoch=-3), "negative 'epoch'"),
+        (lambda c: c["history"].__setitem__(0, {}), "epoch 1 lacks its numbers"),
+        (lambda c: c.update(stopped_early=True, best_epoch=9), "'best_epoch' that is not one"),
+        (  # finite in float64, inf in the float32 parameters it is loaded into
+            lambda c: c["model"].update(
+                {k: v.double().fill_(1e300) for k, v in list(c["model"].items())[:1]}
+            ),
+            "non-finite parameter",
+        ),
     ],
 )
 def test_6_crafted_checkpoints_are_refused_by_every_reader(change, message, run_copy, capsys):
