@@ -76,7 +76,44 @@ _TRAIN_FLAGS = {
     "device": ("train", "device"),
     "compile": ("train", "compile"),
     "monitor_images": ("train", "monitor_images"),
+    "lr_gamma": ("train", "lr_gamma"),
+    "clip_norm": ("train", "clip_norm"),
+    "eval_samples": ("train", "eval_samples"),
+    "eval_images": ("train", "eval_images"),
 }
+
+
+def _config_default(flag: str) -> Any:
+    """The default of a train flag: the config dataclass's, so --help never drifts."""
+    section, name = _TRAIN_FLAGS[flag]
+    value = getattr(getattr(RunConfig(), section), name)
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return value
+
+
+def _with_defaults(parser: argparse.ArgumentParser) -> None:
+    """Append "(default: X)" from the config dataclasses to each train flag's help."""
+    for action in parser._actions:
+        if action.dest in _TRAIN_FLAGS and action.help and "default" not in action.help:
+            default = _config_default(action.dest)
+            shown = default
+            if default is None:
+                shown = "all" if action.dest in ("limit", "eval_images") else "none"
+            action.help += f" (default: {shown})"
+
+
+def _timestamped_out() -> Path:
+    """A fresh folder per run when --out is not given: runs/YYYYmmdd-HHMMSS (with -2,
+    -3, ... when that exists already)."""
+    import time
+
+    stamp = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    out, number = stamp, 1
+    while out.exists():
+        number += 1
+        out = stamp.with_name(f"{stamp.name}-{number}")
+    return out
 
 
 def _compile_flag(parser: argparse.ArgumentParser, what: str) -> None:
@@ -102,33 +139,41 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train a VAE and write a run folder (metrics, checkpoint, plots, report)",
         description="Train a VAE by SVI. Defaults: the IWAE paper's MLP (2x200 tanh, latent "
-        "50), Bernoulli likelihood, dynamic binarization, Adam 1e-3, batch 128.",
+        "50), Bernoulli likelihood, dynamic binarization, Adam 1e-3, batch 128; several "
+        "latent layers use the bottom-up guide. Requeue-safe: the same command with "
+        "--resume auto starts the run, or continues it after an interruption.",
     )
     train.add_argument("--config", type=Path, help="JSON file with sections model/data/train")
-    train.add_argument("--dataset", choices=DATASET_NAMES, help="data set (default digits)")
+    train.add_argument("--dataset", choices=DATASET_NAMES, help="data set")
     train.add_argument("--data-dir", help="folder of IDX files for mnist/fashion-mnist/kmnist")
-    train.add_argument("--likelihood", choices=LIKELIHOOD_NAMES, help="default bernoulli")
-    train.add_argument("--binarize", choices=BINARIZE_NAMES, help="default dynamic")
-    train.add_argument("--estimator", choices=ESTIMATOR_NAMES, help="default mc (Trace_ELBO)")
+    train.add_argument("--likelihood", choices=LIKELIHOOD_NAMES, help="decoder likelihood")
+    train.add_argument("--binarize", choices=BINARIZE_NAMES, help="binarization of images")
+    train.add_argument("--estimator", choices=ESTIMATOR_NAMES, help="mc is Trace_ELBO")
     train.add_argument("--particles", type=int, help="samples of z per data point (K)")
     train.add_argument("--alpha", type=float, help="order of the renyi bound")
     train.add_argument(
         "--latent-dims", type=_int_list, help="latent size, e.g. 50; several layers: 100,50"
     )
     train.add_argument("--hidden", type=_int_list, help="hidden widths, e.g. 200,200")
-    train.add_argument("--activation", choices=ACTIVATION_NAMES, help="default tanh")
-    train.add_argument("--network", choices=("mlp", "conv"), help="default mlp")
+    train.add_argument("--activation", choices=ACTIVATION_NAMES, help="hidden nonlinearity")
+    train.add_argument("--network", choices=("mlp", "conv"), help="network kind")
     train.add_argument(
         "--guide",
         choices=("top-down", "bottom-up"),
-        help="inference order with several latent layers (--latent-dims 100,50): default top-down",
+        help="inference order with several latent layers (--latent-dims 100,50): bottom-up "
+        "keeps both layers in use without warm-up, top-down loses one without it (the "
+        "closed-form KL needs top-down) (default: bottom-up)",
     )
     train.add_argument("--free-bits", type=float, metavar="NATS", help="free bits per layer")
-    train.add_argument("--epochs", type=int, help="passes over the training set (default 10)")
-    train.add_argument("--batch-size", type=int, help="default 128")
-    train.add_argument("--lr", type=float, help="learning rate (default 1e-3)")
-    train.add_argument("--optimizer", choices=("adam", "clipped_adam"))
-    train.add_argument("--lr-schedule", choices=("constant", "exponential", "cosine"))
+    train.add_argument("--epochs", type=int, help="passes over the training set")
+    train.add_argument("--batch-size", type=int, help="data points per step")
+    train.add_argument("--lr", type=float, help="learning rate")
+    train.add_argument("--optimizer", choices=("adam", "clipped_adam"), help="optimizer")
+    train.add_argument("--clip-norm", type=float, help="clipped_adam: gradient clip")
+    train.add_argument(
+        "--lr-schedule", choices=("constant", "exponential", "cosine"), help="per epoch"
+    )
+    train.add_argument("--lr-gamma", type=float, help="exponential schedule: factor per epoch")
     train.add_argument("--kl-warmup", type=float, metavar="EPOCHS", help="KL warm-up epochs")
     train.add_argument("--validation-size", type=int, help="training points held out")
     train.add_argument("--early-stopping", type=int, metavar="PATIENCE", help="epochs")
@@ -137,22 +182,39 @@ def build_parser() -> argparse.ArgumentParser:
         "--monitor-images",
         type=int,
         metavar="N",
-        help="test images evaluated after every epoch, a fixed random subset (default 2000; "
-        "the final evaluation uses the whole test set)",
+        help="test images evaluated after every epoch, a fixed random subset",
     )
-    train.add_argument("--seed", type=int, help="default 0")
-    train.add_argument("--device", choices=("cpu", "cuda"), help="default cpu")
+    train.add_argument("--seed", type=int, help="seeds torch, numpy, python, data order")
+    train.add_argument("--device", choices=("cpu", "cuda"), help="device")
     _compile_flag(train, "each step's loss and gradients")
-    train.add_argument("--out", type=Path, default=Path("runs/latest"), help="run folder")
-    train.add_argument("--resume", action="store_true", help="continue the run in --out")
+    train.add_argument(
+        "--out", type=Path, help="run folder (default: a new runs/YYYYmmdd-HHMMSS)"
+    )
+    train.add_argument(
+        "--resume",
+        nargs="?",
+        const="always",
+        choices=("always", "auto"),
+        help="continue the run in --out; --resume auto: continue it if it has a checkpoint, "
+        "else start it (one job script for first start and requeue). Options equal to the "
+        "run's own are accepted; --epochs may grow",
+    )
     train.add_argument("--overwrite", action="store_true", help="replace the run in --out")
     train.add_argument(
         "--eval-samples",
         type=int,
-        default=5000,
-        help="K for the final importance-sampled log p(x) (IWAE paper: 5000; 0 skips it)",
+        metavar="K",
+        help="K of the final importance-sampled log p(x) (IWAE paper: 5000; 0 skips it); "
+        "the estimated time is printed before it starts",
+    )
+    train.add_argument(
+        "--eval-images",
+        type=int,
+        metavar="N",
+        help="test images for it, a fixed random subset (the IWAE paper: all of them)",
     )
     train.add_argument("--quiet", action="store_true", help="no progress bars")
+    _with_defaults(train)
 
     evaluate = commands.add_parser(
         "evaluate", help="test ELBO, importance-sampled log p(x), active units, PSIS k-hat"
@@ -380,17 +442,21 @@ def _train(args: argparse.Namespace, argv: list[str] | None) -> int:
     """
     from .runs import RunLock, command_line
 
-    out: Path = args.out
-    if args.eval_samples < 0:
-        raise UserInputError(f"--eval-samples must be >= 0, got {args.eval_samples}")
     if args.resume and args.overwrite:
         raise UserInputError(
             "--resume continues the run in --out and --overwrite deletes it: pass one of them"
         )
+    if args.out is None:
+        if args.resume:
+            raise UserInputError("--resume needs the run folder: pass --out")
+        args.out = _timestamped_out()
+    out: Path = args.out
+    if args.resume == "auto":  # requeue-safe: continue a run that has a checkpoint, or start it
+        args.resume = "always" if (out / "checkpoint.pt").is_file() else None
     prepared = None
     if not args.resume:
         config = resolve_config(args)
-        prepared = prepare_run(config, args.eval_samples)
+        prepared = prepare_run(config)
     with RunLock(out, command_line(argv)):
         return _train_locked(args, argv, out, prepared)
 
@@ -405,20 +471,10 @@ def _train_locked(args, argv, out: Path, prepared) -> int:
     check_run_dir(out, args.resume, args.overwrite)
     if args.resume:
         checkpoint = load_checkpoint(out / "checkpoint.pt")  # verified: digest, structure
-        config = run_config(out, checkpoint)
-        changed = [
-            flag for flag in _TRAIN_FLAGS if getattr(args, flag) is not None and flag != "epochs"
-        ] + (["config"] if args.config else [])
-        if changed:
-            raise UserInputError(
-                f"--resume continues {out} with its own config.json; only --epochs may change "
-                f"(got --{', --'.join(f.replace('_', '-') for f in changed)})"
-            )
-        if args.epochs is not None:
-            config = dataclasses.replace(
-                config, train=dataclasses.replace(config.train, epochs=args.epochs)
-            )
-        prepared = prepare_run(config, args.eval_samples)
+        config = _resumed_config(args, out, run_config(out, checkpoint))
+        if _nothing_to_add(config, checkpoint, out):
+            return 0
+        prepared = prepare_run(config)
     replacing = args.overwrite and holds_run(out)
     if replacing:
         move_aside(out)
@@ -428,6 +484,64 @@ def _train_locked(args, argv, out: Path, prepared) -> int:
     except BaseException:
         transaction.rollback()
         raise
+
+
+def _resumed_config(args: argparse.Namespace, out: Path, saved: RunConfig) -> RunConfig:
+    """The run's own config, with --epochs and the final evaluation's settings as given
+    (neither changes what was trained). The other options may be given too (a requeued
+    job repeats its command line) but must equal the run's own: each real change is
+    refused, naming the saved and the given value."""
+    given = resolve_config(args, base=saved)
+    free = {name: getattr(saved.train, name) for name in _FREE_ON_RESUME}
+    changed = _flag_differences(
+        saved, dataclasses.replace(given, train=dataclasses.replace(given.train, **free))
+    )
+    if changed:
+        raise UserInputError(
+            f"--resume continues {out} with its own settings; only --epochs, --eval-samples "
+            f"and --eval-images may change, and these differ: {'; '.join(changed)} (start a "
+            f"new run for other settings)"
+        )
+    return given
+
+
+#: settings a resumed run may change: how long it trains, how it is evaluated at the end
+_FREE_ON_RESUME = ("epochs", "eval_samples", "eval_images")
+
+
+def _flag_differences(saved: RunConfig, given: RunConfig) -> list[str]:
+    """``--flag: saved X, given Y`` for each setting that differs (config keys without a
+    flag are named as ``section.key``)."""
+    names = {value: flag for flag, value in _TRAIN_FLAGS.items()}
+
+    def shown(value: Any) -> str:
+        return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+
+    result = []
+    for section in ("data", "model", "train"):
+        old = dataclasses.asdict(getattr(saved, section))
+        new = dataclasses.asdict(getattr(given, section))
+        for name in old:
+            if old[name] != new[name]:
+                flag = names.get((section, name))
+                label = f"--{flag.replace('_', '-')}" if flag else f"{section}.{name}"
+                result.append(f"{label}: saved {shown(old[name])}, given {shown(new[name])}")
+    return result
+
+
+def _nothing_to_add(config: RunConfig, checkpoint: dict[str, Any], out: Path) -> bool:
+    """A finished run asked to go no further: say so, and change nothing."""
+    done = checkpoint["epoch"]
+    finished = checkpoint["stopped_early"] or done >= config.train.epochs
+    evaluated = not config.train.eval_samples or (out / "evaluation.json").exists()
+    if not (finished and evaluated and (out / "report.md").exists()):
+        return False
+    why = "stopped early" if checkpoint["stopped_early"] else f"trained {done} epochs"
+    print(
+        f"{out} is finished ({why}, evaluated, report written): nothing to do; pass a larger "
+        f"--epochs to train further"
+    )
+    return True
 
 
 class _Transaction:
@@ -475,7 +589,7 @@ class PreparedRun:
     evaluation_seconds: float = 0.0  # estimated, for the final log p(x)
 
 
-def prepare_run(config: RunConfig, eval_samples: int = 0) -> PreparedRun:
+def prepare_run(config: RunConfig) -> PreparedRun:
     """Everything a run needs, checked, before its folder is touched: the device, the
     data (read and checked against the model), the model, the estimator, the memory,
     and the time the final log p(x) will take (an absurd K is refused now, not after
@@ -506,11 +620,11 @@ def prepare_run(config: RunConfig, eval_samples: int = 0) -> PreparedRun:
     # build the estimator once here so that a bad combination fails before any file is written
     make_elbo(config.train.estimator, config.train.particles, alpha=config.train.alpha)
     seconds = 0.0
-    if eval_samples:
+    if config.train.eval_samples:
         from .evaluation import announce_evaluation
 
-        images = data.evaluation_images("test")
-        seconds = announce_evaluation(vae, images, eval_samples, log=None)
+        images = final_evaluation_images(config, data)
+        seconds = announce_evaluation(vae, images, config.train.eval_samples, log=None)
     if config.model.likelihood == "bernoulli" and config.data.binarize == "none":
         print(
             "note: grey levels under a Bernoulli likelihood are scored by cross-entropy, not "
@@ -527,7 +641,7 @@ def run_training(
     from .checkpoint import atomic_write_json
     from .evaluation import evaluate
     from .resources import human_seconds
-    from .runs import command_line, write_plots, write_report
+    from .runs import write_plots, write_report
     from .training import fit
 
     config, data, vae = prepared.config, prepared.data, prepared.vae
@@ -538,20 +652,21 @@ def run_training(
         data,
         config.train,
         run_dir=out,
-        resume=args.resume,
+        resume=bool(args.resume),
         saved_config=config.to_dict(),
         progress=progress,
         callbacks=[transaction.commit],
     )
     transaction.commit()  # (a resumed run with no epoch left to train)
     evaluation = None
-    if args.eval_samples:
-        images = data.evaluation_images("test").to(config.train.device)
+    samples = config.train.eval_samples
+    if samples:
+        images = final_evaluation_images(config, data).to(config.train.device)
         print(
-            f"evaluating: importance-sampled log p(x) with K={args.eval_samples} on "
-            f"{len(images):,} test images, about {human_seconds(prepared.evaluation_seconds)} ..."
+            f"evaluating: importance-sampled log p(x) with K={samples} on {len(images):,} "
+            f"test images, about {human_seconds(prepared.evaluation_seconds)} ..."
         )
-        evaluation = evaluate(vae, images, args.eval_samples, progress=progress)
+        evaluation = evaluate(vae, images, samples, progress=progress)
         atomic_write_json(evaluation, out / "evaluation.json")
         print(format_evaluation(evaluation))
     plot_paths = write_plots(out, vae, data, history.epochs)
@@ -560,13 +675,51 @@ def run_training(
         config,
         history.epochs,
         evaluation,
-        command_line(argv),
+        reproduce_command(config, out),
         plot_paths,
         history.stopped_early,
         history.best_epoch,
     )
     print(f"run folder: {out}  (report: {report})")
     return 0
+
+
+def final_evaluation_images(config: RunConfig, data) -> Any:
+    """The test images of the final evaluation: all, or ``config.train.eval_images`` of
+    them, a fixed random subset (seeded by the run's seed, the same on every resume)."""
+    from .evaluation import fixed_subset
+
+    return fixed_subset(data.evaluation_images("test"), config.train.eval_images)
+
+
+def reproduce_command(config: RunConfig, out: Path) -> str:
+    """The command that recreates the run from scratch in a fresh folder: every setting
+    that differs from the defaults, as its flag (settings without a flag: as a config)."""
+    import shlex
+
+    defaults = RunConfig()
+    flags = {value: flag for flag, value in _TRAIN_FLAGS.items()}
+    argv = ["train", "--dataset", config.data.dataset]  # (named even when the default)
+    for section in ("data", "model", "train"):
+        for name, value in dataclasses.asdict(getattr(config, section)).items():
+            if value == dataclasses.asdict(getattr(defaults, section))[name] or name == "dataset":
+                continue
+            flag = flags.get((section, name))
+            if flag is None or value is None:
+                # a setting no flag can express (a learned Gaussian scale, all monitor
+                # images): the run's own config.json recreates it
+                return "pyro-vae " + shlex.join(
+                    ["train", "--config", str(out / "config.json"), "--out", "NEW_FOLDER"]
+                )
+            option = f"--{flag.replace('_', '-')}"
+            if isinstance(value, bool):
+                argv.append(option if value else f"--no-{flag.replace('_', '-')}")
+            elif isinstance(value, (tuple, list)):
+                argv += [option, ",".join(map(str, value))]
+            else:
+                argv += [option, str(value)]
+    argv += ["--out", str(out)]
+    return "pyro-vae " + shlex.join(argv)
 
 
 def format_evaluation(result: dict[str, Any]) -> str:

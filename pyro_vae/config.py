@@ -94,7 +94,10 @@ class ModelConfig:
     gaussian_scale: float | None = 1.0  # fixed scale of a Gaussian likelihood; None learns it
     prior_loc: float = 0.0  # mu_p of the N(mu_p, sigma_p^2) prior on z
     prior_scale: float = 1.0  # sigma_p of the prior
-    guide: str = "top-down"  # several layers: top-down (ladder) or bottom-up inference
+    # several layers: "bottom-up" (default: in the measured comparisons it keeps both
+    # layers in use without warm-up, where top-down loses one) or "top-down" (ladder);
+    # one layer has no inference order: None
+    guide: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "latent_dims", _integers(self.latent_dims, "latent dims"))
@@ -106,7 +109,12 @@ class ModelConfig:
             _scale(self.gaussian_scale, "gaussian_scale")
         _number(self.prior_loc, "prior_loc", maximum=SCALE_RANGE[1])
         _scale(self.prior_scale, "prior_scale")
-        _choice(self.guide, ("top-down", "bottom-up"), "guide")
+        if self.guide is not None:
+            _choice(self.guide, ("top-down", "bottom-up"), "guide")
+        if len(self.latent_dims) == 1:
+            object.__setattr__(self, "guide", None)
+        elif self.guide is None:
+            object.__setattr__(self, "guide", "bottom-up")
 
 
 @dataclass(frozen=True)
@@ -143,6 +151,8 @@ class TrainConfig:
     free_bits: float = 0.0  # nats: a layer's batch-mean KL below this gets no gradient
     early_stopping_patience: int = 0  # stop after this many epochs without a better validation ELBO
     eval_particles: int = 1  # samples of z for the per-epoch test ELBO
+    eval_samples: int = 5000  # K of the final importance-sampled log p(x) (IWAE paper); 0: none
+    eval_images: int | None = None  # test images for it, a fixed random subset; None: all
     monitor_images: int | None = 2000  # test images evaluated after each epoch; None: all
     seed: int = 0  # seeds torch, numpy, python and the data order
     device: str = "cpu"  # cpu | cuda
@@ -161,6 +171,9 @@ class TrainConfig:
         _integer(self.early_stopping_patience, "early_stopping_patience", 0)
         if self.monitor_images is not None:
             _integer(self.monitor_images, "monitor_images", 1)
+        _integer(self.eval_samples, "eval_samples", 0)
+        if self.eval_images is not None:
+            _integer(self.eval_images, "eval_images", 1)
         _number(self.lr, "learning rate", positive=True)
         _number(self.clip_norm, "clip_norm", positive=True)
         _number(self.lr_gamma, "lr_gamma", positive=True)

@@ -61,6 +61,21 @@ def evaluation_mode(*owners: Any) -> Iterator[None]:
             module.training = training
 
 
+#: the seed of the fixed test subsets (per-epoch monitoring, --eval-images): the same
+#: images in every run, so that runs are comparable
+SUBSET_SEED = 20241121
+
+
+def fixed_subset(images: torch.Tensor, count: int | None) -> torch.Tensor:
+    """``count`` of ``images``, a fixed random subset in their original order (all of
+    them for ``None`` or a count as large): the same in every run, and not the first
+    images (MNIST's first 5,000 test images are the easier half)."""
+    if count is None or count >= len(images):
+        return images
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(SUBSET_SEED))
+    return images[order[:count].sort().values]
+
+
 def _sizes(vae, n: int, num_samples: int, chunk_size, batch_size) -> tuple[int, int]:
     if num_samples < 1:
         raise UserInputError(f"the number of importance samples must be >= 1, got {num_samples}")

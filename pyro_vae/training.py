@@ -49,7 +49,7 @@ from .config import TrainConfig
 from .data import VAEData
 from .errors import CheckpointError, NonFiniteError, UserInputError
 from .estimators import FreeBitsELBO, check_estimator_fits, elbo_terms, make_elbo
-from .evaluation import active_units, evaluation_mode
+from .evaluation import active_units, evaluation_mode, fixed_subset
 from .model import param_store_registration
 
 CHECKPOINT = "checkpoint.pt"
@@ -383,12 +383,8 @@ class Trainer:
         images, since MNIST's first 5,000 test images are the easier half). The full test
         set is evaluated at the end of a run (``pyro-vae train``, ``evaluate``)."""
         images = self.data.evaluation_images("test")
-        limit = self.config.monitor_images
-        if limit is None or limit >= len(images):
-            return images
         if self._monitor is None or self._monitor[0] is not images:
-            order = torch.randperm(len(images), generator=torch.Generator().manual_seed(20241121))
-            self._monitor = (images, images[order[:limit].sort().values])
+            self._monitor = (images, fixed_subset(images, self.config.monitor_images))
         return self._monitor[1]
 
     _monitor: tuple[torch.Tensor, torch.Tensor] | None = None

@@ -200,7 +200,7 @@ def test_unknown_choices_are_one_line_errors(flags, message, capsys, tmp_path):
         (["--limit", "0"], "limit must be an integer >= 1"),
         (["--early-stopping", "3"], "early stopping needs a validation set"),
         (["--device", "cuda"], "CUDA is not available"),
-        (["--eval-samples", "-1"], "--eval-samples must be >= 0"),
+        (["--eval-samples", "-1"], "eval_samples must be an integer >= 0"),
     ],
 )
 def test_bad_option_values(flags, message, capsys, tmp_path):
@@ -290,7 +290,7 @@ def test_resume_refuses_changed_options(finished_run, capsys):
     _expect_refusal(
         ["train", "--resume", "--lr", "0.1", "--out", finished_run],
         capsys,
-        "only --epochs may change",
+        "--lr: saved 0.001, given 0.1",
         watched=finished_run,
     )
 

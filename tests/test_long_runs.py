@@ -1,0 +1,188 @@
+"""The researcher's long-run loop: requeue-safe resume, the run's own evaluation
+settings, a reproduce command that recreates the run, honest k-hat, sensible defaults."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+import torch
+
+from pyro_vae.checkpoint import load_checkpoint
+from pyro_vae.cli import _TRAIN_FLAGS, build_parser, main
+from pyro_vae.config import ModelConfig, RunConfig
+
+from .helpers import TINY_RUN
+
+JOB = [*TINY_RUN, "--eval-samples", "30"]  # one job script's flags
+
+
+def run_cli(argv, capsys) -> tuple[int, str, str]:
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exit_:
+        code = exit_.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def parameters(folder: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(folder / "checkpoint.pt")["model"]
+
+
+def test_a_requeued_job_resumes_with_its_identical_command_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli(["train", *JOB, "--epochs", "2", "--out", out], capsys)[0] == 0
+    # the cluster re-runs the same command (with --resume, and a later --epochs)
+    code, _, err = run_cli(["train", *JOB, "--epochs", "3", "--resume", "--out", out], capsys)
+    assert code == 0, err
+    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 3
+
+
+def test_resume_refuses_only_real_changes_naming_saved_and_given_values(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli(["train", *JOB, "--epochs", "1", "--out", out], capsys)[0] == 0
+    before = digest(out)
+    changed = ["--hidden", "32", "--lr", "0.01"]
+    code, _, err = run_cli(["train", *JOB, *changed, "--resume", "--out", out], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "--hidden: saved 16, given 32" in err and "--lr: saved 0.001, given 0.01" in err
+    assert "--dataset" not in err and "--limit" not in err  # equal values are no change
+    assert digest(out) == before
+
+
+def test_resume_auto_starts_a_run_then_continues_it(tmp_path, capsys):
+    out = tmp_path / "run"
+    job = ["train", *JOB, "--eval-samples", "0", "--resume", "auto", "--out", out]
+    code, _, err = run_cli([*job, "--epochs", "1"], capsys)
+    assert code == 0, err  # nothing there: started
+    code, _, err = run_cli([*job, "--epochs", "2"], capsys)
+    assert code == 0, err  # a checkpoint there: continued
+    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 2
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [epoch["epoch"] for epoch in history] == [1, 2]
+
+
+def test_resuming_a_finished_run_with_nothing_to_add_changes_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli(["train", *JOB, "--epochs", "1", "--out", out], capsys)[0] == 0
+    before = digest(out)
+    for argv in (["--resume"], [*JOB, "--epochs", "1", "--resume"], ["--resume", "auto"]):
+        code, printed, err = run_cli(["train", *argv, "--out", out], capsys)
+        assert code == 0, err
+        assert "nothing to do" in printed
+        assert digest(out) == before
+
+
+def test_a_resumed_run_keeps_its_own_evaluation_settings(tmp_path, capsys):
+    out = tmp_path / "run"
+    flags = ["--eval-samples", "25", "--eval-images", "40"]
+    assert run_cli(["train", *TINY_RUN, *flags, "--epochs", "1", "--out", out], capsys)[0] == 0
+    code, printed, err = run_cli(["train", "--resume", "--epochs", "2", "--out", out], capsys)
+    assert code == 0, err
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    assert evaluation["importance_samples"] == 25 and evaluation["points"] == 40
+    assert "K=25 on 40 test images, about" in printed  # the estimate, before it starts
+
+
+def test_eval_images_is_a_fixed_subset_the_same_in_every_run(tmp_path, capsys):
+    from pyro_vae.data import load_data
+    from pyro_vae.evaluation import fixed_subset
+
+    images = load_data("digits", limit=200).evaluation_images("test")
+    subset = fixed_subset(images, 40)
+    assert torch.equal(subset, fixed_subset(images, 40)) and len(subset) == 40
+    assert not torch.equal(subset, images[:40])  # not the first images
+    assert fixed_subset(images, None) is images and fixed_subset(images, 10**6) is images
+
+
+def test_reproduce_recreates_a_resumed_run_from_scratch_bit_for_bit(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli(["train", *JOB, "--lr", "0.003", "--epochs", "2", "--out", out], capsys)[0] == 0
+    assert run_cli(["train", "--resume", "--epochs", "3", "--out", out, "--quiet"], capsys)[0] == 0
+    report = (out / "report.md").read_text()
+    command = report.split("## Reproduce")[1].split("```")[1].strip()
+    assert "--resume" not in command and "--epochs 3" in command and "--lr 0.003" in command
+    argv = shlex.split(command)[1:]
+    argv[argv.index("--out") + 1] = str(tmp_path / "again")
+    assert run_cli([*argv, "--quiet"], capsys)[0] == 0
+    first, again = parameters(out), parameters(tmp_path / "again")
+    assert first.keys() == again.keys()
+    assert all(torch.equal(first[name], again[name]) for name in first)
+
+
+def test_too_few_importance_samples_for_khat_say_so_instead_of_inf(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, printed, _ = run_cli(
+        ["train", *TINY_RUN, "--epochs", "1", "--eval-samples", "10", "--out", out], capsys
+    )
+    assert code == 0 and "inf" not in printed
+    assert "not computed: K=10" in printed and "K >= 21" in printed
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    assert evaluation["khat_mean"] is None and "K >= 21" in evaluation["khat_note"]
+    assert "inf" not in (out / "report.md").read_text().lower().replace("infer", "")
+
+
+def test_every_train_flag_shows_the_config_default_in_help():
+    train = next(
+        action.choices["train"]
+        for action in build_parser()._actions
+        if getattr(action, "choices", None) and "train" in action.choices
+    )
+    defaults = RunConfig()
+    for action in train._actions:
+        if action.dest not in _TRAIN_FLAGS:
+            continue
+        section, name = _TRAIN_FLAGS[action.dest]
+        value = getattr(getattr(defaults, section), name)
+        if action.dest == "compile":
+            assert "default: when" in action.help
+            continue
+        if action.dest == "guide":  # None resolves to bottom-up for several layers
+            assert ModelConfig(latent_dims=(4, 2)).guide == "bottom-up"
+            assert "(default: bottom-up)" in action.help
+            continue
+        shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+        if value is None:
+            shown = "all" if action.dest in ("limit", "eval_images") else "none"
+        assert f"(default: {shown})" in action.help, action.dest
+
+
+def test_several_layers_default_to_the_bottom_up_guide_and_one_layer_has_none():
+    assert ModelConfig(latent_dims=(20, 10)).guide == "bottom-up"
+    assert ModelConfig(latent_dims=(20, 10), guide="top-down").guide == "top-down"
+    assert ModelConfig(latent_dims=(50,)).guide is None
+    assert ModelConfig(latent_dims=(50,), guide="top-down").guide is None  # no order to choose
+
+
+def test_train_without_out_writes_a_fresh_folder_each_time(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = ["train", *TINY_RUN, "--epochs", "1", "--eval-samples", "0"]
+    for _ in range(2):
+        code, _, err = run_cli(argv, capsys)
+        assert code == 0, err
+    runs = sorted((tmp_path / "runs").iterdir())
+    assert len(runs) == 2 and all((run / "checkpoint.pt").exists() for run in runs)
+    config = json.loads((runs[0] / "config.json").read_text())
+    assert config["model"]["guide"] is None  # one layer: no inference order recorded
+
+
+@pytest.mark.parametrize("flag,value", [("--lr-gamma", "0.5"), ("--clip-norm", "2.5")])
+def test_config_only_settings_have_flags(flag, value, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["train", *TINY_RUN, "--epochs", "1", "--eval-samples", "0", flag, value]
+    assert run_cli([*argv, "--out", out], capsys)[0] == 0
+    section = json.loads((out / "config.json").read_text())["train"]
+    assert section[flag[2:].replace("-", "_")] == float(value)
