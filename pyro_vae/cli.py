@@ -23,10 +23,13 @@ from .config import (
     DATASET_NAMES,
     ESTIMATOR_NAMES,
     LIKELIHOOD_NAMES,
+    LR_SCHEDULES,
+    PROTOCOLS,
     DataConfig,
     ModelConfig,
     RunConfig,
     TrainConfig,
+    with_protocol,
 )
 from .errors import NonFiniteError, UserInputError
 
@@ -78,6 +81,7 @@ _TRAIN_FLAGS = {
     "monitor_images": ("train", "monitor_images"),
     "lr_gamma": ("train", "lr_gamma"),
     "clip_norm": ("train", "clip_norm"),
+    "adam_epsilon": ("train", "adam_epsilon"),
     "eval_samples": ("train", "eval_samples"),
     "eval_images": ("train", "eval_images"),
 }
@@ -144,6 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume auto starts the run, or continues it after an interruption.",
     )
     train.add_argument("--config", type=Path, help="JSON file with sections model/data/train")
+    train.add_argument(
+        "--protocol",
+        choices=tuple(PROTOCOLS),
+        help="a paper's training protocol, under --config and the flags: iwae = Burda et al. "
+        "(2016): MNIST, batch 20, Adam epsilon 1e-4, --lr-schedule iwae over 3280 passes, "
+        "log p(x) with K=5000 on the whole test set",
+    )
     train.add_argument("--dataset", choices=DATASET_NAMES, help="data set")
     train.add_argument("--data-dir", help="folder of IDX files for mnist/fashion-mnist/kmnist")
     train.add_argument("--likelihood", choices=LIKELIHOOD_NAMES, help="decoder likelihood")
@@ -171,8 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--optimizer", choices=("adam", "clipped_adam"), help="optimizer")
     train.add_argument("--clip-norm", type=float, help="clipped_adam: gradient clip")
     train.add_argument(
-        "--lr-schedule", choices=("constant", "exponential", "cosine"), help="per epoch"
+        "--lr-schedule",
+        choices=LR_SCHEDULES,
+        help="per epoch; iwae: the IWAE paper's 1e-3 * 10^(-i/7) for 3^i passes, i = 0..7",
     )
+    train.add_argument("--adam-epsilon", type=float, help="Adam's epsilon")
     train.add_argument("--lr-gamma", type=float, help="exponential schedule: factor per epoch")
     train.add_argument("--kl-warmup", type=float, metavar="EPOCHS", help="KL warm-up epochs")
     train.add_argument("--validation-size", type=int, help="training points held out")
@@ -232,6 +246,29 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--out", type=Path, help="PNG file (default RUN_DIR/plots/samples-N.png)")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--draw", action="store_true", help="draw x ~ p(x|z) instead of its mean")
+
+    reproduce = commands.add_parser(
+        "reproduce",
+        help="train the cells of a published table and put the paper's numbers beside ours",
+        description="iwae-table1: the MNIST cells of Table 1 of Burda et al. (2016) (1 and 2 "
+        "stochastic layers, VAE and IWAE objectives, k = 1, 5, 50), each under the paper's "
+        "protocol (--protocol iwae: 3280 passes, K=5000 log p(x)) in its own resumable run "
+        "folder OUT/CELL; run the same command again to continue. --epochs gives a partial "
+        "reproduction; the report then projects what the full protocol costs.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    reproduce.add_argument("table", choices=("iwae-table1",), help="what to reproduce")
+    reproduce.add_argument("--out", type=Path, required=True, help="folder of the cells' runs")
+    reproduce.add_argument("--cells", help="comma-separated cells, e.g. 1l-vae-k1 (default: all)")
+    reproduce.add_argument("--data-dir", help="folder of the MNIST IDX files (else downloaded)")
+    reproduce.add_argument(
+        "--epochs", type=int, help="passes per cell, for a partial run (default: the 3280)"
+    )
+    reproduce.add_argument("--eval-samples", type=int, help="K of log p(x) (default: 5000)")
+    reproduce.add_argument("--eval-images", type=int, help="test images (default: all)")
+    reproduce.add_argument("--dataset", choices=DATASET_NAMES, help="(default: mnist)")
+    reproduce.add_argument("--limit", type=int, help="use only this many train/test points")
+    reproduce.add_argument("--quiet", action="store_true", help="no progress bars")
     compare = commands.add_parser(
         "compare",
         help="train one model per estimator on an equal budget and compare them",
@@ -381,7 +418,8 @@ def _compare(args: argparse.Namespace, argv: list[str] | None) -> int:
     )
     with RunLock(args.out, command_line(argv)):
         if not is_empty(args.out):
-            if not (args.out / "comparison.json").exists():
+            # runs/ without comparison.json: a comparison that was interrupted
+            if not (args.out / "comparison.json").exists() and not (args.out / "runs").is_dir():
                 raise UserInputError(
                     f"{args.out} is not empty and holds no comparison: choose a new or empty "
                     f"folder"
@@ -416,9 +454,13 @@ def _run_compare(args, argv, config, estimators):
     )
 
 
-def resolve_config(args: argparse.Namespace) -> RunConfig:
-    """Defaults, then ``--config``, then flags; validated as it is built."""
-    config = RunConfig.load(args.config) if args.config else RunConfig()
+def resolve_config(args: argparse.Namespace, base: RunConfig | None = None) -> RunConfig:
+    """``base`` (the defaults), then ``--config``, then flags; validated as it is built."""
+    config = base or RunConfig()
+    if getattr(args, "protocol", None):
+        config = with_protocol(config, args.protocol)
+    if args.config:
+        config = _overlay(config, args.config)
     sections: dict[str, dict[str, Any]] = {"model": {}, "data": {}, "train": {}}
     for flag, (section, name) in _TRAIN_FLAGS.items():
         value = getattr(args, flag)
@@ -428,6 +470,20 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
         model=dataclasses.replace(config.model, **sections["model"]),
         data=dataclasses.replace(config.data, **sections["data"]),
         train=dataclasses.replace(config.train, **sections["train"]),
+    )
+
+
+def _overlay(config: RunConfig, path: Path) -> RunConfig:
+    """The settings of config file ``path`` over ``config`` (validated as a whole first,
+    so that its errors name the file)."""
+    from .config import read_json
+
+    RunConfig.load(path)  # unknown sections or keys, bad values: one line naming the file
+    values = read_json(path, "config file")
+    return RunConfig(
+        model=dataclasses.replace(config.model, **values.get("model", {})),
+        data=dataclasses.replace(config.data, **values.get("data", {})),
+        train=dataclasses.replace(config.train, **values.get("train", {})),
     )
 
 
@@ -771,6 +827,42 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reproduce(args: argparse.Namespace) -> int:
+    """Each cell is a ``train --protocol iwae --resume auto`` of its own folder (started,
+    continued or left as it is), then the table is gathered from the folders."""
+    from .checkpoint import atomic_write_json, atomic_write_text
+    from .reproduce import gather, markdown, select_cells
+
+    cells = select_cells(args.table, args.cells)
+    parser = build_parser()
+    options = []
+    for flag in ("data_dir", "epochs", "eval_samples", "eval_images", "dataset", "limit"):
+        value = getattr(args, flag)
+        if value is not None:
+            options += [f"--{flag.replace('_', '-')}", str(value)]
+    commands = []
+    for cell in cells:
+        argv = [
+            "train", "--protocol", "iwae",
+            "--latent-dims", ",".join(map(str, cell.latent_dims)),
+            "--estimator", cell.estimator, "--particles", str(cell.k),
+            *options, "--resume", "auto", "--out", str(args.out / cell.name),
+            *(["--quiet"] if args.quiet else []),
+        ]  # fmt: skip
+        commands.append(argv)
+    for argv in commands:  # every cell's command parses before any cell trains
+        parser.parse_args(argv)
+    for number, (cell, argv) in enumerate(zip(cells, commands), start=1):
+        print(f"cell {number}/{len(cells)}: {cell.name} (paper NLL {cell.paper_nll:.2f})")
+        _train(parser.parse_args(argv), argv)
+    rows = gather(cells, args.out)
+    atomic_write_json({"table": args.table, "rows": rows}, args.out / f"{args.table}.json")
+    report = markdown(args.table, rows)
+    atomic_write_text(report, args.out / f"{args.table}.md")
+    print(report)
+    return 0
+
+
 def _sample(args: argparse.Namespace) -> int:
     from .runs import load_run
 
@@ -809,6 +901,8 @@ def main(argv: list[str] | None = None) -> int:
             return _train(args, argv)
         if args.command == "evaluate":
             return _evaluate(args)
+        if args.command == "reproduce":
+            return _reproduce(args)
         if args.command == "sample":
             return _sample(args)
         if args.command == "compare":

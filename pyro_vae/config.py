@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -145,8 +145,9 @@ class TrainConfig:
     lr: float = 1e-3  # Adam learning rate
     optimizer: str = "adam"  # adam | clipped_adam (Pyro's ClippedAdam, gradient norm clipping)
     clip_norm: float = 10.0  # clipped_adam only: gradient entries are clipped to +/- this
-    lr_schedule: str = "constant"  # constant | exponential | cosine (per epoch)
+    lr_schedule: str = "constant"  # constant | exponential | cosine | iwae (per epoch)
     lr_gamma: float = 0.95  # exponential schedule: learning-rate factor per epoch
+    adam_epsilon: float = 1e-8  # Adam's epsilon (the IWAE paper: 1e-4)
     kl_warmup_epochs: float = 0.0  # epochs over which the KL factor rises linearly to 1
     free_bits: float = 0.0  # nats: a layer's batch-mean KL below this gets no gradient
     early_stopping_patience: int = 0  # stop after this many epochs without a better validation ELBO
@@ -163,7 +164,7 @@ class TrainConfig:
             raise UserInputError(f"compile must be true, false or \"auto\", got {self.compile!r}")
         _choice(self.estimator, ESTIMATOR_NAMES, "estimator")
         _choice(self.optimizer, ("adam", "clipped_adam"), "optimizer")
-        _choice(self.lr_schedule, ("constant", "exponential", "cosine"), "learning-rate schedule")
+        _choice(self.lr_schedule, LR_SCHEDULES, "learning-rate schedule")
         _choice(self.device, ("cpu", "cuda"), "device")
         for name in ("particles", "epochs", "batch_size", "eval_particles"):
             _integer(getattr(self, name), name.replace("_", "-"), 1)
@@ -177,6 +178,7 @@ class TrainConfig:
         _number(self.lr, "learning rate", positive=True)
         _number(self.clip_norm, "clip_norm", positive=True)
         _number(self.lr_gamma, "lr_gamma", positive=True)
+        _number(self.adam_epsilon, "adam_epsilon", positive=True)
         _number(self.alpha, "alpha")
         _number(self.kl_warmup_epochs, "kl_warmup_epochs", minimum=0)
         _number(self.free_bits, "free_bits", minimum=0)
@@ -187,6 +189,49 @@ class TrainConfig:
                 f"free bits apply to the KL of the ELBO: use them with --estimator mc or "
                 f"analytic, not {self.estimator}"
             )
+
+
+#: learning-rate schedules (per epoch; see pyro_vae.training.learning_rate)
+LR_SCHEDULES = ("constant", "exponential", "cosine", "iwae")
+
+#: the IWAE paper's stages: learning rate lr * 10**(-i/7) for 3**i passes, i = 0..7
+IWAE_STAGES = 8
+#: passes over the data in the IWAE paper's schedule: 1 + 3 + ... + 3**7
+IWAE_PASSES = (3**IWAE_STAGES - 1) // 2
+
+#: training protocols from papers, applied by ``--protocol NAME`` under the config file
+#: and the flags. "iwae": Burda et al. (2016), section 5 and appendix: MNIST dynamically
+#: binarized, 2x200 tanh MLPs, latent 50, Adam (beta1 0.9, beta2 0.999, epsilon 1e-4),
+#: batch 20, learning rate 1e-3 * 10**(-i/7) for 3**i passes, i = 0..7 (3280 passes),
+#: test log p(x) with K = 5000 on the whole test set.
+PROTOCOLS: dict[str, dict[str, dict[str, Any]]] = {
+    "iwae": {
+        "data": {"dataset": "mnist", "binarize": "dynamic"},
+        "model": {"latent_dims": (50,), "hidden": (200, 200), "activation": "tanh"},
+        "train": {
+            "optimizer": "adam",
+            "adam_epsilon": 1e-4,
+            "batch_size": 20,
+            "lr": 1e-3,
+            "lr_schedule": "iwae",
+            "epochs": IWAE_PASSES,
+            "eval_samples": 5000,
+            "eval_images": None,
+        },
+    },
+}
+
+
+def with_protocol(config: RunConfig, name: str) -> RunConfig:
+    """``config`` with the settings of the protocol ``name`` (see :data:`PROTOCOLS`)."""
+    if name not in PROTOCOLS:
+        raise UserInputError(f"unknown protocol {name!r}: choose one of {', '.join(PROTOCOLS)}")
+    protocol = PROTOCOLS[name]
+    return RunConfig(
+        model=replace(config.model, **protocol.get("model", {})),
+        data=replace(config.data, **protocol.get("data", {})),
+        train=replace(config.train, **protocol.get("train", {})),
+    )
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ from .checkpoint import (
 )
 from .compat import tensor_version
 from .compiled import CompiledLoss, capture_pays, largest
-from .config import TrainConfig
+from .config import IWAE_STAGES, TrainConfig
 from .data import VAEData
 from .errors import CheckpointError, NonFiniteError, UserInputError
 from .estimators import FreeBitsELBO, check_estimator_fits, elbo_terms, make_elbo
@@ -134,8 +134,16 @@ def learning_rate(config: TrainConfig, epoch: int) -> float:
     ``constant``: ``lr``; ``exponential``: ``lr * lr_gamma**epoch``; ``cosine``:
     ``lr * (1 + cos(pi * epoch / epochs)) / 2``, annealing to zero at the last epoch of
     the run as it is configured now (a run extended with more epochs anneals to its new
-    end). A pure function of the epoch: a resumed run needs no scheduler state.
+    end); ``iwae``: ``lr * 10**(-i/7)`` in stage ``i`` = 0..7 of the IWAE paper, which
+    lasts ``3**i`` passes (epochs 0, then 1-3, then 4-12, ...; 3280 in all, the last
+    stage's rate after that). A pure function of the epoch: a resumed run needs no
+    scheduler state.
+
+    References:
+    [1] Burda, Grosse, Salakhutdinov (2016), Importance Weighted Autoencoders, ICLR.
     """
+    if config.lr_schedule == "iwae":
+        return config.lr * 10 ** (-iwae_stage(epoch) / 7)
     if config.lr_schedule == "exponential":
         return config.lr * config.lr_gamma**epoch
     if config.lr_schedule == "cosine":
@@ -143,13 +151,23 @@ def learning_rate(config: TrainConfig, epoch: int) -> float:
     return config.lr
 
 
-def make_adam(parameters: list[torch.Tensor], lr: float) -> torch.optim.Adam:
+def iwae_stage(epoch: int) -> int:
+    """The stage ``i`` (0..7) of the IWAE paper's schedule that epoch ``epoch`` (0-based)
+    falls in: stage ``i`` lasts ``3**i`` passes; after the last, the last."""
+    stage, end = 0, 1
+    while epoch >= end and stage < IWAE_STAGES - 1:
+        stage += 1
+        end += 3**stage
+    return stage
+
+
+def make_adam(parameters: list[torch.Tensor], lr: float, eps: float = 1e-8) -> torch.optim.Adam:
     """Adam with the fused kernel where available (one kernel for all parameters instead
-    of a dozen ops per parameter: 1.1 ms less per step at batch 128, measured)."""
+    of a dozen ops per parameter)."""
     try:
-        return torch.optim.Adam(parameters, lr=lr, fused=True)
+        return torch.optim.Adam(parameters, lr=lr, eps=eps, fused=True)
     except (RuntimeError, ValueError):
-        return torch.optim.Adam(parameters, lr=lr)
+        return torch.optim.Adam(parameters, lr=lr, eps=eps)
 
 
 class Trainer:
@@ -181,11 +199,13 @@ class Trainer:
         # callback may unfreeze them between epochs
         self.parameters = list(vae.parameters())
         if config.optimizer == "adam":
-            self.optimizer = make_adam(self.parameters, config.lr)
+            self.optimizer = make_adam(self.parameters, config.lr, config.adam_epsilon)
         else:
             from pyro.optim.clipped_adam import ClippedAdam
 
-            self.optimizer = ClippedAdam(self.parameters, lr=config.lr, clip_norm=config.clip_norm)
+            self.optimizer = ClippedAdam(
+                self.parameters, lr=config.lr, eps=config.adam_epsilon, clip_norm=config.clip_norm
+            )
         self.data_generator = torch.Generator().manual_seed(config.seed)
         self.num_data = len(data.train)
         self.steps_per_epoch = math.ceil(self.num_data / config.batch_size)

@@ -186,3 +186,71 @@ def test_config_only_settings_have_flags(flag, value, tmp_path, capsys):
     assert run_cli([*argv, "--out", out], capsys)[0] == 0
     section = json.loads((out / "config.json").read_text())["train"]
     assert section[flag[2:].replace("-", "_")] == float(value)
+
+
+# ---------------------------------------------------------------------- the IWAE protocol
+def test_the_iwae_schedule_gives_each_pass_its_papers_learning_rate():
+    from pyro_vae.config import IWAE_PASSES, TrainConfig
+    from pyro_vae.training import learning_rate
+
+    config = TrainConfig(lr=1e-3, lr_schedule="iwae", epochs=IWAE_PASSES)
+    rates = [learning_rate(config, epoch) for epoch in range(IWAE_PASSES)]
+    expected = [1e-3 * 10 ** (-i / 7) for i in range(8) for _ in range(3**i)]  # the paper
+    assert IWAE_PASSES == 3280 and len(expected) == IWAE_PASSES
+    assert rates == pytest.approx(expected, rel=1e-12)
+    assert learning_rate(config, IWAE_PASSES + 5) == pytest.approx(1e-4)  # stays at the last
+
+
+def test_the_iwae_protocol_sets_the_papers_settings_under_config_and_flags(tmp_path):
+    from pyro_vae.cli import resolve_config
+
+    config_file = tmp_path / "c.json"
+    config_file.write_text('{"train": {"batch_size": 40}}')
+    parser = build_parser()
+    args = parser.parse_args(
+        ["train", "--protocol", "iwae", "--config", str(config_file), "--lr", "3e-4"]
+    )
+    config = resolve_config(args)
+    train = config.train
+    assert (train.lr_schedule, train.epochs, train.adam_epsilon) == ("iwae", 3280, 1e-4)
+    assert (train.eval_samples, train.eval_images) == (5000, None)
+    assert config.data.dataset == "mnist" and config.model.hidden == (200, 200)
+    assert train.batch_size == 40 and train.lr == 3e-4  # the file, then the flags, win
+
+
+def test_adam_takes_the_configured_epsilon(tmp_path):
+    from pyro_vae.config import TrainConfig
+    from pyro_vae.data import load_data
+    from pyro_vae.model import build_vae
+    from pyro_vae.training import Trainer
+
+    data = load_data("digits", limit=50)
+    vae = build_vae(ModelConfig(latent_dims=(2,), hidden=(8,)), data.data_shape)
+    for optimizer in ("adam", "clipped_adam"):
+        trainer = Trainer(vae, data, TrainConfig(adam_epsilon=1e-4, optimizer=optimizer))
+        assert trainer.optimizer.param_groups[0]["eps"] == 1e-4
+
+
+def test_reproduce_runs_tiny_cells_resumably_and_puts_the_paper_beside_them(tmp_path, capsys):
+    argv = ["reproduce", "iwae-table1", "--dataset", "digits", "--limit", "100",
+            "--epochs", "1", "--eval-samples", "25", "--eval-images", "20",
+            "--cells", "1l-vae-k1,2l-iwae-k5", "--out", tmp_path, "--quiet"]  # fmt: skip
+    code, printed, err = run_cli(argv, capsys)
+    assert code == 0, err
+    table = json.loads((tmp_path / "iwae-table1.json").read_text())
+    rows = {row["cell"]: row for row in table["rows"]}
+    assert rows["1l-vae-k1"]["paper_nll"] == 86.76 and rows["2l-iwae-k5"]["paper_nll"] == 83.89
+    for name, row in rows.items():
+        evaluation = json.loads((tmp_path / name / "evaluation.json").read_text())
+        assert row["measured_nll"] == evaluation["test_nll"] and row["test_images"] == 20
+        assert row["passes"] == 1 and row["projected_hours_for_protocol"] > 0
+    saved = json.loads((tmp_path / "2l-iwae-k5" / "config.json").read_text())
+    assert saved["train"]["estimator"] == "iwae" and saved["train"]["particles"] == 5
+    assert saved["model"]["latent_dims"] == [100, 50] and saved["train"]["batch_size"] == 20
+    assert "| 1l-vae-k1 | 86.76 |" in (tmp_path / "iwae-table1.md").read_text()
+    before = digest(tmp_path / "1l-vae-k1")
+    code, printed, err = run_cli(argv, capsys)  # the same command again: nothing to redo
+    assert code == 0 and printed.count("nothing to do") == 2
+    assert digest(tmp_path / "1l-vae-k1") == before
+    code, _, err = run_cli([*argv[:-1], "--cells", "9l-vae-k1"], capsys)
+    assert code == 2 and "unknown cell(s) 9l-vae-k1" in err
