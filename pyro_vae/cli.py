@@ -227,11 +227,23 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="test images for it, a fixed random subset (the IWAE paper: all of them)",
     )
+    train.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also log each epoch's scalars and the image grids to RUN/tensorboard "
+        "(tensorboard --logdir runs)",
+    )
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     _with_defaults(train)
 
     evaluate = commands.add_parser(
-        "evaluate", help="test ELBO, importance-sampled log p(x), active units, PSIS k-hat"
+        "evaluate",
+        help="test ELBO, importance-sampled log p(x), active units, PSIS k-hat",
+        description="Evaluate a run folder's model on its test set: the ELBO with both KL "
+        "forms and its two terms, log p(x) importance sampled with K samples (the IWAE "
+        "paper: 5000), active units and per-unit KL, PSIS k-hat of the weights. Prints the "
+        "estimated time first when it is long; writes nothing into the run folder.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     evaluate.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     evaluate.add_argument("--samples", type=int, default=5000, help="K (default 5000)")
@@ -240,7 +252,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
     _compile_flag(evaluate, "the importance weights")
 
-    sample = commands.add_parser("sample", help="decode samples from the prior into a PNG grid")
+    sample = commands.add_parser(
+        "sample",
+        help="decode samples from the prior into a PNG grid",
+        description="Draw z from the prior of a run folder's model and save the means of "
+        "p(x|z) (or draws, --draw) as a PNG grid; small images are scaled up to at least "
+        "32 pixels a side (nearest neighbour). Needs no data.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     sample.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     sample.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
     sample.add_argument("--out", type=Path, help="PNG file (default RUN_DIR/plots/samples-N.png)")
@@ -531,6 +550,7 @@ def _train_locked(args, argv, out: Path, prepared) -> int:
         if _nothing_to_add(config, checkpoint, out):
             return 0
         prepared = prepare_run(config)
+        prepared.start_epoch = checkpoint["epoch"]
     replacing = args.overwrite and holds_run(out)
     if replacing:
         move_aside(out)
@@ -643,6 +663,7 @@ class PreparedRun:
     data: Any
     vae: Any
     evaluation_seconds: float = 0.0  # estimated, for the final log p(x)
+    start_epoch: int = 0  # epochs already trained (a resumed run)
 
 
 def prepare_run(config: RunConfig) -> PreparedRun:
@@ -701,6 +722,14 @@ def run_training(
     from .training import fit
 
     config, data, vae = prepared.config, prepared.data, prepared.vae
+    callbacks: list[Any] = [transaction.commit]
+    tracker = None
+    if args.tensorboard:
+        from .tracking import TensorBoardLogger
+
+        start = prepared.start_epoch
+        tracker = TensorBoardLogger(out / "tensorboard", start_epoch=start)
+        callbacks.append(tracker)
     config.save(out / "config.json")
     progress = not args.quiet
     history = fit(
@@ -711,9 +740,12 @@ def run_training(
         resume=bool(args.resume),
         saved_config=config.to_dict(),
         progress=progress,
-        callbacks=[transaction.commit],
+        callbacks=callbacks,
     )
     transaction.commit()  # (a resumed run with no epoch left to train)
+    if tracker is not None:
+        tracker.log_images(vae, data.evaluation_images("test"), len(history.epochs))
+        tracker.close()
     evaluation = None
     samples = config.train.eval_samples
     if samples:
@@ -884,6 +916,9 @@ def _sample(args: argparse.Namespace) -> int:
     samples = vae.sample(args.n, mean=not args.draw)
     if len(vae.data_shape) != 3:
         samples = samples.reshape(args.n, 1, 1, -1)
+    scale = -(-32 // min(samples.shape[-2:]))  # small images (8x8 digits) scaled up
+    if scale > 1:
+        samples = torch.nn.functional.interpolate(samples, scale_factor=scale, mode="nearest")
     out.parent.mkdir(parents=True, exist_ok=True)
     save_image(samples.clamp(0, 1), out, nrow=max(1, int(args.n**0.5)), padding=1, pad_value=1.0)
     print(out)

@@ -583,6 +583,11 @@ def _plots(out, vae, nuts, guide, gaps, khat, test, worst, ids) -> list[Path]:
             grid=(len(shown), len(dims)),
             figsize=(3.2 * len(dims), 2.6 * len(shown)),
         )
+    for ax in np.asarray(axes).ravel():  # ArviZ titles a panel "z\n0, 18": say what it is
+        name, _, coords = ax.get_title().partition("\n")
+        if coords:
+            image, _, dim = coords.partition(", ")
+            ax.set_title(f"test image #{image}, {name} dimension {dim}", fontsize=9)
     fig = np.asarray(axes).ravel()[0].get_figure()
     fig.suptitle(
         f"posterior marginals of {site}: NUTS against the guide (the 3 most informative dims)",
@@ -642,8 +647,8 @@ def _gap_plots(plt, folder: Path, gaps: dict[str, Any], ids) -> list[Path]:
     ax.set_ylabel("nats")
     a, m = gaps["approximation_gap"], gaps["amortization_gap"]
     ax.set_title(
-        f"log p(x) - amortized ELBO = approximation {a['mean']:.2f} "
-        f"[{a['ci95_low']:.2f}, {a['ci95_high']:.2f}] + amortization {m['mean']:.2f} "
+        f"log p(x) - amortized ELBO =\napproximation gap {a['mean']:.2f} "
+        f"[{a['ci95_low']:.2f}, {a['ci95_high']:.2f}] + amortization gap {m['mean']:.2f} "
         f"[{m['ci95_low']:.2f}, {m['ci95_high']:.2f}]",
         fontsize=9,
     )

@@ -254,3 +254,29 @@ def test_reproduce_runs_tiny_cells_resumably_and_puts_the_paper_beside_them(tmp_
     assert digest(tmp_path / "1l-vae-k1") == before
     code, _, err = run_cli([*argv[:-1], "--cells", "9l-vae-k1"], capsys)
     assert code == 2 and "unknown cell(s) 9l-vae-k1" in err
+
+
+# ---------------------------------------------------------------------- TensorBoard
+def _scalars(folder: Path, tag: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 0}).Reload()
+    return [(event.step, event.value) for event in events.Scalars(tag)]
+
+
+def test_tensorboard_logs_every_epoch_once_through_resume_with_the_image_grids(
+    tmp_path, capsys
+):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    flags = [*TINY_RUN, "--eval-samples", "0", "--tensorboard", "--out", out]
+    assert run_cli(["train", *flags, "--epochs", "2"], capsys)[0] == 0
+    assert run_cli(["train", *flags, "--epochs", "3", "--resume"], capsys)[0] == 0
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = _scalars(out / "tensorboard", "elbo/test")
+    assert [step for step, _ in logged] == [1, 2, 3]
+    assert [value for _, value in logged] == pytest.approx([e["test_elbo"] for e in history])
+    assert [step for step, _ in _scalars(out / "tensorboard", "lr")] == [1, 2, 3]
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0}).Reload()
+    assert {"reconstructions", "samples"} <= set(events.Tags()["images"])
