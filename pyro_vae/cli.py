@@ -810,6 +810,10 @@ def reproduce_command(config: RunConfig, out: Path) -> str:
     return "pyro-vae " + shlex.join(argv)
 
 
+def _nats(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f} nats"
+
+
 def format_evaluation(result: dict[str, Any]) -> str:
     return "\n".join(
         [
@@ -819,7 +823,9 @@ def format_evaluation(result: dict[str, Any]) -> str:
             f"test log p(x), K={result['importance_samples']:<4} "
             f"{result['test_log_likelihood']:10.3f}  (NLL {result['test_nll']:.3f}, "
             f"s.e.m. {result['test_log_likelihood_sem']:.3f})",
-            f"active units         {result['active_units']:>10} of {result['latent_dims']}",
+            f"active units         {result['active_units']:>10} of {result['latent_dims']}  "
+            f"(Cov_x E_q[z] > 0.01; per-unit KL median {_nats(result.get('kl_per_unit_median'))}"
+            f", {result.get('informative_units', '-')} units above 0.1 nats)",
             (
                 f"PSIS k-hat           mean {result['khat_mean']:.2f}, max "
                 f"{result['khat_max']:.2f}, {result['khat_share_above_0.7']:.1%} above 0.7"

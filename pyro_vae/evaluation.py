@@ -373,6 +373,46 @@ def active_units(
     }
 
 
+#: a unit whose KL(q || p) averages below this many nats carries (almost) no information
+INFORMATIVE_UNIT_NATS = 0.1
+
+
+@torch.no_grad()
+def kl_per_unit(vae, x: torch.Tensor, num_samples: int = 8) -> dict[str, list[float]]:
+    """Mean ``KL(q(z_u | x, parents) || p(z_u | parents))`` of each latent unit over
+    ``x`` (and ``num_samples`` draws of the parents, for lower layers), per latent site,
+    in nats: which units carry the KL that Burda's variance count only flags. Sites
+    whose distributions are not factorized Normals (no per-unit closed form) are
+    skipped. Runs with the networks in eval mode.
+    """
+    from torch.distributions import Independent, Normal, kl_divergence
+
+    from .estimators import sample_sites, vectorized_traces
+
+    result: dict[str, list[float]] = {}
+    with evaluation_mode(vae), pyro.validation_enabled(False):
+        x = vae.flatten(x)
+        sums: dict[str, torch.Tensor] = {}
+        for start in range(0, x.shape[0], 1000):
+            model_trace, guide_trace = vectorized_traces(
+                vae.model, vae.guide, x[start : start + 1000], num_samples
+            )
+            for site in sample_sites(model_trace):
+                if site["is_observed"] or site["name"] not in guide_trace.nodes:
+                    continue
+                q, p = guide_trace.nodes[site["name"]]["fn"], site["fn"]
+                q, p = (d.base_dist if isinstance(d, Independent) else d for d in (q, p))
+                if not (isinstance(q, Normal) and isinstance(p, Normal)):
+                    continue
+                kl = kl_divergence(q, p)  # (batch, units), or (draws, batch, units)
+                kl = kl.expand(num_samples, *kl.shape[-2:])
+                per_unit = kl.sum((0, 1)) / num_samples  # summed over x, averaged over draws
+                sums[site["name"]] = sums.get(site["name"], 0) + per_unit
+        for name, total in sums.items():
+            result[name] = (total / x.shape[0]).cpu().tolist()
+    return result
+
+
 def evaluate(
     vae,
     images: torch.Tensor,
@@ -403,6 +443,8 @@ def evaluate(
             vae, images, num_samples, chunk_size=chunk_size, progress=progress, compile=compile
         )
         units = active_units(vae, images)
+        unit_kl = kl_per_unit(vae, images)
+    all_units = [value for values in unit_kl.values() for value in values]
     log_px_mean = float(log_px.mean())
     result: dict[str, Any] = {
         "points": int(images.shape[0]),
@@ -423,6 +465,10 @@ def evaluate(
         "active_units": units["active_units"],
         "latent_dims": units["latent_dims"],
         "active_units_by_site": {k: v["active"] for k, v in units["by_site"].items()},
+        # beside Burda's count: how the KL is spread over the units
+        "kl_per_unit": unit_kl,
+        "kl_per_unit_median": float(np.median(all_units)) if all_units else None,
+        "informative_units": sum(value > INFORMATIVE_UNIT_NATS for value in all_units),
         **khat_summary(khat, num_samples),
         "seconds": time.perf_counter() - started,
     }

@@ -445,6 +445,9 @@ def write_report(
             f"{_fmt(evaluation['gap_log_likelihood_minus_elbo'])} |",
             f"| active units (Cov_x E_q[z] > 0.01) | {evaluation['active_units']} of "
             f"{evaluation['latent_dims']} |",
+            f"| per-unit KL: median / units above 0.1 nats | "
+            f"{_fmt(evaluation.get('kl_per_unit_median'))} / "
+            f"{evaluation.get('informative_units', '-')} |",
             (
                 f"| PSIS k-hat: mean / max / share > 0.7 | {evaluation['khat_mean']:.2f} / "
                 f"{evaluation['khat_max']:.2f} / {evaluation['khat_share_above_0.7']:.1%} |"

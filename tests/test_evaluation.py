@@ -209,3 +209,19 @@ def test_short_evaluations_stay_eager_and_long_ones_capture(monkeypatch):
     assert not _GRAPHS.get(vae)
     log_likelihood(vae, x, num_samples=50, compile=True)
     assert any(g is not None for g in _GRAPHS[vae].values())
+
+
+def test_kl_per_unit_adds_up_to_the_closed_form_kl():
+    from pyro_vae.config import ModelConfig
+    from pyro_vae.data import load_data
+    from pyro_vae.estimators import elbo_terms
+    from pyro_vae.evaluation import kl_per_unit
+    from pyro_vae.model import build_vae
+
+    torch.manual_seed(0)
+    x = load_data("digits", limit=300).evaluation_images("test")
+    vae = build_vae(ModelConfig(latent_dims=(4,), hidden=(16,)), (1, 8, 8))
+    per_unit = kl_per_unit(vae, x)["z"]
+    total = float(elbo_terms(vae, x, kl="analytic").kl.mean().detach())
+    assert len(per_unit) == 4 and all(value >= 0 for value in per_unit)
+    assert sum(per_unit) == pytest.approx(total, rel=1e-5)
