@@ -322,6 +322,22 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--overwrite", action="store_true", help="replace --out's comparison")
     compare.add_argument("--quiet", action="store_true", help="no progress bars")
     _compile_flag(compare, "training steps and importance weights")
+    _executor_flags(compare)
+    sweep = commands.add_parser(
+        "sweep",
+        help="train one run per point of a grid over config keys, e.g. estimator x seed",
+        description="Train one run per point of the cartesian product of the grid file's "
+        'lists, e.g. {"base": {"data": {"limit": 200}}, "grid": {"train.estimator": '
+        '["mc", "analytic"], "train.seed": [0, 1]}}; every run is checked before any is '
+        "trained, trains into its own run folder under --out, and sweep.json/.md tabulate them.",
+    )
+    sweep.add_argument("--grid", type=Path, required=True, help="JSON file: base and grid")
+    sweep.add_argument("--out", type=Path, required=True, help="folder for the runs and tables")
+    sweep.add_argument(
+        "--resume", action="store_true", help="continue the sweep in --out (same --grid)"
+    )
+    sweep.add_argument("--quiet", action="store_true", help="no progress bars")
+    _executor_flags(sweep, gpus=True)
     diagnose = commands.add_parser(
         "diagnose",
         help="NUTS reference posterior, amortization and approximation gaps, PSIS k-hat",
@@ -398,11 +414,117 @@ def _diagnose(args: argparse.Namespace) -> int:
     return 0
 
 
+def _executor_flags(parser: argparse.ArgumentParser, gpus: bool = False) -> None:
+    parser.add_argument(
+        "--executor",
+        choices=("serial", "ray"),
+        default="serial",
+        help="where the runs train: serial (this process, one after another; default) or ray "
+        "(one Ray task per run, in parallel; pip install 'pyro-vae[ray]')",
+    )
+    parser.add_argument(
+        "--ray-address",
+        metavar="ADDRESS",
+        help="with --executor ray: auto or host:port of a running cluster (default: start a "
+        "local Ray on this machine's CPUs)",
+    )
+    parser.add_argument(
+        "--cpus-per-run",
+        type=int,
+        metavar="N",
+        help="CPUs each Ray task asks for and its torch threads (default 1); serial: torch "
+        "threads per run (default: torch's own)",
+    )
+    if gpus:
+        parser.add_argument(
+            "--gpus-per-run",
+            type=float,
+            metavar="G",
+            help="GPUs each Ray task asks for (default 1 for runs on cuda, else 0)",
+        )
+    parser.add_argument(
+        "--max-retries",
+        type=int,
+        default=3,
+        help="Ray: times a run whose worker died is retried, resuming from its checkpoint (3)",
+    )
+
+
+def _executor(args: argparse.Namespace, gpus_per_run: float = 0.0):
+    """The executor the flags ask for, checked (Ray installed) before anything is written."""
+    from .executors import import_ray, make_executor
+
+    if args.ray_address is not None and args.executor != "ray":
+        raise UserInputError("--ray-address needs --executor ray")
+    if args.cpus_per_run is not None and args.cpus_per_run < 1:
+        raise UserInputError(f"--cpus-per-run must be >= 1, got {args.cpus_per_run}")
+    if args.max_retries < 0:
+        raise UserInputError(f"--max-retries must be >= 0, got {args.max_retries}")
+    gpus = getattr(args, "gpus_per_run", None)
+    if gpus is None:
+        gpus = gpus_per_run
+    elif not 0 <= gpus < float("inf"):
+        raise UserInputError(f"--gpus-per-run must be >= 0, got {gpus}")
+    if args.executor == "ray":
+        import_ray()
+    return make_executor(args.executor, args.ray_address, args.cpus_per_run, gpus, args.max_retries)
+
+
+def _sweep(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from .checkpoint import atomic_write_json
+    from .config import read_json
+    from .runs import RunLock, command_line, is_empty
+    from .sweep import check_runs, expand_grid, load_grid, run_sweep
+
+    if args.out.exists() and not args.out.is_dir():
+        raise UserInputError(f"--out {args.out} is a file: pass a folder")
+    grid = load_grid(args.grid)
+    runs = expand_grid(grid, source=f"grid file {args.grid}")
+    cuda = any(run.config.train.device == "cuda" for run in runs)
+    executor = _executor(args, gpus_per_run=1.0 if cuda else 0.0)
+    check_runs(runs, check_device=args.executor == "serial")
+    with RunLock(args.out, command_line(argv)):
+        saved = args.out / "grid.json"
+        if args.resume:
+            if not saved.exists():
+                raise UserInputError(f"{args.out} holds no sweep to resume: run without --resume")
+            if read_json(saved, "the sweep's grid.json") != json.loads(json.dumps(grid)):
+                raise UserInputError(
+                    f"{args.out} holds a sweep of another grid: pass its grid to resume it "
+                    f"({saved}), or another --out"
+                )
+        elif not is_empty(args.out):
+            raise UserInputError(
+                f"{args.out} is not empty: choose a new or empty folder (--resume continues "
+                f"a sweep there with the same grid)"
+            )
+        else:
+            atomic_write_json(grid, saved)
+        with executor:
+            result = run_sweep(
+                runs,
+                args.out,
+                executor,
+                progress=not args.quiet,
+                command=command_line(argv),
+                grid=grid,
+            )
+    for run in result["runs"]:
+        extra = (
+            f", log p(x) {run['test_log_likelihood']:.3f}" if "test_log_likelihood" in run else ""
+        )
+        seconds = run["train_seconds"]
+        print(f"{run['name']}: test ELBO {run['test_elbo']:.3f}{extra}, {seconds:.1f} s training")
+    print(f"sweep: {args.out / 'sweep.md'}")
+    return 0
+
+
 def _compare(args: argparse.Namespace, argv: list[str] | None) -> int:
     from .compare import markdown_table, parse_estimators
     from .runs import RunLock, command_line, is_empty
 
     estimators = parse_estimators(args.estimators)
+    executor = _executor(args)
     if args.particles < 1:
         raise UserInputError(f"--particles must be >= 1, got {args.particles}")
     if args.repeats < 1:
@@ -448,13 +570,14 @@ def _compare(args: argparse.Namespace, argv: list[str] | None) -> int:
                     f"{args.out} holds a comparison: pass --overwrite to replace it, or another "
                     f"--out"
                 )
-        result = _run_compare(args, argv, config, estimators)
-    print(markdown_table(result["summary"]))
+        with executor:
+            result = _run_compare(args, argv, config, estimators, executor)
+    print(markdown_table(result["summary"], result["eval_samples"]))
     print(f"comparison: {args.out / 'comparison.md'}")
     return 0
 
 
-def _run_compare(args, argv, config, estimators):
+def _run_compare(args, argv, config, estimators, executor=None):
     from .compare import compare_estimators
     from .runs import command_line
 
@@ -470,6 +593,7 @@ def _run_compare(args, argv, config, estimators):
         bound_particles=args.bound_particles,
         progress=not args.quiet,
         command=command_line(argv),
+        executor=executor,
     )
 
 
@@ -948,6 +1072,8 @@ def main(argv: list[str] | None = None) -> int:
             return _sample(args)
         if args.command == "compare":
             return _compare(args, argv)
+        if args.command == "sweep":
+            return _sweep(args, argv)
         if args.command == "diagnose":
             return _diagnose(args)
     except UserInputError as error:

@@ -17,7 +17,9 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
+import functools
 import math
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -194,6 +196,9 @@ def bound_tightness(
     """
     from .evaluation import evaluation_mode, log_likelihood
 
+    # log p(x) is estimated with at least as many samples as the largest bound uses: a
+    # bound L_K must never be shown above a log p(x) estimated from fewer than K samples
+    num_samples = max(num_samples, *particles)
     x = vae.flatten(x)
     with pyro.validation_enabled(False), evaluation_mode(vae):
         per_point: dict[int, torch.Tensor] = {}
@@ -278,6 +283,7 @@ def compare_estimators(
     progress: bool = True,
     log: Callable[[str], None] | None = print,
     command: str = "",
+    executor=None,
 ) -> dict[str, Any]:
     """Train one model per estimator and repeat, on an equal budget, and compare them.
 
@@ -287,11 +293,14 @@ def compare_estimators(
     that equal-time comparisons can be read off too. Each trained model is evaluated
     with the same K (``eval_samples``) for log p(x), and its own gradient estimator is
     measured at its final parameters on a fixed mini-batch.
+
+    Each (estimator, repeat) is one call of :func:`train_compare_run`, which trains into
+    its own folder ``out_dir/runs/ESTIMATOR-seedSEED`` with checkpoints; ``executor``
+    (:mod:`pyro_vae.executors`; default: serial, in this process) decides where the calls
+    run. The results, tables and plots do not depend on it.
     """
     from .data import load_data
-    from .evaluation import evaluate, evaluation_mode
     from .model import build_vae
-    from .training import fit
 
     estimators = parse_estimators(estimators)
     if repeats < 1:
@@ -328,55 +337,57 @@ def compare_estimators(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    runs: list[dict[str, Any]] = []
-    trained: dict[str, Any] = {}
+    runs_dir = out / "runs"
+    if executor is None:
+        from .executors import SerialExecutor
+
+        executor = SerialExecutor()
+    specs, labels = [], []
     for repeat in range(repeats):
         seed = train.seed + repeat
-        torch.manual_seed(seed)
-        initial = build_vae(config.model, data.data_shape)
         for name in estimators:
-            vae = copy.deepcopy(initial)
-            run_config = dataclasses.replace(train, estimator=name, seed=seed)
-            if log is not None:
-                log(f"--- {name}, repeat {repeat + 1}/{repeats} (K={train.particles}) ---")
-            started = time.perf_counter()
-            history = fit(vae, data, run_config, progress=progress, log=None)
-            train_seconds = time.perf_counter() - started
-            evaluation = evaluate(
-                vae, test_images, eval_samples, progress=progress, compile=compile_evaluation
+            run_config = dataclasses.replace(
+                config, train=dataclasses.replace(train, estimator=name, seed=seed)
             )
-            with torch.random.fork_rng(devices=[]), evaluation_mode(vae):
-                torch.manual_seed(seed)
-                objective = -make_elbo(name, train.particles, alpha=train.alpha).loss(
-                    vae.model, vae.guide, test_images
-                ) / len(test_images)
-                gradients = estimator_gradient_statistics(
-                    vae, grad_batch_images, name, train.particles, grad_draws, alpha=train.alpha
-                )
-            run = {
-                "estimator": name,
-                "repeat": repeat,
-                "seed": seed,
-                "particles": train.particles,
-                "epochs": len(history),
-                "steps": history.last["step"],
-                "seconds_per_epoch": float(np.median(history["seconds"])),
-                "train_seconds": train_seconds,
-                "history": history.epochs,
-                "test_objective": objective,
-                "objective_minus_log_likelihood": objective - evaluation["test_log_likelihood"],
-                "evaluation": evaluation,
-                "gradients": gradients,
-            }
-            runs.append(run)
-            if repeat == 0:
-                trained[name] = vae
-            if log is not None:
-                log(
-                    f"{name}: test ELBO {evaluation['test_elbo']:.3f}, log p(x) "
-                    f"{evaluation['test_log_likelihood']:.3f} (K={eval_samples}), own objective "
-                    f"{objective:.3f}, {run['seconds_per_epoch']:.2f} s/epoch"
-                )
+            specs.append(
+                {
+                    "config": run_config.to_dict(),
+                    "data_seed": train.seed,
+                    "repeat": repeat,
+                    "run_dir": str(runs_dir / f"{name}-seed{seed}"),
+                    "eval_samples": eval_samples,
+                    "eval_points": eval_points,
+                    "grad_draws": grad_draws,
+                    "grad_batch": grad_batch,
+                    "compile_evaluation": compile_evaluation,
+                    "keep_parameters": repeat == 0,
+                    "progress": progress and executor.name == "serial",
+                }
+            )
+            labels.append(f"{name}, repeat {repeat + 1}/{repeats} (K={train.particles})")
+    for spec in specs:  # an earlier comparison's run of the same name: this one starts afresh
+        if Path(spec["run_dir"]).is_dir():
+            shutil.rmtree(spec["run_dir"])
+    if log is not None:
+        log(f"training {len(specs)} runs ({executor.name}) ...")
+    started = time.perf_counter()
+    runs = executor.map(train_compare_run, specs, log=log, labels=labels)
+    runs_wall_seconds = time.perf_counter() - started
+    trained: dict[str, Any] = {}
+    for run in runs:
+        parameters = run.pop("parameters", None)
+        if parameters is not None:
+            vae = build_vae(config.model, data.data_shape)
+            vae.load_state_dict(parameters)
+            trained[run["estimator"]] = vae
+        if log is not None:
+            evaluation = run["evaluation"]
+            log(
+                f"{run['estimator']} (seed {run['seed']}): test ELBO "
+                f"{evaluation['test_elbo']:.3f}, log p(x) {evaluation['test_log_likelihood']:.3f} "
+                f"(K={eval_samples}), own objective {run['test_objective']:.3f}, "
+                f"{run['seconds_per_epoch']:.2f} s/epoch"
+            )
 
     summary = _summarise(runs, estimators)
     # SNR against K and bound against K, at the parameters of the first repeat's models
@@ -410,8 +421,11 @@ def compare_estimators(
         "repeats": repeats,
         "eval_samples": eval_samples,
         "eval_points": int(len(test_images)),
+        "bound_points": int(len(test_images[:bound_points])),
         "grad_draws": grad_draws,
         "grad_batch": int(len(grad_batch_images)),
+        "executor": executor.name,
+        "runs_wall_seconds": runs_wall_seconds,
         "summary": summary,
         "snr_versus_particles": {"parameters_of": reference_name, "rows": snr_rows},
         "bounds_versus_particles": bounds,
@@ -422,6 +436,126 @@ def compare_estimators(
     plots = _plots(out, runs, estimators, snr_rows, reference_name, bounds)
     _write_markdown(out / "comparison.md", result, plots)
     return result
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_data(dataset, data_dir, binarize, validation_size, seed, limit):
+    """Runs in one process (serial, or a reused Ray worker) read the data once."""
+    from .data import load_data
+
+    return load_data(dataset, data_dir, binarize, validation_size, seed=seed, limit=limit)
+
+
+def train_compare_run(spec: dict[str, Any]) -> dict[str, Any]:
+    """Train one estimator from its seed's initial parameters, evaluate and measure it.
+
+    ``spec`` is plain data (so the call can run in another process): ``config`` (a
+    :class:`~pyro_vae.config.RunConfig` as a dict, with this run's estimator and seed),
+    ``data_seed``, ``repeat``, ``run_dir``, ``eval_samples``, ``eval_points``,
+    ``grad_draws``, ``grad_batch``, ``compile_evaluation``, ``keep_parameters`` and
+    ``progress``. Training checkpoints into ``run_dir`` after every epoch and, if a
+    checkpoint of the same config is there already (a retried call whose process
+    died), resumes from it: the result is the same either way. Returns the run's
+    record, plain numbers and lists, with ``parameters`` (the trained state dict) when
+    ``keep_parameters``.
+    """
+    from .config import RunConfig
+    from .evaluation import evaluate, evaluation_mode
+    from .model import build_vae
+    from .training import CHECKPOINT, fit
+
+    config = RunConfig.from_dict(spec["config"])
+    train = config.train
+    seed, name = train.seed, train.estimator
+    data = _cached_data(
+        config.data.dataset,
+        config.data.data_dir,
+        config.data.binarize,
+        config.data.validation_size,
+        spec["data_seed"],
+        config.data.limit,
+    )
+    test_images = data.evaluation_images("test")
+    if spec["eval_points"] is not None:
+        test_images = test_images[: spec["eval_points"]]
+    grad_batch_images = test_images[: min(spec["grad_batch"], len(test_images))]
+    progress = spec["progress"]
+    run_dir = Path(spec["run_dir"])
+    resumed_at = checkpoint_epoch(run_dir / CHECKPOINT, config)
+    torch.manual_seed(seed)
+    vae = build_vae(config.model, data.data_shape)
+    started, cpu_started = time.perf_counter(), time.process_time()
+    history = fit(
+        vae,
+        data,
+        train,
+        run_dir=run_dir,
+        resume=resumed_at is not None,
+        saved_config=config.to_dict(),
+        progress=progress,
+        log=None,
+    )
+    train_seconds = time.perf_counter() - started
+    # CPU time beside wall time: wall time swings with the load of other processes
+    train_cpu_seconds = time.process_time() - cpu_started
+    trained_epochs = max(1, len(history) - (resumed_at or 0))
+    evaluation = evaluate(
+        vae,
+        test_images,
+        spec["eval_samples"],
+        progress=progress,
+        compile=spec["compile_evaluation"],
+    )
+    with torch.random.fork_rng(devices=[]), evaluation_mode(vae):
+        torch.manual_seed(seed)
+        objective = -make_elbo(name, train.particles, alpha=train.alpha).loss(
+            vae.model, vae.guide, test_images
+        ) / len(test_images)
+        gradients = estimator_gradient_statistics(
+            vae, grad_batch_images, name, train.particles, spec["grad_draws"], alpha=train.alpha
+        )
+    run = {
+        "estimator": name,
+        "repeat": spec["repeat"],
+        "seed": seed,
+        "particles": train.particles,
+        "epochs": len(history),
+        "steps": history.last["step"],
+        "seconds_per_epoch": float(np.median(history["seconds"])),
+        "train_seconds": train_seconds,
+        "train_cpu_seconds": train_cpu_seconds,
+        "cpu_seconds_per_epoch": train_cpu_seconds / trained_epochs,
+        "resumed_at_epoch": resumed_at,
+        "run_dir": str(run_dir),
+        "history": history.epochs,
+        "test_objective": objective,
+        "objective_minus_log_likelihood": objective - evaluation["test_log_likelihood"],
+        "evaluation": evaluation,
+        "gradients": gradients,
+    }
+    if spec["keep_parameters"]:
+        run["parameters"] = {k: v.detach().cpu() for k, v in vae.state_dict().items()}
+    return run
+
+
+def checkpoint_epoch(path: Path, config) -> int | None:
+    """The epoch of the checkpoint at ``path`` if there is one to resume, else ``None``.
+
+    A checkpoint trained with another config is an error, not something to continue.
+    """
+    from .checkpoint import load_checkpoint
+    from .runs import config_differences
+
+    if not path.exists():
+        return None
+    checkpoint = load_checkpoint(path)
+    changed = config_differences(checkpoint["config"], config.to_dict())
+    if changed:
+        raise UserInputError(
+            f"{path} was trained with another config ({'; '.join(changed[:3])}): remove its "
+            f"folder or choose another output folder"
+        )
+    return int(checkpoint["epoch"])
 
 
 _SUMMARY_FIELDS = (
@@ -436,7 +570,9 @@ _SUMMARY_FIELDS = (
     ("shared_snr", lambda r: r["gradients"].get("shared", {}).get("snr_mean", float("nan"))),
     ("shared_variance", lambda r: r["gradients"].get("shared", {}).get("variance", float("nan"))),
     ("active_units", lambda r: r["evaluation"]["active_units"]),
+    ("informative_units", lambda r: r["evaluation"].get("informative_units", float("nan"))),
     ("seconds_per_epoch", lambda r: r["seconds_per_epoch"]),
+    ("cpu_seconds_per_epoch", lambda r: r.get("cpu_seconds_per_epoch", float("nan"))),
 )
 
 
@@ -473,12 +609,15 @@ def _pm(row: dict[str, Any], field: str, digits: int = 2) -> str:
     return f"{value:.{digits}f}"
 
 
-def markdown_table(summary: list[dict[str, Any]]) -> str:
+def markdown_table(summary: list[dict[str, Any]], eval_samples: int | None = None) -> str:
+    """The summary as a markdown table (rendering only); ``eval_samples`` is the K of its
+    log p(x), named in the header."""
+    k = f", K={eval_samples}" if eval_samples else ""
     lines = [
-        "| estimator | test ELBO | test log p(x) | own objective − log p(x) | encoder SNR | "
+        f"| estimator | test ELBO | test log p(x){k} | own objective − log p(x) | encoder SNR | "
         "decoder SNR | encoder grad. variance | decoder grad. variance | active units | "
-        "s / epoch |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "units with KL > 0.1 nats | s / epoch (wall) | CPU s / epoch |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in summary:
         lines.append(
@@ -486,7 +625,8 @@ def markdown_table(summary: list[dict[str, Any]]) -> str:
             f"{_pm(row, 'objective_minus_log_likelihood')} | {_pm(row, 'encoder_snr', 3)} | "
             f"{_pm(row, 'decoder_snr', 3)} | {row['encoder_variance']:.3g} | "
             f"{row['decoder_variance']:.3g} | {row['active_units']:.0f} | "
-            f"{_pm(row, 'seconds_per_epoch')} |"
+            f"{row['informative_units']:.0f} | {_pm(row, 'seconds_per_epoch')} | "
+            f"{_pm(row, 'cpu_seconds_per_epoch')} |"
         )
     return "\n".join(lines)
 
@@ -506,20 +646,28 @@ def _write_markdown(path: Path, result: dict[str, Any], plots: list[Path]) -> No
         f"statistics: {result['grad_draws']} draws at each model's final parameters on "
         f"{result['grad_batch']} test points; SNR is the mean over parameters of "
         f"|mean| / std. 'own objective − log p(x)' is each estimator's own objective on the "
-        f"test set minus log p(x): a lower bound must be ≤ 0 (up to Monte Carlo error).",
+        f"test set minus log p(x): a lower bound must be ≤ 0 (up to Monte Carlo error). "
+        f"Active units: Cov_x E_q[z] > 0.01 (Burda et al.), beside the units that carry "
+        f"more than 0.1 nats of KL. Wall time per epoch swings with other processes' load; "
+        f"CPU time does much less.",
         "",
-        markdown_table(result["summary"]),
+        markdown_table(result["summary"], result["eval_samples"]),
         "",
     ]
     bounds = result["bounds_versus_particles"]
     if bounds:
         ks = next(iter(bounds.values()))["particles"]
+        first = next(iter(bounds.values()))
         lines += [
-            "Bounds against K (first repeat's models, nats per data point):",
+            f"Bounds against K (first repeat's models, nats per data point) on the first "
+            f"{result['bound_points']} test points, with log p(x) estimated from "
+            f"K={first['log_likelihood_samples']} samples (never fewer than the largest "
+            f"bound's); the main table's log p(x) is over {result['eval_points']} points, so "
+            f"the two differ by their subsets:",
             "",
             "| trained with | "
             + " | ".join(f"L_{k}" for k in ks)
-            + " | log p(x) | penalty objective |",
+            + f" | log p(x), K={first['log_likelihood_samples']} | penalty objective |",
             "| --- |" + " --- |" * (len(ks) + 2),
         ]
         for name, b in bounds.items():

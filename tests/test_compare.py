@@ -205,6 +205,13 @@ def test_compare_command_end_to_end(tmp_path, capsys):
     } <= set(rows[0])
     markdown = (out / "comparison.md").read_text()
     assert "| estimator | test ELBO |" in markdown and "±" in markdown
+    # every table names its K; the bounds' log p(x) uses at least the largest bound's K
+    assert f"test log p(x), K={result['eval_samples']}" in markdown
+    for bounds in result["bounds_versus_particles"].values():
+        assert bounds["log_likelihood_samples"] >= max(bounds["particles"])
+        assert f"log p(x), K={bounds['log_likelihood_samples']}" in markdown
+    assert "CPU s / epoch" in markdown and "units with KL > 0.1 nats" in markdown
+    assert all(run["train_cpu_seconds"] > 0 for run in result["runs"])
     for name in ("learning_curves", "snr_vs_k", "gradient_variance", "bounds_vs_k"):
         path = out / "plots" / f"{name}.png"
         assert path.read_bytes()[:4] == b"\x89PNG" and path.stat().st_size > 5000

@@ -280,3 +280,18 @@ def test_tensorboard_logs_every_epoch_once_through_resume_with_the_image_grids(
     assert [step for step, _ in _scalars(out / "tensorboard", "lr")] == [1, 2, 3]
     events = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0}).Reload()
     assert {"reconstructions", "samples"} <= set(events.Tags()["images"])
+
+
+def test_the_table1_grid_for_ray_holds_the_same_cells_and_protocol_as_reproduce():
+    from pyro_vae.config import PROTOCOLS
+    from pyro_vae.reproduce import TABLES
+    from pyro_vae.sweep import expand_grid, load_grid
+
+    grid = Path(__file__).parents[1] / "examples" / "iwae_table1_grid.json"
+    runs = expand_grid(load_grid(grid))
+    cells = {(c.latent_dims, c.estimator, c.k) for c in TABLES["iwae-table1"]}
+    assert {(r.config.model.latent_dims, r.config.train.estimator, r.config.train.particles)
+            for r in runs} == cells  # fmt: skip
+    for run in runs:
+        for key, value in PROTOCOLS["iwae"]["train"].items():
+            assert getattr(run.config.train, key) == value, key
