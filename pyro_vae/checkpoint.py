@@ -186,6 +186,12 @@ def save_checkpoint(path: str | Path, **contents: Any) -> None:
                 f"refusing to save a checkpoint whose {part} state holds non-finite values "
                 f"({bad}); the previous checkpoint is intact: lower the learning rate (--lr)"
             )
+    atomic_write_bytes(encode_checkpoint(contents), path)
+
+
+def encode_checkpoint(contents: dict[str, Any]) -> bytes:
+    """The bytes of a checkpoint file: ``contents`` serialized, wrapped with its SHA-256
+    (no checks: :func:`save_checkpoint` checks before it encodes)."""
     buffer = io.BytesIO()
     torch.save(contents, buffer)
     payload = buffer.getvalue()
@@ -197,7 +203,7 @@ def save_checkpoint(path: str | Path, **contents: Any) -> None:
     }
     buffer = io.BytesIO()
     torch.save(wrapper, buffer)
-    atomic_write_bytes(buffer.getvalue(), path)
+    return buffer.getvalue()
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
+from pathlib import Path
 
 import torch
 
@@ -20,6 +22,32 @@ TINY_RUN = [
     "50",
     "--quiet",
 ]
+
+
+def run_cli(argv, capsys) -> tuple[int, str, str]:
+    """``pyro-vae ARGV`` in this process: (exit status, stdout, stderr) of that call alone
+    (argparse's usage errors included, as the exit status they raise)."""
+    from pyro_vae.cli import main
+
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exit_:
+        code = exit_.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def digest(folder: Path) -> dict[str, str]:
+    """SHA-256 of every file under ``folder`` by relative path ({} if it does not exist):
+    equal before and after a command exactly when it left the folder as it was."""
+    if not folder.exists():
+        return {}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def flat_grads(module: torch.nn.Module) -> torch.Tensor:

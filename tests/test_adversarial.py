@@ -18,7 +18,6 @@ Besides: a checkpoint truncated at every tenth of its length, and a real full di
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -32,7 +31,7 @@ from hypothesis import strategies as st
 
 from pyro_vae.cli import main
 
-from .helpers import TINY_RUN
+from .helpers import TINY_RUN, digest, run_cli
 
 SETTINGS = settings(
     max_examples=80,
@@ -43,26 +42,6 @@ SETTINGS = settings(
         HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture
     ],
 )
-
-
-def digest(folder: Path) -> dict[str, str]:
-    if not folder.exists():
-        return {}
-    return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
-
-
-def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    capsys.readouterr()
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exit_:  # argparse's own usage errors
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def assert_clean_outcome(argv, capsys, watched: Path) -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import os
 import random
@@ -20,25 +19,9 @@ import torch
 from pyro_vae.checkpoint import load_checkpoint
 from pyro_vae.cli import main
 
-from .helpers import TINY_RUN
+from .helpers import TINY_RUN, digest, run_cli
 
 TINY = TINY_RUN
-
-
-def run_cli(argv, capsys) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def digest(folder: Path) -> dict[str, str]:
-    if not folder.exists():
-        return {}
-    return {
-        str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
 
 
 def is_png(path: Path) -> bool:

@@ -3,7 +3,6 @@ settings, a reproduce command that recreates the run, honest k-hat, sensible def
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shlex
 from pathlib import Path
@@ -12,30 +11,12 @@ import pytest
 import torch
 
 from pyro_vae.checkpoint import load_checkpoint
-from pyro_vae.cli import _TRAIN_FLAGS, build_parser, main
+from pyro_vae.cli import _TRAIN_FLAGS, build_parser
 from pyro_vae.config import ModelConfig, RunConfig
 
-from .helpers import TINY_RUN
+from .helpers import TINY_RUN, digest, run_cli
 
 JOB = [*TINY_RUN, "--eval-samples", "30"]  # one job script's flags
-
-
-def run_cli(argv, capsys) -> tuple[int, str, str]:
-    capsys.readouterr()
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def digest(folder: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
 
 
 def parameters(folder: Path) -> dict[str, torch.Tensor]:

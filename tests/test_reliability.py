@@ -7,8 +7,6 @@ careless or hostile user would: the answer is success, or one line with exit sta
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import os
 import shutil
@@ -20,31 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from pyro_vae.checkpoint import FORMAT, VERSION, dumps_json, load_checkpoint
+from pyro_vae.checkpoint import FORMAT, dumps_json, encode_checkpoint, load_checkpoint
 from pyro_vae.cli import main
 
-from .helpers import TINY_RUN
+from .helpers import TINY_RUN, digest, run_cli
 
 TINY = [*TINY_RUN, "--monitor-images", "50"]
-
-
-def run_cli(argv, capsys) -> tuple[int, str, str]:
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exit_:  # argparse's own usage errors
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def digest(folder: Path) -> dict[str, str]:
-    if not folder.exists():
-        return {}
-    return {
-        str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != ".lock"
-    }
 
 
 def refused(argv, capsys, message: str, status: int = 2, watched: Path | None = None) -> str:
@@ -75,16 +54,7 @@ def run_copy(finished, tmp_path) -> Path:
 def craft(path: Path, contents: dict) -> None:
     """Write ``contents`` as a checkpoint with a valid digest (an attacker who knows the
     format): only the structure checks stand between it and the model."""
-    buffer = io.BytesIO()
-    torch.save(contents, buffer)
-    payload = buffer.getvalue()
-    wrapper = {
-        "format": FORMAT,
-        "version": VERSION,
-        "sha256": hashlib.sha256(payload).hexdigest(),
-        "payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8),
-    }
-    torch.save(wrapper, path)
+    path.write_bytes(encode_checkpoint(contents))
 
 
 # ---------------------------------------------------------------------- 1. one writer
