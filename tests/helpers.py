@@ -23,6 +23,21 @@ TINY_RUN = [
     "--quiet",
 ]
 
+#: `pyro-vae compare` flags for a tiny comparison (2 epochs, few draws, small K)
+TINY_COMPARE = [
+    *TINY_RUN,
+    "--epochs",
+    "2",
+    "--grad-draws",
+    "5",
+    "--eval-samples",
+    "20",
+    "--snr-particles",
+    "1,3",
+    "--bound-particles",
+    "1,5",
+]
+
 
 def run_cli(argv, capsys) -> tuple[int, str, str]:
     """``pyro-vae ARGV`` in this process: (exit status, stdout, stderr) of that call alone

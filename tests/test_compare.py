@@ -23,7 +23,7 @@ from pyro_vae.compare import (
 from pyro_vae.errors import UserInputError
 from pyro_vae.exact import LinearGaussianVAE
 
-from .helpers import TINY_RUN, exact_grads
+from .helpers import TINY_COMPARE, exact_grads
 
 
 def test_gradient_statistics_on_known_draws():
@@ -147,19 +147,7 @@ def test_an_estimator_that_cannot_run_is_named():
         check_estimators_run(vae, torch.ones(4), ["mc", "stl"], 2, 0.5)
 
 
-TINY = [
-    *TINY_RUN,
-    "--epochs",
-    "2",
-    "--grad-draws",
-    "5",
-    "--eval-samples",
-    "20",
-    "--snr-particles",
-    "1,3",
-    "--bound-particles",
-    "1,5",
-]
+TINY = TINY_COMPARE
 
 
 def test_compare_command_end_to_end(tmp_path, capsys):

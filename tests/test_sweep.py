@@ -20,6 +20,8 @@ from pyro_vae.errors import UserInputError
 from pyro_vae.executors import RayExecutor, SerialExecutor, make_executor
 from pyro_vae.sweep import expand_grid, run_sweep, sweep_run
 
+from .helpers import TINY_COMPARE
+
 GRID = {
     "base": {
         "data": {"dataset": "digits", "limit": 200},
@@ -151,37 +153,8 @@ def test_a_run_that_fails_on_ray_fails_the_sweep_with_its_own_line(ray_cluster, 
 
 
 def _tiny_compare(out: Path, *flags: str) -> list[str]:
-    return [
-        "compare",
-        "--estimators",
-        "mc,analytic",
-        "--dataset",
-        "digits",
-        "--limit",
-        "200",
-        "--latent-dims",
-        "2",
-        "--hidden",
-        "8",
-        "--batch-size",
-        "50",
-        "--epochs",
-        "2",
-        "--repeats",
-        "2",
-        "--grad-draws",
-        "5",
-        "--eval-samples",
-        "20",
-        "--snr-particles",
-        "1,3",
-        "--bound-particles",
-        "1,5",
-        "--quiet",
-        "--out",
-        str(out),
-        *flags,
-    ]
+    return ["compare", "--estimators", "mc,analytic", *TINY_COMPARE, "--repeats", "2",
+            "--out", str(out), *flags]  # fmt: skip
 
 
 def test_compare_on_ray_equals_serial(ray_cluster, tmp_path, capsys):
