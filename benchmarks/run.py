@@ -43,13 +43,14 @@ from pyro.infer import SVI, Trace_ELBO
 from torch import nn
 
 from pyro_vae import ModelConfig, TrainConfig, build_vae, load_data
-from pyro_vae.compiled import CompiledLoss
+from pyro_vae.analysis.evaluation import _sizes, log_likelihood
+from pyro_vae.app.runs import environment as run_environment
 from pyro_vae.data import Split, VAEData
-from pyro_vae.estimators import make_elbo
-from pyro_vae.evaluation import _sizes, log_likelihood
-from pyro_vae.model import param_store_registration
-from pyro_vae.runs import environment as run_environment
-from pyro_vae.training import fit, make_adam
+from pyro_vae.models.vae import param_store_registration
+from pyro_vae.objectives.capture import CompiledLoss
+from pyro_vae.objectives.registry import make_elbo
+from pyro_vae.training.fit import fit
+from pyro_vae.training.schedules import make_adam
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MNIST = ROOT.parent / "shared" / "data" / "mnist"
@@ -545,7 +546,7 @@ def evaluation(args) -> dict[str, Any]:
     vae, x = _evaluation_inputs(args)
     pyro.enable_validation(False)
     per_round = min(20, len(x))
-    chunk, batch = _sizes(vae, per_round, 5000, None, None)
+    chunk, batch = _sizes(x[:per_round], 5000, None, None)
     starts = {side: itertools.cycle(range(0, len(x), per_round)) for side in ("ours", "floor")}
 
     def points(side: str) -> torch.Tensor:
@@ -650,7 +651,7 @@ def _load_capture_machinery() -> None:
 
 
 def capture_cost(args) -> dict[str, float]:
-    """One-time costs of pyro_vae.compiled: loading torch's tracing stack (fresh
+    """One-time costs of pyro_vae.objectives.capture: loading torch's tracing stack (fresh
     process), and capturing plus checking one training graph (mc, batch 128)."""
     argv = [sys.executable, __file__, "--memory-probe", "capture-machinery"]
     output = subprocess.run(argv, capture_output=True, text=True, check=True).stdout

@@ -1,6 +1,6 @@
 """Compare ELBO estimators where the answer is known, then on real data.
 
-Part 1 uses a linear-Gaussian VAE (``pyro_vae.exact``) with a guide near the exact
+Part 1 uses a linear-Gaussian VAE (``pyro_vae.models.exact``) with a guide near the exact
 posterior: every estimator's gradient is measured against the exact ELBO gradient, and
 the SNR of IWAE and DReG against K. Part 2 runs the equal-budget comparison of
 ``pyro-vae compare`` on the built-in digits (or MNIST with --dataset/--data-dir).
@@ -17,13 +17,9 @@ import pyro
 import torch
 
 from pyro_vae import DataConfig, ModelConfig, RunConfig, TrainConfig
-from pyro_vae.compare import (
-    compare_estimators,
-    estimator_gradient_statistics,
-    markdown_table,
-    snr_versus_particles,
-)
-from pyro_vae.exact import LinearGaussianVAE
+from pyro_vae.analysis.gradients import estimator_gradient_statistics, snr_versus_particles
+from pyro_vae.app.compare import compare_estimators, markdown_table
+from pyro_vae.models.exact import LinearGaussianVAE
 
 
 def known_answers(draws: int) -> None:

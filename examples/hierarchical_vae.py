@@ -16,8 +16,8 @@ import argparse
 import torch
 
 from pyro_vae import ModelConfig, TrainConfig, build_vae, load_data
-from pyro_vae.evaluation import evaluate
-from pyro_vae.training import fit
+from pyro_vae.analysis.evaluation import evaluate
+from pyro_vae.training.fit import fit
 
 
 def main(argv: list[str] | None = None) -> None:

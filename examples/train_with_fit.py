@@ -10,7 +10,7 @@ import copy
 from pathlib import Path
 
 from pyro_vae import ModelConfig, TrainConfig, build_vae, load_data
-from pyro_vae.training import fit
+from pyro_vae.training.fit import fit
 
 
 def main(argv: list[str] | None = None) -> None:

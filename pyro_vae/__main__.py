@@ -1,7 +1,9 @@
 """``python -m pyro_vae``: the same as the ``pyro-vae`` command."""
 
+from __future__ import annotations
+
 import sys
 
-from .cli import main
+from pyro_vae.app.cli import main
 
 sys.exit(main())

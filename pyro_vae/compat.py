@@ -10,7 +10,7 @@ Names used, and why no public equivalent serves:
 
 - ``torch.fx.experimental.proxy_tensor.make_fx`` (experimental): records a function's
   ATen operations, forward and backward, on fake tensors; the captured training step
-  of :mod:`pyro_vae.compiled`. ``torch.compile`` breaks its graph on Pyro's messengers.
+  of :mod:`pyro_vae.objectives.capture`. ``torch.compile`` breaks its graph on Pyro's messengers.
 - ``torch._ops.OpOverload`` and its ``_op`` attribute (private): the C++ entry point
   of an ATen operator, called directly by replayed graphs (``OpOverload.__call__``
   adds a Python frame per operator call).

@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import UserInputError
+from pyro_vae.errors import UserInputError
+from pyro_vae.io import read_json
 
 ESTIMATOR_NAMES = ("mc", "analytic", "iwae", "renyi", "stl", "dreg", "penalty")
 LIKELIHOOD_NAMES = ("bernoulli", "continuous_bernoulli", "gaussian")
@@ -161,7 +162,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if not (isinstance(self.compile, bool) or self.compile == "auto"):
-            raise UserInputError(f"compile must be true, false or \"auto\", got {self.compile!r}")
+            raise UserInputError(f'compile must be true, false or "auto", got {self.compile!r}')
         _choice(self.estimator, ESTIMATOR_NAMES, "estimator")
         _choice(self.optimizer, ("adam", "clipped_adam"), "optimizer")
         _choice(self.lr_schedule, LR_SCHEDULES, "learning-rate schedule")
@@ -191,7 +192,7 @@ class TrainConfig:
             )
 
 
-#: learning-rate schedules (per epoch; see pyro_vae.training.learning_rate)
+#: learning-rate schedules (per epoch; see pyro_vae.training.schedules.learning_rate)
 LR_SCHEDULES = ("constant", "exponential", "cosine", "iwae")
 
 #: the IWAE paper's stages: learning rate lr * 10**(-i/7) for 3**i passes, i = 0..7
@@ -285,7 +286,7 @@ class RunConfig:
 
     def save(self, path: str | Path) -> None:
         """Write as JSON, atomically (a kill mid-write leaves the old file)."""
-        from .checkpoint import atomic_write_text
+        from pyro_vae.io import atomic_write_text
 
         atomic_write_text(json.dumps(self.to_dict(), indent=2) + "\n", path)
 
@@ -293,66 +294,3 @@ class RunConfig:
     def load(cls, path: str | Path) -> RunConfig:
         """Read a JSON config file (at most 1 MB, nested at most 20 deep)."""
         return cls.from_dict(read_json(path, "config file"), source=f"config file {path}")
-
-
-#: a config or run-folder JSON file larger than this is not one (refused, not read)
-MAX_JSON_BYTES = 1 << 20
-MAX_JSON_DEPTH = 20
-
-
-def read_json(path: str | Path, what: str) -> Any:
-    """A small JSON file, read defensively: a folder, a device, a huge or deeply nested
-    file, or invalid JSON is one clear :class:`UserInputError`."""
-    path = Path(path)
-    if path.is_dir():
-        raise UserInputError(f"{what} {path} is a folder, not a JSON file: pass the file")
-    try:
-        info = path.stat()
-    except FileNotFoundError:
-        raise UserInputError(f"{what} {path} does not exist: check the path") from None
-    except OSError as error:
-        raise UserInputError(f"{what} {path} cannot be read ({error.strerror})") from None
-    import stat
-
-    if not stat.S_ISREG(info.st_mode):
-        raise UserInputError(f"{what} {path} is not a regular file: pass a JSON file")
-    if info.st_size > MAX_JSON_BYTES:
-        raise UserInputError(
-            f"{what} {path} has {info.st_size:,} bytes, more than a config holds "
-            f"({MAX_JSON_BYTES:,} at most): pass the right file"
-        )
-    try:
-        text = path.read_text(encoding="utf-8")
-        if _depth(text) > MAX_JSON_DEPTH:
-            raise UserInputError(
-                f"{what} {path} is nested more than {MAX_JSON_DEPTH} levels deep: a config "
-                f"has two (sections, then keys)"
-            )
-        return json.loads(text)
-    except UserInputError:
-        raise
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
-        reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
-        raise UserInputError(f"{what} {path} is not valid JSON ({reason}): fix it") from None
-
-
-def _depth(text: str) -> int:
-    """The deepest nesting of brackets in a JSON text, strings skipped (no recursion)."""
-    depth = deepest = 0
-    in_string = escaped = False
-    for char in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif char == "\\":
-                escaped = True
-            elif char == '"':
-                in_string = False
-        elif char == '"':
-            in_string = True
-        elif char in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif char in "]}":
-            depth -= 1
-    return deepest

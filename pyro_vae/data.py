@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .compat import tensor_version
-from .errors import DataError
+from pyro_vae.compat import tensor_version
+from pyro_vae.errors import DataError
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "kmnist")
 BINARIZATIONS = ("dynamic", "static", "none")

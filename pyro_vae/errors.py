@@ -1,5 +1,7 @@
 """Errors that the command line reports as one line with exit status 2."""
 
+from __future__ import annotations
+
 
 class UserInputError(ValueError):
     """Bad input from the user: the message names the problem and the fix.

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from .errors import UserInputError
+from pyro_vae.errors import UserInputError
 
 #: bytes per float32 value
 FLOAT = 4
@@ -50,7 +50,7 @@ def _mlp(sizes: Sequence[int]) -> tuple[int, int]:
 
 def network_sizes(model, data_shape: Sequence[int]) -> tuple[int, int]:
     """(parameters, activation values per data point and particle) of the VAE that
-    :func:`pyro_vae.model.build_vae` builds from ``model`` (a ModelConfig)."""
+    :func:`pyro_vae.models.build.build_vae` builds from ``model`` (a ModelConfig)."""
     data_dim = math.prod(data_shape)
     latent = list(model.latent_dims)
     hidden = list(model.hidden)

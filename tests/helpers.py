@@ -42,7 +42,7 @@ TINY_COMPARE = [
 def run_cli(argv, capsys) -> tuple[int, str, str]:
     """``pyro-vae ARGV`` in this process: (exit status, stdout, stderr) of that call alone
     (argparse's usage errors included, as the exit status they raise)."""
-    from pyro_vae.cli import main
+    from pyro_vae.app.cli import main
 
     capsys.readouterr()
     try:

@@ -29,7 +29,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pyro_vae.cli import main
+from pyro_vae.app.cli import main
 
 from .helpers import TINY_RUN, digest, run_cli
 
@@ -39,7 +39,9 @@ SETTINGS = settings(
     derandomize=True,
     # capsys is read out before and after every command, so sharing it is safe
     suppress_health_check=[
-        HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.function_scoped_fixture,
     ],
 )
 
@@ -108,11 +110,31 @@ JSON_LEAVES = st.one_of(
     st.text(max_size=8),
 )
 KEYS = {
-    "model": ["latent_dims", "hidden", "likelihood", "prior_scale", "prior_loc", "guide",
-              "gaussian_scale", "network", "activation"],
+    "model": [
+        "latent_dims",
+        "hidden",
+        "likelihood",
+        "prior_scale",
+        "prior_loc",
+        "guide",
+        "gaussian_scale",
+        "network",
+        "activation",
+    ],
     "data": ["dataset", "limit", "binarize", "validation_size", "data_dir"],
-    "train": ["epochs", "lr", "batch_size", "particles", "estimator", "seed", "lr_gamma",
-              "clip_norm", "eval_particles", "compile", "alpha"],
+    "train": [
+        "epochs",
+        "lr",
+        "batch_size",
+        "particles",
+        "estimator",
+        "seed",
+        "lr_gamma",
+        "clip_norm",
+        "eval_particles",
+        "compile",
+        "alpha",
+    ],
 }
 
 
@@ -172,8 +194,21 @@ def test_fuzzed_train_options_succeed_or_fail_cleanly_without_touching_the_folde
     argv, folder, finished, capsys
 ):
     with target(folder, finished) as out:
-        base = ["--dataset", "digits", "--limit", "200", "--hidden", "8", "--latent-dims", "2",
-                "--epochs", "1", "--eval-samples", "0", "--quiet"]
+        base = [
+            "--dataset",
+            "digits",
+            "--limit",
+            "200",
+            "--hidden",
+            "8",
+            "--latent-dims",
+            "2",
+            "--epochs",
+            "1",
+            "--eval-samples",
+            "0",
+            "--quiet",
+        ]
         # the drawn flags come last: argparse lets them override the cheap defaults
         assert_clean_outcome(["train", *base, *argv, "--out", out], capsys, out)
 

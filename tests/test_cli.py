@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pyro_vae.checkpoint import load_checkpoint
-from pyro_vae.cli import main
+from pyro_vae.app.cli import main
+from pyro_vae.training.checkpoint import load_checkpoint
 
 from .helpers import TINY_RUN, digest, run_cli
 
@@ -79,7 +79,7 @@ def test_evaluate_json(finished_run, capsys):
 def test_evaluate_compiles_on_request_and_not_by_default_for_small_work(
     finished_run, capsys, monkeypatch
 ):
-    from pyro_vae import evaluation
+    from pyro_vae.analysis import evaluation
 
     seen = []
     original = evaluation.CompiledFunction
@@ -97,10 +97,11 @@ def test_evaluate_compiles_on_request_and_not_by_default_for_small_work(
 
 @pytest.mark.parametrize("command", ["compare", "diagnose"])
 def test_compare_and_diagnose_take_the_compile_switch(command):
-    from pyro_vae.cli import build_parser
+    from pyro_vae.app.cli import build_parser
 
-    args = build_parser().parse_args([command, *(["run"] if command == "diagnose" else []),
-                                      "--no-compile"])
+    args = build_parser().parse_args(
+        [command, *(["run"] if command == "diagnose" else []), "--no-compile"]
+    )
     assert args.compile is False
 
 
@@ -122,7 +123,7 @@ def test_resume_extends_a_finished_run(finished_run, tmp_path, capsys):
 
 def test_help_and_version_are_fast_and_need_no_torch():
     code = (
-        "import sys, pyro_vae.cli as c\n"
+        "import sys, pyro_vae.app.cli as c\n"
         "try:\n    c.main(['--help'])\nexcept SystemExit:\n    pass\n"
         "assert 'torch' not in sys.modules and 'pyro' not in sys.modules, 'heavy import'\n"
     )

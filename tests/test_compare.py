@@ -11,17 +11,16 @@ import pytest
 import torch
 from torch import nn
 
-from pyro_vae.cli import main
-from pyro_vae.compare import (
-    bound_tightness,
-    check_estimators_run,
+from pyro_vae.analysis.bounds import bound_tightness
+from pyro_vae.analysis.gradients import (
     estimator_gradient_statistics,
     gradient_statistics,
-    parse_estimators,
     snr_versus_particles,
 )
+from pyro_vae.app.cli import main
+from pyro_vae.app.compare import check_estimators_run, parse_estimators
 from pyro_vae.errors import UserInputError
-from pyro_vae.exact import LinearGaussianVAE
+from pyro_vae.models.exact import LinearGaussianVAE
 
 from .helpers import TINY_COMPARE, exact_grads
 

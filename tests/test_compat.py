@@ -17,10 +17,12 @@ from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from torch import nn
 
 from pyro_vae import ModelConfig, TrainConfig, build_vae, compat, load_data
-from pyro_vae.compiled import CompiledLoss
-from pyro_vae.estimators import ClosedFormKL_ELBO, make_elbo
-from pyro_vae.model import param_store_registration
-from pyro_vae.training import LatentScale, fit
+from pyro_vae.models.vae import param_store_registration
+from pyro_vae.objectives.capture import CompiledLoss
+from pyro_vae.objectives.closed_form import ClosedFormKL_ELBO
+from pyro_vae.objectives.registry import make_elbo
+from pyro_vae.training.fit import fit
+from pyro_vae.training.schedules import LatentScale
 
 
 def _vae():

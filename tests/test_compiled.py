@@ -11,10 +11,11 @@ import torch
 from torch import nn
 
 from pyro_vae import ModelConfig, TrainConfig, build_vae, load_data, make_elbo
-from pyro_vae.compiled import CompiledLoss
-from pyro_vae.estimators import FreeBitsELBO
-from pyro_vae.model import param_store_registration
-from pyro_vae.training import LatentScale, fit
+from pyro_vae.models.vae import param_store_registration
+from pyro_vae.objectives.capture import CompiledLoss
+from pyro_vae.objectives.free_bits import FreeBitsELBO
+from pyro_vae.training.fit import fit
+from pyro_vae.training.schedules import LatentScale
 
 SMALL = ModelConfig(latent_dims=(3,), hidden=(16,))
 NUM_DATA = 1000

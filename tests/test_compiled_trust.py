@@ -28,11 +28,11 @@ from hypothesis import strategies as st
 from torch import nn
 
 from pyro_vae import ModelConfig, TrainConfig, build_vae, load_data
-from pyro_vae.compiled import _GRAPHS, CompiledLoss
-from pyro_vae.estimators import make_elbo
-from pyro_vae.likelihoods import make_likelihood
-from pyro_vae.model import VAE, param_store_registration
-from pyro_vae.training import fit
+from pyro_vae.models.likelihoods import make_likelihood
+from pyro_vae.models.vae import VAE, param_store_registration
+from pyro_vae.objectives.capture import _GRAPHS, CompiledLoss
+from pyro_vae.objectives.registry import make_elbo
+from pyro_vae.training.fit import fit
 
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "softplus": nn.Softplus}
 
@@ -187,7 +187,7 @@ def test_fits_evaluation_runs_in_eval_mode_and_restores_the_modes(data):
     assert int(vae.encoder.body[1].num_batches_tracked) == history.last["step"] == 6
     assert vae.encoder.training and vae.encoder.body[3].training and not vae.decoder.training
     # ... and ran without dropout: the same number as an explicit eval-mode evaluation
-    from pyro_vae.training import evaluate_elbo
+    from pyro_vae.analysis.evaluation import evaluate_elbo
 
     frozen = copy.deepcopy(vae).eval()
     with torch.random.fork_rng(devices=[]), pyro.validation_enabled(False):

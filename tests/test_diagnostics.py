@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pyro_vae.cli import main
-from pyro_vae.diagnostics import (
+from pyro_vae.analysis.diagnostics import (
     guide_draws,
     importance_summary,
     inference_gaps,
@@ -18,8 +17,9 @@ from pyro_vae.diagnostics import (
     nuts_summary,
     optimize_local_guides,
 )
-from pyro_vae.estimators import elbo_terms
-from pyro_vae.exact import LinearGaussianVAE
+from pyro_vae.app.cli import main
+from pyro_vae.models.exact import LinearGaussianVAE
+from pyro_vae.objectives.terms import elbo_terms
 
 from .helpers import TINY_RUN
 
@@ -36,7 +36,7 @@ def test_nuts_matches_the_exact_posterior(linear):
     summary = nuts_summary(idata)
     assert summary["rhat_max"] < 1.05 and summary["ess_bulk_min"] > 100
     assert summary["divergences"] == 0
-    from pyro_vae.diagnostics import _arviz
+    from pyro_vae.analysis.diagnostics import _arviz
 
     ess = _arviz().ess(idata)["z"].values  # (image, dim)
     draws = idata.posterior["z"].values.reshape(-1, 3, 2)
@@ -132,7 +132,7 @@ def test_diagnose_command(tiny_run, capsys):
     result = json.loads((out / "diagnostics.json").read_text())
     assert result["image_ids"] == [0, 1, 2] and result["nuts"]["chains"] == 2
     assert set(result["gaps"]["per_image"]) >= {"approximation_gap", "amortization_gap"}
-    from pyro_vae.diagnostics import _arviz
+    from pyro_vae.analysis.diagnostics import _arviz
 
     az = _arviz()
     nuts, guide = az.from_netcdf(str(out / "nuts.nc")), az.from_netcdf(str(out / "guide.nc"))

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from pyro_vae import ModelConfig, TrainConfig, build_vae, load_data, make_elbo
-from pyro_vae.evaluation import active_units, evaluate, log_likelihood_and_khat, psis_khat
-from pyro_vae.exact import LinearGaussianVAE
-from pyro_vae.training import fit
+from pyro_vae.analysis.evaluation import active_units, evaluate, log_likelihood_and_khat, psis_khat
+from pyro_vae.models.exact import LinearGaussianVAE
+from pyro_vae.training.fit import fit
 
 
 def test_active_units_count_the_dimensions_the_encoder_uses():
@@ -62,7 +62,7 @@ def test_evaluate_reports_consistent_numbers():
 
 
 def test_active_units_average_conditional_means_over_parent_draws():
-    from pyro_vae.exact import TwoLayerLinearGaussianVAE
+    from pyro_vae.models.exact import TwoLayerLinearGaussianVAE
 
     # bottom-up guide whose z1 ignores x: E_q[z2 | x] is the same for every image, so z2
     # has no active unit, though q(z2 | z1)'s mean at one draw of z1 varies a lot
@@ -91,7 +91,7 @@ def test_active_units_of_a_lower_layer_remove_the_monte_carlo_variance_of_its_pa
     estimate of the noise variance: a standard error of about
     sqrt(4 * Var(x_0) * 0.09 / 2000) ~ 0.02 for 2000 images; 0.1 is 5 of those.
     """
-    from pyro_vae.exact import TwoLayerLinearGaussianVAE
+    from pyro_vae.models.exact import TwoLayerLinearGaussianVAE
 
     vae = TwoLayerLinearGaussianVAE.random(5, (3, 2), (0.6, 0.8), "bottom-up", seed=4)
     with torch.no_grad():
@@ -149,13 +149,21 @@ def _modes(vae):
 
 @pytest.mark.parametrize(
     "measure",
-    ["evaluate", "log_likelihood", "active_units", "gradient_draws", "bound_tightness",
-     "inference_gaps", "nuts_posterior"],
+    [
+        "evaluate",
+        "log_likelihood",
+        "active_units",
+        "gradient_draws",
+        "bound_tightness",
+        "inference_gaps",
+        "nuts_posterior",
+    ],
 )
 def test_every_evaluation_runs_in_eval_mode_and_restores_the_callers_modes(measure):
-    from pyro_vae.compare import bound_tightness, gradient_draws
-    from pyro_vae.diagnostics import inference_gaps, nuts_posterior
-    from pyro_vae.evaluation import log_likelihood
+    from pyro_vae.analysis.bounds import bound_tightness
+    from pyro_vae.analysis.diagnostics import inference_gaps, nuts_posterior
+    from pyro_vae.analysis.evaluation import log_likelihood
+    from pyro_vae.analysis.gradients import gradient_draws
 
     x = load_data("digits", limit=40).evaluation_images("test")[:12]
     runs = {
@@ -167,9 +175,11 @@ def test_every_evaluation_runs_in_eval_mode_and_restores_the_callers_modes(measu
         "inference_gaps": lambda vae: inference_gaps(vae, x[:2], 50, local_steps=3)[
             "amortized_elbo"
         ]["mean"],
-        "nuts_posterior": lambda vae: nuts_posterior(
-            vae, x[:1], chains=1, warmup=4, samples=4, jit=False
-        ).posterior["z"].values,
+        "nuts_posterior": lambda vae: (
+            nuts_posterior(vae, x[:1], chains=1, warmup=4, samples=4, jit=False)
+            .posterior["z"]
+            .values
+        ),
     }
     vae = _noisy_vae()
     modes = _modes(vae)
@@ -193,9 +203,9 @@ def test_every_evaluation_runs_in_eval_mode_and_restores_the_callers_modes(measu
 
 
 def test_short_evaluations_stay_eager_and_long_ones_capture(monkeypatch):
-    from pyro_vae import compiled
-    from pyro_vae.compiled import _GRAPHS, capture_pays
-    from pyro_vae.evaluation import log_likelihood
+    from pyro_vae.analysis.evaluation import log_likelihood
+    from pyro_vae.objectives import capture as compiled
+    from pyro_vae.objectives.capture import _GRAPHS, capture_pays
 
     monkeypatch.setattr(compiled.compat, "tracing_stack_loaded", lambda: False)
     assert not capture_pays(30) and not capture_pays(1000, graphs=2)
@@ -212,11 +222,11 @@ def test_short_evaluations_stay_eager_and_long_ones_capture(monkeypatch):
 
 
 def test_kl_per_unit_adds_up_to_the_closed_form_kl():
+    from pyro_vae.analysis.evaluation import kl_per_unit
     from pyro_vae.config import ModelConfig
     from pyro_vae.data import load_data
-    from pyro_vae.estimators import elbo_terms
-    from pyro_vae.evaluation import kl_per_unit
-    from pyro_vae.model import build_vae
+    from pyro_vae.models.build import build_vae
+    from pyro_vae.objectives.terms import elbo_terms
 
     torch.manual_seed(0)
     x = load_data("digits", limit=300).evaluation_images("test")

@@ -11,7 +11,7 @@ import torch
 from pyro import poutine
 
 from pyro_vae import log_importance_weights, log_likelihood, make_elbo
-from pyro_vae.exact import LinearGaussianVAE, TwoLayerLinearGaussianVAE
+from pyro_vae.models.exact import LinearGaussianVAE, TwoLayerLinearGaussianVAE
 
 from .helpers import assert_unbiased, flat_grads
 

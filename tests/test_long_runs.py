@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pyro_vae.checkpoint import load_checkpoint
-from pyro_vae.cli import _TRAIN_FLAGS, build_parser
+from pyro_vae.app.cli import _TRAIN_FLAGS, build_parser
 from pyro_vae.config import ModelConfig, RunConfig
+from pyro_vae.training.checkpoint import load_checkpoint
 
 from .helpers import TINY_RUN, digest, run_cli
 
@@ -79,8 +79,8 @@ def test_a_resumed_run_keeps_its_own_evaluation_settings(tmp_path, capsys):
 
 
 def test_eval_images_is_a_fixed_subset_the_same_in_every_run(tmp_path, capsys):
+    from pyro_vae.analysis.evaluation import fixed_subset
     from pyro_vae.data import load_data
-    from pyro_vae.evaluation import fixed_subset
 
     images = load_data("digits", limit=200).evaluation_images("test")
     subset = fixed_subset(images, 40)
@@ -172,7 +172,7 @@ def test_config_only_settings_have_flags(flag, value, tmp_path, capsys):
 # ---------------------------------------------------------------------- the IWAE protocol
 def test_the_iwae_schedule_gives_each_pass_its_papers_learning_rate():
     from pyro_vae.config import IWAE_PASSES, TrainConfig
-    from pyro_vae.training import learning_rate
+    from pyro_vae.training.schedules import learning_rate
 
     config = TrainConfig(lr=1e-3, lr_schedule="iwae", epochs=IWAE_PASSES)
     rates = [learning_rate(config, epoch) for epoch in range(IWAE_PASSES)]
@@ -183,7 +183,7 @@ def test_the_iwae_schedule_gives_each_pass_its_papers_learning_rate():
 
 
 def test_the_iwae_protocol_sets_the_papers_settings_under_config_and_flags(tmp_path):
-    from pyro_vae.cli import resolve_config
+    from pyro_vae.app.cli import resolve_config
 
     config_file = tmp_path / "c.json"
     config_file.write_text('{"train": {"batch_size": 40}}')
@@ -202,8 +202,8 @@ def test_the_iwae_protocol_sets_the_papers_settings_under_config_and_flags(tmp_p
 def test_adam_takes_the_configured_epsilon(tmp_path):
     from pyro_vae.config import TrainConfig
     from pyro_vae.data import load_data
-    from pyro_vae.model import build_vae
-    from pyro_vae.training import Trainer
+    from pyro_vae.models.build import build_vae
+    from pyro_vae.training.trainer import Trainer
 
     data = load_data("digits", limit=50)
     vae = build_vae(ModelConfig(latent_dims=(2,), hidden=(8,)), data.data_shape)
@@ -245,9 +245,7 @@ def _scalars(folder: Path, tag: str) -> list[tuple[int, float]]:
     return [(event.step, event.value) for event in events.Scalars(tag)]
 
 
-def test_tensorboard_logs_every_epoch_once_through_resume_with_the_image_grids(
-    tmp_path, capsys
-):
+def test_tensorboard_logs_every_epoch_once_through_resume_with_the_image_grids(tmp_path, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
@@ -264,9 +262,9 @@ def test_tensorboard_logs_every_epoch_once_through_resume_with_the_image_grids(
 
 
 def test_the_table1_grid_for_ray_holds_the_same_cells_and_protocol_as_reproduce():
+    from pyro_vae.app.reproduce import TABLES
+    from pyro_vae.app.sweep import expand_grid, load_grid
     from pyro_vae.config import PROTOCOLS
-    from pyro_vae.reproduce import TABLES
-    from pyro_vae.sweep import expand_grid, load_grid
 
     grid = Path(__file__).parents[1] / "examples" / "iwae_table1_grid.json"
     runs = expand_grid(load_grid(grid))

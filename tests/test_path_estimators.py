@@ -11,8 +11,8 @@ from pyro import poutine
 
 from pyro_vae import make_elbo
 from pyro_vae.errors import UserInputError
-from pyro_vae.estimators import particle_plate
-from pyro_vae.exact import LinearGaussianVAE, TwoLayerLinearGaussianVAE
+from pyro_vae.models.exact import LinearGaussianVAE, TwoLayerLinearGaussianVAE
+from pyro_vae.objectives.traces import particle_plate
 
 from .helpers import assert_unbiased, draws, exact_grads, flat_grads
 
@@ -227,7 +227,7 @@ def test_dreg_with_five_particles_matches_iwae_on_hierarchical_guides(guide_orde
 
 
 def test_dreg_value_under_kl_warmup_equals_iwae(linear):
-    from pyro_vae.training import LatentScale
+    from pyro_vae.training.schedules import LatentScale
 
     vae, x = linear
     values = {}

@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pyro_vae.checkpoint import FORMAT, dumps_json, encode_checkpoint, load_checkpoint
-from pyro_vae.cli import main
+from pyro_vae.app.cli import main
+from pyro_vae.io import dumps_json
+from pyro_vae.training.checkpoint import FORMAT, encode_checkpoint, load_checkpoint
 
 from .helpers import TINY_RUN, digest, run_cli
 
@@ -129,7 +130,7 @@ def test_2_overwrite_replaces_the_run_only_once_the_new_one_has_a_checkpoint(run
 
 
 def test_2_an_interrupted_overwrite_is_recovered_by_the_next_command(run_copy, capsys):
-    from pyro_vae.runs import move_aside
+    from pyro_vae.app.runs import move_aside
 
     before = digest(run_copy)
     move_aside(run_copy)  # what a kill right after setting the old run aside leaves
@@ -142,7 +143,7 @@ def test_2_an_interrupted_overwrite_is_recovered_by_the_next_command(run_copy, c
 def test_2_a_kill_during_the_first_epoch_of_an_overwrite_restores_the_old_run(
     run_copy, capsys, tmp_path
 ):
-    from pyro_vae.runs import move_aside
+    from pyro_vae.app.runs import move_aside
 
     before = digest(run_copy)
     epoch_zero = load_checkpoint(run_copy / "checkpoint.pt")
@@ -158,9 +159,7 @@ def test_2_a_kill_during_the_first_epoch_of_an_overwrite_restores_the_old_run(
     assert load_checkpoint(run_copy / "checkpoint.pt")["epoch"] == 2
 
 
-def test_2_a_kill_before_the_first_epoch_of_a_longer_resume_leaves_the_run_usable(
-    run_copy, capsys
-):
+def test_2_a_kill_before_the_first_epoch_of_a_longer_resume_leaves_the_run_usable(run_copy, capsys):
     # `--resume --epochs 4` writes config.json (epochs 4) before its first checkpoint: a
     # kill in that window must not make the run look edited
     saved = json.loads((run_copy / "config.json").read_text())
@@ -173,12 +172,10 @@ def test_2_a_kill_before_the_first_epoch_of_a_longer_resume_leaves_the_run_usabl
     assert load_checkpoint(run_copy / "checkpoint.pt")["epoch"] == 4
 
 
-def test_1_a_lock_whose_holder_record_cannot_be_written_is_still_released(
-    tmp_path, monkeypatch
-):
+def test_1_a_lock_whose_holder_record_cannot_be_written_is_still_released(tmp_path, monkeypatch):
     import errno
 
-    from pyro_vae import runs
+    from pyro_vae.app import runs
 
     real = os.write
 
@@ -195,7 +192,7 @@ def test_1_a_lock_whose_holder_record_cannot_be_written_is_still_released(
 
 
 def test_1_a_lock_survives_its_folder_being_removed_by_the_last_holder(tmp_path, monkeypatch):
-    from pyro_vae import runs
+    from pyro_vae.app import runs
 
     folder = tmp_path / "r"
     folder.mkdir()
@@ -303,7 +300,7 @@ def test_4_json_outputs_hold_null_with_a_reason_for_non_finite_numbers():
 def test_5_a_full_disk_is_named_and_the_last_checkpoint_stays(run_copy, capsys, monkeypatch):
     import errno
 
-    from pyro_vae import checkpoint as files
+    from pyro_vae.training import checkpoint as files
 
     before = (run_copy / "checkpoint.pt").read_bytes()
     real = files.atomic_write_bytes
@@ -325,11 +322,13 @@ def test_5_a_full_disk_is_named_and_the_last_checkpoint_stays(run_copy, capsys, 
 
 
 def test_5_running_out_of_memory_is_one_line(tmp_path, capsys, monkeypatch):
-    from pyro_vae import training
+    from pyro_vae.training import trainer as training
 
     def no_memory(*args, **kwargs):
-        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't "
-                           "allocate memory: you tried to allocate 1000000000000 bytes")
+        raise RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't "
+            "allocate memory: you tried to allocate 1000000000000 bytes"
+        )
 
     monkeypatch.setattr(training.Trainer, "train_epoch", no_memory)
     refused(["train", *TINY, "--out", tmp_path / "r"], capsys, "out of memory", status=1)
@@ -400,9 +399,27 @@ def test_6_crafted_checkpoints_are_refused_by_every_reader(change, message, run_
     for argv in (
         ["evaluate", run_copy, "--samples", "5"],
         ["sample", run_copy, "--n", "4"],
-        ["diagnose", run_copy, "--images", "1", "--chains", "1", "--warmup", "4", "--samples",
-         "4", "--khat-images", "2", "--khat-samples", "30", "--local-steps", "2", "--is-samples",
-         "30", "--quiet"],
+        [
+            "diagnose",
+            run_copy,
+            "--images",
+            "1",
+            "--chains",
+            "1",
+            "--warmup",
+            "4",
+            "--samples",
+            "4",
+            "--khat-images",
+            "2",
+            "--khat-samples",
+            "30",
+            "--local-steps",
+            "2",
+            "--is-samples",
+            "30",
+            "--quiet",
+        ],
         ["train", "--resume", "--epochs", "5", "--out", run_copy],
     ):
         refused(argv, capsys, message, watched=run_copy)
@@ -430,9 +447,27 @@ def test_6_one_training_image_still_finishes_with_its_plots(tmp_path, capsys):
 
 def test_6_diagnose_with_too_few_samples_for_khat_finishes_and_says_why(run_copy, capsys):
     code, out, err = run_cli(
-        ["diagnose", run_copy, "--images", "1", "--chains", "1", "--warmup", "4", "--samples",
-         "4", "--khat-images", "5", "--khat-samples", "10", "--local-steps", "2", "--is-samples",
-         "30", "--quiet"],
+        [
+            "diagnose",
+            run_copy,
+            "--images",
+            "1",
+            "--chains",
+            "1",
+            "--warmup",
+            "4",
+            "--samples",
+            "4",
+            "--khat-images",
+            "5",
+            "--khat-samples",
+            "10",
+            "--local-steps",
+            "2",
+            "--is-samples",
+            "30",
+            "--quiet",
+        ],
         capsys,
     )
     assert code == 0, err
@@ -458,9 +493,7 @@ def test_7_an_absurd_number_of_importance_samples_is_refused_with_the_time_it_ne
     assert "lower the number of samples" in err
 
 
-def test_7_resume_after_a_kill_before_the_first_checkpoint_says_what_is_missing(
-    tmp_path, capsys
-):
+def test_7_resume_after_a_kill_before_the_first_checkpoint_says_what_is_missing(tmp_path, capsys):
     out = tmp_path / "r"
     out.mkdir()
     (out / "config.json").write_text("{}")

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from pyro_vae.cli import main
+from pyro_vae.app.cli import main
+from pyro_vae.app.executors import RayExecutor, SerialExecutor, make_executor
+from pyro_vae.app.sweep import expand_grid, run_sweep, sweep_run
 from pyro_vae.errors import UserInputError
-from pyro_vae.executors import RayExecutor, SerialExecutor, make_executor
-from pyro_vae.sweep import expand_grid, run_sweep, sweep_run
 
 from .helpers import TINY_COMPARE
 

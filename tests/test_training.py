@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from pyro_vae import ModelConfig, TrainConfig, build_vae, load_data, make_elbo
-from pyro_vae.checkpoint import load_checkpoint
 from pyro_vae.errors import DataError, NonFiniteError, UserInputError
-from pyro_vae.training import CHECKPOINT, LatentScale, Trainer, fit
+from pyro_vae.training.checkpoint import load_checkpoint
+from pyro_vae.training.fit import fit
+from pyro_vae.training.schedules import LatentScale
+from pyro_vae.training.trainer import CHECKPOINT, Trainer
 
 MODEL = ModelConfig(latent_dims=(4,), hidden=(32,))
 
@@ -198,7 +200,7 @@ def test_kl_warmup_factor_rises_linearly_to_one(small_data):
 
 
 def test_train_elbo_is_reported_unannealed_during_warmup():
-    from pyro_vae.training import evaluate_elbo
+    from pyro_vae.analysis.evaluation import evaluate_elbo
 
     data = load_data("digits", binarize="none", limit=300)  # fixed data: no binarization noise
     torch.manual_seed(0)
@@ -296,8 +298,8 @@ def test_metrics_are_rewritten_from_the_checkpoint_on_resume(small_data, tmp_pat
 
 
 def test_free_bits_threshold_applies_to_the_unannealed_kl(small_data):
-    from pyro_vae.estimators import FreeBitsELBO
-    from pyro_vae.training import evaluate_elbo
+    from pyro_vae.analysis.evaluation import evaluate_elbo
+    from pyro_vae.objectives.free_bits import FreeBitsELBO
 
     vae = _vae(small_data)
     x = small_data.evaluation_images()[:30]
@@ -335,8 +337,8 @@ def test_the_data_are_checked_once_per_data_set_until_they_change(monkeypatch):
 
 
 def test_short_runs_train_eagerly_and_long_ones_from_a_graph(small_data, monkeypatch):
-    from pyro_vae import compiled
-    from pyro_vae.compiled import _GRAPHS
+    from pyro_vae.objectives import capture as compiled
+    from pyro_vae.objectives.capture import _GRAPHS
 
     monkeypatch.setattr(compiled.compat, "tracing_stack_loaded", lambda: True)
     for epochs, captured in ((1, False), (300, True)):  # 3 steps per epoch; 0.25 s a graph
@@ -346,8 +348,13 @@ def test_short_runs_train_eagerly_and_long_ones_from_a_graph(small_data, monkeyp
     vae = _vae(small_data)
     fit(vae, small_data, TrainConfig(epochs=1, batch_size=100), log=None, progress=False)
     assert not _GRAPHS.get(vae)
-    fit(vae, small_data, TrainConfig(epochs=1, batch_size=100, compile=True), log=None,
-        progress=False)
+    fit(
+        vae,
+        small_data,
+        TrainConfig(epochs=1, batch_size=100, compile=True),
+        log=None,
+        progress=False,
+    )
     assert any(g is not None for g in _GRAPHS[vae].values())
 
 
@@ -355,7 +362,7 @@ def test_short_runs_train_eagerly_and_long_ones_from_a_graph(small_data, monkeyp
 def test_learning_rates_follow_the_schedule_in_closed_form_through_resume(
     small_data, tmp_path, schedule
 ):
-    from pyro_vae.training import learning_rate
+    from pyro_vae.training.schedules import learning_rate
 
     config = TrainConfig(epochs=4, batch_size=150, lr=0.01, lr_schedule=schedule, lr_gamma=0.5)
     history = fit(_vae(small_data), small_data, config, run_dir=tmp_path / "a", log=None)
@@ -367,16 +374,22 @@ def test_learning_rates_follow_the_schedule_in_closed_form_through_resume(
     assert history["lr"] == pytest.approx(expected)
     assert [learning_rate(config, e) for e in range(4)] == pytest.approx(expected)
     # extended from 2 to 4 epochs, a cosine run anneals to its new end
-    fit(_vae(small_data), small_data, dataclasses.replace(config, epochs=2),
-        run_dir=tmp_path / "b", log=None)
-    resumed = fit(_vae(small_data), small_data, config, run_dir=tmp_path / "b", resume=True,
-                  log=None)
+    fit(
+        _vae(small_data),
+        small_data,
+        dataclasses.replace(config, epochs=2),
+        run_dir=tmp_path / "b",
+        log=None,
+    )
+    resumed = fit(
+        _vae(small_data), small_data, config, run_dir=tmp_path / "b", resume=True, log=None
+    )
     assert resumed["lr"][2:] == pytest.approx(expected[2:])
 
 
 def test_one_epoch_fits_in_a_loop_start_eager_then_capture_once_it_pays(small_data, monkeypatch):
-    from pyro_vae import compiled
-    from pyro_vae.compiled import _GRAPHS
+    from pyro_vae.objectives import capture as compiled
+    from pyro_vae.objectives.capture import _GRAPHS
 
     monkeypatch.setattr(compiled.compat, "tracing_stack_loaded", lambda: True)
     monkeypatch.setattr(compiled, "CAPTURE_SECONDS", 0.004)  # the price of 4 saved steps

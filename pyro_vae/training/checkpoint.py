@@ -15,22 +15,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
-import json
-import math
-import os
 import pickle
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from .errors import CheckpointError, NonFiniteError
+from pyro_vae.errors import CheckpointError, NonFiniteError
+from pyro_vae.io import atomic_write_bytes
 
 FORMAT = "pyro-vae-checkpoint"
 VERSION = 2
@@ -77,85 +73,6 @@ def set_rng_state(state: dict[str, Any], data_generator: torch.Generator | None 
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
     if data_generator is not None and "data" in state:
         data_generator.set_state(state["data"].cpu())
-
-
-# ---------------------------------------------------------------------- atomic files
-def atomic_write_bytes(data: bytes, path: str | Path) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves the old file or the new one.
-
-    The temporary file is unique to this writer (``tempfile.mkstemp`` in the same
-    folder), fsynced, then renamed over ``path``. If writing fails (disk full, read-only
-    file system) the old file stays and the temporary file is removed; the ``OSError``
-    keeps its errno, so the caller can say "disk full" rather than "permissions".
-    """
-    path = Path(path)
-    descriptor, temporary = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
-    )
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-    _fsync_directory(path.parent)
-
-
-def atomic_write_text(text: str, path: str | Path) -> None:
-    """Write a text file through a temporary file and a rename."""
-    atomic_write_bytes(text.encode("utf-8"), path)
-
-
-def atomic_write_json(value: Any, path: str | Path) -> None:
-    """Write ``value`` as standard JSON (see :func:`dumps_json`), atomically."""
-    atomic_write_text(dumps_json(value, indent=2) + "\n", path)
-
-
-def dumps_json(value: Any, indent: int | None = None) -> str:
-    """Standard JSON: every non-finite float becomes ``null``, and ``"null_values"``
-    (beside the top-level keys of a dict) says which, and what they were."""
-    nulls: dict[str, str] = {}
-
-    def clean(item: Any, where: str) -> Any:
-        if isinstance(item, float) and not math.isfinite(item):
-            nulls[where] = "NaN" if math.isnan(item) else ("+inf" if item > 0 else "-inf")
-            return None
-        if isinstance(item, dict):
-            return {k: clean(v, f"{where}.{k}" if where else str(k)) for k, v in item.items()}
-        if isinstance(item, (list, tuple)):
-            return [clean(v, f"{where}[{i}]") for i, v in enumerate(item)]
-        return item
-
-    cleaned = clean(value, "")
-    if nulls and isinstance(cleaned, dict):
-        cleaned["null_values"] = {**cleaned.get("null_values", {}), **nulls}
-    return json.dumps(cleaned, indent=indent, allow_nan=False)
-
-
-def _fsync_directory(folder: Path) -> None:
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
-
-
-def remove_stale_temporaries(folder: Path, names: tuple[str, ...]) -> None:
-    """Remove the temporary files that a killed writer of ``names`` left behind in
-    ``folder`` (call while holding the folder's lock); other files are never touched."""
-    for name in names:
-        for stale in folder.glob(f".{name}.*.tmp"):
-            with contextlib.suppress(OSError):
-                stale.unlink()
 
 
 # ---------------------------------------------------------------------- checkpoints

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from pyro_vae.models.protocol import as_batch
+
 
 def _pyplot():
     import matplotlib
@@ -123,7 +125,7 @@ def plot_latent_space(vae, images: torch.Tensor, labels: torch.Tensor, path: str
 def _top_means(vae, images):
     from pyro import poutine
 
-    trace = poutine.trace(vae.guide).get_trace(vae.flatten(images))
+    trace = poutine.trace(vae.guide).get_trace(as_batch(vae, images))
     return trace.nodes[vae.latent_sites[-1]]["fn"].mean.cpu()
 
 
@@ -189,7 +191,7 @@ def _save(fig, path: str | Path) -> Path:
 
     import matplotlib.pyplot as plt
 
-    from .checkpoint import atomic_write_bytes
+    from pyro_vae.io import atomic_write_bytes
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

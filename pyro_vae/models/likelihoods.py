@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributions import constraints
 
-from .errors import DataError
-from .networks import positive_scale
+from pyro_vae.errors import DataError
+from pyro_vae.models.networks import positive_scale
 
 
 class BernoulliImage(dist.TorchDistribution):

@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .config import (
+from pyro_vae import __version__
+from pyro_vae.config import (
     ACTIVATION_NAMES,
     BINARIZE_NAMES,
     DATASET_NAMES,
@@ -31,7 +31,7 @@ from .config import (
     TrainConfig,
     with_protocol,
 )
-from .errors import NonFiniteError, UserInputError
+from pyro_vae.errors import NonFiniteError, UserInputError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -201,9 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, help="seeds torch, numpy, python, data order")
     train.add_argument("--device", choices=("cpu", "cuda"), help="device")
     _compile_flag(train, "each step's loss and gradients")
-    train.add_argument(
-        "--out", type=Path, help="run folder (default: a new runs/YYYYmmdd-HHMMSS)"
-    )
+    train.add_argument("--out", type=Path, help="run folder (default: a new runs/YYYYmmdd-HHMMSS)")
     train.add_argument(
         "--resume",
         nargs="?",
@@ -365,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _diagnose(args: argparse.Namespace) -> int:
-    from .diagnostics import diagnose
+    from pyro_vae.app.diagnose import diagnose
 
     result = diagnose(
         args.run_dir,
@@ -452,7 +450,7 @@ def _executor_flags(parser: argparse.ArgumentParser, gpus: bool = False) -> None
 
 def _executor(args: argparse.Namespace, gpus_per_run: float = 0.0):
     """The executor the flags ask for, checked (Ray installed) before anything is written."""
-    from .executors import import_ray, make_executor
+    from pyro_vae.app.executors import import_ray, make_executor
 
     if args.ray_address is not None and args.executor != "ray":
         raise UserInputError("--ray-address needs --executor ray")
@@ -471,10 +469,9 @@ def _executor(args: argparse.Namespace, gpus_per_run: float = 0.0):
 
 
 def _sweep(args: argparse.Namespace, argv: list[str] | None) -> int:
-    from .checkpoint import atomic_write_json
-    from .config import read_json
-    from .runs import RunLock, command_line, is_empty
-    from .sweep import check_runs, expand_grid, load_grid, run_sweep
+    from pyro_vae.app.runs import RunLock, command_line, is_empty
+    from pyro_vae.app.sweep import check_runs, expand_grid, load_grid, run_sweep
+    from pyro_vae.io import atomic_write_json, read_json
 
     if args.out.exists() and not args.out.is_dir():
         raise UserInputError(f"--out {args.out} is a file: pass a folder")
@@ -520,8 +517,8 @@ def _sweep(args: argparse.Namespace, argv: list[str] | None) -> int:
 
 
 def _compare(args: argparse.Namespace, argv: list[str] | None) -> int:
-    from .compare import markdown_table, parse_estimators
-    from .runs import RunLock, command_line, is_empty
+    from pyro_vae.app.compare import markdown_table, parse_estimators
+    from pyro_vae.app.runs import RunLock, command_line, is_empty
 
     estimators = parse_estimators(args.estimators)
     executor = _executor(args)
@@ -562,8 +559,7 @@ def _compare(args: argparse.Namespace, argv: list[str] | None) -> int:
             # runs/ without comparison.json: a comparison that was interrupted
             if not (args.out / "comparison.json").exists() and not (args.out / "runs").is_dir():
                 raise UserInputError(
-                    f"{args.out} is not empty and holds no comparison: choose a new or empty "
-                    f"folder"
+                    f"{args.out} is not empty and holds no comparison: choose a new or empty folder"
                 )
             if not args.overwrite:
                 raise UserInputError(
@@ -578,8 +574,8 @@ def _compare(args: argparse.Namespace, argv: list[str] | None) -> int:
 
 
 def _run_compare(args, argv, config, estimators, executor=None):
-    from .compare import compare_estimators
-    from .runs import command_line
+    from pyro_vae.app.compare import compare_estimators
+    from pyro_vae.app.runs import command_line
 
     return compare_estimators(
         config,
@@ -619,7 +615,7 @@ def resolve_config(args: argparse.Namespace, base: RunConfig | None = None) -> R
 def _overlay(config: RunConfig, path: Path) -> RunConfig:
     """The settings of config file ``path`` over ``config`` (validated as a whole first,
     so that its errors name the file)."""
-    from .config import read_json
+    from pyro_vae.io import read_json
 
     RunConfig.load(path)  # unknown sections or keys, bad values: one line naming the file
     values = read_json(path, "config file")
@@ -639,7 +635,7 @@ def _train(args: argparse.Namespace, argv: list[str] | None) -> int:
     checkpointed, a failure takes back what the command wrote (and --overwrite puts the
     old run back); after it, the run is left resumable.
     """
-    from .runs import RunLock, command_line
+    from pyro_vae.app.runs import RunLock, command_line
 
     if args.resume and args.overwrite:
         raise UserInputError(
@@ -661,8 +657,8 @@ def _train(args: argparse.Namespace, argv: list[str] | None) -> int:
 
 
 def _train_locked(args, argv, out: Path, prepared) -> int:
-    from .checkpoint import load_checkpoint
-    from .runs import check_run_dir, holds_run, move_aside, recover, run_config
+    from pyro_vae.app.runs import check_run_dir, holds_run, move_aside, recover, run_config
+    from pyro_vae.training.checkpoint import load_checkpoint
 
     note = recover(out)
     if note:
@@ -758,13 +754,13 @@ class _Transaction:
     def commit(self, *_: Any) -> None:
         """The first epoch of this command is checkpointed: the run stands."""
         if not self.committed:
-            from .runs import drop_replaced
+            from pyro_vae.app.runs import drop_replaced
 
             self.committed = True
             drop_replaced(self.out)
 
     def rollback(self) -> None:
-        from .runs import RUN_FILES, restore_replaced
+        from pyro_vae.app.runs import RUN_FILES, restore_replaced
 
         if self.committed:
             return
@@ -776,7 +772,7 @@ class _Transaction:
             if name not in self.existing and path.exists():
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
         if self.config_before is not None:
-            from .checkpoint import atomic_write_bytes
+            from pyro_vae.io import atomic_write_bytes
 
             atomic_write_bytes(self.config_before, self.out / "config.json")
 
@@ -797,11 +793,11 @@ def prepare_run(config: RunConfig) -> PreparedRun:
     training)."""
     import torch
 
-    from .data import load_data
-    from .estimators import check_estimator_fits, make_elbo
-    from .model import build_vae
-    from .resources import check_training_fits
-    from .training import check_data_once
+    from pyro_vae.data import load_data
+    from pyro_vae.models.build import build_vae
+    from pyro_vae.objectives.registry import check_estimator_fits, make_elbo
+    from pyro_vae.resources import check_training_fits
+    from pyro_vae.training.fit import check_data_once
 
     if config.train.device == "cuda" and not torch.cuda.is_available():
         raise UserInputError("CUDA is not available on this machine: use --device cpu")
@@ -822,7 +818,7 @@ def prepare_run(config: RunConfig) -> PreparedRun:
     make_elbo(config.train.estimator, config.train.particles, alpha=config.train.alpha)
     seconds = 0.0
     if config.train.eval_samples:
-        from .evaluation import announce_evaluation
+        from pyro_vae.analysis.evaluation import announce_evaluation
 
         images = final_evaluation_images(config, data)
         seconds = announce_evaluation(vae, images, config.train.eval_samples, log=None)
@@ -839,17 +835,17 @@ def prepare_run(config: RunConfig) -> PreparedRun:
 def run_training(
     prepared: PreparedRun, out: Path, args: argparse.Namespace, argv, transaction: _Transaction
 ) -> int:
-    from .checkpoint import atomic_write_json
-    from .evaluation import evaluate
-    from .resources import human_seconds
-    from .runs import write_plots, write_report
-    from .training import fit
+    from pyro_vae.analysis.evaluation import evaluate
+    from pyro_vae.app.runs import write_plots, write_report
+    from pyro_vae.io import atomic_write_json
+    from pyro_vae.resources import human_seconds
+    from pyro_vae.training.fit import fit
 
     config, data, vae = prepared.config, prepared.data, prepared.vae
     callbacks: list[Any] = [transaction.commit]
     tracker = None
     if args.tensorboard:
-        from .tracking import TensorBoardLogger
+        from pyro_vae.app.tracking import TensorBoardLogger
 
         start = prepared.start_epoch
         tracker = TensorBoardLogger(out / "tensorboard", start_epoch=start)
@@ -899,7 +895,7 @@ def run_training(
 def final_evaluation_images(config: RunConfig, data) -> Any:
     """The test images of the final evaluation: all, or ``config.train.eval_images`` of
     them, a fixed random subset (seeded by the run's seed, the same on every resume)."""
-    from .evaluation import fixed_subset
+    from pyro_vae.analysis.evaluation import fixed_subset
 
     return fixed_subset(data.evaluation_images("test"), config.train.eval_images)
 
@@ -961,8 +957,8 @@ def format_evaluation(result: dict[str, Any]) -> str:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .evaluation import announce_evaluation, evaluate
-    from .runs import load_run
+    from pyro_vae.analysis.evaluation import announce_evaluation, evaluate
+    from pyro_vae.app.runs import load_run
 
     if args.samples < 1:
         raise UserInputError(f"--samples must be >= 1, got {args.samples}")
@@ -992,8 +988,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _reproduce(args: argparse.Namespace) -> int:
     """Each cell is a ``train --protocol iwae --resume auto`` of its own folder (started,
     continued or left as it is), then the table is gathered from the folders."""
-    from .checkpoint import atomic_write_json, atomic_write_text
-    from .reproduce import gather, markdown, select_cells
+    from pyro_vae.app.reproduce import gather, markdown, select_cells
+    from pyro_vae.io import atomic_write_json, atomic_write_text
 
     cells = select_cells(args.table, args.cells)
     parser = build_parser()
@@ -1026,7 +1022,7 @@ def _reproduce(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from .runs import load_run
+    from pyro_vae.app.runs import load_run
 
     if args.n < 1:
         raise UserInputError(f"--n must be >= 1, got {args.n}")
@@ -1036,7 +1032,7 @@ def _sample(args: argparse.Namespace) -> int:
     if out.suffix.lower() != ".png":
         raise UserInputError(f"--out {out} must end in .png")
     config, vae, data, _ = load_run(args.run_dir)
-    from .resources import check_sampling_fits
+    from pyro_vae.resources import check_sampling_fits
 
     check_sampling_fits(config.model, data.data_shape, args.n)
     import torch
@@ -1123,8 +1119,10 @@ def environment_problem(error: BaseException) -> tuple[str, int] | None:
             2,
         )
     text = str(error)
-    if isinstance(error, MemoryError) or "can't allocate memory" in text or (
-        "out of memory" in text.lower()
+    if (
+        isinstance(error, MemoryError)
+        or "can't allocate memory" in text
+        or ("out of memory" in text.lower())
     ):
         return (
             "stopped: out of memory; files already written are intact: lower --batch-size, "

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .errors import UserInputError
+from pyro_vae.errors import UserInputError
 
 
 def _writer(log_dir: Path, purge_step: int | None):

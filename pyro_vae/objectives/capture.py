@@ -31,10 +31,10 @@ Guarantees:
   exactly one step: buffers (BatchNorm statistics) are updated once and the RNG advances
   as one eager step would.
 - **Eager where a graph would be wrong.** Inside any Pyro handler (the KL warm-up's
-  :class:`~pyro_vae.training.LatentScale`, a user's ``poutine.scale``), under Pyro
+  :class:`~pyro_vae.training.schedules.LatentScale`, a user's ``poutine.scale``), under Pyro
   validation, autocast, or with gradients off (for the loss), for an owner that is not
   a ``torch.nn.Module``, a module with uninitialized (lazy) parameters, estimators not
-  known to be static (:class:`~pyro_vae.estimators.FreeBitsELBO` switches on a KL
+  known to be static (:class:`~pyro_vae.objectives.free_bits.FreeBitsELBO` switches on a KL
   value), and models whose Python branches on tensor values, the ELBO runs eagerly.
 - **Same numbers.** The graph holds the very operations autograd ran, so losses and
   gradients equal the eager ones (bit for bit on CPU in the tests).
@@ -64,16 +64,14 @@ from pyro.poutine.runtime import am_i_wrapped
 from pyro.poutine.util import site_is_subsample
 from torch import nn
 
-from . import compat
-from .compat import NotCompilable
-from .estimators import (
-    ClosedFormKL_ELBO,
-    DReGELBO,
-    ImportanceWeightedELBO,
-    PenaltyObjective,
-    StickingTheLandingELBO,
-)
-from .model import param_store_registration
+from pyro_vae import compat
+from pyro_vae.compat import NotCompilable
+from pyro_vae.models.protocol import private_param_store, scaled
+from pyro_vae.models.vae import param_store_registration
+from pyro_vae.objectives.closed_form import ClosedFormKL_ELBO
+from pyro_vae.objectives.importance import DReGELBO, ImportanceWeightedELBO
+from pyro_vae.objectives.path import StickingTheLandingELBO
+from pyro_vae.objectives.penalty import PenaltyObjective
 
 __all__ = ["CompiledFunction", "CompiledLoss", "NotCompilable", "capture_pays", "module_state"]
 
@@ -338,7 +336,7 @@ def replay_function(module: torch.fx.GraphModule) -> Callable:
             lines.append("del " + ", ".join(sorted(released)))
     code = f"def replay({', '.join(inputs)}):\n" + "".join(f"    {line}\n" for line in lines)
     scope: dict[str, Any] = {}
-    exec(compile(code, "<pyro_vae.compiled replay>", "exec"), bound, scope)
+    exec(compile(code, "<pyro_vae.objectives.capture replay>", "exec"), bound, scope)
     return scope["replay"]
 
 
@@ -499,7 +497,7 @@ class _Captured:
         _set_rng(rng, devices)
         _restore(state.buffers, buffers)
         try:
-            with param_store_registration(False):
+            with param_store_registration(False), private_param_store():
                 self._check(graph, state, outputs, args, kwargs)
             if any(not _close(g, b) for g, b in zip(graph_buffers, state.buffers)):
                 raise NotCompilable("the graph updates the buffers differently from the ELBO")
@@ -528,7 +526,7 @@ class _Captured:
         devices = _rng_devices(args)
         rng = _get_rng(devices)
         try:
-            with param_store_registration(False), warnings.catch_warnings():
+            with param_store_registration(False), private_param_store(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # warnings belong to the eager check
                 module = compat.make_fx_fake(joint)(*example, *args)
         except NotCompilable:
@@ -594,10 +592,12 @@ def _restore(buffers: tuple[torch.Tensor, ...], values: list[torch.Tensor]) -> N
 class CompiledLoss(_Captured):
     """``elbo``'s loss and gradients for ``owner.model`` / ``owner.guide``, from a graph.
 
-    ``loss_and_grads(*args, **kwargs)`` does what ``elbo.differentiable_loss(model,
-    guide, *args, **kwargs).backward()`` does (gradients accumulate into the
-    parameters' ``.grad``) and returns the loss as a float. With ``enabled=False`` it is
-    the eager ELBO.
+    ``loss_and_grads(*args, scale=1.0, **kwargs)`` does what
+    ``elbo.differentiable_loss(model, guide, *args, **kwargs).backward()`` does, with
+    model and guide wrapped in ``poutine.scale(scale=scale)`` (the mini-batch scale
+    ``num_data / batch``; part of the graph's key): gradients accumulate into the
+    parameters' ``.grad``, and it returns the loss as a float. With ``enabled=False`` it
+    is the eager ELBO.
     """
 
     what = "the loss"
@@ -644,7 +644,9 @@ class CompiledLoss(_Captured):
 
     def _eager(self, args, kwargs) -> float:
         self.grad_max = None
-        model, guide = (getattr(self.owner, name) for name in self.names)
+        kwargs = dict(kwargs)
+        scale = kwargs.pop("scale", 1.0)
+        model, guide = (scaled(getattr(self.owner, name), scale) for name in self.names)
         loss = self.elbo.differentiable_loss(model, guide, *args, **kwargs)
         loss.backward()
         return loss.item()
@@ -654,9 +656,16 @@ class CompiledLoss(_Captured):
 
     def _function(self, kwargs: dict) -> Callable:
         loss_fn, (model, guide) = self.loss_fn, self.names
+        kwargs = dict(kwargs)
+        scale = kwargs.pop("scale", 1.0)
 
         def loss(owner, *args):
-            return loss_fn(getattr(owner, model), getattr(owner, guide), *args, **kwargs)
+            return loss_fn(
+                scaled(getattr(owner, model), scale),
+                scaled(getattr(owner, guide), scale),
+                *args,
+                **kwargs,
+            )
 
         return loss
 

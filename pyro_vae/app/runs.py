@@ -18,8 +18,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import RunConfig, read_json
-from .errors import UserInputError
+from pyro_vae.config import RunConfig
+from pyro_vae.errors import UserInputError
+from pyro_vae.io import read_json
 
 #: what a run writes into its folder (and --overwrite replaces)
 RUN_FILES = (
@@ -225,12 +226,13 @@ def recover(out: Path) -> str | None:
     """Finish what a killed writer left (call while holding the lock): remove its
     temporary files; after an interrupted --overwrite, restore the old run if the new
     one never reached a checkpoint, else drop the old one. Returns a note for the user."""
-    from .checkpoint import remove_stale_temporaries
+    from pyro_vae.io import remove_stale_temporaries
 
     if not out.is_dir():
         return None
-    remove_stale_temporaries(out, (*RUN_FILES, "comparison.json", "comparison.csv",
-                                   "comparison.md"))
+    remove_stale_temporaries(
+        out, (*RUN_FILES, "comparison.json", "comparison.csv", "comparison.md")
+    )
     if not (out / REPLACED).is_dir():
         return None
     if _trained_epochs(out / "checkpoint.pt") >= 1:
@@ -243,8 +245,8 @@ def recover(out: Path) -> str | None:
 def _trained_epochs(path: Path) -> int:
     """Epochs a checkpoint holds; 0 if it is missing or does not load (the epoch-0
     checkpoint a new run saves before training does not make it stand)."""
-    from .checkpoint import load_checkpoint
-    from .errors import CheckpointError
+    from pyro_vae.errors import CheckpointError
+    from pyro_vae.training.checkpoint import load_checkpoint
 
     try:
         return load_checkpoint(path)["epoch"] if path.exists() else 0
@@ -275,7 +277,7 @@ def run_config(run_dir: Path, checkpoint: dict[str, Any]) -> RunConfig:
     """The config a run was trained with: the checkpoint's own (covered by its digest),
     which ``config.json`` must match; an edited ``config.json`` is refused, naming each
     changed setting."""
-    from .errors import CheckpointError
+    from pyro_vae.errors import CheckpointError
 
     try:
         config = RunConfig.from_dict(checkpoint["config"], source="the checkpoint's config")
@@ -308,9 +310,9 @@ def load_run(run_dir: str | Path, device: str = "cpu", best: bool = True):
     which ``config.json`` must match."""
     import torch
 
-    from .checkpoint import load_checkpoint
-    from .data import load_data
-    from .model import build_vae
+    from pyro_vae.data import load_data
+    from pyro_vae.models.build import build_vae
+    from pyro_vae.training.checkpoint import load_checkpoint
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -340,7 +342,7 @@ def load_run(run_dir: str | Path, device: str = "cpu", best: bool = True):
 
 def load_parameters(vae, state: dict[str, Any], where: Path) -> None:
     """``vae.load_state_dict(state)``, with the first mismatch named if it does not fit."""
-    from .errors import CheckpointError
+    from pyro_vae.errors import CheckpointError
 
     try:
         vae.load_state_dict(state)
@@ -376,7 +378,7 @@ def command_line(argv: list[str] | None) -> str:
 
 
 def write_plots(run_dir: Path, vae, data, epochs: list[dict[str, Any]]) -> list[Path]:
-    from . import plots
+    from pyro_vae.app import plots
 
     folder = run_dir / "plots"
     images = data.evaluation_images("test")
@@ -503,7 +505,7 @@ def write_report(
         "",
     ]
     path = run_dir / "report.md"
-    from .checkpoint import atomic_write_text  # the finished-run marker: written whole
+    from pyro_vae.io import atomic_write_text
 
     atomic_write_text("\n".join(lines), path)
     return path

@@ -26,9 +26,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import atomic_write_json, atomic_write_text
-from .config import DataConfig, ModelConfig, RunConfig, TrainConfig, read_json
-from .errors import UserInputError
+from pyro_vae.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from pyro_vae.errors import UserInputError
+from pyro_vae.io import atomic_write_json, atomic_write_text, read_json
 
 #: a grid with more runs than this is a mistake, not a sweep
 MAX_RUNS = 10_000
@@ -138,10 +138,10 @@ def check_runs(runs: Sequence[SweepRun], check_device: bool = True) -> None:
     ``check_device``, a CUDA run has CUDA here)."""
     import torch
 
-    from .estimators import check_estimator_fits, make_elbo
-    from .model import build_vae
-    from .resources import check_training_fits
-    from .training import check_data_once
+    from pyro_vae.models.build import build_vae
+    from pyro_vae.objectives.registry import check_estimator_fits, make_elbo
+    from pyro_vae.resources import check_training_fits
+    from pyro_vae.training.fit import check_data_once
 
     for run in runs:
         config = run.config
@@ -160,7 +160,7 @@ def check_runs(runs: Sequence[SweepRun], check_device: bool = True) -> None:
 
 
 def _cached_data(data_config: DataConfig, seed: int):
-    from .compare import _cached_data
+    from pyro_vae.app.compare import _cached_data
 
     return _cached_data(
         data_config.dataset,
@@ -194,10 +194,11 @@ def sweep_run(spec: dict[str, Any], callbacks: Sequence[Callable] = ()) -> dict[
     import numpy as np
     import torch
 
-    from .compare import checkpoint_epoch
-    from .evaluation import evaluate, fixed_subset
-    from .model import build_vae
-    from .training import CHECKPOINT, evaluate_elbo, fit
+    from pyro_vae.analysis.evaluation import evaluate, evaluate_elbo, fixed_subset
+    from pyro_vae.app.compare import checkpoint_epoch
+    from pyro_vae.models.build import build_vae
+    from pyro_vae.training.fit import fit
+    from pyro_vae.training.trainer import CHECKPOINT
 
     config = RunConfig.from_dict(spec["config"])
     run_dir = Path(spec["run_dir"])
@@ -264,7 +265,7 @@ def run_sweep(
     ``sweep.json`` and ``sweep.md`` into ``out_dir``; each run's folder is
     ``out_dir/NAME``. ``run_function`` is what each run calls (:func:`sweep_run`; a
     test passes a wrapper that kills its own process)."""
-    from .executors import SerialExecutor
+    from pyro_vae.app.executors import SerialExecutor
 
     executor = executor or SerialExecutor()
     out = Path(out_dir)

@@ -1,6 +1,6 @@
 """The VAE as a Pyro program: ``model`` (prior and decoder) and ``guide`` (encoder).
 
-The networks live in :mod:`pyro_vae.networks` and never call ``pyro.*``; this module
+The networks live in :mod:`pyro_vae.models.networks` and never call ``pyro.*``; this module
 owns the sample sites and the data plate, and builds no layers of its own.
 """
 
@@ -16,8 +16,8 @@ import torch
 from pyro.infer.util import is_validation_enabled
 from torch import nn
 
-from .errors import DataError
-from .likelihoods import Likelihood
+from pyro_vae.errors import DataError
+from pyro_vae.models.likelihoods import Likelihood
 
 #: Sample site of the latent code (hierarchical models use ``"z1"``, ``"z2"``, ...).
 LATENT_SITE = "z"
@@ -207,31 +207,3 @@ class VAE(nn.Module):
         decoded = self.decoder(z)
         x = self.likelihood.mean(decoded) if mean else self.likelihood(decoded).sample()
         return x.reshape(num_samples, *self.data_shape)
-
-
-def build_vae(config, data_shape: Sequence[int]) -> VAE:
-    """Build a VAE from a :class:`~pyro_vae.config.ModelConfig` for data of ``data_shape``."""
-    from .likelihoods import make_likelihood
-    from .networks import ConvDecoder, ConvEncoder, GaussianMLP, MLPDecoder
-
-    data_dim = math.prod(data_shape)
-    likelihood = make_likelihood(config.likelihood, data_dim, config.gaussian_scale)
-    if len(config.latent_dims) > 1:
-        from .hierarchical import build_hierarchical
-
-        return build_hierarchical(config, data_shape, likelihood)
-    latent_dim = config.latent_dims[0]
-    if config.network == "conv":
-        if len(data_shape) != 3:
-            raise DataError(f"--network conv needs image data (C, H, W), got shape {data_shape}")
-        width = config.hidden[0] if config.hidden else 256
-        encoder = ConvEncoder(data_shape, latent_dim, width, config.activation)
-        decoder = ConvDecoder(latent_dim, data_shape, width, config.activation)
-    else:
-        encoder = GaussianMLP(data_dim, latent_dim, config.hidden, config.activation)
-        decoder = MLPDecoder(
-            latent_dim, data_dim, tuple(reversed(config.hidden)), config.activation
-        )
-    return VAE(
-        encoder, decoder, likelihood, latent_dim, data_shape, config.prior_loc, config.prior_scale
-    )

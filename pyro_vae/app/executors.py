@@ -22,7 +22,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .errors import NonFiniteError, UserInputError
+from pyro_vae.errors import NonFiniteError, UserInputError
 
 EXECUTOR_NAMES = ("serial", "ray")
 

@@ -3,7 +3,7 @@
 Each step computes the estimator's loss (``elbo.differentiable_loss``, a Pyro ELBO on
 the Pyro model and guide) and its gradients, checks that both are finite, and only then
 lets the optimizer step. The loss and gradients come from a graph captured from that
-ELBO and checked against it (:mod:`pyro_vae.compiled`; about 1 ms less per step,
+ELBO and checked against it (:mod:`pyro_vae.objectives.capture`; about 1 ms less per step,
 measured) when the run is long enough to repay the capture, or from the ELBO itself
 (``compile=False``, short runs, KL warm-up, free bits). The networks train in the modes
 the caller left them in; every evaluation switches them to eval mode and back.
@@ -14,7 +14,7 @@ optimizer over the VAE's parameters, whose ``state_dict`` covers every parameter
 or not it has stepped (Pyro's ``PyroOptim.get_state`` covers only those that have, so a
 load-then-save before a step would lose state). Since the param store is not used, the
 model and guide skip ``pyro.module`` while training (see
-:func:`pyro_vae.model.param_store_registration`).
+:func:`pyro_vae.models.vae.param_store_registration`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import copy
 import math
 import time
 import warnings
-import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,52 +30,32 @@ from typing import Any
 
 import pyro
 import torch
-from pyro.poutine.messenger import Messenger
-from pyro.poutine.util import site_is_subsample
 
-from .checkpoint import (
-    atomic_write_text,
-    dumps_json,
+from pyro_vae.analysis.evaluation import active_units, evaluate_elbo, evaluation_mode, fixed_subset
+from pyro_vae.config import TrainConfig
+from pyro_vae.data import VAEData
+from pyro_vae.errors import CheckpointError, NonFiniteError
+from pyro_vae.io import atomic_write_text, dumps_json
+from pyro_vae.models.protocol import private_param_store, scaled
+from pyro_vae.models.vae import param_store_registration
+from pyro_vae.objectives.capture import CompiledLoss, capture_pays, largest
+from pyro_vae.objectives.free_bits import FreeBitsELBO
+from pyro_vae.objectives.registry import check_estimator_fits, make_elbo
+from pyro_vae.training.checkpoint import (
     load_checkpoint,
     non_finite,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
-from .compat import tensor_version
-from .compiled import CompiledLoss, capture_pays, largest
-from .config import IWAE_STAGES, TrainConfig
-from .data import VAEData
-from .errors import CheckpointError, NonFiniteError, UserInputError
-from .estimators import FreeBitsELBO, check_estimator_fits, elbo_terms, make_elbo
-from .evaluation import active_units, evaluation_mode, fixed_subset
-from .model import param_store_registration
+from pyro_vae.training.schedules import LatentScale, learning_rate, make_adam
 
 CHECKPOINT = "checkpoint.pt"
 BEST_CHECKPOINT = "best.pt"
 METRICS = "metrics.jsonl"
-#: Data points per forward pass when evaluating ELBOs.
-EVAL_BATCH = 1000
 #: Adam squares every gradient entry into its second moment: entries above this overflow
 #: float32 there (sqrt of float32's largest value), leaving inf in the optimizer state
 GRADIENT_LIMIT = math.sqrt(torch.finfo(torch.float32).max)
-
-
-class LatentScale(Messenger):
-    """Multiply the log-densities of every latent (unobserved) site by ``factor``.
-
-    Applied to model and guide alike, it scales ``log p(z) - log q(z|x)``, i.e. the KL
-    term, by ``factor``: the KL warm-up of Bowman et al. (2016) and Sonderby et al.
-    (2016). The observed site is untouched.
-    """
-
-    def __init__(self, factor: float) -> None:
-        super().__init__()
-        self.factor = factor
-
-    def _process_message(self, msg: dict) -> None:
-        if msg["type"] == "sample" and not msg["is_observed"] and not site_is_subsample(msg):
-            msg["scale"] = msg["scale"] * self.factor
 
 
 @dataclass
@@ -101,75 +80,6 @@ class History:
 Callback = Callable[[dict[str, Any]], None]
 
 
-@torch.no_grad()
-def evaluate_elbo(
-    vae, images: torch.Tensor, num_samples: int = 1, kl: str | None = None, device: str = "cpu"
-) -> dict[str, float]:
-    """Mean ELBO, expected log-likelihood and KL per data point over ``images``.
-
-    ``kl`` defaults to the closed form where it is exact for this model and guide. Runs
-    with the networks in eval mode and restores their modes.
-    """
-    if kl is None:
-        kl = "analytic" if getattr(vae, "analytic_kl_is_exact", True) else "mc"
-    totals: dict[str, float] = {}
-    for start in range(0, images.shape[0], EVAL_BATCH):
-        batch = images[start : start + EVAL_BATCH].to(device)
-        with evaluation_mode(vae):
-            terms = elbo_terms(vae, batch, kl=kl, num_samples=num_samples)
-        values = {
-            "elbo": terms.elbo,
-            "expected_log_likelihood": terms.expected_log_likelihood,
-            "kl": terms.kl,
-        }
-        values.update({f"kl_{site}": value for site, value in terms.kl_by_site.items()})
-        for name, value in values.items():
-            totals[name] = totals.get(name, 0.0) + float(value.sum())
-    return {name: total / images.shape[0] for name, total in totals.items()}
-
-
-def learning_rate(config: TrainConfig, epoch: int) -> float:
-    """The learning rate of epoch ``epoch`` (0-based), in closed form.
-
-    ``constant``: ``lr``; ``exponential``: ``lr * lr_gamma**epoch``; ``cosine``:
-    ``lr * (1 + cos(pi * epoch / epochs)) / 2``, annealing to zero at the last epoch of
-    the run as it is configured now (a run extended with more epochs anneals to its new
-    end); ``iwae``: ``lr * 10**(-i/7)`` in stage ``i`` = 0..7 of the IWAE paper, which
-    lasts ``3**i`` passes (epochs 0, then 1-3, then 4-12, ...; 3280 in all, the last
-    stage's rate after that). A pure function of the epoch: a resumed run needs no
-    scheduler state.
-
-    References:
-    [1] Burda, Grosse, Salakhutdinov (2016), Importance Weighted Autoencoders, ICLR.
-    """
-    if config.lr_schedule == "iwae":
-        return config.lr * 10 ** (-iwae_stage(epoch) / 7)
-    if config.lr_schedule == "exponential":
-        return config.lr * config.lr_gamma**epoch
-    if config.lr_schedule == "cosine":
-        return config.lr * (1 + math.cos(math.pi * min(epoch, config.epochs) / config.epochs)) / 2
-    return config.lr
-
-
-def iwae_stage(epoch: int) -> int:
-    """The stage ``i`` (0..7) of the IWAE paper's schedule that epoch ``epoch`` (0-based)
-    falls in: stage ``i`` lasts ``3**i`` passes; after the last, the last."""
-    stage, end = 0, 1
-    while epoch >= end and stage < IWAE_STAGES - 1:
-        stage += 1
-        end += 3**stage
-    return stage
-
-
-def make_adam(parameters: list[torch.Tensor], lr: float, eps: float = 1e-8) -> torch.optim.Adam:
-    """Adam with the fused kernel where available (one kernel for all parameters instead
-    of a dozen ops per parameter)."""
-    try:
-        return torch.optim.Adam(parameters, lr=lr, eps=eps, fused=True)
-    except (RuntimeError, ValueError):
-        return torch.optim.Adam(parameters, lr=lr, eps=eps)
-
-
 class Trainer:
     """The state of a training run: optimizer, schedule, RNGs, step counters, history."""
 
@@ -186,7 +96,7 @@ class Trainer:
         self.config = config
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.saved_config = saved_config if saved_config is not None else {"train": asdict(config)}
-        check_estimator_fits(config.estimator, vae)
+        check_estimator_fits(config.estimator, vae, data.train.images[:2])
         if config.free_bits:
             kl = "analytic" if config.estimator == "analytic" else "mc"
             self.elbo = FreeBitsELBO(config.particles, config.free_bits, kl)
@@ -289,6 +199,7 @@ class Trainer:
         with (
             pyro.validation_enabled(False),  # the data were checked once, up front
             param_store_registration(False),
+            private_param_store(),  # a model's pyro.module calls never touch the global store
             bar,
             warnings.catch_warnings(),
         ):
@@ -302,8 +213,9 @@ class Trainer:
                     with LatentScale(factor):
                         loss = self._loss_and_grads(batch)
                     with torch.no_grad():  # the bound itself, unannealed, for the record
+                        scale = self.num_data / batch.shape[0]
                         reported = self.elbo.loss(
-                            vae.model, vae.guide, batch, num_data=self.num_data
+                            scaled(vae.model, scale), scaled(vae.guide, scale), batch
                         )
                 else:
                     loss = reported = self._loss_and_grads(batch)
@@ -319,8 +231,11 @@ class Trainer:
         return total / count
 
     def _loss_and_grads(self, batch: torch.Tensor) -> float:
-        """The estimator's loss (a float) and its gradient in the parameters' ``.grad``."""
-        return self.loss.loss_and_grads(batch, num_data=self.num_data)
+        """The estimator's loss (a float) and its gradient in the parameters' ``.grad``.
+
+        The mini-batch's bound is scaled to the data set by ``poutine.scale`` around model
+        and guide (``num_data / batch``), so a model needs no ``num_data`` argument."""
+        return self.loss.loss_and_grads(batch, scale=self.num_data / batch.shape[0])
 
     def _check_step(self, loss: float, grad_max: float | None) -> None:
         """Stop the run, with a true message, unless the step about to be taken is safe.
@@ -487,7 +402,7 @@ class Trainer:
 
     def compiles(self) -> bool:
         """Whether steps replay a captured graph: ``config.compile``, or with ``"auto"``,
-        whether capturing pays (:func:`~pyro_vae.compiled.capture_pays`).
+        whether capturing pays (:func:`~pyro_vae.objectives.capture.capture_pays`).
 
         The work counted is the steps left in this run plus the steps this module has
         already taken in this process: a caller who fits one epoch at a time in a loop
@@ -537,74 +452,3 @@ def format_epoch(metrics: dict[str, Any], epochs: int) -> str:
     if "validation_elbo" in metrics:
         line += f"  valid {metrics['validation_elbo']:9.3f}"
     return line + f"  {metrics['seconds']:6.2f} s"
-
-
-def check_data_once(vae, data: VAEData) -> None:
-    """Check every split of ``data`` against the model (its shape, finite values inside
-    the likelihood's support), once per data set and kind of model.
-
-    The check reads every value (70,000 MNIST images: a sizeable share of a short
-    ``fit`` call), so it is remembered in ``data``: a later call with the same model
-    kind on the same, unchanged tensors skips it. Replacing a split's tensor or changing
-    it in place (its version counter moves) makes the next call check again.
-    """
-    likelihood = getattr(vae, "likelihood", None)
-    kind = (
-        type(vae),
-        getattr(vae, "data_shape", None),
-        type(likelihood),
-        getattr(likelihood, "support", None),
-    )
-    for split in ("train", "test", "validation"):
-        images = getattr(data, split).images
-        if not images.shape[0]:
-            continue
-        version = tensor_version(images)
-        seen = data.checked.get((split, kind))
-        if version is not None and seen is not None and seen[0]() is images and seen[1] == version:
-            continue
-        vae.check_data(images, what=f"the {split} set of {data.name}")
-        data.checked[(split, kind)] = (weakref.ref(images), version)
-
-
-def fit(
-    vae,
-    data: VAEData,
-    config: TrainConfig,
-    *,
-    run_dir: str | Path | None = None,
-    resume: bool = False,
-    saved_config: dict[str, Any] | None = None,
-    callbacks: Iterable[Callback] = (),
-    progress: bool = True,
-    log: Callable | None = print,
-) -> History:
-    """Train ``vae`` on ``data`` by SVI with the estimator of ``config``; return the history.
-
-    Per epoch it records ``train_elbo`` (the training estimator's own bound, unannealed:
-    the ELBO for ``mc``/``analytic``, L_K for ``iwae``), ``test_elbo`` with its terms
-    ``test_expected_log_likelihood`` and ``test_kl`` (closed-form KL where exact),
-    ``validation_*`` when there is a validation set, ``seconds``, ``lr`` and
-    ``kl_factor``; all in nats per data point. With ``run_dir`` it writes an atomic
-    checkpoint and ``metrics.jsonl`` after every epoch; ``resume=True`` continues from
-    the checkpoint there, reproducing the uninterrupted run exactly on CPU.
-
-    ``callbacks`` are called with each epoch's metrics dict.
-    """
-    if config.device == "cuda" and not torch.cuda.is_available():
-        raise UserInputError("CUDA is not available on this machine: use --device cpu")
-    if len(data.train) == 0:
-        raise UserInputError("the training set is empty: pass data with at least one point")
-    check_data_once(vae, data)
-    if run_dir is not None:
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-    if not resume:
-        pyro.set_rng_seed(config.seed)
-    trainer = Trainer(vae, data, config, run_dir, saved_config)
-    if resume:
-        if run_dir is None:
-            raise UserInputError("resume needs the run folder that holds the checkpoint")
-        trainer.load_state_dict(load_checkpoint(Path(run_dir) / CHECKPOINT))
-        if config.epochs > trainer.epoch and not trainer.history.stopped_early:
-            trainer.finished = False  # asked for more epochs than the run had
-    return trainer.run(callbacks=callbacks, progress=progress, log=log)

@@ -18,7 +18,6 @@ import copy
 import csv
 import dataclasses
 import functools
-import math
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -26,210 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyro
 import torch
-from pyro import poutine
 
-from .checkpoint import atomic_write_json, atomic_write_text
-from .errors import UserInputError
-from .estimators import ESTIMATORS, check_estimator_fits, log_importance_weights, make_elbo
-
-GROUPS = ("encoder", "decoder", "shared")
-
-
-# ------------------------------------------------------------------ gradients
-def parameter_groups(vae, x: torch.Tensor) -> dict[str, list[torch.Tensor]]:
-    """The parameters the guide uses (encoder), the model uses (decoder), or both (shared).
-
-    Each list follows the order in which the program registers them, which for
-    ``pyro.module`` is the module's own ``parameters()`` order.
-    """
-    with pyro.validation_enabled(False):
-        guide_params = {
-            name: site["value"]
-            for name, site in poutine.trace(vae.guide, param_only=True).get_trace(x).nodes.items()
-        }
-        model_params = {
-            name: site["value"]
-            for name, site in poutine.trace(vae.model, param_only=True).get_trace(x).nodes.items()
-        }
-    # in the order pyro.module registers them: the modules' own parameter order
-    return {
-        "encoder": [p for n, p in guide_params.items() if n not in model_params],
-        "decoder": [p for n, p in model_params.items() if n not in guide_params],
-        "shared": [p for n, p in guide_params.items() if n in model_params],
-    }
-
-
-def gradient_draws(
-    vae, x: torch.Tensor, elbo, num_draws: int, num_data: int | None = None
-) -> dict[str, torch.Tensor]:
-    """``num_draws`` estimates of the gradient of ``-objective``, fresh noise each time.
-
-    Returns, per parameter group, a float64 tensor ``(num_draws, parameters)``. The
-    parameters and the mini-batch stay fixed. (Each draw needs its own backward pass;
-    the particles within a draw are vectorized.) The networks are in eval mode while the
-    draws are taken (dropout would add its own noise, BatchNorm would update its
-    statistics), and get their own modes back afterwards.
-    """
-    from .evaluation import evaluation_mode
-
-    if num_draws < 2:
-        raise UserInputError(f"gradient statistics need at least 2 draws, got {num_draws}")
-    with evaluation_mode(vae):
-        groups = parameter_groups(vae, x)
-    draws: dict[str, list[torch.Tensor]] = {name: [] for name, params in groups.items() if params}
-    parameters = [p for params in groups.values() for p in params]
-    with pyro.validation_enabled(False), evaluation_mode(vae):
-        for _ in range(num_draws):
-            for p in parameters:
-                p.grad = None
-            elbo.loss_and_grads(vae.model, vae.guide, x, num_data=num_data)
-            for name in draws:
-                draws[name].append(
-                    torch.cat(
-                        [
-                            (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-                            for p in groups[name]
-                        ]
-                    ).double()
-                )
-    for p in parameters:
-        p.grad = None
-    return {name: torch.stack(values) for name, values in draws.items()}
-
-
-def gradient_statistics(
-    draws: torch.Tensor, reference: torch.Tensor | None = None
-) -> dict[str, float]:
-    """Total variance, SNR and (given a reference gradient) bias of gradient draws.
-
-    ``draws`` is ``(M, P)``. ``snr_mean`` averages ``|mean_p| / std_p`` over the P
-    coordinates whose draws vary; ``variance`` is ``sum_p var_p`` (the trace of the
-    covariance); ``bias_norm`` is ``||mean - reference||`` and ``bias_z_max`` the
-    largest ``|mean_p - reference_p|`` in standard errors of the mean.
-    """
-    m = draws.shape[0]
-    mean, std = draws.mean(0), draws.std(0)
-    varying = std > 0
-    snr = mean[varying].abs() / std[varying]
-    result = {
-        "draws": m,
-        "parameters": int(draws.shape[1]),
-        "variance": float(std.pow(2).sum()),
-        "snr_mean": float(snr.mean()) if snr.numel() else float("nan"),
-        "snr_median": float(snr.median()) if snr.numel() else float("nan"),
-        "mean_norm": float(mean.norm()),
-    }
-    if reference is not None:
-        reference = reference.double().reshape(-1)
-        bias = mean - reference
-        standard_error = std / math.sqrt(m)
-        z = bias[varying].abs() / standard_error[varying]
-        result.update(
-            {
-                "bias_norm": float(bias.norm()),
-                "relative_bias": float(bias.norm() / reference.norm().clamp_min(1e-300)),
-                "bias_z_max": float(z.max()) if z.numel() else 0.0,
-            }
-        )
-    return result
-
-
-def estimator_gradient_statistics(
-    vae,
-    x: torch.Tensor,
-    estimator: str,
-    num_particles: int,
-    num_draws: int,
-    reference: dict[str, torch.Tensor] | None = None,
-    alpha: float = 0.5,
-) -> dict[str, dict[str, float]]:
-    """:func:`gradient_statistics` of one estimator, per parameter group."""
-    elbo = make_elbo(estimator, num_particles, alpha=alpha)
-    draws = gradient_draws(vae, x, elbo, num_draws)
-    return {
-        group: gradient_statistics(values, None if reference is None else reference.get(group))
-        for group, values in draws.items()
-    }
-
-
-def snr_versus_particles(
-    vae,
-    x: torch.Tensor,
-    estimators: Sequence[str] = ("iwae", "dreg"),
-    particles: Sequence[int] = (1, 3, 10, 30),
-    num_draws: int = 100,
-    seed: int = 0,
-) -> list[dict[str, Any]]:
-    """Encoder and decoder SNR (and variance) of each estimator for each K."""
-    rows = []
-    for estimator in estimators:
-        for k in particles:
-            pyro.set_rng_seed(seed)
-            stats = estimator_gradient_statistics(vae, x, estimator, k, num_draws)
-            row = {"estimator": estimator, "particles": k}
-            for group, values in stats.items():
-                row[f"{group}_snr"] = values["snr_mean"]
-                row[f"{group}_variance"] = values["variance"]
-            rows.append(row)
-    return rows
-
-
-# ------------------------------------------------------------------ bounds
-@torch.no_grad()
-def bound_tightness(
-    vae,
-    x: torch.Tensor,
-    particles: Sequence[int] = (1, 5, 50, 500),
-    num_samples: int = 5000,
-    penalty_particles: int = 10,
-) -> dict[str, Any]:
-    """L_1 <= L_K <= log p(x), per data point, and the penalty objective beside them.
-
-    Returns means over the data points (nats per data point) and the per-point values:
-    ``bounds[K]`` (one draw of L_K per point), ``log_likelihood`` (L with
-    ``num_samples``), ``gap`` = log p(x) - L_1, and ``penalty`` (the seed question's
-    objective) with the share of points where it exceeds log p(x) (impossible for a
-    lower bound). Where the model knows its exact ``log_marginal`` (``pyro_vae.exact``),
-    the exact log p(x) and ELBO are included. Runs with the networks in eval mode.
-    """
-    from .evaluation import evaluation_mode, log_likelihood
-
-    # log p(x) is estimated with at least as many samples as the largest bound uses: a
-    # bound L_K must never be shown above a log p(x) estimated from fewer than K samples
-    num_samples = max(num_samples, *particles)
-    x = vae.flatten(x)
-    with pyro.validation_enabled(False), evaluation_mode(vae):
-        per_point: dict[int, torch.Tensor] = {}
-        for k in particles:
-            log_w = log_importance_weights(vae, x, k).double()
-            per_point[k] = torch.logsumexp(log_w, 0) - math.log(k)
-        log_px = log_likelihood(vae, x, num_samples)
-        penalty = make_elbo("penalty", penalty_particles)
-        value, _, _ = penalty.value_and_surrogate(vae.model, vae.guide, (x,), {})
-    value = value.double()
-    result: dict[str, Any] = {
-        "particles": list(particles),
-        "bound_means": [float(per_point[k].mean()) for k in particles],
-        "log_likelihood": float(log_px.mean()),
-        "log_likelihood_samples": num_samples,
-        "gap_log_likelihood_minus_elbo": float((log_px - per_point[particles[0]]).mean())
-        if particles[0] == 1
-        else None,
-        "penalty_objective": float(value.mean()),
-        "penalty_minus_log_likelihood": float((value - log_px).mean()),
-        "penalty_exceeds_log_likelihood_share": float((value > log_px).double().mean()),
-        "per_point": {
-            "log_likelihood": log_px.tolist(),
-            "penalty": value.tolist(),
-            **{f"L_{k}": per_point[k].tolist() for k in particles},
-        },
-    }
-    if hasattr(vae, "log_marginal") and hasattr(vae, "exact_elbo"):
-        result["exact_log_marginal"] = float(vae.log_marginal(x).mean())
-        result["exact_elbo"] = float(vae.exact_elbo(x).mean())
-    return result
+from pyro_vae.analysis.bounds import bound_tightness
+from pyro_vae.analysis.gradients import estimator_gradient_statistics, snr_versus_particles
+from pyro_vae.errors import UserInputError
+from pyro_vae.io import atomic_write_json, atomic_write_text
+from pyro_vae.objectives.registry import ESTIMATORS, check_estimator_fits, make_elbo
 
 
 # ------------------------------------------------------------------ equal-budget training
@@ -299,8 +101,8 @@ def compare_estimators(
     (:mod:`pyro_vae.executors`; default: serial, in this process) decides where the calls
     run. The results, tables and plots do not depend on it.
     """
-    from .data import load_data
-    from .model import build_vae
+    from pyro_vae.data import load_data
+    from pyro_vae.models.build import build_vae
 
     estimators = parse_estimators(estimators)
     if repeats < 1:
@@ -339,7 +141,7 @@ def compare_estimators(
 
     runs_dir = out / "runs"
     if executor is None:
-        from .executors import SerialExecutor
+        from pyro_vae.app.executors import SerialExecutor
 
         executor = SerialExecutor()
     specs, labels = [], []
@@ -441,7 +243,7 @@ def compare_estimators(
 @functools.lru_cache(maxsize=2)
 def _cached_data(dataset, data_dir, binarize, validation_size, seed, limit):
     """Runs in one process (serial, or a reused Ray worker) read the data once."""
-    from .data import load_data
+    from pyro_vae.data import load_data
 
     return load_data(dataset, data_dir, binarize, validation_size, seed=seed, limit=limit)
 
@@ -459,10 +261,11 @@ def train_compare_run(spec: dict[str, Any]) -> dict[str, Any]:
     record, plain numbers and lists, with ``parameters`` (the trained state dict) when
     ``keep_parameters``.
     """
-    from .config import RunConfig
-    from .evaluation import evaluate, evaluation_mode
-    from .model import build_vae
-    from .training import CHECKPOINT, fit
+    from pyro_vae.analysis.evaluation import evaluate, evaluation_mode
+    from pyro_vae.config import RunConfig
+    from pyro_vae.models.build import build_vae
+    from pyro_vae.training.fit import fit
+    from pyro_vae.training.trainer import CHECKPOINT
 
     config = RunConfig.from_dict(spec["config"])
     train = config.train
@@ -543,8 +346,8 @@ def checkpoint_epoch(path: Path, config) -> int | None:
 
     A checkpoint trained with another config is an error, not something to continue.
     """
-    from .checkpoint import load_checkpoint
-    from .runs import config_differences
+    from pyro_vae.app.runs import config_differences
+    from pyro_vae.training.checkpoint import load_checkpoint
 
     if not path.exists():
         return None
@@ -685,7 +488,7 @@ def _write_markdown(path: Path, result: dict[str, Any], plots: list[Path]) -> No
 
 
 def _plots(out: Path, runs, estimators, snr_rows, reference_name, bounds) -> list[Path]:
-    from .plots import _pyplot, _save
+    from pyro_vae.app.plots import _pyplot, _save
 
     plt = _pyplot()
     folder = out / "plots"

@@ -31,10 +31,10 @@ import torch
 from pyro.infer.util import is_validation_enabled
 from torch import nn
 
-from .errors import DataError, UserInputError
-from .likelihoods import Likelihood
-from .model import OBSERVED_SITE, VAE, data_plate, register_module
-from .networks import GaussianMLP, MLPDecoder, mlp, positive_scale
+from pyro_vae.errors import DataError, UserInputError
+from pyro_vae.models.likelihoods import Likelihood
+from pyro_vae.models.networks import GaussianMLP, MLPDecoder, mlp, positive_scale
+from pyro_vae.models.vae import OBSERVED_SITE, VAE, data_plate, register_module
 
 GUIDES = ("top-down", "bottom-up")
 
@@ -133,6 +133,13 @@ class HierarchicalVAE(VAE):
     def analytic_kl_is_exact(self) -> bool:
         """TraceMeanField_ELBO is exact for the top-down guide only (see module docs)."""
         return self.guide_order == "top-down"
+
+    #: why the closed-form KL is refused for the bottom-up guide
+    analytic_kl_refusal = (
+        "with the bottom-up guide, z1's model parent z2 is sampled after z1 in "
+        "q(z1|x) q(z2|z1), so KL(q(z1|x) || p(z1|z2)) is taken at a z2 that depends on z1; "
+        "the top-down guide makes it exact"
+    )
 
     # ----------------------------------------------------------------- Pyro program
     def model(self, x: torch.Tensor, num_data: int | None = None) -> None:

@@ -24,10 +24,10 @@ from torch import nn
 from torch.distributions import MultivariateNormal
 from torch.distributions import kl_divergence as torch_kl
 
-from .kl import gaussian_kl
-from .likelihoods import GaussianLikelihood
-from .model import OBSERVED_SITE, VAE, data_plate, register_module
-from .networks import positive_scale
+from pyro_vae.models.kl import gaussian_kl
+from pyro_vae.models.likelihoods import GaussianLikelihood
+from pyro_vae.models.networks import positive_scale
+from pyro_vae.models.vae import OBSERVED_SITE, VAE, data_plate, register_module
 
 _F64 = torch.float64
 

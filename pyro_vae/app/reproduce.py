@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import IWAE_PASSES
-from .errors import UserInputError
+from pyro_vae.config import IWAE_PASSES
+from pyro_vae.errors import UserInputError
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,15 @@ import pyro
 import torch
 from pyro.infer.util import is_validation_enabled
 
-from .compiled import CompiledFunction, capture_pays
-from .errors import UserInputError
-from .estimators import log_importance_weights
+from pyro_vae.errors import UserInputError
+from pyro_vae.models.protocol import (
+    analytic_kl_is_exact,
+    as_batch,
+    evaluation_mode,
+    model_sites,
+)
+from pyro_vae.objectives.capture import CompiledFunction, capture_pays
+from pyro_vae.objectives.terms import elbo_terms, log_importance_weights
 
 #: Decoder outputs held at once by log_likelihood (samples x data points x dims): 8 MB
 #: tensors stay below the allocator's mmap threshold (2**25 was 1.8x slower, measured).
@@ -34,31 +40,6 @@ KHAT_THRESHOLD = 0.7
 KHAT_MIN_SAMPLES = 21
 #: Burda et al. (2016): a latent unit is active if Cov_x(E_q[z_u]) exceeds this.
 ACTIVE_UNIT_THRESHOLD = 0.01
-
-
-def _modules_of(owner: Any) -> list[torch.nn.Module]:
-    """The networks of ``owner``: itself if it is a module, else its module attributes."""
-    if isinstance(owner, torch.nn.Module):
-        return [owner]
-    return [v for v in vars(owner).values() if isinstance(v, torch.nn.Module)]
-
-
-@contextmanager
-def evaluation_mode(*owners: Any) -> Iterator[None]:
-    """Put every network of ``owners`` in eval mode, and restore each submodule's own mode.
-
-    Evaluations run in eval mode: dropout off, BatchNorm normalizing with its running
-    statistics and leaving them alone. A caller's mixed modes (an encoder training, a
-    decoder in eval mode) come back exactly as they were, even if the body raises.
-    """
-    modes = [(m, m.training) for owner in owners for o in _modules_of(owner) for m in o.modules()]
-    for module, _ in modes:
-        module.training = False
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 #: the seed of the fixed test subsets (per-epoch monitoring, --eval-images): the same
@@ -76,13 +57,14 @@ def fixed_subset(images: torch.Tensor, count: int | None) -> torch.Tensor:
     return images[order[:count].sort().values]
 
 
-def _sizes(vae, n: int, num_samples: int, chunk_size, batch_size) -> tuple[int, int]:
+def _sizes(x: torch.Tensor, num_samples: int, chunk_size, batch_size) -> tuple[int, int]:
+    n = x.shape[0]
     if num_samples < 1:
         raise UserInputError(f"the number of importance samples must be >= 1, got {num_samples}")
     if batch_size is None:
         batch_size = min(n, 10)
     if chunk_size is None:
-        per_sample = max(1, batch_size * vae.data_dim)
+        per_sample = max(1, batch_size * (x[0].numel() if n else 1))
         chunk_size = max(1, min(num_samples, DEFAULT_MAX_ELEMENTS // per_sample))
     if chunk_size < 1 or batch_size < 1:
         raise UserInputError("chunk_size and batch_size must be >= 1")
@@ -95,10 +77,10 @@ def importance_weights(
     """``weights(batch, size)``: ``log p(x, z_k) - log q(z_k | x)`` for ``size`` draws.
 
     Drawn through a graph captured from the Pyro model and guide and checked against
-    them (:mod:`pyro_vae.compiled`): the same numbers without Pyro's per-call tracing.
+    them (:mod:`pyro_vae.objectives.capture`): the same numbers without Pyro's per-call tracing.
     ``compile=None`` captures when the ``ceil(n / batch_size) * ceil(num_samples /
     chunk_size)`` calls to come, plus those made on the module before, repay the capture
-    (:func:`~pyro_vae.compiled.capture_pays`; graphs already cached cost nothing).
+    (:func:`~pyro_vae.objectives.capture.capture_pays`; graphs already cached cost nothing).
     Callers turn Pyro validation off, having checked the data.
     """
     # one owner state for the whole evaluation: nothing changes the networks meanwhile
@@ -121,13 +103,16 @@ def _weight_chunks(weights: Callable, batch: torch.Tensor, num_samples: int, chu
 
 @contextmanager
 def _checked_once(vae, x: torch.Tensor) -> Iterator[None]:
-    """Check ``x`` against the likelihood once (under Pyro validation), then run the
-    chunks without Pyro's per-call checks; a model without ``check_data`` keeps them."""
-    check = getattr(vae, "check_data", None)
-    if not is_validation_enabled() or check is None:
+    """Check ``x`` against the model once, then run the chunks without Pyro's per-call
+    checks. A model outside the protocol is refused here, in one line; a model without
+    its own ``check_data`` keeps Pyro's per-call checks (they are its only data check)."""
+    own_check = getattr(vae, "check_data", None)
+    if not callable(own_check):
+        model_sites(vae, x)
+    if not is_validation_enabled() or not callable(own_check):
         yield
         return
-    check(x)
+    own_check(x)
     with pyro.validation_enabled(False):
         yield
 
@@ -163,13 +148,13 @@ def log_likelihood(
     lower bound that tightens as K grows. Samples are drawn ``chunk_size`` at a time
     (vectorized), and each chunk's log-sum-exp is accumulated in float64, so memory is
     bounded by ``chunk_size * batch_size * data_dim`` whatever K is. Works for any
-    model/guide pair whose sample sites live in the ``"data"`` plate. Runs with the
+    model of the protocol (:mod:`pyro_vae.models.protocol`). Runs with the
     networks in eval mode (:func:`evaluation_mode`). ``compile``: draw the weights
     through a captured graph (``None``: when the amount of work repays the capture).
     """
-    x = vae.flatten(x)
+    x = as_batch(vae, x)
     n = x.shape[0]
-    chunk_size, batch_size = _sizes(vae, n, num_samples, chunk_size, batch_size)
+    chunk_size, batch_size = _sizes(x, num_samples, chunk_size, batch_size)
     result = torch.empty(n, dtype=torch.float64, device=x.device)
     with (
         torch.no_grad(),
@@ -198,8 +183,8 @@ def log_likelihood_seconds(
     """Estimated seconds of :func:`log_likelihood` on ``x`` with ``num_samples``, here:
     one chunk of importance weights is timed (eagerly, after a warm-up call) and scaled
     by the number of chunks. Errs high (a captured graph saves ~1 ms per chunk)."""
-    x = vae.flatten(x)
-    chunk, batch = _sizes(vae, x.shape[0], num_samples, chunk_size, None)
+    x = as_batch(vae, x)
+    chunk, batch = _sizes(x, num_samples, chunk_size, None)
     probe, size = x[:batch], min(chunk, num_samples)
     with torch.no_grad(), evaluation_mode(vae), pyro.validation_enabled(False):
         log_importance_weights(vae, probe, size)
@@ -212,7 +197,7 @@ def log_likelihood_seconds(
 def announce_evaluation(vae, x: torch.Tensor, num_samples: int, log=print) -> float:
     """Estimate the time of the importance-sampled log p(x) before it starts: say it when
     it is long (over 10 s), refuse it when it is absurd (over 30 days: a typo in K)."""
-    from .resources import human_seconds
+    from pyro_vae.resources import human_seconds
 
     seconds = log_likelihood_seconds(vae, x, num_samples)
     if seconds > MAX_EVALUATION_SECONDS:
@@ -267,9 +252,9 @@ def log_likelihood_and_khat(
     Holds the ``K x batch`` weights of one batch at a time (float64), for the k-hat fit.
     Runs with the networks in eval mode.
     """
-    x = vae.flatten(x)
+    x = as_batch(vae, x)
     n = x.shape[0]
-    chunk_size, batch_size = _sizes(vae, n, num_samples, chunk_size, batch_size)
+    chunk_size, batch_size = _sizes(x, num_samples, chunk_size, batch_size)
     result = torch.empty(n, dtype=torch.float64)
     khats = np.empty(n)
     with (
@@ -331,7 +316,7 @@ def active_units(
     import pyro
     from pyro import poutine
 
-    from .estimators import particle_plate, sample_sites
+    from pyro_vae.objectives.traces import particle_plate, sample_sites
 
     def conditional_means(batch: torch.Tensor, draws: int) -> dict[str, torch.Tensor]:
         with pyro.validation_enabled(False):
@@ -343,7 +328,7 @@ def active_units(
         return means
 
     with evaluation_mode(vae):
-        x = vae.flatten(x)
+        x = as_batch(vae, x)
         probe = conditional_means(x[:1000], 2)
         depends_on_draws = any(not torch.equal(m[0], m[1]) for m in probe.values())
         draws = parent_draws if depends_on_draws else 1
@@ -387,11 +372,11 @@ def kl_per_unit(vae, x: torch.Tensor, num_samples: int = 8) -> dict[str, list[fl
     """
     from torch.distributions import Independent, Normal, kl_divergence
 
-    from .estimators import sample_sites, vectorized_traces
+    from pyro_vae.objectives.traces import sample_sites, vectorized_traces
 
     result: dict[str, list[float]] = {}
     with evaluation_mode(vae), pyro.validation_enabled(False):
-        x = vae.flatten(x)
+        x = as_batch(vae, x)
         sums: dict[str, torch.Tensor] = {}
         for start in range(0, x.shape[0], 1000):
             model_trace, guide_trace = vectorized_traces(
@@ -432,7 +417,6 @@ def evaluate(
 
     Runs with the networks in eval mode and restores their modes (:func:`evaluation_mode`).
     """
-    from .training import evaluate_elbo
 
     started = time.perf_counter()
     with torch.random.fork_rng(devices=[]), evaluation_mode(vae):
@@ -476,3 +460,34 @@ def evaluate(
         {f"test_{name}": value for name, value in analytic.items() if name.startswith("kl_")}
     )
     return result
+
+
+#: Data points per forward pass when evaluating ELBOs.
+EVAL_BATCH = 1000
+
+
+@torch.no_grad()
+def evaluate_elbo(
+    vae, images: torch.Tensor, num_samples: int = 1, kl: str | None = None, device: str = "cpu"
+) -> dict[str, float]:
+    """Mean ELBO, expected log-likelihood and KL per data point over ``images``.
+
+    ``kl`` defaults to the closed form where it is exact for this model and guide. Runs
+    with the networks in eval mode and restores their modes.
+    """
+    if kl is None:
+        kl = "analytic" if analytic_kl_is_exact(vae, images[:2]) else "mc"
+    totals: dict[str, float] = {}
+    for start in range(0, images.shape[0], EVAL_BATCH):
+        batch = images[start : start + EVAL_BATCH].to(device)
+        with evaluation_mode(vae):
+            terms = elbo_terms(vae, batch, kl=kl, num_samples=num_samples)
+        values = {
+            "elbo": terms.elbo,
+            "expected_log_likelihood": terms.expected_log_likelihood,
+            "kl": terms.kl,
+        }
+        values.update({f"kl_{site}": value for site, value in terms.kl_by_site.items()})
+        for name, value in values.items():
+            totals[name] = totals.get(name, 0.0) + float(value.sum())
+    return {name: total / images.shape[0] for name, total in totals.items()}

@@ -1,0 +1,12 @@
+"""Measurements of a trained (or fresh) model: they return data and draw nothing.
+
+- :mod:`~pyro_vae.analysis.evaluation`: test ELBO with its two terms, importance-sampled
+  log p(x) with PSIS k-hat, active units and per-unit KL; eval mode throughout
+- :mod:`~pyro_vae.analysis.gradients`: gradient variance and signal-to-noise ratio of an
+  estimator at fixed parameters, per parameter group
+- :mod:`~pyro_vae.analysis.bounds`: L_1, L_K and log p(x) per data point, and their gaps
+- :mod:`~pyro_vae.analysis.diagnostics`: NUTS reference posteriors, locally optimized
+  guides, inference gaps, PSIS, ArviZ ``InferenceData``
+
+Rendering (tables, plots, markdown) lives in :mod:`pyro_vae.app`.
+"""

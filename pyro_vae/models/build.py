@@ -1,0 +1,38 @@
+"""A model from a :class:`~pyro_vae.config.ModelConfig`: the one place that knows every
+model class this package ships."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from pyro_vae.errors import DataError
+from pyro_vae.models.vae import VAE
+
+
+def build_vae(config, data_shape: Sequence[int]) -> VAE:
+    """Build a VAE from a :class:`~pyro_vae.config.ModelConfig` for data of ``data_shape``."""
+    from pyro_vae.models.likelihoods import make_likelihood
+    from pyro_vae.models.networks import ConvDecoder, ConvEncoder, GaussianMLP, MLPDecoder
+
+    data_dim = math.prod(data_shape)
+    likelihood = make_likelihood(config.likelihood, data_dim, config.gaussian_scale)
+    if len(config.latent_dims) > 1:
+        from pyro_vae.models.hierarchical import build_hierarchical
+
+        return build_hierarchical(config, data_shape, likelihood)
+    latent_dim = config.latent_dims[0]
+    if config.network == "conv":
+        if len(data_shape) != 3:
+            raise DataError(f"--network conv needs image data (C, H, W), got shape {data_shape}")
+        width = config.hidden[0] if config.hidden else 256
+        encoder = ConvEncoder(data_shape, latent_dim, width, config.activation)
+        decoder = ConvDecoder(latent_dim, data_shape, width, config.activation)
+    else:
+        encoder = GaussianMLP(data_dim, latent_dim, config.hidden, config.activation)
+        decoder = MLPDecoder(
+            latent_dim, data_dim, tuple(reversed(config.hidden)), config.activation
+        )
+    return VAE(
+        encoder, decoder, likelihood, latent_dim, data_shape, config.prior_loc, config.prior_scale
+    )

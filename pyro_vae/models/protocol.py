@@ -1,0 +1,258 @@
+"""What a model must offer the tools, and what they find out from its traces.
+
+A model is any object with two Pyro programs over a mini-batch ``x``, as Pyro's VAE
+tutorial writes them:
+
+- ``model(x)``: p(x, z), with latent sample sites and at least one observed site
+  (``obs=``);
+- ``guide(x)``: q(z | x), with one sample site per latent site of the model.
+
+Every sample site lives inside a plate over the data points (``pyro.plate(name,
+x.shape[0])``; any name), with its event dimensions declared (``.to_event``), so that
+each data point has its own bound. The site names are not fixed: the latent sites are
+the guide's sample sites, in the guide's order (for several layers, the order of the
+layers), and the observed sites are the model's ``is_observed`` sites. The data's shape
+and any flattening are the model's business: the tools pass ``x`` as given.
+
+Mini-batch scaling is the library's, not a keyword the programs must accept: training
+wraps both in ``poutine.scale(scale=num_data / batch)``. Parameters are the object's own
+(its ``parameters()`` as an ``nn.Module``, or those of its ``nn.Module`` attributes),
+never read from Pyro's global param store; the tools run the programs in a private param
+store, so that ``pyro.module`` calls of one model never see another model's tensors.
+
+Optional, used when present:
+
+- ``check_data(x, what)``: refuse data the likelihood cannot score (else: finite
+  floating-point values, and one trial run of both programs);
+- ``analytic_kl_is_exact``: whether ``TraceMeanField_ELBO``'s closed-form KL is the
+  model's KL (else: true for one latent site, false for several);
+- ``sample(num_samples)``: draws of x from the model, for ``pyro-vae sample``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.poutine.util import site_is_subsample
+from torch import nn
+
+from pyro_vae.errors import DataError, UserInputError
+
+
+@runtime_checkable
+class PyroModel(Protocol):
+    """The model protocol: a Pyro model and an amortized guide over a mini-batch."""
+
+    def model(self, x: torch.Tensor) -> Any: ...
+
+    def guide(self, x: torch.Tensor) -> Any: ...
+
+
+class ModelError(UserInputError):
+    """A model the tools cannot run: the message says what it needs."""
+
+
+@dataclass(frozen=True)
+class ModelSites:
+    """The sample sites of a model and guide, found from one trace of each.
+
+    :param latent: the guide's sample sites, in the guide's order.
+    :param observed: the model's observed sites.
+    :param data_plate: the plate over the data points that holds the observed sites.
+    """
+
+    latent: tuple[str, ...]
+    observed: tuple[str, ...]
+    data_plate: str
+
+
+def check_protocol(obj: Any) -> None:
+    """Refuse, in one line, an object without callable ``model`` and ``guide``."""
+    missing = [name for name in ("model", "guide") if not callable(getattr(obj, name, None))]
+    if missing:
+        raise ModelError(
+            f"{type(obj).__name__} has no {' or '.join(missing)} method: a model needs "
+            f"model(x) (p(x, z), with an observed site) and guide(x) (q(z|x)), both Pyro "
+            f"programs over a mini-batch x"
+        )
+
+
+def modules_of(owner: Any) -> list[nn.Module]:
+    """The networks of ``owner``: itself if it is a module, else its module attributes."""
+    if isinstance(owner, nn.Module):
+        return [owner]
+    return [v for v in vars(owner).values() if isinstance(v, nn.Module)]
+
+
+def parameters_of(owner: Any) -> list[torch.Tensor]:
+    """The parameters of ``owner``'s networks, each once, in their modules' order."""
+    seen: dict[int, torch.Tensor] = {}
+    for module in modules_of(owner):
+        for param in module.parameters():
+            seen.setdefault(id(param), param)
+    return list(seen.values())
+
+
+@contextmanager
+def private_param_store() -> Iterator[None]:
+    """Run Pyro programs in a fresh param store, restored afterwards.
+
+    ``pyro.module(name, net)`` returns the tensors already stored under ``name``: in the
+    global store those may be another model's. In a fresh store they are the module's
+    own, which is what every tool measures and trains.
+    """
+    with pyro.get_param_store().scope():
+        yield
+
+
+@contextmanager
+def evaluation_mode(*owners: Any) -> Iterator[None]:
+    """Put every network of ``owners`` in eval mode, and restore each submodule's own mode.
+
+    Evaluations run in eval mode: dropout off, BatchNorm normalizing with its running
+    statistics and leaving them alone. A caller's mixed modes (an encoder training, a
+    decoder in eval mode) come back exactly as they were, even if the body raises. The
+    programs run in a private param store (:func:`~pyro_vae.models.protocol.private_param_store`):
+    a model's ``pyro.module`` calls see its own tensors and leave the global store alone.
+    """
+    modes = [(m, m.training) for owner in owners for o in modules_of(owner) for m in o.modules()]
+    for module, _ in modes:
+        module.training = False
+    try:
+        with private_param_store():
+            yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def scaled(program: Callable, scale: float) -> Callable:
+    """``program`` with every log-density multiplied by ``scale`` (mini-batch scaling)."""
+    return program if scale == 1.0 else poutine.scale(program, scale=scale)
+
+
+def as_batch(model: Any, x: torch.Tensor) -> torch.Tensor:
+    """``x`` as the model takes it: through the model's own ``flatten`` where it has one
+    (which refuses a shape that does not fit, in one line), else as given."""
+    flatten = getattr(model, "flatten", None)
+    return flatten(x) if callable(flatten) else x
+
+
+def _sample_sites(trace: poutine.Trace) -> list[dict]:
+    return [
+        site
+        for site in trace.nodes.values()
+        if site["type"] == "sample" and not site_is_subsample(site)
+    ]
+
+
+def model_sites(model: Any, x: torch.Tensor) -> ModelSites:
+    """Trace ``model.guide`` and ``model.model`` once on (two points of) ``x``; return the
+    latent sites, the observed sites and the data plate, or raise :class:`ModelError`
+    naming what does not fit the protocol."""
+    check_protocol(model)
+    known = getattr(model, "model_sites", None)
+    if isinstance(known, ModelSites):
+        return known
+    x = x[:2]
+    batch = x.shape[0]
+    name = type(model).__name__
+    try:
+        # a probe: eval mode (no BatchNorm update), its own RNG stream, no gradients
+        with (
+            torch.no_grad(),
+            torch.random.fork_rng(devices=[]),
+            pyro.validation_enabled(False),
+            evaluation_mode(model),
+        ):
+            guide_trace = poutine.trace(model.guide).get_trace(x)
+            model_trace = poutine.trace(poutine.replay(model.model, guide_trace)).get_trace(x)
+    except (ModelError, DataError):
+        raise
+    except Exception as error:  # the user's program: any error is its own
+        first = (str(error).splitlines() or [""])[0]
+        raise ModelError(
+            f"{name}.model/guide failed on a batch of shape {tuple(x.shape)} "
+            f"({type(error).__name__}: {first}): both must take the mini-batch x as "
+            f"their only argument"
+        ) from None
+    latent = tuple(s["name"] for s in _sample_sites(guide_trace) if not s["is_observed"])
+    model_latent = [s["name"] for s in _sample_sites(model_trace) if not s["is_observed"]]
+    observed_sites = [s for s in _sample_sites(model_trace) if s["is_observed"]]
+    if not observed_sites:
+        raise ModelError(
+            f"{name}.model has no observed site: pass the data with pyro.sample(..., obs=x)"
+        )
+    if not latent:
+        raise ModelError(f"{name}.guide has no sample site: it must sample the latent sites")
+    missing = [s for s in model_latent if s not in latent]
+    if missing:
+        raise ModelError(
+            f"{name}.guide does not sample the model's latent site(s) {', '.join(missing)}: "
+            f"the guide needs one sample site per latent site of the model"
+        )
+    extra = [s for s in latent if s not in model_latent]
+    if extra:
+        raise ModelError(
+            f"{name}.guide samples {', '.join(extra)}, which the model does not: guide "
+            f"sites must have the model's latent site names"
+        )
+    plates = []
+    for site in observed_sites + [model_trace.nodes[s] for s in latent]:
+        frames = [f for f in site["cond_indep_stack"] if f.size == batch and f.dim == -1]
+        if not frames:
+            raise ModelError(
+                f"site {site['name']!r} of {name} is not inside a plate over the data points "
+                f"at dim -1: wrap the sample sites in pyro.plate('data', x.shape[0])"
+            )
+        plates.append(frames[0].name)
+    return ModelSites(
+        latent=latent,
+        observed=tuple(s["name"] for s in observed_sites),
+        data_plate=plates[0],
+    )
+
+
+def latent_sites(model: Any, x: torch.Tensor) -> tuple[str, ...]:
+    """The latent sites of ``model``: its own ``latent_sites``, or found from traces."""
+    known = getattr(model, "latent_sites", None)
+    if known is not None and not callable(known):
+        return tuple(known)
+    return model_sites(model, x).latent
+
+
+def analytic_kl_is_exact(model: Any, x: torch.Tensor | None = None) -> bool:
+    """Whether the closed-form KL of each latent site is the model's KL: the model's own
+    ``analytic_kl_is_exact``, else true for a single latent site (its prior depends on no
+    other latent) and false for several (a conditional prior's KL is not closed-form)."""
+    known = getattr(model, "analytic_kl_is_exact", None)
+    if isinstance(known, bool):
+        return known
+    if x is None:
+        raise ModelError(
+            f"{type(model).__name__} does not say whether the closed-form KL is exact "
+            f"(analytic_kl_is_exact): pass data so that its latent sites can be counted"
+        )
+    return len(model_sites(model, x).latent) == 1
+
+
+def check_data(model: Any, x: torch.Tensor, what: str = "data") -> None:
+    """Refuse data ``model`` cannot score, in one line: the model's own ``check_data``
+    where it has one, else finite floating-point values, and one trial trace."""
+    own = getattr(model, "check_data", None)
+    if callable(own):
+        own(x, what)
+        return
+    check_protocol(model)
+    if not x.is_floating_point():
+        raise DataError(f"{what} holds {x.dtype} values: convert with x.float()")
+    if not bool(torch.isfinite(x).all()):
+        raise DataError(f"{what} holds NaN or infinite values: clean or drop those points")
+    if x.shape[0]:
+        model_sites(model, x)

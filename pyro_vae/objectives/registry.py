@@ -1,0 +1,147 @@
+"""The estimators by name: what each is, what it accepts, what it needs of a model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from pyro.infer import ELBO, Trace_ELBO
+
+from pyro_vae.errors import UserInputError
+from pyro_vae.models.protocol import analytic_kl_is_exact
+from pyro_vae.objectives.closed_form import ClosedFormKL_ELBO
+from pyro_vae.objectives.importance import DReGELBO, ImportanceWeightedELBO
+from pyro_vae.objectives.path import StickingTheLandingELBO
+from pyro_vae.objectives.penalty import PenaltyObjective
+
+
+@dataclass(frozen=True)
+class Estimator:
+    """One training objective, as the registry knows it.
+
+    :param name: the name :func:`make_elbo`, the configuration and the CLI use.
+    :param summary: one line: what it is, with its paper.
+    :param build: ``(num_particles, alpha, max_plate_nesting) -> ELBO``.
+    :param options: the settings it reads besides the number of particles.
+    :param closed_form_kl: uses the closed-form KL per latent site, which is the model's
+        KL only where the model says so (``analytic_kl_is_exact``).
+    :param is_bound: its value is a lower bound on log p(x).
+    """
+
+    name: str
+    summary: str
+    build: Callable[[int, float, int], ELBO]
+    options: tuple[str, ...] = ()
+    closed_form_kl: bool = False
+    is_bound: bool = True
+
+
+def _renyi(num_particles: int, alpha: float, nesting: int) -> ELBO:
+    if alpha == 1:
+        raise UserInputError("renyi with alpha = 1 is the ELBO: use the 'mc' estimator")
+    return ImportanceWeightedELBO(num_particles, alpha=alpha, max_plate_nesting=nesting)
+
+
+def _vectorized(cls: type) -> Callable[[int, float, int], ELBO]:
+    def build(num_particles: int, alpha: float, nesting: int) -> ELBO:
+        return cls(
+            num_particles=num_particles,
+            vectorize_particles=num_particles > 1,
+            max_plate_nesting=nesting,
+        )
+
+    return build
+
+
+#: The estimators by name, in the order tables and help list them.
+ESTIMATORS: dict[str, Estimator] = {
+    e.name: e
+    for e in (
+        Estimator("mc", "Trace_ELBO: the ELBO with a Monte Carlo KL", _vectorized(Trace_ELBO)),
+        Estimator(
+            "analytic",
+            "TraceMeanField_ELBO: the ELBO with the closed-form Gaussian KL",
+            _vectorized(ClosedFormKL_ELBO),
+            closed_form_kl=True,
+        ),
+        Estimator(
+            "iwae",
+            "importance-weighted bound L_K (Burda et al., 2016)",
+            lambda k, alpha, nesting: ImportanceWeightedELBO(
+                k, alpha=0.0, max_plate_nesting=nesting
+            ),
+        ),
+        Estimator("renyi", "Renyi bound of order alpha (Li & Turner, 2016)", _renyi, ("alpha",)),
+        Estimator(
+            "stl",
+            "the ELBO with the path-derivative gradient (Roeder et al., 2017)",
+            lambda k, alpha, nesting: StickingTheLandingELBO(k, nesting),
+        ),
+        Estimator(
+            "dreg",
+            "L_K with the doubly reparameterized gradient (Tucker et al., 2019)",
+            lambda k, alpha, nesting: DReGELBO(k, nesting),
+        ),
+        Estimator(
+            "penalty",
+            "sum_j mu_j^2 + (sigma_j - 1)^2 in place of the KL: not a bound",
+            lambda k, alpha, nesting: PenaltyObjective(k, nesting),
+            is_bound=False,
+        ),
+    )
+}
+
+
+def make_elbo(
+    name: str,
+    num_particles: int = 1,
+    *,
+    alpha: float = 0.5,
+    max_plate_nesting: int = 1,
+) -> ELBO:
+    """Build the estimator ``name`` with ``num_particles`` samples per data point.
+
+    - ``"mc"``: :class:`pyro.infer.Trace_ELBO`, Monte Carlo KL, particles vectorized.
+    - ``"analytic"``: closed-form KL, :class:`ClosedFormKL_ELBO` (a
+      :class:`pyro.infer.TraceMeanField_ELBO` that computes only what it uses).
+    - ``"iwae"``: importance-weighted bound L_K (Burda et al., 2016), per data point.
+    - ``"renyi"``: Renyi bound of order ``alpha`` (Li & Turner, 2016), per data point.
+    - ``"stl"``: the ELBO with the path-derivative gradient (Roeder et al., 2017).
+    - ``"dreg"``: the IWAE bound with the doubly reparameterized gradient (Tucker et al., 2019).
+    - ``"penalty"``: the seed question's ``sum_j mu_j^2 + (sigma_j - 1)^2`` in place of
+      the KL; not a bound (see :class:`PenaltyObjective`).
+
+    :param name: a key of :data:`ESTIMATORS`.
+    :param num_particles: samples of z per data point (K).
+    :param alpha: the order of the Renyi bound (``"renyi"`` only).
+    :param max_plate_nesting: plates of the model; the particle plate goes left of them.
+    """
+    if not isinstance(num_particles, int) or num_particles < 1:
+        raise UserInputError(
+            f"the number of particles must be an integer >= 1, got {num_particles}"
+        )
+    if name not in ESTIMATORS:
+        raise UserInputError(f"unknown estimator {name!r}: choose one of {', '.join(ESTIMATORS)}")
+    return ESTIMATORS[name].build(num_particles, alpha, max_plate_nesting)
+
+
+def check_estimator_fits(name: str, model, x: torch.Tensor | None = None) -> None:
+    """Refuse an estimator that would be wrong for this model and guide, saying why.
+
+    :param name: a key of :data:`ESTIMATORS`.
+    :param model: the model (see :mod:`pyro_vae.models.protocol`).
+    :param x: data, to find the latent sites of a model that does not declare
+        ``analytic_kl_is_exact``.
+    """
+    spec = ESTIMATORS.get(name)
+    if spec is None or not spec.closed_form_kl or analytic_kl_is_exact(model, x):
+        return
+    reason = getattr(model, "analytic_kl_refusal", None) or (
+        f"{type(model).__name__} has several latent sites, and the closed-form KL of a site "
+        f"whose prior depends on another latent is not that site's KL"
+    )
+    raise UserInputError(
+        f"the closed-form KL of TraceMeanField_ELBO is biased for this model: {reason}. "
+        f"Use the 'mc' estimator"
+    )

@@ -1,0 +1,257 @@
+"""ELBO estimators: Pyro's where they are right, small subclasses where they are not.
+
+Conventions (DESIGN.md): every bound is in nats; ``elbo`` is higher-is-better and the
+quantity minimised is ``loss = -elbo``. Pyro's ``loss`` methods return the loss of the
+whole (scaled) data set; divide by the number of data points for nats per data point.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from collections.abc import Callable
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from pyro.distributions.util import scale_and_mask
+from pyro.infer import ELBO
+from pyro.infer.enum import get_importance_trace
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_subsample
+from torch import nn
+
+from pyro_vae.errors import UserInputError
+
+PARTICLE_PLATE = "num_particles_vectorized"
+
+
+def _log_prob_sum(site: dict) -> torch.Tensor:
+    if "log_prob_sum" in site:
+        return site["log_prob_sum"]
+    log_prob = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+    return scale_and_mask(log_prob, site["scale"], site["mask"]).sum()
+
+
+# --------------------------------------------------------------------- shared plumbing
+def particle_plate(num_particles: int, max_plate_nesting: int = 1) -> pyro.plate:
+    """The outermost plate over particles, left of every model plate."""
+    return pyro.plate(PARTICLE_PLATE, num_particles, dim=-(max_plate_nesting + 1))
+
+
+def _data_scale(trace: poutine.Trace) -> float:
+    """The mini-batch scale ``num_data / batch``: the scale of the observed sites (1 when
+    unscaled). It is the same whether it comes from a subsampled plate or from the
+    library's ``poutine.scale``; KL warm-up scales only the latent sites."""
+    for site in trace.nodes.values():
+        if site["type"] == "sample" and site["is_observed"] and not site_is_subsample(site):
+            return float(site["scale"])
+    return 1.0
+
+
+def per_datapoint(site: dict, value: torch.Tensor, num_particles: int) -> torch.Tensor:
+    """Check that ``value`` (a site's log-density) is ``(particles, batch)`` and return it."""
+    in_data_plate = any(frame.dim == -1 for frame in site["cond_indep_stack"])
+    if not in_data_plate or value.dim() != 2 or value.shape[0] != num_particles:
+        raise UserInputError(
+            f"site {site['name']!r} has a log-density of shape {tuple(value.shape)}, not "
+            f"(particles, batch): per-data-point bounds need every sample site inside a "
+            f"plate over the data points (pyro.plate('data', x.shape[0])) with its event "
+            f"dimensions declared (.to_event)"
+        )
+    return value
+
+
+def sample_sites(trace: poutine.Trace) -> list[dict]:
+    return [
+        site
+        for site in trace.nodes.values()
+        if site["type"] == "sample" and not site_is_subsample(site)
+    ]
+
+
+# --------------------------------------------------------------------- particle estimators
+def check_reparameterized(guide_trace: poutine.Trace, estimator: str) -> None:
+    for site in sample_sites(guide_trace):
+        if not site["fn"].has_rsample:
+            raise UserInputError(
+                f"guide site {site['name']!r} ({type(site['fn']).__name__}) is not "
+                f"reparameterizable, and {estimator} needs a reparameterized guide"
+            )
+
+
+def _tempered(site: dict, log_prob: torch.Tensor, data_scale: float, num_particles: int):
+    """A site's log-density per data point, times its scale relative to the data scale.
+
+    The relative scale is 1 except under KL warm-up
+    (:class:`~pyro_vae.training.schedules.LatentScale`).
+    """
+    scale = site["scale"] / data_scale
+    if site["mask"] is not None:
+        log_prob = log_prob * site["mask"]
+    return per_datapoint(site, log_prob * scale if scale != 1.0 else log_prob, num_particles)
+
+
+def log_weights(
+    model_trace: poutine.Trace, guide_trace: poutine.Trace, num_particles: int
+) -> tuple[torch.Tensor, float]:
+    """Per-particle, per-data-point ``log p(x, z) - log q(z|x)`` ``(K, batch)``, data scale."""
+    data_scale = _data_scale(model_trace)
+    log_w = 0.0
+    for site in sample_sites(model_trace):
+        log_w = log_w + per_datapoint(site, site["log_prob"], num_particles)
+    for site in sample_sites(guide_trace):
+        log_w = log_w - per_datapoint(site, site["log_prob"], num_particles)
+    return log_w / data_scale, data_scale
+
+
+def detach_distribution(fn: dist.Distribution, site_name: str = "") -> dist.Distribution:
+    """The same distribution with its parameters cut from the graph (values kept)."""
+    if isinstance(fn, torch.distributions.Independent):
+        base = detach_distribution(fn.base_dist, site_name)
+        return dist.Independent(base, fn.reinterpreted_batch_ndims)
+    if isinstance(fn, torch.distributions.Normal):
+        return dist.Normal(fn.loc.detach(), fn.scale.detach(), validate_args=False)
+    raise UserInputError(
+        f"guide site {site_name!r} is a {type(fn).__name__}: the path-derivative estimators "
+        f"(stl, dreg) and the penalty support Normal guide sites"
+    )
+
+
+class _ParamsAsGiven(Messenger):
+    """``pyro.param(name, tensor)`` returns ``tensor`` and leaves the param store alone."""
+
+    def _pyro_param(self, msg: dict) -> None:
+        if len(msg["args"]) > 1 and torch.is_tensor(msg["args"][1]):
+            msg["value"] = msg["args"][1]
+            msg["done"] = True
+
+
+class _Call(nn.Module):
+    def __init__(self, owner: nn.Module, fn: Callable) -> None:
+        super().__init__()
+        self.owner = owner
+        self.fn = fn
+
+    def forward(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+
+def guide_log_prob_detached(
+    guide: Callable,
+    guide_trace: poutine.Trace,
+    args: tuple,
+    kwargs: dict,
+    num_particles: int,
+    max_plate_nesting: int = 1,
+    values: dict[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    r"""``log q_{stop_grad(phi)}(z | x)`` per particle and data point ``(K, batch)``.
+
+    The guide's density with its *parameters* detached, at the sampled ``z`` (or at
+    ``values``), keeping every dependence on ``z`` itself: the path-derivative term of
+    Roeder, Wu & Duvenaud, "Sticking the Landing" (2017). With one latent site the
+    site's distribution parameters depend on x alone, so detaching them is exact; with
+    several (hierarchical guides, where q(z1 | z2, x) depends on z2) the guide is re-run
+    on the same ``z`` with detached copies of its module's parameters.
+    """
+    data_scale = _data_scale(guide_trace)
+    sites = sample_sites(guide_trace)
+    values = values if values is not None else {site["name"]: site["value"] for site in sites}
+    if len(sites) == 1:
+        site = sites[0]
+        fn = detach_distribution(site["fn"], site["name"])
+        return _tempered(site, fn.log_prob(values[site["name"]]), data_scale, num_particles)
+    # (through the library's poutine.scale and plate wrappers, to the bound method)
+    owner = getattr(inspect.unwrap(guide), "__self__", None)
+    if not isinstance(owner, nn.Module):
+        raise UserInputError(
+            "stl and dreg with several latent sites need the guide to be a method of a "
+            "torch.nn.Module (like VAE.guide), to re-run it with detached parameters"
+        )
+    plate = particle_plate(num_particles, max_plate_nesting)
+
+    def rerun(*run_args, **run_kwargs) -> poutine.Trace:
+        with poutine.block(), _ParamsAsGiven(), warnings.catch_warnings():
+            # pyro.module warns that detached copies are not registered: that is the point
+            warnings.filterwarnings("ignore", message=".*not registered in the param store")
+            conditioned = poutine.condition(plate(guide), data=values)
+            return poutine.trace(conditioned).get_trace(*run_args, **run_kwargs)
+
+    detached = {f"owner.{name}": p.detach() for name, p in owner.named_parameters()}
+    trace = torch.func.functional_call(_Call(owner, rerun), detached, args, kwargs)
+    log_q = 0.0
+    for site in sample_sites(trace):
+        if not isinstance(site["fn"], dist.Distribution):
+            continue
+        log_prob = site["fn"].log_prob(site["value"])
+        log_q = log_q + _tempered(
+            guide_trace.nodes[site["name"]], log_prob, data_scale, num_particles
+        )
+    return log_q
+
+
+class ParticleELBO(ELBO):
+    """Base of the estimators here: K vectorized particles, a value per data point.
+
+    Subclasses implement :meth:`value_and_surrogate`, returning per data point the
+    objective's value and a surrogate whose gradient is the estimator's gradient. The
+    mini-batch scale ``num_data / batch`` multiplies both afterwards.
+    """
+
+    #: name used in error messages
+    estimator = "this estimator"
+
+    def __init__(self, num_particles: int = 1, max_plate_nesting: int = 1) -> None:
+        super().__init__(num_particles=num_particles, max_plate_nesting=max_plate_nesting)
+
+    def _get_trace(self, model, guide, args, kwargs):
+        plate = particle_plate(self.num_particles, self.max_plate_nesting)
+        model_trace, guide_trace = get_importance_trace(
+            "flat", self.max_plate_nesting + 1, plate(model), plate(guide), args, kwargs
+        )
+        check_reparameterized(guide_trace, self.estimator)
+        return model_trace, guide_trace
+
+    def _get_traces(self, model, guide, args, kwargs):
+        yield self._get_trace(model, guide, args, kwargs)
+
+    def value_and_surrogate(
+        self, model, guide, args, kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Per data point: the objective (detached), the surrogate, and the data scale."""
+        raise NotImplementedError
+
+    def _elbo_and_surrogate(self, model, guide, args, kwargs):
+        value, surrogate, data_scale = self.value_and_surrogate(model, guide, args, kwargs)
+        return data_scale * value.sum(), data_scale * surrogate.sum()
+
+    def loss(self, model, guide, *args, **kwargs) -> float:
+        """-objective of the data set (scaled mini-batch), as a float."""
+        with torch.no_grad():
+            elbo, _ = self._elbo_and_surrogate(model, guide, args, kwargs)
+        return -elbo.item()
+
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
+        """-objective, differentiable with the estimator's gradient."""
+        elbo, surrogate = self._elbo_and_surrogate(model, guide, args, kwargs)
+        return -(elbo + (surrogate - surrogate.detach()))
+
+    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+        elbo, surrogate = self._elbo_and_surrogate(model, guide, args, kwargs)
+        if surrogate.requires_grad:
+            (-surrogate).backward()
+        return -elbo.item()
+
+
+def vectorized_traces(
+    model: Callable, guide: Callable, x: torch.Tensor, num_samples: int, **kwargs
+) -> tuple[poutine.Trace, poutine.Trace]:
+    """Run the guide with ``num_samples`` vectorized draws and the model replayed on them."""
+    plate = particle_plate(num_samples)
+    guide_trace = poutine.trace(plate(guide)).get_trace(x, **kwargs)
+    model_trace = poutine.trace(poutine.replay(plate(model), trace=guide_trace)).get_trace(
+        x, **kwargs
+    )
+    return model_trace, guide_trace

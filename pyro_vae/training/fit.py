@@ -1,0 +1,98 @@
+"""``fit``: train a model on a data set, checked once, resumable from its run folder."""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import pyro
+import torch
+
+from pyro_vae.compat import tensor_version
+from pyro_vae.config import TrainConfig
+from pyro_vae.data import VAEData
+from pyro_vae.errors import UserInputError
+from pyro_vae.models.protocol import ModelError, check_data, check_protocol
+from pyro_vae.training.checkpoint import (
+    load_checkpoint,
+)
+from pyro_vae.training.trainer import CHECKPOINT, Callback, History, Trainer
+
+
+def check_data_once(vae, data: VAEData) -> None:
+    """Check every split of ``data`` against the model (its shape, finite values inside
+    the likelihood's support), once per data set and kind of model.
+
+    The check reads every value (70,000 MNIST images: a sizeable share of a short
+    ``fit`` call), so it is remembered in ``data``: a later call with the same model
+    kind on the same, unchanged tensors skips it. Replacing a split's tensor or changing
+    it in place (its version counter moves) makes the next call check again.
+    """
+    likelihood = getattr(vae, "likelihood", None)
+    kind = (
+        type(vae),
+        getattr(vae, "data_shape", None),
+        type(likelihood),
+        getattr(likelihood, "support", None),
+    )
+    for split in ("train", "test", "validation"):
+        images = getattr(data, split).images
+        if not images.shape[0]:
+            continue
+        version = tensor_version(images)
+        seen = data.checked.get((split, kind))
+        if version is not None and seen is not None and seen[0]() is images and seen[1] == version:
+            continue
+        check_data(vae, images, what=f"the {split} set of {data.name}")
+        data.checked[(split, kind)] = (weakref.ref(images), version)
+
+
+def fit(
+    vae,
+    data: VAEData,
+    config: TrainConfig,
+    *,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    saved_config: dict[str, Any] | None = None,
+    callbacks: Iterable[Callback] = (),
+    progress: bool = True,
+    log: Callable | None = print,
+) -> History:
+    """Train ``vae`` on ``data`` by SVI with the estimator of ``config``; return the history.
+
+    Per epoch it records ``train_elbo`` (the training estimator's own bound, unannealed:
+    the ELBO for ``mc``/``analytic``, L_K for ``iwae``), ``test_elbo`` with its terms
+    ``test_expected_log_likelihood`` and ``test_kl`` (closed-form KL where exact),
+    ``validation_*`` when there is a validation set, ``seconds``, ``lr`` and
+    ``kl_factor``; all in nats per data point. With ``run_dir`` it writes an atomic
+    checkpoint and ``metrics.jsonl`` after every epoch; ``resume=True`` continues from
+    the checkpoint there, reproducing the uninterrupted run exactly on CPU.
+
+    ``callbacks`` are called with each epoch's metrics dict.
+    """
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise UserInputError("CUDA is not available on this machine: use --device cpu")
+    check_protocol(vae)
+    if not isinstance(vae, torch.nn.Module):
+        raise ModelError(
+            f"fit trains a torch.nn.Module (its state_dict is what a checkpoint holds); "
+            f"{type(vae).__name__} is not one: make the object holding model and guide a Module"
+        )
+    if len(data.train) == 0:
+        raise UserInputError("the training set is empty: pass data with at least one point")
+    check_data_once(vae, data)
+    if run_dir is not None:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+    if not resume:
+        pyro.set_rng_seed(config.seed)
+    trainer = Trainer(vae, data, config, run_dir, saved_config)
+    if resume:
+        if run_dir is None:
+            raise UserInputError("resume needs the run folder that holds the checkpoint")
+        trainer.load_state_dict(load_checkpoint(Path(run_dir) / CHECKPOINT))
+        if config.epochs > trainer.epoch and not trainer.history.stopped_early:
+            trainer.finished = False  # asked for more epochs than the run had
+    return trainer.run(callbacks=callbacks, progress=progress, log=log)

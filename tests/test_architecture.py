@@ -1,0 +1,138 @@
+"""The package's shape: no import cycles (imports inside functions included), one public
+API that type checkers, the README and the code agree on, and a layout section in the
+README that matches the tree."""
+
+from __future__ import annotations
+
+import ast
+import re
+
+import pytest
+
+import pyro_vae
+
+from .conftest import REPO
+
+PACKAGE = REPO / "pyro_vae"
+
+
+def _module_name(path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> package modules it imports, at any depth of the file (functions too)."""
+    modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        targets: set[str] = set()
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    module = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    module = node.module or ""
+                candidates = [f"{module}.{alias.name}" for alias in node.names] + [module]
+            elif isinstance(node, ast.Import):
+                candidates = [alias.name for alias in node.names]
+            else:
+                continue
+            for candidate in candidates:
+                if candidate in modules:
+                    targets.add(candidate)
+        graph[name] = targets - {name}
+    return graph
+
+
+def test_no_module_imports_itself_back_through_others():
+    graph = import_graph()
+    # the root package re-exports names lazily and is imported by nobody inside
+    graph = {m: {t for t in ts if t != "pyro_vae"} for m, ts in graph.items()}
+    cycles = []
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(module: str) -> None:
+        state[module] = 1
+        stack.append(module)
+        for target in sorted(graph.get(module, ())):
+            if state.get(target) == 1:
+                cycles.append(stack[stack.index(target) :] + [target])
+            elif target not in state:
+                visit(target)
+        stack.pop()
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module)
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+def test_the_public_api_table_equals_the_type_checking_imports_and_resolves():
+    tree = ast.parse((PACKAGE / "__init__.py").read_text())
+    guarded = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING":
+            for stmt in node.body:
+                for alias in stmt.names:
+                    guarded[alias.name] = stmt.module
+    assert guarded == pyro_vae._EXPORTS
+    for name in pyro_vae.__all__:
+        assert getattr(pyro_vae, name) is not None
+    for name in pyro_vae._MODULES:
+        assert getattr(pyro_vae, name).__name__ == f"pyro_vae.{name}"
+    with pytest.raises(AttributeError):
+        pyro_vae.no_such_name  # noqa: B018
+
+
+def test_every_pyro_vae_name_in_the_readme_exists():
+    text = (REPO / "README.md").read_text()
+    names = set(re.findall(r"\bpyro_vae((?:\.[A-Za-z_][A-Za-z0-9_]*)+)", text))
+    assert names, "the README names no pyro_vae attribute"
+    missing = []
+    for dotted in sorted(names):
+        obj = pyro_vae
+        for part in dotted.strip(".").split("."):
+            try:
+                obj = getattr(obj, part)
+            except AttributeError:
+                import importlib
+
+                try:
+                    obj = importlib.import_module(f"{obj.__name__}.{part}")
+                except (ImportError, AttributeError):
+                    missing.append(f"pyro_vae{dotted}")
+                    break
+    assert not missing, f"the README names what does not exist: {missing}"
+
+
+def test_the_readme_layout_lists_every_module_of_the_tree():
+    """The tree drawn in the README's Layout section (two spaces per level) is the
+    package's tree, module for module."""
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```", 2)[1]
+    listed, folders = set(), []
+    for line in block.splitlines()[1:]:
+        if not line.strip() or line.strip() == "pyro_vae/":
+            continue
+        depth = (len(line) - len(line.lstrip())) // 2
+        name = line.split()[0]
+        folders = folders[: depth - 1]
+        if name.endswith("/"):
+            folders.append(name.rstrip("/"))
+        else:
+            listed.add("/".join([*folders, name]))
+    actual = {str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")}
+    actual = {a for a in actual if not a.endswith("/__init__.py")}
+    assert listed == actual, (
+        f"in the tree, not the README: {sorted(actual - listed)}; "
+        f"in the README, not the tree: {sorted(listed - actual)}"
+    )
