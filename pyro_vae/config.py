@@ -9,21 +9,27 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from pyro_vae.choices import (
+    ACTIVATIONS,
+    BINARIZATIONS,
+    DATASETS,
+    GUIDES,
+    LIKELIHOODS,
+    LR_SCHEDULES,
+    NETWORKS,
+    OPTIMIZERS,
+)
 from pyro_vae.errors import UserInputError
 from pyro_vae.io import read_json
-
-ESTIMATOR_NAMES = ("mc", "analytic", "iwae", "renyi", "stl", "dreg", "penalty")
-LIKELIHOOD_NAMES = ("bernoulli", "continuous_bernoulli", "gaussian")
-DATASET_NAMES = ("digits", "mnist", "fashion-mnist", "kmnist")
-BINARIZE_NAMES = ("dynamic", "static", "none")
-ACTIVATION_NAMES = ("tanh", "relu", "softplus", "elu", "gelu", "silu")
+from pyro_vae.objectives.registry import ESTIMATORS
 
 
-def _choice(value: Any, choices: tuple[str, ...], what: str) -> None:
+def _choice(value: Any, choices: Iterable[str], what: str) -> None:
     if not isinstance(value, str) or value not in choices:
         raise UserInputError(f"unknown {what} {value!r}: choose one of {', '.join(choices)}")
 
@@ -103,15 +109,15 @@ class ModelConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "latent_dims", _integers(self.latent_dims, "latent dims"))
         object.__setattr__(self, "hidden", _integers(self.hidden, "hidden sizes", True))
-        _choice(self.activation, ACTIVATION_NAMES, "activation")
-        _choice(self.network, ("mlp", "conv"), "network")
-        _choice(self.likelihood, LIKELIHOOD_NAMES, "likelihood")
+        _choice(self.activation, ACTIVATIONS, "activation")
+        _choice(self.network, NETWORKS, "network")
+        _choice(self.likelihood, LIKELIHOODS, "likelihood")
         if self.gaussian_scale is not None:
             _scale(self.gaussian_scale, "gaussian_scale")
         _number(self.prior_loc, "prior_loc", maximum=SCALE_RANGE[1])
         _scale(self.prior_scale, "prior_scale")
         if self.guide is not None:
-            _choice(self.guide, ("top-down", "bottom-up"), "guide")
+            _choice(self.guide, GUIDES, "guide")
         if len(self.latent_dims) == 1:
             object.__setattr__(self, "guide", None)
         elif self.guide is None:
@@ -127,10 +133,10 @@ class DataConfig:
     limit: int | None = None  # keep only this many training and test points (quick runs)
 
     def __post_init__(self) -> None:
-        _choice(self.dataset, DATASET_NAMES, "dataset")
+        _choice(self.dataset, DATASETS, "dataset")
         if self.data_dir is not None and not isinstance(self.data_dir, str):
             raise UserInputError(f"data_dir must be a folder name, got {self.data_dir!r}")
-        _choice(self.binarize, BINARIZE_NAMES, "binarization")
+        _choice(self.binarize, BINARIZATIONS, "binarization")
         _integer(self.validation_size, "validation_size", 0)
         if self.limit is not None:
             _integer(self.limit, "limit", 1)
@@ -163,8 +169,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not (isinstance(self.compile, bool) or self.compile == "auto"):
             raise UserInputError(f'compile must be true, false or "auto", got {self.compile!r}')
-        _choice(self.estimator, ESTIMATOR_NAMES, "estimator")
-        _choice(self.optimizer, ("adam", "clipped_adam"), "optimizer")
+        _choice(self.estimator, ESTIMATORS, "estimator")
+        _choice(self.optimizer, OPTIMIZERS, "optimizer")
         _choice(self.lr_schedule, LR_SCHEDULES, "learning-rate schedule")
         _choice(self.device, ("cpu", "cuda"), "device")
         for name in ("particles", "epochs", "batch_size", "eval_particles"):
@@ -193,7 +199,6 @@ class TrainConfig:
 
 
 #: learning-rate schedules (per epoch; see pyro_vae.training.schedules.learning_rate)
-LR_SCHEDULES = ("constant", "exponential", "cosine", "iwae")
 
 #: the IWAE paper's stages: learning rate lr * 10**(-i/7) for 3**i passes, i = 0..7
 IWAE_STAGES = 8

@@ -27,11 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pyro_vae.choices import BINARIZATIONS, DATASETS
 from pyro_vae.compat import tensor_version
 from pyro_vae.errors import DataError
-
-DATASETS = ("digits", "mnist", "fashion-mnist", "kmnist")
-BINARIZATIONS = ("dynamic", "static", "none")
 
 _IDX_FILES = {
     "train_images": "train-images-idx3-ubyte",

@@ -136,3 +136,38 @@ def test_the_readme_layout_lists_every_module_of_the_tree():
         f"in the tree, not the README: {sorted(actual - listed)}; "
         f"in the README, not the tree: {sorted(listed - actual)}"
     )
+
+
+def test_each_choice_is_declared_once_and_implemented_for_exactly_its_names():
+    """The names live in pyro_vae.choices (and the estimator registry); the tables that
+    implement them, the config's checks and the CLI's choices cover exactly those."""
+    from pyro_vae import choices
+    from pyro_vae.app.cli import build_parser
+    from pyro_vae.config import DataConfig, ModelConfig, TrainConfig
+    from pyro_vae.errors import UserInputError
+    from pyro_vae.models.likelihoods import make_likelihood
+    from pyro_vae.models.networks import ACTIVATIONS
+    from pyro_vae.objectives.registry import ESTIMATORS, make_elbo
+
+    assert set(ACTIVATIONS) == set(choices.ACTIVATIONS)
+    for name in choices.LIKELIHOODS:
+        make_likelihood(name, 4)
+    for name in ESTIMATORS:
+        make_elbo(name, 2)
+    for field, names, config in (
+        ("estimator", ESTIMATORS, TrainConfig),
+        ("lr_schedule", choices.LR_SCHEDULES, TrainConfig),
+        ("optimizer", choices.OPTIMIZERS, TrainConfig),
+        ("likelihood", choices.LIKELIHOODS, ModelConfig),
+        ("activation", choices.ACTIVATIONS, ModelConfig),
+        ("network", choices.NETWORKS, ModelConfig),
+        ("dataset", choices.DATASETS, DataConfig),
+        ("binarize", choices.BINARIZATIONS, DataConfig),
+    ):
+        with pytest.raises(UserInputError, match="choose one of " + ", ".join(names)):
+            config(**{field: "no-such-choice"})
+    train = next(a for a in build_parser()._actions if a.dest == "command").choices["train"]
+    flags = {a.dest: a.choices for a in train._actions if a.choices}
+    assert list(flags["estimator"]) == list(ESTIMATORS)
+    assert list(flags["dataset"]) == list(choices.DATASETS)
+    assert list(flags["guide"]) == list(choices.GUIDES)

@@ -17,13 +17,17 @@ from pathlib import Path
 from typing import Any
 
 from pyro_vae import __version__
-from pyro_vae.config import (
-    ACTIVATION_NAMES,
-    BINARIZE_NAMES,
-    DATASET_NAMES,
-    ESTIMATOR_NAMES,
-    LIKELIHOOD_NAMES,
+from pyro_vae.choices import (
+    ACTIVATIONS,
+    BINARIZATIONS,
+    DATASETS,
+    GUIDES,
+    LIKELIHOODS,
     LR_SCHEDULES,
+    NETWORKS,
+    OPTIMIZERS,
+)
+from pyro_vae.config import (
     PROTOCOLS,
     DataConfig,
     ModelConfig,
@@ -32,6 +36,7 @@ from pyro_vae.config import (
     with_protocol,
 )
 from pyro_vae.errors import NonFiniteError, UserInputError
+from pyro_vae.objectives.registry import ESTIMATORS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -155,22 +160,22 @@ def build_parser() -> argparse.ArgumentParser:
         "(2016): MNIST, batch 20, Adam epsilon 1e-4, --lr-schedule iwae over 3280 passes, "
         "log p(x) with K=5000 on the whole test set",
     )
-    train.add_argument("--dataset", choices=DATASET_NAMES, help="data set")
+    train.add_argument("--dataset", choices=DATASETS, help="data set")
     train.add_argument("--data-dir", help="folder of IDX files for mnist/fashion-mnist/kmnist")
-    train.add_argument("--likelihood", choices=LIKELIHOOD_NAMES, help="decoder likelihood")
-    train.add_argument("--binarize", choices=BINARIZE_NAMES, help="binarization of images")
-    train.add_argument("--estimator", choices=ESTIMATOR_NAMES, help="mc is Trace_ELBO")
+    train.add_argument("--likelihood", choices=LIKELIHOODS, help="decoder likelihood")
+    train.add_argument("--binarize", choices=BINARIZATIONS, help="binarization of images")
+    train.add_argument("--estimator", choices=ESTIMATORS, help="mc is Trace_ELBO")
     train.add_argument("--particles", type=int, help="samples of z per data point (K)")
     train.add_argument("--alpha", type=float, help="order of the renyi bound")
     train.add_argument(
         "--latent-dims", type=_int_list, help="latent size, e.g. 50; several layers: 100,50"
     )
     train.add_argument("--hidden", type=_int_list, help="hidden widths, e.g. 200,200")
-    train.add_argument("--activation", choices=ACTIVATION_NAMES, help="hidden nonlinearity")
-    train.add_argument("--network", choices=("mlp", "conv"), help="network kind")
+    train.add_argument("--activation", choices=ACTIVATIONS, help="hidden nonlinearity")
+    train.add_argument("--network", choices=NETWORKS, help="network kind")
     train.add_argument(
         "--guide",
-        choices=("top-down", "bottom-up"),
+        choices=GUIDES,
         help="inference order with several latent layers (--latent-dims 100,50): bottom-up "
         "keeps both layers in use without warm-up, top-down loses one without it (the "
         "closed-form KL needs top-down) (default: bottom-up)",
@@ -179,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=int, help="passes over the training set")
     train.add_argument("--batch-size", type=int, help="data points per step")
     train.add_argument("--lr", type=float, help="learning rate")
-    train.add_argument("--optimizer", choices=("adam", "clipped_adam"), help="optimizer")
+    train.add_argument("--optimizer", choices=OPTIMIZERS, help="optimizer")
     train.add_argument("--clip-norm", type=float, help="clipped_adam: gradient clip")
     train.add_argument(
         "--lr-schedule",
@@ -283,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reproduce.add_argument("--eval-samples", type=int, help="K of log p(x) (default: 5000)")
     reproduce.add_argument("--eval-images", type=int, help="test images (default: all)")
-    reproduce.add_argument("--dataset", choices=DATASET_NAMES, help="(default: mnist)")
+    reproduce.add_argument("--dataset", choices=DATASETS, help="(default: mnist)")
     reproduce.add_argument("--limit", type=int, help="use only this many train/test points")
     reproduce.add_argument("--quiet", action="store_true", help="no progress bars")
     compare = commands.add_parser(
@@ -299,12 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated (default mc,analytic,iwae,stl,dreg,penalty)",
     )
     compare.add_argument("--particles", type=int, default=5, help="K for every estimator (5)")
-    compare.add_argument("--dataset", choices=DATASET_NAMES, default="digits")
+    compare.add_argument("--dataset", choices=DATASETS, default="digits")
     compare.add_argument("--data-dir", help="folder of IDX files for the MNIST family")
-    compare.add_argument("--binarize", choices=BINARIZE_NAMES, default="dynamic")
+    compare.add_argument("--binarize", choices=BINARIZATIONS, default="dynamic")
     compare.add_argument("--latent-dims", type=_int_list, help="default 50")
     compare.add_argument("--hidden", type=_int_list, help="default 200,200")
-    compare.add_argument("--guide", choices=("top-down", "bottom-up"), default="top-down")
+    compare.add_argument("--guide", choices=GUIDES, default="top-down")
     compare.add_argument("--epochs", type=int, default=10)
     compare.add_argument("--batch-size", type=int, default=128)
     compare.add_argument("--lr", type=float, default=1e-3)

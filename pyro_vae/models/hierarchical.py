@@ -31,12 +31,11 @@ import torch
 from pyro.infer.util import is_validation_enabled
 from torch import nn
 
+from pyro_vae.choices import GUIDES
 from pyro_vae.errors import DataError, UserInputError
 from pyro_vae.models.likelihoods import Likelihood
 from pyro_vae.models.networks import GaussianMLP, MLPDecoder, mlp, positive_scale
 from pyro_vae.models.vae import OBSERVED_SITE, VAE, data_plate, register_module
-
-GUIDES = ("top-down", "bottom-up")
 
 
 def latent_site(layer: int) -> str:

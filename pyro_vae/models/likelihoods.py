@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributions import constraints
 
+from pyro_vae.choices import LIKELIHOODS
 from pyro_vae.errors import DataError
 from pyro_vae.models.networks import positive_scale
 
@@ -159,9 +160,6 @@ class GaussianLikelihood(Likelihood):
 
     def mean(self, loc: torch.Tensor) -> torch.Tensor:
         return loc
-
-
-LIKELIHOODS = ("bernoulli", "continuous_bernoulli", "gaussian")
 
 
 def make_likelihood(name: str, data_dim: int, gaussian_scale: float | None = 1.0) -> Likelihood:

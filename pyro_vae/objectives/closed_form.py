@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from pyro import poutine
 from pyro.distributions.util import scale_and_mask
-from pyro.infer import TraceMeanField_ELBO
+from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
 from pyro.infer.util import is_validation_enabled, torch_item
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import kl_divergence
@@ -65,3 +65,21 @@ class ClosedFormKL_ELBO(TraceMeanField_ELBO):
                 if not site_is_subsample(guide_site):
                     elbo = elbo - _log_prob_sum(guide_site)
         return elbo
+
+
+def trace_elbo(num_particles: int, alpha: float, max_plate_nesting: int) -> Trace_ELBO:
+    """``mc``: Pyro's Trace_ELBO, particles vectorized."""
+    return Trace_ELBO(
+        num_particles=num_particles,
+        vectorize_particles=num_particles > 1,
+        max_plate_nesting=max_plate_nesting,
+    )
+
+
+def closed_form_elbo(num_particles: int, alpha: float, max_plate_nesting: int) -> ELBO:
+    """``analytic``: :class:`ClosedFormKL_ELBO`, particles vectorized."""
+    return ClosedFormKL_ELBO(
+        num_particles=num_particles,
+        vectorize_particles=num_particles > 1,
+        max_plate_nesting=max_plate_nesting,
+    )

@@ -10,6 +10,7 @@ from pyro import poutine
 from pyro.poutine.util import prune_subsample_sites
 
 from pyro_vae.compat import values_trace
+from pyro_vae.errors import UserInputError
 from pyro_vae.objectives.traces import (
     ParticleELBO,
     _data_scale,
@@ -121,3 +122,20 @@ class DReGELBO(ImportanceWeightedELBO):
         )
         surrogate = (weights * log_p).sum(0) + path.sum(0)
         return value, surrogate, data_scale
+
+
+def iwae(num_particles: int, alpha: float, max_plate_nesting: int) -> ImportanceWeightedELBO:
+    """``iwae``: L_K."""
+    return ImportanceWeightedELBO(num_particles, alpha=0.0, max_plate_nesting=max_plate_nesting)
+
+
+def renyi(num_particles: int, alpha: float, max_plate_nesting: int) -> ImportanceWeightedELBO:
+    """``renyi``: the VR bound of order ``alpha`` (1 is the ELBO: refused)."""
+    if alpha == 1:
+        raise UserInputError("renyi with alpha = 1 is the ELBO: use the 'mc' estimator")
+    return ImportanceWeightedELBO(num_particles, alpha=alpha, max_plate_nesting=max_plate_nesting)
+
+
+def dreg(num_particles: int, alpha: float, max_plate_nesting: int) -> DReGELBO:
+    """``dreg``: L_K with the doubly reparameterized gradient."""
+    return DReGELBO(num_particles, max_plate_nesting)

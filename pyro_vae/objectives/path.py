@@ -37,3 +37,8 @@ class StickingTheLandingELBO(ParticleELBO):
         )
         path_log_w = log_w + log_q - log_q_stl
         return log_w.detach().mean(0), path_log_w.mean(0), data_scale
+
+
+def stl(num_particles: int, alpha: float, max_plate_nesting: int) -> StickingTheLandingELBO:
+    """``stl``: the ELBO with the path-derivative gradient."""
+    return StickingTheLandingELBO(num_particles, max_plate_nesting)

@@ -44,3 +44,8 @@ class PenaltyObjective(ParticleELBO):
             relative = site["scale"] / data_scale  # KL warm-up scales the penalty too
             objective = objective - per_datapoint(site, penalty * relative, self.num_particles)
         return objective.detach().mean(0), objective.mean(0), data_scale
+
+
+def penalty(num_particles: int, alpha: float, max_plate_nesting: int) -> PenaltyObjective:
+    """``penalty``: the objective that is not a bound."""
+    return PenaltyObjective(num_particles, max_plate_nesting)

@@ -1,19 +1,19 @@
-"""The estimators by name: what each is, what it accepts, what it needs of a model."""
+"""The estimators by name: what each is, what it accepts, what it needs of a model.
+
+This module imports no torch (the configuration and ``pyro-vae --help`` read it); each
+entry names the function that builds its ELBO, imported when :func:`make_elbo` is called.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
 from dataclasses import dataclass
-
-import torch
-from pyro.infer import ELBO, Trace_ELBO
+from typing import TYPE_CHECKING, Any
 
 from pyro_vae.errors import UserInputError
-from pyro_vae.models.protocol import analytic_kl_is_exact
-from pyro_vae.objectives.closed_form import ClosedFormKL_ELBO
-from pyro_vae.objectives.importance import DReGELBO, ImportanceWeightedELBO
-from pyro_vae.objectives.path import StickingTheLandingELBO
-from pyro_vae.objectives.penalty import PenaltyObjective
+
+if TYPE_CHECKING:
+    from pyro.infer import ELBO
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,8 @@ class Estimator:
 
     :param name: the name :func:`make_elbo`, the configuration and the CLI use.
     :param summary: one line: what it is, with its paper.
-    :param build: ``(num_particles, alpha, max_plate_nesting) -> ELBO``.
+    :param builder: ``"module:function"``, a function ``(num_particles, alpha,
+        max_plate_nesting) -> ELBO``.
     :param options: the settings it reads besides the number of particles.
     :param closed_form_kl: uses the closed-form KL per latent site, which is the model's
         KL only where the model says so (``analytic_kl_is_exact``).
@@ -31,62 +32,57 @@ class Estimator:
 
     name: str
     summary: str
-    build: Callable[[int, float, int], ELBO]
+    builder: str
     options: tuple[str, ...] = ()
     closed_form_kl: bool = False
     is_bound: bool = True
 
+    def build(self, num_particles: int, alpha: float, max_plate_nesting: int) -> ELBO:
+        module, _, function = self.builder.partition(":")
+        make = getattr(importlib.import_module(module), function)
+        return make(num_particles, alpha, max_plate_nesting)
 
-def _renyi(num_particles: int, alpha: float, nesting: int) -> ELBO:
-    if alpha == 1:
-        raise UserInputError("renyi with alpha = 1 is the ELBO: use the 'mc' estimator")
-    return ImportanceWeightedELBO(num_particles, alpha=alpha, max_plate_nesting=nesting)
 
-
-def _vectorized(cls: type) -> Callable[[int, float, int], ELBO]:
-    def build(num_particles: int, alpha: float, nesting: int) -> ELBO:
-        return cls(
-            num_particles=num_particles,
-            vectorize_particles=num_particles > 1,
-            max_plate_nesting=nesting,
-        )
-
-    return build
-
+_OBJ = "pyro_vae.objectives"
 
 #: The estimators by name, in the order tables and help list them.
 ESTIMATORS: dict[str, Estimator] = {
     e.name: e
     for e in (
-        Estimator("mc", "Trace_ELBO: the ELBO with a Monte Carlo KL", _vectorized(Trace_ELBO)),
+        Estimator(
+            "mc", "Trace_ELBO: the ELBO with a Monte Carlo KL", f"{_OBJ}.closed_form:trace_elbo"
+        ),
         Estimator(
             "analytic",
             "TraceMeanField_ELBO: the ELBO with the closed-form Gaussian KL",
-            _vectorized(ClosedFormKL_ELBO),
+            f"{_OBJ}.closed_form:closed_form_elbo",
             closed_form_kl=True,
         ),
         Estimator(
             "iwae",
             "importance-weighted bound L_K (Burda et al., 2016)",
-            lambda k, alpha, nesting: ImportanceWeightedELBO(
-                k, alpha=0.0, max_plate_nesting=nesting
-            ),
+            f"{_OBJ}.importance:iwae",
         ),
-        Estimator("renyi", "Renyi bound of order alpha (Li & Turner, 2016)", _renyi, ("alpha",)),
+        Estimator(
+            "renyi",
+            "Renyi bound of order alpha (Li & Turner, 2016)",
+            f"{_OBJ}.importance:renyi",
+            ("alpha",),
+        ),
         Estimator(
             "stl",
             "the ELBO with the path-derivative gradient (Roeder et al., 2017)",
-            lambda k, alpha, nesting: StickingTheLandingELBO(k, nesting),
+            f"{_OBJ}.path:stl",
         ),
         Estimator(
             "dreg",
             "L_K with the doubly reparameterized gradient (Tucker et al., 2019)",
-            lambda k, alpha, nesting: DReGELBO(k, nesting),
+            f"{_OBJ}.importance:dreg",
         ),
         Estimator(
             "penalty",
             "sum_j mu_j^2 + (sigma_j - 1)^2 in place of the KL: not a bound",
-            lambda k, alpha, nesting: PenaltyObjective(k, nesting),
+            f"{_OBJ}.penalty:penalty",
             is_bound=False,
         ),
     )
@@ -103,14 +99,14 @@ def make_elbo(
     """Build the estimator ``name`` with ``num_particles`` samples per data point.
 
     - ``"mc"``: :class:`pyro.infer.Trace_ELBO`, Monte Carlo KL, particles vectorized.
-    - ``"analytic"``: closed-form KL, :class:`ClosedFormKL_ELBO` (a
-      :class:`pyro.infer.TraceMeanField_ELBO` that computes only what it uses).
+    - ``"analytic"``: closed-form KL, :class:`~pyro_vae.objectives.closed_form.ClosedFormKL_ELBO`
+      (a :class:`pyro.infer.TraceMeanField_ELBO` that computes only what it uses).
     - ``"iwae"``: importance-weighted bound L_K (Burda et al., 2016), per data point.
     - ``"renyi"``: Renyi bound of order ``alpha`` (Li & Turner, 2016), per data point.
     - ``"stl"``: the ELBO with the path-derivative gradient (Roeder et al., 2017).
     - ``"dreg"``: the IWAE bound with the doubly reparameterized gradient (Tucker et al., 2019).
     - ``"penalty"``: the seed question's ``sum_j mu_j^2 + (sigma_j - 1)^2`` in place of
-      the KL; not a bound (see :class:`PenaltyObjective`).
+      the KL; not a bound (see :class:`~pyro_vae.objectives.penalty.PenaltyObjective`).
 
     :param name: a key of :data:`ESTIMATORS`.
     :param num_particles: samples of z per data point (K).
@@ -126,7 +122,7 @@ def make_elbo(
     return ESTIMATORS[name].build(num_particles, alpha, max_plate_nesting)
 
 
-def check_estimator_fits(name: str, model, x: torch.Tensor | None = None) -> None:
+def check_estimator_fits(name: str, model: Any, x: Any = None) -> None:
     """Refuse an estimator that would be wrong for this model and guide, saying why.
 
     :param name: a key of :data:`ESTIMATORS`.
@@ -134,6 +130,8 @@ def check_estimator_fits(name: str, model, x: torch.Tensor | None = None) -> Non
     :param x: data, to find the latent sites of a model that does not declare
         ``analytic_kl_is_exact``.
     """
+    from pyro_vae.models.protocol import analytic_kl_is_exact
+
     spec = ESTIMATORS.get(name)
     if spec is None or not spec.closed_form_kl or analytic_kl_is_exact(model, x):
         return
