@@ -126,20 +126,45 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "digits"  # digits (built in, offline) | mnist | fashion-mnist | kmnist
+    # digits (built in, offline) | mnist | fashion-mnist | kmnist, or your own data: the
+    # absolute path of a .npy/.npz file or a folder of images
+    dataset: str = "digits"
     data_dir: str | None = None  # folder of IDX files; None: cache folder, downloading if online
     binarize: str = "dynamic"  # dynamic (fresh draw per batch) | static (fixed seed) | none
     validation_size: int = 0  # training points held out for validation / early stopping
     limit: int | None = None  # keep only this many training and test points (quick runs)
 
     def __post_init__(self) -> None:
-        _choice(self.dataset, DATASETS, "dataset")
+        if not is_data_path(self.dataset):
+            _choice(self.dataset, DATASETS, "dataset")
         if self.data_dir is not None and not isinstance(self.data_dir, str):
             raise UserInputError(f"data_dir must be a folder name, got {self.data_dir!r}")
         _choice(self.binarize, BINARIZATIONS, "binarization")
         _integer(self.validation_size, "validation_size", 0)
         if self.limit is not None:
             _integer(self.limit, "limit", 1)
+
+    def load(self, seed: int = 0) -> Any:
+        """The data set this config names (:func:`pyro_vae.data.load_data`)."""
+        from pyro_vae.data import load_data
+
+        return load_data(
+            self.dataset,
+            self.data_dir,
+            self.binarize,
+            self.validation_size,
+            seed=seed,
+            limit=self.limit,
+        )
+
+
+def is_data_path(dataset: Any) -> bool:
+    """Whether ``dataset`` names your own data by path rather than a built-in set."""
+    return (
+        isinstance(dataset, str)
+        and dataset not in DATASETS
+        and (dataset.endswith((".npy", ".npz")) or "/" in dataset or "\\" in dataset)
+    )
 
 
 @dataclass(frozen=True)

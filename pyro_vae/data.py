@@ -5,6 +5,9 @@
 - ``mnist``, ``fashion-mnist``, ``kmnist``: 28x28, through torchvision (downloaded when
   online) or read from a local folder of IDX files, gzipped or raw. Every file is checked
   (magic number, shape, count, label range; checksums where known) before use.
+- your own data: an array or tensor (:meth:`VAEData.from_tensors`, or
+  ``load_data(array)``), a ``.npy``/``.npz`` file or a folder of images
+  (``load_data(path)``, ``pyro-vae train --data PATH``), checked like the built-in sets.
 
 Images are float32 in [0, 1], flattened to ``(N, C*H*W)``; the shape of one image is
 ``data_shape``. Binarization: ``dynamic`` draws x ~ Bernoulli(grey level) afresh for
@@ -76,6 +79,10 @@ class VAEData:
     validation: Split
     test: Split
     seed: int = 0
+    #: how to load the data again (the DataConfig fields ``dataset``, ``data_dir``,
+    #: ``binarize``, ``validation_size``, ``limit``): written to a run's config.json;
+    #: ``None`` for tensors built in memory, which a run folder cannot reload
+    source: dict | None = None
     #: checks already passed, by split and model kind (see ``training.check_data_once``);
     #: not copied by ``dataclasses.replace``, whose splits may differ
     checked: dict = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -84,6 +91,55 @@ class VAEData:
     @property
     def data_dim(self) -> int:
         return int(np.prod(self.data_shape))
+
+    @classmethod
+    def from_tensors(
+        cls,
+        train,
+        test=None,
+        *,
+        name: str = "tensors",
+        binarize: str = "none",
+        test_size: float = 0.1,
+        validation_size: int = 0,
+        seed: int = 0,
+    ) -> VAEData:
+        """Your own data, ``(N, ...)`` arrays or tensors (one data point per row).
+
+        :param train: the training points; with ``test=None``, a seeded ``test_size``
+            fraction of them (at least one point) is held out as the test set.
+        :param test: the test points, shaped like ``train``'s.
+        :param binarize: ``"none"`` (the default: values as they are), or ``"dynamic"``
+            / ``"static"`` for values in [0, 1] read as Bernoulli probabilities.
+        :param validation_size: training points held out (seeded) for validation.
+
+        Values become float32 (``uint8`` as grey levels, divided by 255) and must be
+        finite; the shape of one point is ``data_shape``, and points are stored
+        flattened, like the built-in sets.
+        """
+        _check_choice(binarize, BINARIZATIONS, "binarization")
+        images = _as_points(train, f"{name} (training points)")
+        if test is None:
+            if not 0 < test_size < 1:
+                raise DataError(f"test_size must be in (0, 1), got {test_size}")
+            if len(images) < 2:
+                raise DataError(
+                    f"{name} has {len(images)} point: hold out a test set needs at least 2"
+                )
+            count = min(len(images) - 1, max(1, round(test_size * len(images))))
+            order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+            test_images, images = images[order[:count]], images[order[count:]]
+        else:
+            test_images = _as_points(test, f"{name} (test points)")
+            if test_images.shape[1:] != images.shape[1:]:
+                raise DataError(
+                    f"{name}: test points have shape {tuple(test_images.shape[1:])}, training "
+                    f"points {tuple(images.shape[1:])}: pass points of one shape"
+                )
+        shape = tuple(int(d) for d in images.shape[1:])
+        train_split = Split(images.reshape(len(images), -1), _no_labels(len(images)))
+        test_split = Split(test_images.reshape(len(test_images), -1), _no_labels(len(test_images)))
+        return _assemble(name, shape, binarize, train_split, test_split, validation_size, seed)
 
     def batches(
         self, batch_size: int, generator: torch.Generator | None = None
@@ -120,39 +176,89 @@ class VAEData:
 
 
 def load_data(
-    name: str = "digits",
+    name="digits",
     data_dir: str | os.PathLike | None = None,
     binarize: str = "dynamic",
     validation_size: int = 0,
     seed: int = 0,
     limit: int | None = None,
+    test_size: float = 0.1,
 ) -> VAEData:
-    """Load a data set by name (see :data:`DATASETS`).
+    """Load a data set by name (see :data:`~pyro_vae.choices.DATASETS`), or your own.
 
-    Args:
-        data_dir: folder of IDX files for the MNIST family (gz or raw, flat or in
-            torchvision's ``<root>/MNIST/raw`` layout). Without it, the files are looked
-            up in ``$PYRO_VAE_DATA`` (default ``~/.cache/pyro-vae``) and downloaded there
-            through torchvision if absent.
-        binarize: ``dynamic``, ``static`` or ``none``.
-        validation_size: training points held out (fixed seed) as a validation set.
-        limit: keep only the first ``limit`` training and test points (for quick runs).
+    :param name: a data set's name; or the path of a ``.npy`` file (one array, points in
+        rows), a ``.npz`` file (arrays ``train`` and optionally ``test``, or a single
+        array) or a folder of images (PNG, JPEG, ...; subfolders ``train`` and ``test``
+        where present); or an array or tensor (see :meth:`VAEData.from_tensors`).
+    :param data_dir: folder of IDX files for the MNIST family (gz or raw, flat or in
+        torchvision's ``<root>/MNIST/raw`` layout). Without it, the files are looked up
+        in ``$PYRO_VAE_DATA`` (default ``~/.cache/pyro-vae``) and downloaded there
+        through torchvision if absent.
+    :param binarize: ``dynamic``, ``static`` or ``none``.
+    :param validation_size: training points held out (fixed seed) as a validation set.
+    :param limit: keep only the first ``limit`` training and test points (quick runs).
+    :param test_size: for your own data without a test set: the fraction held out.
     """
-    if name not in DATASETS:
-        raise DataError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
-    if binarize not in BINARIZATIONS:
-        raise DataError(
-            f"unknown binarization {binarize!r}: choose one of {', '.join(BINARIZATIONS)}"
+    _check_choice(binarize, BINARIZATIONS, "binarization")
+    if not isinstance(name, (str, os.PathLike)):
+        return VAEData.from_tensors(
+            name,
+            name="array",
+            binarize=binarize,
+            test_size=test_size,
+            validation_size=validation_size,
+            seed=seed,
         )
-    if name == "digits":
-        train, test, shape = _load_digits(seed)
+    source = {
+        "dataset": str(name),
+        "data_dir": None if data_dir is None else str(data_dir),
+        "binarize": binarize,
+        "validation_size": validation_size,
+        "limit": limit,
+    }
+    if isinstance(name, str) and name in DATASETS:
+        if name == "digits":
+            train, test, shape = _load_digits(seed)
+        else:
+            train, test, shape = _load_mnist_family(name, data_dir)
     else:
-        train, test, shape = _load_mnist_family(name, data_dir)
+        path = Path(name).expanduser()
+        if not path.exists():
+            raise DataError(
+                f"unknown dataset {str(name)!r}: choose one of {', '.join(DATASETS)}, or "
+                f"pass the path of a .npy/.npz file or a folder of images (no such file)"
+            )
+        own = VAEData.from_tensors(
+            *_read_own(path), name=str(path), binarize=binarize, test_size=test_size, seed=seed
+        )
+        train, test, shape = own.train, own.test, own.data_shape
+        source["dataset"] = str(path.resolve())
     if limit is not None:
         if limit < 1:
             raise DataError(f"limit must be >= 1, got {limit}")
         train = Split(train.images[:limit], train.labels[:limit])
         test = Split(test.images[:limit], test.labels[:limit])
+    data = _assemble(str(name), shape, binarize, train, test, validation_size, seed)
+    data.source = source
+    return data
+
+
+def _check_choice(value, choices, what: str) -> None:
+    if value not in choices:
+        raise DataError(f"unknown {what} {value!r}: choose one of {', '.join(choices)}")
+
+
+def _assemble(name, shape, binarize, train: Split, test: Split, validation_size, seed) -> VAEData:
+    """Hold out the validation set, binarize statically if asked, check the values."""
+    if binarize != "none":
+        for split, what in ((train, "training"), (test, "test")):
+            if len(split) and (split.images.min() < 0 or split.images.max() > 1):
+                raise DataError(
+                    f"{name}: {what} values span [{float(split.images.min()):g}, "
+                    f"{float(split.images.max()):g}], but binarize={binarize!r} reads them as "
+                    f"probabilities in [0, 1]: scale them, or use binarize='none' (with a "
+                    f"gaussian likelihood for unbounded values)"
+                )
     if not 0 <= validation_size < len(train):
         raise DataError(
             f"validation size {validation_size} must be in [0, {len(train) - 1}] for "
@@ -169,6 +275,105 @@ def load_data(
         generator = torch.Generator().manual_seed(seed)
         train = Split(torch.bernoulli(train.images, generator=generator), train.labels)
     return VAEData(name, shape, binarize, train, validation, test, seed)
+
+
+# ------------------------------------------------------------------------- your own data
+#: image files read from a folder
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def _no_labels(n: int) -> torch.Tensor:
+    return torch.full((n,), -1, dtype=torch.int64)
+
+
+def _as_points(values, what: str) -> torch.Tensor:
+    """``values`` as a float32 tensor ``(N, ...)`` of finite numbers, or one line why not."""
+    try:
+        array = values.detach().cpu().numpy() if torch.is_tensor(values) else np.asarray(values)
+    except Exception as error:  # ragged lists, objects, ...
+        raise DataError(f"{what} is not an array of numbers ({error})") from None
+    if array.dtype == np.uint8:
+        array = array.astype(np.float32) / 255.0
+    elif array.dtype.kind not in "biuf":
+        raise DataError(f"{what} holds {array.dtype} values, not numbers: pass a numeric array")
+    if array.ndim < 2 or array.shape[0] < 1 or array[0].size < 1:
+        raise DataError(
+            f"{what} has shape {array.shape}: pass one point per row, (N, D) or (N, C, H, W)"
+        )
+    tensor = torch.as_tensor(array.astype(np.float32, copy=False))
+    if not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).flatten(1).any(1).sum())
+        raise DataError(f"{what}: {bad} point(s) hold NaN or infinite values: clean or drop them")
+    return tensor
+
+
+def _read_own(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """(train, test or None) from a .npy file, a .npz file or a folder of images."""
+    if path.is_dir():
+        parts = [path / "train", path / "test"]
+        if parts[0].is_dir():
+            test = _read_images(parts[1]) if parts[1].is_dir() else None
+            return _read_images(parts[0]), test
+        return _read_images(path), None
+    try:
+        if path.suffix == ".npy":
+            return np.load(path, allow_pickle=False), None
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as arrays:
+                keys = list(arrays.keys())
+                if "train" in keys:
+                    return arrays["train"], arrays["test"] if "test" in keys else None
+                if len(keys) == 1:
+                    return arrays[keys[0]], None
+                raise DataError(
+                    f"{path} holds arrays {', '.join(keys)}: name them train (and test), or "
+                    f"save a single array"
+                )
+    except (OSError, ValueError, EOFError) as error:
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise DataError(f"{path} cannot be read as a numpy file ({first}): replace it") from None
+    raise DataError(
+        f"{path} is a {path.suffix or 'suffix-less'} file: pass a .npy or .npz file, or a "
+        f"folder of images"
+    )
+
+
+def _read_images(folder: Path) -> np.ndarray:
+    """The images of ``folder`` (sorted by name) as ``(N, C, H, W)`` grey levels in [0, 1]."""
+    from PIL import Image, UnidentifiedImageError
+
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DataError(
+            f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)}): pass a folder of images"
+        )
+    arrays = []
+    for file in files:
+        try:
+            with Image.open(file) as image:
+                mode = "L" if image.mode in ("1", "L", "I", "I;16", "F", "P") else "RGB"
+                array = np.asarray(image.convert(mode), dtype=np.float32) / 255.0
+        except (OSError, UnidentifiedImageError) as error:
+            raise DataError(f"{file} is not a readable image ({error}): remove it") from None
+        arrays.append(array[None] if array.ndim == 2 else array.transpose(2, 0, 1))
+    shapes = {a.shape for a in arrays}
+    if len(shapes) > 1:
+        sizes = ", ".join(map(str, sorted(shapes)[:3]))
+        raise DataError(f"{folder} holds images of {len(shapes)} sizes ({sizes}): resize them")
+    return np.stack(arrays)
+
+
+def data_shape_of(dataset: str) -> tuple[int, ...]:
+    """The shape of one point of ``dataset`` (a name or a path), without loading it all."""
+    if dataset == "digits":
+        return (1, 8, 8)
+    if dataset in DATASETS:
+        return (1, 28, 28)
+    path = Path(dataset)
+    if path.suffix == ".npy" and path.is_file():
+        return tuple(int(d) for d in np.load(path, mmap_mode="r", allow_pickle=False).shape[1:])
+    train, _ = _read_own(path)
+    return tuple(int(d) for d in train.shape[1:])
 
 
 # ------------------------------------------------------------------------- digits

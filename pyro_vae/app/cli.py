@@ -161,6 +161,14 @@ def build_parser() -> argparse.ArgumentParser:
         "log p(x) with K=5000 on the whole test set",
     )
     train.add_argument("--dataset", choices=DATASETS, help="data set")
+    train.add_argument(
+        "--data",
+        type=Path,
+        metavar="PATH",
+        help="your own data instead: a .npy file (points in rows), a .npz file (arrays train "
+        "and test) or a folder of images (subfolders train/ and test/ where present); "
+        "without a test set, 10%% of the points are held out",
+    )
     train.add_argument("--data-dir", help="folder of IDX files for mnist/fashion-mnist/kmnist")
     train.add_argument("--likelihood", choices=LIKELIHOODS, help="decoder likelihood")
     train.add_argument("--binarize", choices=BINARIZATIONS, help="binarization of images")
@@ -610,6 +618,18 @@ def resolve_config(args: argparse.Namespace, base: RunConfig | None = None) -> R
         value = getattr(args, flag)
         if value is not None:
             sections[section][name] = value
+    own = getattr(args, "data", None)
+    if own is not None:
+        if args.dataset is not None:
+            raise UserInputError("--data and --dataset both name the data: pass one of them")
+        if not own.exists():
+            raise UserInputError(f"--data {own} does not exist: pass a .npy/.npz file or folder")
+        sections["data"]["dataset"] = str(own.expanduser().resolve())
+    # run folders hold absolute paths: they are read from any directory
+    if sections["data"].get("data_dir") is not None:
+        sections["data"]["data_dir"] = str(
+            Path(sections["data"]["data_dir"]).expanduser().resolve()
+        )
     return RunConfig(
         model=dataclasses.replace(config.model, **sections["model"]),
         data=dataclasses.replace(config.data, **sections["data"]),
@@ -798,7 +818,6 @@ def prepare_run(config: RunConfig) -> PreparedRun:
     training)."""
     import torch
 
-    from pyro_vae.data import load_data
     from pyro_vae.models.build import build_vae
     from pyro_vae.objectives.registry import check_estimator_fits, make_elbo
     from pyro_vae.resources import check_training_fits
@@ -806,14 +825,7 @@ def prepare_run(config: RunConfig) -> PreparedRun:
 
     if config.train.device == "cuda" and not torch.cuda.is_available():
         raise UserInputError("CUDA is not available on this machine: use --device cpu")
-    data = load_data(
-        config.data.dataset,
-        config.data.data_dir,
-        config.data.binarize,
-        config.data.validation_size,
-        seed=config.train.seed,
-        limit=config.data.limit,
-    )
+    data = config.data.load(config.train.seed)
     check_training_fits(config, data.data_shape, len(data.train))
     torch.manual_seed(config.train.seed)
     vae = build_vae(config.model, data.data_shape)
@@ -1036,10 +1048,10 @@ def _sample(args: argparse.Namespace) -> int:
         raise UserInputError(f"--out {out} is a folder: pass a PNG file name")
     if out.suffix.lower() != ".png":
         raise UserInputError(f"--out {out} must end in .png")
-    config, vae, data, _ = load_run(args.run_dir)
+    config, vae, _, _ = load_run(args.run_dir, with_data=False)  # sampling needs no data
     from pyro_vae.resources import check_sampling_fits
 
-    check_sampling_fits(config.model, data.data_shape, args.n)
+    check_sampling_fits(config.model, vae.data_shape, args.n)
     import torch
     from torchvision.utils import save_image
 

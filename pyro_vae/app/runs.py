@@ -303,14 +303,22 @@ def run_config(run_dir: Path, checkpoint: dict[str, Any]) -> RunConfig:
     return config
 
 
-def load_run(run_dir: str | Path, device: str = "cpu", best: bool = True):
+def load_run(run_dir: str | Path, device: str = "cpu", best: bool = True, with_data: bool = True):
     """Config, model (with trained parameters), data and checkpoint of a run folder.
+
+    :param run_dir: a folder written by ``pyro-vae train`` or by :func:`pyro_vae.fit`
+        with ``run_dir`` (paths in it are absolute: it loads from any directory).
+    :param device: where the model goes.
+    :param best: the early-stopped run's best epoch rather than its last.
+    :param with_data: load the data set too; without it, the data returned is ``None``
+        (sampling needs no data).
+    :returns: ``(config, model, data, checkpoint)``.
 
     The checkpoint is verified (digest, structure); the config is the checkpoint's own,
     which ``config.json`` must match."""
     import torch
 
-    from pyro_vae.data import load_data
+    from pyro_vae.data import data_shape_of
     from pyro_vae.models.build import build_vae
     from pyro_vae.training.checkpoint import load_checkpoint
 
@@ -325,15 +333,9 @@ def load_run(run_dir: str | Path, device: str = "cpu", best: bool = True):
     config = run_config(run_dir, checkpoint)
     if best and checkpoint.get("stopped_early") and (run_dir / "best.pt").exists():
         checkpoint = load_checkpoint(run_dir / "best.pt")
-    data = load_data(
-        config.data.dataset,
-        config.data.data_dir,
-        config.data.binarize,
-        config.data.validation_size,
-        seed=config.train.seed,
-        limit=config.data.limit,
-    )
-    vae = build_vae(config.model, data.data_shape)
+    data = config.data.load(config.train.seed) if with_data else None
+    shape = data.data_shape if data is not None else data_shape_of(config.data.dataset)
+    vae = build_vae(config.model, shape)
     load_parameters(vae, checkpoint["model"], run_dir)
     vae.to(device).eval()
     torch.set_grad_enabled(True)

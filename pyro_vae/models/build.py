@@ -11,7 +11,16 @@ from pyro_vae.models.vae import VAE
 
 
 def build_vae(config, data_shape: Sequence[int]) -> VAE:
-    """Build a VAE from a :class:`~pyro_vae.config.ModelConfig` for data of ``data_shape``."""
+    """Build a VAE from a :class:`~pyro_vae.config.ModelConfig` for data of ``data_shape``.
+
+    The model keeps its config as ``model.config``: :func:`pyro_vae.fit` writes it to a
+    run folder's ``config.json``, from which the command line rebuilds the model."""
+    vae = _build(config, data_shape)
+    vae.config = config
+    return vae
+
+
+def _build(config, data_shape: Sequence[int]) -> VAE:
     from pyro_vae.models.likelihoods import make_likelihood
     from pyro_vae.models.networks import ConvDecoder, ConvEncoder, GaussianMLP, MLPDecoder
 

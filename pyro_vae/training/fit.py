@@ -11,7 +11,7 @@ import pyro
 import torch
 
 from pyro_vae.compat import tensor_version
-from pyro_vae.config import TrainConfig
+from pyro_vae.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from pyro_vae.data import VAEData
 from pyro_vae.errors import UserInputError
 from pyro_vae.models.protocol import ModelError, check_data, check_protocol
@@ -49,6 +49,16 @@ def check_data_once(vae, data: VAEData) -> None:
         data.checked[(split, kind)] = (weakref.ref(images), version)
 
 
+def described_run(vae, data: VAEData, config: TrainConfig) -> RunConfig | None:
+    """The run's whole config, where the model and data say how to rebuild them."""
+    model_config = getattr(vae, "config", None)
+    if not isinstance(model_config, ModelConfig) or data.source is None:
+        return None
+    if data.seed != config.seed:  # the data would not reload the same (held-out split)
+        return None
+    return RunConfig(model=model_config, data=DataConfig(**data.source), train=config)
+
+
 def fit(
     vae,
     data: VAEData,
@@ -72,6 +82,13 @@ def fit(
     the checkpoint there, reproducing the uninterrupted run exactly on CPU.
 
     ``callbacks`` are called with each epoch's metrics dict.
+
+    A run folder written here is the command line's format: where the model was built
+    by :func:`~pyro_vae.models.build.build_vae` and the data loaded by
+    :func:`~pyro_vae.data.load_data` with the run's seed, ``config.json`` records all
+    three configs (absolute paths), and ``pyro-vae evaluate``/``sample``/``diagnose`` read
+    the folder from any directory. A model of your own class has no such config: its
+    folder holds the checkpoint and metrics, for ``model.load_state_dict``.
     """
     if config.device == "cuda" and not torch.cuda.is_available():
         raise UserInputError("CUDA is not available on this machine: use --device cpu")
@@ -86,6 +103,11 @@ def fit(
     check_data_once(vae, data)
     if run_dir is not None:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
+        if saved_config is None and not resume:
+            described = described_run(vae, data, config)
+            if described is not None:
+                described.save(Path(run_dir) / "config.json")
+                saved_config = described.to_dict()
     if not resume:
         pyro.set_rng_seed(config.seed)
     trainer = Trainer(vae, data, config, run_dir, saved_config)
