@@ -1,0 +1,127 @@
+"""MkDocs hook: the reference tables, generated at build time.
+
+``docs/guide/configuration.md`` holds two markers. ``<!-- config-reference -->`` becomes
+one table per config dataclass of ``pyro_vae.config`` (field, type, default, and the
+comment written beside the field in the source); ``<!-- cli-reference -->`` becomes the
+``--help`` of ``pyro-vae`` and of each of its commands, from
+``pyro_vae.app.cli.build_parser``. Nothing is copied by hand, so the page cannot drift
+from the code. ``<!-- public-names -->`` becomes the table of ``pyro_vae``'s public
+names (``pyro_vae._EXPORTS``), each linked to its API page.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import io
+import os
+import sys
+import tokenize
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_CLASSES = ("ModelConfig", "DataConfig", "TrainConfig", "RunConfig")
+
+
+def _field_comments(source: str, class_name: str) -> dict[str, str]:
+    """field name -> its comment: the one on the field's line, else the comment lines
+    right above it."""
+    comments: dict[int, str] = {}
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT:
+            comments[token.start[0]] = token.string.lstrip("#").strip()
+    tree = ast.parse(source)
+    result: dict[str, str] = {}
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == class_name:
+            for stmt in node.body:
+                if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+                    line = stmt.lineno
+                    text = comments.get(line)
+                    if text is None:
+                        above, row = [], line - 1
+                        while row in comments:
+                            above.insert(0, comments[row])
+                            row -= 1
+                        text = " ".join(above)
+                    result[stmt.target.id] = text
+    return result
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _default(field: dataclasses.Field) -> str:
+    if field.default is not dataclasses.MISSING:
+        return f"`{field.default!r}`"
+    if field.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f"`{field.default_factory.__name__}()`"  # type: ignore[misc]
+    return "(required)"
+
+
+def config_reference() -> str:
+    import pyro_vae.config as config
+
+    source = inspect.getsource(config)
+    sections = {"ModelConfig": "model", "DataConfig": "data", "TrainConfig": "train"}
+    parts = []
+    for name in CONFIG_CLASSES:
+        cls = getattr(config, name)
+        comments = _field_comments(source, name)
+        section = sections.get(name)
+        title = f"### `{name}`" + (f" (config file section `{section}`)" if section else "")
+        parts.append(title)
+        doc = inspect.getdoc(cls)
+        if doc and not doc.startswith(f"{name}("):
+            parts.append(doc)
+        parts.append("| field | type | default | meaning |\n| --- | --- | --- | --- |")
+        rows = [
+            f"| `{f.name}` | `{_cell(str(f.type))}` | {_cell(_default(f))} | "
+            f"{_cell(comments.get(f.name, ''))} |"
+            for f in dataclasses.fields(cls)
+        ]
+        parts[-1] += "\n" + "\n".join(rows)
+    return "\n\n".join(parts)
+
+
+def cli_reference() -> str:
+    import argparse
+
+    from pyro_vae.app.cli import build_parser
+
+    os.environ["COLUMNS"] = "100"  # argparse wraps to the terminal: fix the width
+    parser = build_parser()
+    parts = ["### `pyro-vae`", "```text\n" + parser.format_help().rstrip() + "\n```"]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                parts.append(f"### `pyro-vae {name}`")
+                parts.append("```text\n" + sub.format_help().rstrip() + "\n```")
+    return "\n\n".join(parts)
+
+
+def public_names() -> str:
+    """The table of ``pyro_vae``'s public names, each linked to its API page."""
+    import pyro_vae
+
+    pages = {"models", "objectives", "analysis", "training", "app"}
+    rows = ["| name | defined in |", "| --- | --- |"]
+    for name in sorted(pyro_vae._EXPORTS):
+        module = pyro_vae._EXPORTS[name]
+        page = module.split(".")[1] if module.split(".")[1] in pages else "data-config"
+        rows.append(f"| [`{name}`]({page}.md#{module}.{name}) | `{module}` |")
+    return "\n".join(rows)
+
+
+def on_page_markdown(markdown, page, config, files):  # noqa: ARG001 (MkDocs hook signature)
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    if "<!-- config-reference -->" in markdown:
+        markdown = markdown.replace("<!-- config-reference -->", config_reference())
+    if "<!-- cli-reference -->" in markdown:
+        markdown = markdown.replace("<!-- cli-reference -->", cli_reference())
+    if "<!-- public-names -->" in markdown:
+        markdown = markdown.replace("<!-- public-names -->", public_names())
+    return markdown
