@@ -215,10 +215,10 @@ class TrainConfig:
         _number(self.kl_warmup_epochs, "kl_warmup_epochs", minimum=0)
         _number(self.free_bits, "free_bits", minimum=0)
         if self.estimator == "renyi" and self.alpha == 1:
-            raise UserInputError("renyi with alpha = 1 is the ELBO: use --estimator mc")
+            raise UserInputError("renyi with alpha = 1 is the ELBO: use `estimator='mc'`")
         if self.free_bits and self.estimator not in ("mc", "analytic"):
             raise UserInputError(
-                f"free bits apply to the KL of the ELBO: use them with --estimator mc or "
+                f"free bits apply to the KL of the ELBO: use them with `estimator='mc'` or "
                 f"analytic, not {self.estimator}"
             )
 
@@ -275,9 +275,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         if self.train.early_stopping_patience and not self.data.validation_size:
-            raise UserInputError(
-                "early stopping needs a validation set: set validation_size (--validation-size)"
-            )
+            raise UserInputError("early stopping needs a validation set: set `validation_size`")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -408,16 +408,16 @@ def _find_idx(folder: Path, name: str, stem: str) -> Path | None:
 
 
 def _load_mnist_family(name: str, data_dir) -> tuple[Split, Split, tuple[int, ...]]:
-    fix = "or use --dataset digits (offline, built in)"
+    fix = "or use `dataset='digits'` (offline, built in)"
     if data_dir is not None:
         folder = Path(data_dir).expanduser()
         if not folder.exists():
             raise DataError(
-                f"data folder {folder} does not exist: pass --data-dir with the folder "
+                f"data folder {folder} does not exist: pass `data_dir`, the folder "
                 f"holding {name}'s IDX files ({_IDX_FILES['train_images']}[.gz], ...), {fix}"
             )
         if not folder.is_dir():
-            raise DataError(f"--data-dir {folder} is a file, not a folder of IDX files")
+            raise DataError(f"`data_dir` {folder} is a file, not a folder of IDX files")
     else:
         folder = _default_cache()
     paths = {key: _find_idx(folder, name, stem) for key, stem in _IDX_FILES.items()}
@@ -466,8 +466,8 @@ def _download(name: str, folder: Path) -> None:
     except Exception as error:  # torchvision raises URLError, RuntimeError, ...
         raise DataError(
             f"{name} not found in {folder} and could not be downloaded ({type(error).__name__}:"
-            f" {str(error).splitlines()[0] if str(error) else 'no network?'}): pass --data-dir "
-            f"with a folder of IDX files (gz or raw), or use --dataset digits"
+            f" {str(error).splitlines()[0] if str(error) else 'no network?'}): pass `data_dir`, "
+            f"a folder of IDX files (gz or raw), or use `dataset='digits'`"
         ) from None
 
 

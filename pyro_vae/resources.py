@@ -100,21 +100,21 @@ def check_training_fits(config, data_shape: Sequence[int], num_data: int) -> Non
     step = batch * train.particles * values * ACTIVATION_COPIES * FLOAT
     evaluation = 1000 * train.eval_particles * values * FLOAT
     for count, what, fix in (
-        (parameters, "the model", "lower --hidden or --latent-dims"),
-        (step, "one step", "lower --batch-size or --particles"),
+        (parameters, "the model", "lower `hidden` or `latent_dims`"),
+        (step, "one step", "lower `batch_size` or `particles`"),
     ):
         if count >= 2**62:
             raise UserInputError(f"{what} would need more than 2^62 values: {fix}")
     check_fits(
         parameters * PARAMETER_COPIES * FLOAT,
         f"a model with {parameters:,} parameters",
-        "lower --hidden or --latent-dims",
+        "lower `hidden` or `latent_dims`",
         train.device,
     )
     check_fits(
         parameters * PARAMETER_COPIES * FLOAT + step,
         f"a step of {batch} data points x {train.particles} particles",
-        "lower --batch-size or --particles",
+        "lower `batch_size` or `particles`",
         train.device,
     )
     check_fits(
@@ -129,7 +129,7 @@ def check_sampling_fits(model, data_shape: Sequence[int], count: int, device: st
     """Refuse drawing ``count`` samples that cannot fit in memory."""
     _, values = network_sizes(model, data_shape)
     needed = count * (values + math.prod(data_shape)) * FLOAT * 2
-    check_fits(needed, f"{count:,} samples", "lower --n", device)
+    check_fits(needed, f"{count:,} samples", "draw fewer (`n`)", device)
 
 
 def _size(count: float) -> str:

@@ -171,3 +171,24 @@ def test_each_choice_is_declared_once_and_implemented_for_exactly_its_names():
     assert list(flags["estimator"]) == list(ESTIMATORS)
     assert list(flags["dataset"]) == list(choices.DATASETS)
     assert list(flags["guide"]) == list(choices.GUIDES)
+
+
+def test_library_errors_name_settings_and_only_the_cli_speaks_in_flags():
+    from pyro_vae.app.cli import as_flags
+
+    assert as_flags("lower `lr` or use `optimizer='clipped_adam'`") == (
+        "lower --lr or use --optimizer clipped_adam"
+    )
+    assert as_flags("`latent_dims`, `kl_warmup_epochs`") == "--latent-dims, --kl-warmup"
+    assert as_flags("`no_such_setting` stays") == "`no_such_setting` stays"
+    flagged = []
+    for path in PACKAGE.rglob("*.py"):
+        if "app" in path.relative_to(PACKAGE).parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Raise) and node.exc is not None:
+                for part in ast.walk(node.exc):
+                    if isinstance(part, ast.Constant) and isinstance(part.value, str):
+                        if re.search(r"(^|\s|\()--[a-z]", part.value):
+                            flagged.append(f"{path.name}:{node.lineno}: {part.value!r}")
+    assert not flagged, "library errors naming CLI flags:\n" + "\n".join(flagged)

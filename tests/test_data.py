@@ -133,7 +133,7 @@ def test_missing_file_is_named(mnist_copy):
 
 def test_missing_folder_and_file_instead_of_folder(tmp_path):
     with pytest.raises(
-        DataError, match="does not exist: pass --data-dir .* or use --dataset digits"
+        DataError, match="does not exist: pass `data_dir`, .* or use `dataset=.digits.`"
     ):
         load_data("mnist", tmp_path / "nowhere")
     a_file = tmp_path / "file.txt"
@@ -193,5 +193,5 @@ def test_no_network_gives_the_fix(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torchvision.datasets, "KMNIST", offline)
     monkeypatch.setenv("PYRO_VAE_DATA", str(tmp_path))
-    with pytest.raises(DataError, match="could not be downloaded .* pass --data-dir"):
+    with pytest.raises(DataError, match="could not be downloaded .* pass `data_dir`"):
         load_data("kmnist")

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import errno
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -1090,10 +1091,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "diagnose":
             return _diagnose(args)
     except UserInputError as error:
-        print(f"pyro-vae {args.command}: error: {error}", file=sys.stderr)
+        print(f"pyro-vae {args.command}: error: {as_flags(str(error))}", file=sys.stderr)
         return 2
     except NonFiniteError as error:
-        print(f"pyro-vae {args.command}: stopped: {error}", file=sys.stderr)
+        print(f"pyro-vae {args.command}: stopped: {as_flags(str(error))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"pyro-vae {args.command}: interrupted", file=sys.stderr)
@@ -1106,6 +1107,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pyro-vae {args.command}: {message}", file=sys.stderr)
         return status
     return 0
+
+
+#: library names of settings that the command line spells differently
+_SETTING_FLAGS = {field: flag for flag, (_, field) in _TRAIN_FLAGS.items()} | {
+    "out": "out",
+    "overwrite": "overwrite",
+    "n": "n",
+}
+
+
+def as_flags(message: str) -> str:
+    """A library message in the command line's words: the library names a setting in
+    backticks, `lr` or `estimator='mc'`; the command line prints --lr, --estimator mc."""
+
+    def flag(match: re.Match) -> str:
+        name, value = match.group(1), match.group(2)
+        if name not in _SETTING_FLAGS:
+            return match.group(0)
+        text = "--" + _SETTING_FLAGS[name].replace("_", "-")
+        if value is not None:
+            text += " " + value.strip("'\"")
+        return text
+
+    return re.sub(r"`([a-z_]+)(?:=([^`]+))?`", flag, message)
 
 
 #: errno -> what the environment did, with the fix; exit status 1 (not bad input)

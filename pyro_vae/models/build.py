@@ -33,7 +33,7 @@ def _build(config, data_shape: Sequence[int]) -> VAE:
     latent_dim = config.latent_dims[0]
     if config.network == "conv":
         if len(data_shape) != 3:
-            raise DataError(f"--network conv needs image data (C, H, W), got shape {data_shape}")
+            raise DataError(f"`network='conv'` needs image data (C, H, W), got shape {data_shape}")
         width = config.hidden[0] if config.hidden else 256
         encoder = ConvEncoder(data_shape, latent_dim, width, config.activation)
         decoder = ConvDecoder(latent_dim, data_shape, width, config.activation)

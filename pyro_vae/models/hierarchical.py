@@ -234,7 +234,7 @@ def build_hierarchical(
     config, data_shape: Sequence[int], likelihood: Likelihood
 ) -> HierarchicalVAE:
     if config.network != "mlp":
-        raise DataError("the hierarchical VAE uses MLPs: drop --network conv")
+        raise DataError("the hierarchical VAE uses MLPs: use `network='mlp'`")
     return HierarchicalVAE(
         data_shape,
         config.latent_dims,

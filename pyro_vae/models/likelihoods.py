@@ -97,7 +97,7 @@ class Likelihood(nn.Module):
                 raise DataError(
                     f"{what} has values in [{x_min:g}, {x_max:g}], outside [{low:g}, {high:g}] "
                     f"required by the {self.name} likelihood: rescale the data to [0, 1] "
-                    f"or use --likelihood gaussian"
+                    f"or use `likelihood='gaussian'`"
                 )
 
 

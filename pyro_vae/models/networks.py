@@ -91,7 +91,7 @@ def _conv_grid(image_shape: Sequence[int]) -> tuple[int, int, int]:
     if height % 4 or width % 4:
         raise ValueError(
             f"the convolutional networks halve the image twice, so height and width must be "
-            f"multiples of 4 (got {height}x{width}); use --network mlp for this data"
+            f"multiples of 4 (got {height}x{width}); use `network='mlp'` for this data"
         )
     return channels, height // 4, width // 4
 

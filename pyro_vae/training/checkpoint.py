@@ -101,7 +101,7 @@ def save_checkpoint(path: str | Path, **contents: Any) -> None:
         if bad is not None:
             raise NonFiniteError(
                 f"refusing to save a checkpoint whose {part} state holds non-finite values "
-                f"({bad}); the previous checkpoint is intact: lower the learning rate (--lr)"
+                f"({bad}); the previous checkpoint is intact: lower the learning rate (`lr`)"
             )
     atomic_write_bytes(encode_checkpoint(contents), path)
 
@@ -136,7 +136,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is a folder, not a checkpoint file")
     if not path.is_file():
         raise CheckpointError(
-            f"no checkpoint at {path}: train first (pyro-vae train --out {path.parent}) "
+            f"no checkpoint at {path}: train first (`out` {path.parent}) "
             f"or pass the folder of a run that saved one"
         )
     wrapper = _torch_load(path, path)
@@ -148,7 +148,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{path} was written by another version of pyro-vae (format version "
             f"{wrapper.get('version')!r}, this one reads {VERSION}): start the run over "
-            f"(--overwrite)"
+            f"(`overwrite`)"
         )
     payload, digest = wrapper.get("payload"), wrapper.get("sha256")
     if not (torch.is_tensor(payload) and payload.dtype == torch.uint8 and payload.dim() == 1):
@@ -157,7 +157,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(digest, str) or hashlib.sha256(data).hexdigest() != digest:
         raise CheckpointError(
             f"checkpoint {path} fails its SHA-256 check: the file was altered or damaged on "
-            f"disk; restore it from a backup, or start the run over (--overwrite)"
+            f"disk; restore it from a backup, or start the run over (`overwrite`)"
         )
     contents = _torch_load(io.BytesIO(data), path)
     check_checkpoint(contents, path)
@@ -185,7 +185,7 @@ def _corrupt(path: Path, error: BaseException) -> CheckpointError:
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return CheckpointError(
         f"checkpoint {path} is corrupt or not a pyro-vae checkpoint ({first[:120]}): "
-        f"restore it from a backup, or start the run over (--overwrite)"
+        f"restore it from a backup, or start the run over (`overwrite`)"
     )
 
 
@@ -211,7 +211,7 @@ def check_checkpoint(contents: Any, path: str | Path) -> None:
     def refuse(problem: str) -> CheckpointError:
         return CheckpointError(
             f"checkpoint {path} {problem}: it was not written by this pyro-vae, or was "
-            f"altered; start the run over (--overwrite)"
+            f"altered; start the run over (`overwrite`)"
         )
 
     if not isinstance(contents, dict):

@@ -91,7 +91,7 @@ def fit(
     folder holds the checkpoint and metrics, for ``model.load_state_dict``.
     """
     if config.device == "cuda" and not torch.cuda.is_available():
-        raise UserInputError("CUDA is not available on this machine: use --device cpu")
+        raise UserInputError("CUDA is not available on this machine: use `device='cpu'`")
     check_protocol(vae)
     if not isinstance(vae, torch.nn.Module):
         raise ModelError(

@@ -158,7 +158,7 @@ class Trainer:
         except (KeyError, RuntimeError, ValueError, TypeError) as error:
             raise CheckpointError(
                 f"the checkpoint does not fit this model or version ({str(error).splitlines()[0]}):"
-                f" resume with the run's own config.json, or start over with --overwrite"
+                f" resume with the run's own config.json, or start over (`overwrite`)"
             ) from None
 
     def save(self, path: Path | None = None) -> None:
@@ -269,20 +269,20 @@ class Trainer:
             raise NonFiniteError(
                 f"an update before {where} overflowed: the parameters became non-finite with "
                 f"learning rate {lr:g}; the model is back at its state at the start of epoch "
-                f"{self.epoch + 1}{kept}. Lower the learning rate (--lr)"
+                f"{self.epoch + 1}{kept}. Lower the learning rate (`lr`)"
             )
         if not (math.isfinite(loss) and math.isfinite(grad_max)):
             what = "loss" if not math.isfinite(loss) else "gradient"
             raise NonFiniteError(
                 f"non-finite {what} at {where} (loss {loss:g}, largest gradient entry "
                 f"{grad_max:g}); the step was not taken, the parameters are finite{kept}. "
-                f"Likely causes: a learning rate too high (now {lr:g}: lower --lr), data "
+                f"Likely causes: a learning rate too high (now {lr:g}: lower `lr`), data "
                 f"outside the likelihood's support, or a too aggressive estimator setting"
             )
         raise NonFiniteError(
             f"gradient entries up to {grad_max:.3g} at {where}: Adam squares them, which "
             f"overflows float32 (above {GRADIENT_LIMIT:.3g}); the step was not taken{kept}. "
-            f"Lower the learning rate (now {lr:g}: --lr), or use --optimizer clipped_adam"
+            f"Lower the learning rate (now {lr:g}: `lr`), or use `optimizer='clipped_adam'`"
         )
 
     def _check_epoch(self) -> None:
@@ -300,7 +300,7 @@ class Trainer:
                     f"the {part} became non-finite during epoch {self.epoch + 1} ({bad}) with "
                     f"learning rate {lr:g}; the model is back at its state at the start of "
                     f"the epoch and nothing of the epoch was written. Lower the learning rate "
-                    f"(--lr)"
+                    f"(`lr`)"
                 )
 
     def _restore_epoch_start(self) -> None:
