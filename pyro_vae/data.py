@@ -431,7 +431,8 @@ def _load_mnist_family(name: str, data_dir) -> tuple[Split, Split, tuple[int, ..
             f"{name} files missing in {folder}: {', '.join(missing)} (raw or .gz): "
             f"put all four IDX files there, {fix}"
         )
-    arrays = {key: _read_idx(name, path) for key, path in paths.items()}
+    # (none is missing here)
+    arrays = {key: _read_idx(name, path) for key, path in paths.items() if path is not None}
     splits = {}
     for split in ("train", "test"):
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]

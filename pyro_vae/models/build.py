@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from torch import nn
+
 from pyro_vae.errors import DataError
 from pyro_vae.models.vae import VAE
 
@@ -31,6 +33,8 @@ def _build(config, data_shape: Sequence[int]) -> VAE:
 
         return build_hierarchical(config, data_shape, likelihood)
     latent_dim = config.latent_dims[0]
+    encoder: nn.Module
+    decoder: nn.Module
     if config.network == "conv":
         if len(data_shape) != 3:
             raise DataError(f"`network='conv'` needs image data (C, H, W), got shape {data_shape}")

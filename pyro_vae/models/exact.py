@@ -1,6 +1,6 @@
 """Linear-Gaussian VAEs, where every quantity the estimators approximate is known exactly.
 
-One layer (DESIGN.md): ``z ~ N(0, I_d)``, ``x | z ~ N(W z + b, s^2 I_D)``. Then
+One layer: ``z ~ N(0, I_d)``, ``x | z ~ N(W z + b, s^2 I_D)``. Then
 
 - ``p(x) = N(b, W W^T + s^2 I)``,
 - ``p(z | x) = N(M^-1 W^T (x - b), s^2 M^-1)`` with ``M = W^T W + s^2 I``,
@@ -54,6 +54,10 @@ class LinearGaussianVAE(VAE):
 
     ``decoder.weight`` is W (D x d), ``decoder.bias`` is b, ``noise_scale`` is s.
     """
+
+    # the networks the constructor passes to VAE, declared for type checkers
+    encoder: LinearGaussianEncoder
+    decoder: nn.Linear
 
     def __init__(self, data_dim: int, latent_dim: int, noise_scale: float = 1.0) -> None:
         super().__init__(
@@ -188,6 +192,38 @@ class LinearGaussianVAE(VAE):
 
 
 # ---------------------------------------------------------------------- two layers
+class _TwoLayerGenerative(nn.Module):
+    """The model's networks: ``decoder1`` (W1 z1 + b1) and ``decoder2`` (W2 z2 + b2)."""
+
+    def __init__(self, data_dim: int, d1: int, d2: int) -> None:
+        super().__init__()
+        self.decoder1 = nn.Linear(d1, data_dim)  # W1 b1
+        self.decoder2 = nn.Linear(d2, d1)  # W2 b2
+
+
+class _TopDownInference(nn.Module):
+    """q(z2|x) = N(A2 x + c2, v2), q(z1|z2,x) = N(A1 x + C z2 + c1, v1)."""
+
+    def __init__(self, data_dim: int, d1: int, d2: int) -> None:
+        super().__init__()
+        self.q2 = nn.Linear(data_dim, d2)  # A2 x + c2
+        self.q1 = nn.Linear(data_dim, d1)  # A1 x + c1
+        self.q1_from_z2 = nn.Linear(d2, d1, bias=False)  # C
+        self.raw_scale1 = nn.Parameter(torch.zeros(d1))
+        self.raw_scale2 = nn.Parameter(torch.zeros(d2))
+
+
+class _BottomUpInference(nn.Module):
+    """q(z1|x) = N(A1 x + c1, v1), q(z2|z1) = N(C z1 + c2, v2)."""
+
+    def __init__(self, data_dim: int, d1: int, d2: int) -> None:
+        super().__init__()
+        self.q1 = nn.Linear(data_dim, d1)  # A1 x + c1
+        self.q2_from_z1 = nn.Linear(d1, d2)  # C z1 + c2
+        self.raw_scale1 = nn.Parameter(torch.zeros(d1))
+        self.raw_scale2 = nn.Parameter(torch.zeros(d2))
+
+
 class TwoLayerLinearGaussianVAE(nn.Module):
     """``z2 ~ N(0, I)``, ``z1 | z2 ~ N(W2 z2 + b2, s2^2 I)``, ``x | z1 ~ N(W1 z1 + b1, s1^2 I)``.
 
@@ -199,6 +235,10 @@ class TwoLayerLinearGaussianVAE(nn.Module):
       (the IWAE paper's order). z1's model parent z2 is its guide-descendant, so
       analytic KL is biased here.
     """
+
+    # buffers (register_buffer), declared for type checkers
+    prior_loc: torch.Tensor
+    prior_scale: torch.Tensor
 
     def __init__(
         self,
@@ -215,25 +255,24 @@ class TwoLayerLinearGaussianVAE(nn.Module):
         self.data_shape = (data_dim,)
         self.noise_scales = tuple(float(s) for s in noise_scales)
         # generative and inference parameters in two modules, one pyro.module each
-        self.generative = nn.ModuleDict(
-            {"decoder1": nn.Linear(d1, data_dim), "decoder2": nn.Linear(d2, d1)}  # W1 b1, W2 b2
-        )
+        self.generative = _TwoLayerGenerative(data_dim, d1, d2)
         self.register_buffer("prior_loc", torch.zeros(d2))
         self.register_buffer("prior_scale", torch.ones(d2))
-        inference = nn.Module()
-        if guide_order == "top-down":
-            inference.q2 = nn.Linear(data_dim, d2)  # A2 x + c2
-            inference.q1 = nn.Linear(data_dim, d1)  # A1 x + c1
-            inference.q1_from_z2 = nn.Linear(d2, d1, bias=False)  # C
-        else:
-            inference.q1 = nn.Linear(data_dim, d1)  # A1 x + c1
-            inference.q2_from_z1 = nn.Linear(d1, d2)  # C z1 + c2
-        inference.raw_scale1 = nn.Parameter(torch.zeros(d1))
-        inference.raw_scale2 = nn.Parameter(torch.zeros(d2))
-        self.inference = inference
+        self.inference: _TopDownInference | _BottomUpInference = (
+            _TopDownInference(data_dim, d1, d2)
+            if guide_order == "top-down"
+            else _BottomUpInference(data_dim, d1, d2)
+        )
 
     @classmethod
-    def random(cls, data_dim, latent_dims, noise_scales=(1.0, 1.0), guide_order="top-down", seed=0):
+    def random(
+        cls,
+        data_dim: int,
+        latent_dims: tuple[int, int],
+        noise_scales: tuple[float, float] = (1.0, 1.0),
+        guide_order: str = "top-down",
+        seed: int = 0,
+    ) -> TwoLayerLinearGaussianVAE:
         generator = torch.Generator().manual_seed(seed)
         vae = cls(data_dim, latent_dims, noise_scales, guide_order)
         with torch.no_grad():
@@ -276,7 +315,7 @@ class TwoLayerLinearGaussianVAE(nn.Module):
         v1, v2 = self.scales()
         net = self.inference
         with data_plate(x, num_data):
-            if self.guide_order == "top-down":
+            if isinstance(net, _TopDownInference):
                 z2 = pyro.sample("z2", dist.Normal(net.q2(x), v2).to_event(1))
                 loc1 = net.q1(x) + net.q1_from_z2(z2)
                 pyro.sample("z1", dist.Normal(loc1, v1).to_event(1))
@@ -338,7 +377,7 @@ class TwoLayerLinearGaussianVAE(nn.Module):
             bias = 0.0 if layer.bias is None else layer.bias.to(_F64)
             return inputs @ layer.weight.to(_F64).T + bias
 
-        if self.guide_order == "top-down":
+        if isinstance(net, _TopDownInference):
             c = net.q1_from_z2.weight.to(_F64)
             m2 = linear(net.q2, x)
             m1 = linear(net.q1, x) + m2 @ c.T

@@ -87,6 +87,9 @@ class HierarchicalVAE(VAE):
         guide: ``"top-down"`` or ``"bottom-up"``.
     """
 
+    #: one q(z_l | z_{l-1}) network per layer (bottom-up), or the ladder (top-down)
+    encoder: nn.ModuleList | LadderEncoder
+
     def __init__(
         self,
         data_shape: Sequence[int],
@@ -112,6 +115,7 @@ class HierarchicalVAE(VAE):
             GaussianMLP(dims[i + 1], dims[i], tuple(reversed(hiddens[i + 1])), activation)
             for i in range(len(dims) - 1)
         )
+        encoder: nn.ModuleList | LadderEncoder
         if guide == "bottom-up":
             widths = [data_dim, *dims[:-1]]
             encoder = nn.ModuleList(
@@ -164,14 +168,14 @@ class HierarchicalVAE(VAE):
         register_module("encoder", self.encoder)
         top = len(self.latent_dims)
         with data_plate(x, num_data):
-            if self.guide_order == "bottom-up":
+            if isinstance(self.encoder, nn.ModuleList):  # the bottom-up guide
                 inputs = x
                 for layer in range(1, top + 1):
                     loc, scale = self.encoder[layer - 1](inputs)
                     inputs = pyro.sample(latent_site(layer), dist.Normal(loc, scale).to_event(1))
                 return
             register_module("conditionals", self.conditionals)  # shared with the model
-            messages = self.encoder(x)
+            messages: list[tuple[torch.Tensor, torch.Tensor]] = self.encoder(x)
             loc, scale = messages[-1]
             z = pyro.sample(latent_site(top), dist.Normal(loc, scale).to_event(1))
             for layer in range(top - 1, 0, -1):
@@ -184,14 +188,14 @@ class HierarchicalVAE(VAE):
         """(loc, scale) of q per layer, passing each layer's mean on (not a sample)."""
         x = self.flatten(x)
         top = len(self.latent_dims)
-        if self.guide_order == "bottom-up":
+        if isinstance(self.encoder, nn.ModuleList):  # the bottom-up guide
             out, inputs = [], x
             for layer in range(top):
                 loc, scale = self.encoder[layer](inputs)
                 out.append((loc, scale))
                 inputs = loc
             return out
-        messages = self.encoder(x)
+        messages: list[tuple[torch.Tensor, torch.Tensor]] = self.encoder(x)
         out = [messages[-1]]
         z = messages[-1][0]
         for layer in range(top - 1, 0, -1):

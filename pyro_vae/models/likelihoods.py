@@ -25,8 +25,7 @@ class BernoulliImage(dist.TorchDistribution):
 
     The same distribution as ``Bernoulli(logits=...).to_event(1)``, but its log-density
     sums the per-pixel terms before negating them, where torch's ``Bernoulli`` negates
-    every pixel first: one pass over all K x batch x pixels less, forward and backward
-    (measured: 12 ms of a 150 ms IWAE K=50 step at batch 128).
+    every pixel first: one pass over all K x batch x pixels less, forward and backward.
     """
 
     arg_constraints = {"logits": constraints.real}
@@ -57,7 +56,7 @@ class BernoulliImage(dist.TorchDistribution):
         probs = self.probs
         return probs * (1 - probs)
 
-    def sample(self, sample_shape: torch.Size | tuple = ()) -> torch.Tensor:
+    def sample(self, sample_shape: torch.Size | list[int] | tuple[int, ...] = ()) -> torch.Tensor:
         shape = self._extended_shape(torch.Size(sample_shape))
         with torch.no_grad():
             return torch.bernoulli(self.probs.expand(shape))
@@ -138,11 +137,13 @@ class GaussianLikelihood(Likelihood):
 
     name = "gaussian"
     support = None
+    # the buffer of a fixed scale (register_buffer), declared for type checkers
+    fixed_scale: torch.Tensor
 
     def __init__(self, data_dim: int, scale: float | None = 1.0, init_scale: float = 1.0):
         super().__init__()
         self.learn_scale = scale is None
-        if self.learn_scale:
+        if scale is None:
             # inverse softplus, so that the initial scale is init_scale
             raw = math.log(math.expm1(init_scale))
             self.raw_scale = nn.Parameter(torch.full((data_dim,), raw))

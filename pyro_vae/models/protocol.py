@@ -39,6 +39,7 @@ from typing import Any, Protocol, runtime_checkable
 import pyro
 import torch
 from pyro import poutine
+from pyro.poutine.runtime import Message
 from pyro.poutine.util import site_is_subsample
 from torch import nn
 
@@ -132,7 +133,7 @@ def evaluation_mode(*owners: Any) -> Iterator[None]:
             module.training = training
 
 
-def scaled(program: Callable, scale: float) -> Callable:
+def scaled(program: Callable[..., Any], scale: float) -> Callable[..., Any]:
     """``program`` with every log-density multiplied by ``scale`` (mini-batch scaling)."""
     return program if scale == 1.0 else poutine.scale(program, scale=scale)
 
@@ -144,12 +145,13 @@ def as_batch(model: Any, x: torch.Tensor) -> torch.Tensor:
     return flatten(x) if callable(flatten) else x
 
 
-def _sample_sites(trace: poutine.Trace) -> list[dict]:
-    return [
-        site
-        for site in trace.nodes.values()
+def _sample_sites(trace: poutine.Trace) -> dict[str, Message[Any, Any]]:
+    """The sample sites of ``trace`` (subsample sites left out) by name, in trace order."""
+    return {
+        name: site
+        for name, site in trace.nodes.items()
         if site["type"] == "sample" and not site_is_subsample(site)
-    ]
+    }
 
 
 def model_sites(model: Any, x: torch.Tensor) -> ModelSites:
@@ -182,10 +184,10 @@ def model_sites(model: Any, x: torch.Tensor) -> ModelSites:
             f"({type(error).__name__}: {first}): both must take the mini-batch x as "
             f"their only argument"
         ) from None
-    latent = tuple(s["name"] for s in _sample_sites(guide_trace) if not s["is_observed"])
-    model_latent = [s["name"] for s in _sample_sites(model_trace) if not s["is_observed"]]
-    observed_sites = [s for s in _sample_sites(model_trace) if s["is_observed"]]
-    if not observed_sites:
+    latent = tuple(n for n, s in _sample_sites(guide_trace).items() if not s["is_observed"])
+    model_latent = [n for n, s in _sample_sites(model_trace).items() if not s["is_observed"]]
+    observed = [n for n, s in _sample_sites(model_trace).items() if s["is_observed"]]
+    if not observed:
         raise ModelError(
             f"{name}.model has no observed site: pass the data with pyro.sample(..., obs=x)"
         )
@@ -204,17 +206,18 @@ def model_sites(model: Any, x: torch.Tensor) -> ModelSites:
             f"sites must have the model's latent site names"
         )
     plates = []
-    for site in observed_sites + [model_trace.nodes[s] for s in latent]:
+    for site_name in observed + list(latent):
+        site = model_trace.nodes[site_name]
         frames = [f for f in site["cond_indep_stack"] if f.size == batch and f.dim == -1]
         if not frames:
             raise ModelError(
-                f"site {site['name']!r} of {name} is not inside a plate over the data points "
+                f"site {site_name!r} of {name} is not inside a plate over the data points "
                 f"at dim -1: wrap the sample sites in pyro.plate('data', x.shape[0])"
             )
         plates.append(frames[0].name)
     return ModelSites(
         latent=latent,
-        observed=tuple(s["name"] for s in observed_sites),
+        observed=tuple(observed),
         data_plate=plates[0],
     )
 
