@@ -19,6 +19,7 @@ import pyro
 import torch
 from pyro.infer.util import is_validation_enabled
 
+from pyro_vae import distributed
 from pyro_vae.errors import UserInputError
 from pyro_vae.models.protocol import (
     analytic_kl_is_exact,
@@ -137,6 +138,7 @@ def log_likelihood(
     batch_size: int | None = None,
     progress: bool = False,
     compile: bool | None = None,
+    _sharded: bool = False,
 ) -> torch.Tensor:
     r"""Importance-sampled ``log p(x)`` per data point, in nats, float64.
 
@@ -151,8 +153,16 @@ def log_likelihood(
     model of the protocol (:mod:`pyro_vae.models.protocol`). Runs with the
     networks in eval mode (:func:`evaluation_mode`). ``compile``: draw the weights
     through a captured graph (``None``: when the amount of work repays the capture).
+    Under ``torchrun`` the data points are shared out over the processes and the
+    results gathered, in order, on every process (:mod:`pyro_vae.distributed`).
     """
     x = as_batch(vae, x)
+    if distributed.world_size() > 1 and len(x) >= distributed.world_size() and not _sharded:
+        part = x[distributed.shard(len(x))]
+        mine = log_likelihood(
+            vae, part, num_samples, chunk_size, batch_size, progress, compile, _sharded=True
+        )
+        return distributed.gather_rows(mine)
     n = x.shape[0]
     chunk_size, batch_size = _sizes(x, num_samples, chunk_size, batch_size)
     result = torch.empty(n, dtype=torch.float64, device=x.device)
@@ -246,13 +256,28 @@ def log_likelihood_and_khat(
     batch_size: int | None = None,
     progress: bool = False,
     compile: bool | None = None,
+    _sharded: bool = False,
 ) -> tuple[torch.Tensor, np.ndarray]:
     """:func:`log_likelihood` and the PSIS k-hat of the same K weights, per data point.
 
     Holds the ``K x batch`` weights of one batch at a time (float64), for the k-hat fit.
-    Runs with the networks in eval mode.
+    Runs with the networks in eval mode. Under ``torchrun`` the data points are shared out
+    over the processes and the results gathered (:mod:`pyro_vae.distributed`).
     """
     x = as_batch(vae, x)
+    if distributed.world_size() > 1 and len(x) >= distributed.world_size() and not _sharded:
+        log_px, khat = log_likelihood_and_khat(
+            vae,
+            x[distributed.shard(len(x))],
+            num_samples,
+            chunk_size,
+            batch_size,
+            progress,
+            compile,
+            _sharded=True,
+        )
+        gathered = distributed.gather_rows(torch.as_tensor(khat, dtype=torch.float64))
+        return distributed.gather_rows(log_px), gathered.numpy()
     n = x.shape[0]
     chunk_size, batch_size = _sizes(x, num_samples, chunk_size, batch_size)
     result = torch.empty(n, dtype=torch.float64)
@@ -477,6 +502,10 @@ def evaluate_elbo(
     """
     if kl is None:
         kl = "analytic" if analytic_kl_is_exact(vae, images[:2]) else "mc"
+    count = images.shape[0]
+    sharded = distributed.world_size() > 1 and count >= distributed.world_size()
+    if sharded:  # under torchrun: this process's share, summed over the processes below
+        images = images[distributed.shard(count)]
     totals: dict[str, float] = {}
     for start in range(0, images.shape[0], EVAL_BATCH):
         batch = images[start : start + EVAL_BATCH].to(device)
@@ -490,4 +519,6 @@ def evaluate_elbo(
         values.update({f"kl_{site}": value for site, value in terms.kl_by_site.items()})
         for name, value in values.items():
             totals[name] = totals.get(name, 0.0) + float(value.sum())
-    return {name: total / images.shape[0] for name, total in totals.items()}
+    if sharded:
+        totals = dict(zip(totals, distributed.all_sum(list(totals.values()))))
+    return {name: total / count for name, total in totals.items()}

@@ -246,6 +246,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(tensorboard --logdir runs)",
     )
     train.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="train data-parallel in N processes on this machine (launches torchrun "
+        "--standalone --nproc-per-node N; for several machines run torchrun yourself)",
+    )
     _with_defaults(train)
 
     evaluate = commands.add_parser(
@@ -661,8 +668,26 @@ def _train(args: argparse.Namespace, argv: list[str] | None) -> int:
     checkpointed, a failure takes back what the command wrote (and --overwrite puts the
     old run back); after it, the run is left resumable.
     """
+    from pyro_vae import distributed
     from pyro_vae.app.runs import RunLock, command_line
 
+    if args.nproc is not None:
+        return _launch_torchrun(args.nproc, argv)
+    if distributed.launched_by_torchrun() and not distributed.available():
+        distributed.init_from_environment(args.device or "cpu")
+        try:
+            if distributed.restart_count() > 0 and not args.resume:
+                args.resume = "auto"  # an elastic restart continues from the last checkpoint
+            if not distributed.is_main():
+                return _follow(args)
+            status = 2
+            try:
+                status = _train(args, argv)
+                return status
+            finally:
+                _FOLLOWERS.stop(status)  # (no-op once they were sent to train)
+        finally:
+            distributed.shutdown()
     if args.resume and args.overwrite:
         raise UserInputError(
             "--resume continues the run in --out and --overwrite deletes it: pass one of them"
@@ -803,6 +828,95 @@ class _Transaction:
             atomic_write_bytes(self.config_before, self.out / "config.json")
 
 
+class _Followers:
+    """Under torchrun: the first process validates, locks and prepares the run folder
+    alone, then sends the other processes the run's config to train with (or a stop,
+    with the exit status, when it will not train: bad input, nothing to do)."""
+
+    def __init__(self) -> None:
+        self.sent = False
+
+    def _send(self, payload: dict[str, Any]) -> None:
+        from pyro_vae import distributed
+
+        if not self.sent and distributed.world_size() > 1 and distributed.is_main():
+            self.sent = True
+            distributed.broadcast_object(payload)
+
+    def go(self, payload: dict[str, Any]) -> None:
+        self._send(payload)
+
+    def stop(self, status: int) -> None:
+        self._send({"stop": status})
+
+
+_FOLLOWERS = _Followers()
+
+
+def _follow(args: argparse.Namespace) -> int:
+    """A process other than the first under torchrun: train what the first sends."""
+    from pyro_vae import distributed
+    from pyro_vae.analysis.evaluation import evaluate
+
+    payload = distributed.broadcast_object(None)
+    if "stop" in payload:
+        return int(payload["stop"])  # the first process said why
+    config = RunConfig.from_dict(payload["config"])
+    prepared = prepare_run(config, quiet=True)
+    try:
+        _follow_fit(prepared, payload)
+    except NonFiniteError:
+        return 1  # all processes stop together; the first says why
+    if config.train.eval_samples:  # its share of the final evaluation
+        images = final_evaluation_images(config, prepared.data).to(config.train.device)
+        evaluate(prepared.vae, images, config.train.eval_samples)
+    return 0
+
+
+def _follow_fit(prepared: PreparedRun, payload: dict[str, Any]) -> None:
+    from pyro_vae.training.fit import fit
+
+    config = prepared.config
+    fit(
+        prepared.vae,
+        prepared.data,
+        config.train,
+        run_dir=Path(payload["out"]),
+        resume=payload["resume"],
+        saved_config=config.to_dict(),
+        progress=False,
+        log=None,
+    )
+
+
+def _launch_torchrun(nproc: int, argv: list[str] | None) -> int:
+    """``--nproc N``: run this command again under ``torchrun --standalone``."""
+    import subprocess
+
+    if nproc < 1:
+        raise UserInputError(f"--nproc must be >= 1, got {nproc}")
+    args = list(sys.argv[1:] if argv is None else argv)
+    kept, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            kept.append(arg)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "pyro_vae",
+        *kept,
+    ]
+    return subprocess.call(command)
+
+
 @dataclasses.dataclass
 class PreparedRun:
     config: RunConfig
@@ -812,7 +926,7 @@ class PreparedRun:
     start_epoch: int = 0  # epochs already trained (a resumed run)
 
 
-def prepare_run(config: RunConfig) -> PreparedRun:
+def prepare_run(config: RunConfig, quiet: bool = False) -> PreparedRun:
     """Everything a run needs, checked, before its folder is touched: the device, the
     data (read and checked against the model), the model, the estimator, the memory,
     and the time the final log p(x) will take (an absurd K is refused now, not after
@@ -840,7 +954,7 @@ def prepare_run(config: RunConfig) -> PreparedRun:
 
         images = final_evaluation_images(config, data)
         seconds = announce_evaluation(vae, images, config.train.eval_samples, log=None)
-    if config.model.likelihood == "bernoulli" and config.data.binarize == "none":
+    if config.model.likelihood == "bernoulli" and config.data.binarize == "none" and not quiet:
         print(
             "note: grey levels under a Bernoulli likelihood are scored by cross-entropy, not "
             "a normalized density: log p(x) is not comparable to published numbers (use "
@@ -870,6 +984,7 @@ def run_training(
         callbacks.append(tracker)
     config.save(out / "config.json")
     progress = not args.quiet
+    _FOLLOWERS.go({"config": config.to_dict(), "resume": bool(args.resume), "out": str(out)})
     history = fit(
         vae,
         data,

@@ -10,6 +10,7 @@ from typing import Any
 import pyro
 import torch
 
+from pyro_vae import distributed
 from pyro_vae.compat import tensor_version
 from pyro_vae.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from pyro_vae.data import VAEData
@@ -18,7 +19,7 @@ from pyro_vae.models.protocol import ModelError, check_data, check_protocol
 from pyro_vae.training.checkpoint import (
     load_checkpoint,
 )
-from pyro_vae.training.trainer import CHECKPOINT, Callback, History, Trainer
+from pyro_vae.training.trainer import CHECKPOINT, Callback, History, Trainer, rank_seed
 
 
 def check_data_once(vae, data: VAEData) -> None:
@@ -83,6 +84,12 @@ def fit(
 
     ``callbacks`` are called with each epoch's metrics dict.
 
+    Under ``torchrun`` (every process calls ``fit`` alike, after
+    :func:`pyro_vae.distributed.init_from_environment`) the processes train one model
+    data-parallel: ``config.batch_size`` is the global batch, shared out over them;
+    gradients are averaged before each step; evaluations are sharded; the first process
+    alone writes the run folder, and the checkpoint holds every process's RNG state.
+
     A run folder written here is the command line's format: where the model was built
     by :func:`~pyro_vae.models.build.build_vae` and the data loaded by
     :func:`~pyro_vae.data.load_data` with the run's seed, ``config.json`` records all
@@ -106,10 +113,13 @@ def fit(
         if saved_config is None and not resume:
             described = described_run(vae, data, config)
             if described is not None:
-                described.save(Path(run_dir) / "config.json")
+                if distributed.is_main():
+                    described.save(Path(run_dir) / "config.json")
                 saved_config = described.to_dict()
     if not resume:
         pyro.set_rng_seed(config.seed)
+        if distributed.rank() > 0:  # each process its own noise (the first: the seed's)
+            pyro.set_rng_seed(rank_seed(config.seed, distributed.rank(), 0) % 2**32)
     trainer = Trainer(vae, data, config, run_dir, saved_config)
     if resume:
         if run_dir is None:

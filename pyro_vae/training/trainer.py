@@ -31,6 +31,7 @@ from typing import Any
 import pyro
 import torch
 
+from pyro_vae import distributed
 from pyro_vae.analysis.evaluation import active_units, evaluate_elbo, evaluation_mode, fixed_subset
 from pyro_vae.config import TrainConfig
 from pyro_vae.data import VAEData
@@ -117,6 +118,9 @@ class Trainer:
                 self.parameters, lr=config.lr, eps=config.adam_epsilon, clip_norm=config.clip_norm
             )
         self.data_generator = torch.Generator().manual_seed(config.seed)
+        # under torchrun: this process's rank among world_size, all training one model
+        self.rank, self.world = distributed.rank(), distributed.world_size()
+        self.buffers = list(self.vae.buffers())
         self.num_data = len(data.train)
         self.steps_per_epoch = math.ceil(self.num_data / config.batch_size)
         self.epoch = 0
@@ -141,13 +145,25 @@ class Trainer:
             "best_elbo": self.best_elbo,
             "epochs_since_best": self.epochs_since_best,
             "finished": self.finished,
+            # every process's RNGs (the data order is shared; the noise is each rank's)
+            **(
+                {"rng_ranks": distributed.gather_objects(rng_state(self.data_generator))}
+                if self.world > 1
+                else {}
+            ),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         try:
             self.vae.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
-            set_rng_state(state["rng"], self.data_generator)
+            ranks = state.get("rng_ranks")
+            if ranks is not None and len(ranks) == self.world:
+                set_rng_state(ranks[self.rank], self.data_generator)
+            else:
+                set_rng_state(state["rng"], self.data_generator)
+                if self.rank > 0:  # resumed with more processes than saved: fresh noise
+                    torch.manual_seed(rank_seed(self.config.seed, self.rank, int(state["step"])))
             self.epoch, self.step = int(state["epoch"]), int(state["step"])
             self.history = History(
                 list(state["history"]), bool(state["stopped_early"]), state["best_epoch"]
@@ -162,9 +178,14 @@ class Trainer:
             ) from None
 
     def save(self, path: Path | None = None) -> None:
+        """Checkpoint the run: every process takes part (the RNG states are gathered),
+        the first writes, and all wait until it has written."""
         if self.run_dir is None:
             return
-        save_checkpoint(path or self.run_dir / CHECKPOINT, **self.state_dict())
+        state = self.state_dict()
+        if distributed.is_main():
+            save_checkpoint(path or self.run_dir / CHECKPOINT, **state)
+        distributed.barrier()
 
     # ------------------------------------------------------------------ training
     def kl_factor(self, step: int) -> float:
@@ -205,24 +226,35 @@ class Trainer:
         ):
             # a NaN is reported by _check_finite, with the epoch and step
             warnings.filterwarnings("ignore", message="Encountered (NaN|[+-]inf)")
-            for batch in self.data.batches(config.batch_size, self.data_generator):
+            for batch, size in self._batches():
                 batch = batch.to(config.device, non_blocking=True)
+                # this process's part of a global batch of `size` points, scaled so that
+                # the mean over the processes is the global batch's bound for the data set
+                scale = self.num_data * self.world / size
                 factor = self.kl_factor(self.step)
                 self.optimizer.zero_grad(set_to_none=True)
-                if factor < 1.0:
+                if batch.shape[0] == 0:  # (a last batch smaller than the processes)
+                    loss = reported = 0.0
+                elif factor < 1.0:
                     with LatentScale(factor):
-                        loss = self._loss_and_grads(batch)
+                        loss = self._loss_and_grads(batch, scale)
                     with torch.no_grad():  # the bound itself, unannealed, for the record
-                        scale = self.num_data / batch.shape[0]
                         reported = self.elbo.loss(
                             scaled(vae.model, scale), scaled(vae.guide, scale), batch
                         )
                 else:
-                    loss = reported = self._loss_and_grads(batch)
-                self._check_step(loss, self.loss.grad_max)  # None after an eager step
+                    loss = reported = self._loss_and_grads(batch, scale)
+                grad_max = self.loss.grad_max if batch.shape[0] else None
+                if self.world > 1:  # the same averaged step on every process
+                    mean = distributed.average_step(loss, self.parameters, self.buffers)
+                    if factor < 1.0:
+                        reported = distributed.all_sum([reported])[0] / self.world
+                    else:
+                        reported = mean
+                    loss, grad_max = mean, None
+                self._check_step(loss, grad_max)  # None after an eager step
                 self.optimizer.step()
                 self.step += 1
-                size = batch.shape[0]
                 total += -reported / self.num_data * size
                 count += size
                 bar.update()
@@ -230,12 +262,34 @@ class Trainer:
                     bar.set_postfix_str(f"elbo {total / count:.2f}", refresh=False)
         return total / count
 
-    def _loss_and_grads(self, batch: torch.Tensor) -> float:
+    def _batches(self):
+        """``(batch, global size)`` for each step of an epoch: the whole batch in one
+        process; under torchrun this process's part of the global batch. Every process
+        draws the same permutation (the data generator is seeded alike and advances
+        alike); each binarizes its part with noise of its own, seeded by (seed, rank,
+        step), so the noise needs no state of its own to resume."""
+        config = self.config
+        if self.world == 1:
+            for batch in self.data.batches(config.batch_size, self.data_generator):
+                yield batch, batch.shape[0]
+            return
+        train = self.data.train.images
+        order = torch.randperm(len(train), generator=self.data_generator)
+        for index, start in enumerate(range(0, len(train), config.batch_size)):
+            indices = order[start : start + config.batch_size]
+            batch = train[distributed.batch_part(indices)]
+            if self.data.binarize == "dynamic":
+                seed = rank_seed(config.seed, self.rank, self.step + index)
+                batch = torch.bernoulli(batch, generator=torch.Generator().manual_seed(seed))
+            yield batch, len(indices)
+
+    def _loss_and_grads(self, batch: torch.Tensor, scale: float) -> float:
         """The estimator's loss (a float) and its gradient in the parameters' ``.grad``.
 
         The mini-batch's bound is scaled to the data set by ``poutine.scale`` around model
-        and guide (``num_data / batch``), so a model needs no ``num_data`` argument."""
-        return self.loss.loss_and_grads(batch, scale=self.num_data / batch.shape[0])
+        and guide (``scale``: ``num_data / batch`` in one process), so a model needs no
+        ``num_data`` argument."""
+        return self.loss.loss_and_grads(batch, scale=scale)
 
     def _check_step(self, loss: float, grad_max: float | None) -> None:
         """Stop the run, with a true message, unless the step about to be taken is safe.
@@ -388,7 +442,7 @@ class Trainer:
             # checkpoint, which the resumed run rewrites (the other order loses a line)
             self._write_metrics()
             self.save()
-            if log is not None:
+            if log is not None and distributed.is_main():
                 log(format_epoch(metrics, config.epochs))
             for callback in callbacks:
                 callback(metrics)
@@ -436,7 +490,7 @@ class Trainer:
         return False
 
     def _write_metrics(self) -> None:
-        if self.run_dir is None:
+        if self.run_dir is None or not distributed.is_main():
             return
         lines = "".join(dumps_json(epoch) + "\n" for epoch in self.history.epochs)
         atomic_write_text(lines, self.run_dir / METRICS)
@@ -452,3 +506,10 @@ def format_epoch(metrics: dict[str, Any], epochs: int) -> str:
     if "validation_elbo" in metrics:
         line += f"  valid {metrics['validation_elbo']:9.3f}"
     return line + f"  {metrics['seconds']:6.2f} s"
+
+
+def rank_seed(seed: int, rank: int, step: int) -> int:
+    """A seed for process ``rank`` at ``step`` of the run seeded ``seed`` (distinct for
+    every triple in practice; 63 bits)."""
+    mixed = (seed * 1_000_003 + rank) * 2_654_435_761 + step * 40_503
+    return mixed % (2**63 - 1)

@@ -1,0 +1,199 @@
+"""Data parallelism over ``torch.distributed``, as ``torchrun`` launches it.
+
+One training runs in N processes (ranks), each with its own share of every mini-batch:
+
+- every rank visits its part of the same global batch (one shared permutation per
+  epoch, split by rank), so each data point is seen once per epoch;
+- each rank scales its part's bound by ``num_data * N / global_batch``, so the mean
+  over ranks is the global batch's bound scaled to the data set, exactly;
+- gradients (with the loss, and the floating-point buffers such as BatchNorm's running
+  statistics) are averaged over the ranks in one flat all-reduce per step, after the
+  step's loss and gradients are computed (eagerly or by a captured graph) and before the
+  optimizer steps: every rank then takes the same step and holds the same parameters;
+- evaluations shard their data points over the ranks and gather the results.
+
+Outside ``torchrun`` (no ``WORLD_SIZE`` in the environment) everything here is the
+identity, and a run is exactly the one-process run. The process group uses gloo on CPU
+and NCCL on CUDA. ``DistributedDataParallel`` is not used: it hooks the module's
+``forward``, which a Pyro program does not call (it calls the networks inside it), and
+it cannot see gradients that a replayed graph writes.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+#: set by torchrun in every worker
+_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def available() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if available() else 0
+
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if available() else 1
+
+
+def is_main() -> bool:
+    """Whether this process writes files and prints (rank 0, or the only process)."""
+    return rank() == 0
+
+
+def launched_by_torchrun() -> bool:
+    return all(name in os.environ for name in _ENV) and int(os.environ["WORLD_SIZE"]) > 1
+
+
+def restart_count() -> int:
+    """How often torchrun has restarted this worker group (elastic restarts)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
+def init_from_environment(device: str = "cpu") -> bool:
+    """Join the process group torchrun set up (gloo on CPU, NCCL on CUDA); ``False`` when
+    not launched by torchrun. On CUDA each rank takes the device of its ``LOCAL_RANK``."""
+    if available():
+        return True
+    if not launched_by_torchrun():
+        return False
+    backend = "gloo"
+    if device == "cuda" and torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        backend = "nccl"
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun's agent hosts the store. Each restart of the group joins under a prefix
+        # of its own: gloo's addresses from the failed attempt stay in the agent's store,
+        # and without the prefix the restarted ranks connect to dead peers (torch 2.14,
+        # measured: connectFullMesh "Connection refused" on every elastic restart)
+        store = torch.distributed.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            is_master=False,
+            timeout=datetime.timedelta(seconds=300),
+        )
+        torch.distributed.init_process_group(
+            backend=backend,
+            store=torch.distributed.PrefixStore(f"/pyro_vae/attempt_{restart_count()}", store),
+            rank=int(os.environ["RANK"]),
+            world_size=int(os.environ["WORLD_SIZE"]),
+        )
+    else:
+        torch.distributed.init_process_group(backend=backend)
+    return True
+
+
+def shutdown() -> None:
+    if available():
+        torch.distributed.destroy_process_group()
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        torch.distributed.barrier()
+
+
+def broadcast_object(value: Any = None, source: int = 0) -> Any:
+    """``value`` of rank ``source``, on every rank (a picklable object)."""
+    if world_size() == 1:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=source)
+    return box[0]
+
+
+def gather_objects(value: Any) -> list[Any]:
+    """Every rank's ``value``, in rank order, on every rank."""
+    if world_size() == 1:
+        return [value]
+    values: list[Any] = [None] * world_size()
+    torch.distributed.all_gather_object(values, value)
+    return values
+
+
+def all_sum(values: Sequence[float], device: str | torch.device = "cpu") -> list[float]:
+    """Element-wise sums of ``values`` over the ranks (float64)."""
+    if world_size() == 1:
+        return [float(v) for v in values]
+    tensor = torch.tensor(list(values), dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def shard(count: int) -> slice:
+    """This rank's contiguous part of ``count`` items (sizes differ by at most one)."""
+    size, here = world_size(), rank()
+    base, extra = divmod(count, size)
+    start = here * base + min(here, extra)
+    return slice(start, start + base + (1 if here < extra else 0))
+
+
+def batch_part(indices: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a global batch's ``indices`` (contiguous, sizes within one)."""
+    return indices[shard(len(indices))]
+
+
+def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``tensor`` (rows of a shard from :func:`shard`) concatenated in rank
+    order, on every rank: the rows of the whole, in their original order."""
+    if world_size() == 1:
+        return tensor
+    sizes = gather_objects(int(tensor.shape[0]))
+    padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    parts = [torch.empty_like(padded) for _ in sizes]
+    torch.distributed.all_gather(parts, padded.contiguous())
+    return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+
+
+def average_step(
+    loss: float, parameters: Sequence[torch.Tensor], buffers: Sequence[torch.Tensor]
+) -> float:
+    """Average the step over the ranks in one flat all-reduce: the loss, each parameter's
+    gradient, and the floating-point buffers. A parameter keeps ``grad=None`` only if no
+    rank produced a gradient for it (frozen, or unused by the programs). Returns the mean
+    loss. With one process, nothing changes."""
+    size = world_size()
+    if size == 1:
+        return loss
+    floats = [b for b in buffers if b.is_floating_point()]
+    device = parameters[0].device if parameters else torch.device("cpu")
+    present = torch.tensor(
+        [p.grad is not None for p in parameters], dtype=torch.float64, device=device
+    )
+    pieces = [
+        torch.tensor([loss], dtype=torch.float64, device=device),
+        present,
+        *[
+            (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).double()
+            for p in parameters
+        ],
+        *[b.reshape(-1).double() for b in floats],
+    ]
+    flat = torch.cat(pieces)
+    torch.distributed.all_reduce(flat)
+    flat /= size
+    mean_loss = float(flat[0])
+    offset = 1 + len(parameters)
+    got = flat[1:offset]
+    for p, seen in zip(parameters, got.tolist()):
+        n = p.numel()
+        if seen > 0:
+            p.grad = flat[offset : offset + n].reshape(p.shape).to(p.dtype)
+        else:
+            p.grad = None
+        offset += n
+    with torch.no_grad():
+        for b in floats:
+            n = b.numel()
+            b.copy_(flat[offset : offset + n].reshape(b.shape))
+            offset += n
+    return mean_loss
