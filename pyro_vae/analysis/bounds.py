@@ -10,6 +10,7 @@ import pyro
 import torch
 
 from pyro_vae.models.protocol import as_batch
+from pyro_vae.objectives.penalty import PenaltyObjective
 from pyro_vae.objectives.registry import make_elbo
 from pyro_vae.objectives.terms import log_importance_weights
 
@@ -45,6 +46,7 @@ def bound_tightness(
             per_point[k] = torch.logsumexp(log_w, 0) - math.log(k)
         log_px = log_likelihood(vae, x, num_samples)
         penalty = make_elbo("penalty", penalty_particles)
+        assert isinstance(penalty, PenaltyObjective)  # what the registry's "penalty" builds
         value, _, _ = penalty.value_and_surrogate(vae.model, vae.guide, (x,), {})
     value = value.double()
     result: dict[str, Any] = {

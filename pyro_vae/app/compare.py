@@ -533,7 +533,7 @@ def _plots(out: Path, runs, estimators, snr_rows, reference_name, bounds) -> lis
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for group, ax in zip(("encoder", "decoder"), axes):
-        values = [
+        variances = [
             np.mean(
                 [
                     r["gradients"].get(group, {}).get("variance", np.nan)
@@ -543,7 +543,7 @@ def _plots(out: Path, runs, estimators, snr_rows, reference_name, bounds) -> lis
             )
             for name in estimators
         ]
-        ax.bar(estimators, values, color=[f"C{i}" for i in range(len(estimators))])
+        ax.bar(estimators, variances, color=[f"C{i}" for i in range(len(estimators))])
         ax.set_yscale("log")
         ax.set_title(f"{group} gradient variance (trace of covariance)", fontsize=10)
         ax.tick_params(axis="x", rotation=30)

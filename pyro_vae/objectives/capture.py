@@ -1,9 +1,9 @@
 """A Pyro ELBO's loss and gradients on a module, captured once and replayed.
 
 Pyro builds its traces in Python on every step: messengers, site dictionaries, the
-replay of the guide's samples into the model. That is about 1 ms per step here, 10-25%
-of a 784-400-50 MLP step at batch 128 on two CPU cores; the tensor work is the same
-every step. :class:`CompiledLoss` runs the Pyro program and the ELBO once under
+replay of the guide's samples into the model. For a small model on CPU that Python work
+is a sizeable share of each step, while the tensor work is the same every step.
+:class:`CompiledLoss` runs the Pyro program and the ELBO once under
 ``make_fx`` (on fake tensors: no data, no arithmetic), recording the operations of the
 loss *and* of its backward pass (``torch.autograd.grad`` at capture time) as one graph,
 and replays that graph on later steps: fresh noise each time (the random ops are in the
@@ -39,8 +39,8 @@ Guarantees:
 - **Same numbers.** The graph holds the very operations autograd ran, so losses and
   gradients equal the eager ones (bit for bit on CPU in the tests).
 
-Capturing costs time once: the first capture in a process imports torch's tracing stack
-(about 1.4-1.9 s here), and each graph takes about 0.2 s to capture and check.
+Capturing costs time once: the first capture in a process imports torch's tracing stack,
+and each graph takes time to capture and check.
 :func:`capture_pays` weighs that against the Pyro bookkeeping a graph saves per call,
 so that short work (a small evaluation, a tiny training run) stays eager.
 """
@@ -58,7 +58,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from pyro.infer import ELBO, Trace_ELBO
+from pyro.infer import Trace_ELBO
 from pyro.infer.util import is_validation_enabled
 from pyro.poutine.runtime import am_i_wrapped
 from pyro.poutine.util import site_is_subsample
@@ -72,6 +72,8 @@ from pyro_vae.objectives.closed_form import ClosedFormKL_ELBO
 from pyro_vae.objectives.importance import DReGELBO, ImportanceWeightedELBO
 from pyro_vae.objectives.path import StickingTheLandingELBO
 from pyro_vae.objectives.penalty import PenaltyObjective
+from pyro_vae.objectives.registry import Objective
+from pyro_vae.objectives.traces import site_total
 
 __all__ = ["CompiledFunction", "CompiledLoss", "NotCompilable", "capture_pays", "module_state"]
 
@@ -223,7 +225,7 @@ def reparameterized_trace_elbo(model_trace, guide_trace) -> torch.Tensor:
     version also converts the value to a float (``.item()``), which a captured graph
     cannot replay.
     """
-    value = 0.0
+    value: torch.Tensor | float = 0.0
     for site in model_trace.nodes.values():
         if site["type"] == "sample":
             value = value + site["log_prob_sum"]
@@ -235,28 +237,28 @@ def reparameterized_trace_elbo(model_trace, guide_trace) -> torch.Tensor:
                     f"score-function term needs the eager Trace_ELBO"
                 )
             value = value - site["log_prob_sum"]
-    return value
+    return site_total(value)
 
 
-def traceable_loss(elbo: ELBO) -> Callable | None:
+def traceable_loss(elbo: Objective) -> Callable | None:
     """``(model, guide, *args, **kwargs) -> loss``: the ELBO's differentiable loss as
     tensor operations only, or ``None`` for an estimator not known to be static."""
     kind = type(elbo)
     if kind in (Trace_ELBO, ClosedFormKL_ELBO):
-        if kind is ClosedFormKL_ELBO:
+        if isinstance(elbo, ClosedFormKL_ELBO):  # (kind is ClosedFormKL_ELBO)
             particle = elbo.differentiable_elbo_particle
         else:
             particle = reparameterized_trace_elbo
 
         def loss(model, guide, *args, **kwargs):
-            total = 0.0
+            total: torch.Tensor | float = 0.0
             for model_trace, guide_trace in compat.elbo_traces(elbo, model, guide, args, kwargs):
                 total = total - particle(model_trace, guide_trace) / elbo.num_particles
             return total
 
         return loss
     if kind in (ImportanceWeightedELBO, StickingTheLandingELBO, DReGELBO, PenaltyObjective):
-        return elbo.differentiable_loss
+        return elbo.differentiable_loss  # (a ParticleELBO's)
     return None
 
 
@@ -437,6 +439,8 @@ class _Captured:
         if self.refresh_every_call or self._state is None:
             self.refresh()
         state = self._state
+        if state is None:  # (refresh reads a swappable owner, as _usable requires)
+            return None
         if state.reason is not None:
             self._note_fallback(("state", state.reason), state.reason, args)
             if state.reason.startswith("the module has uninitialized"):
@@ -604,7 +608,7 @@ class CompiledLoss(_Captured):
 
     def __init__(
         self,
-        elbo: ELBO,
+        elbo: Objective,
         owner: Any,
         model: str = "model",
         guide: str = "guide",
@@ -656,6 +660,8 @@ class CompiledLoss(_Captured):
 
     def _function(self, kwargs: dict) -> Callable:
         loss_fn, (model, guide) = self.loss_fn, self.names
+        if loss_fn is None:  # (only called for an estimator with a traceable loss)
+            raise NotCompilable("the estimator has no traceable loss")
         kwargs = dict(kwargs)
         scale = kwargs.pop("scale", 1.0)
 

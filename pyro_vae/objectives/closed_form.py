@@ -11,7 +11,7 @@ from pyro.infer.util import is_validation_enabled, torch_item
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import kl_divergence
 
-from pyro_vae.objectives.traces import _log_prob_sum
+from pyro_vae.objectives.traces import _log_prob_sum, site_total
 
 
 class ClosedFormKL_ELBO(TraceMeanField_ELBO):
@@ -42,7 +42,7 @@ class ClosedFormKL_ELBO(TraceMeanField_ELBO):
 
     def differentiable_elbo_particle(self, model_trace, guide_trace) -> torch.Tensor:
         """One particle's ELBO, ``E[log p(x|z)] - KL(q || p)``, as a tensor."""
-        elbo = 0.0
+        elbo: torch.Tensor | float = 0.0
         for name, site in model_trace.nodes.items():
             if site["type"] != "sample" or site_is_subsample(site):
                 continue
@@ -64,7 +64,7 @@ class ClosedFormKL_ELBO(TraceMeanField_ELBO):
             if guide_site["type"] == "sample" and name not in model_trace.nodes:
                 if not site_is_subsample(guide_site):
                     elbo = elbo - _log_prob_sum(guide_site)
-        return elbo
+        return site_total(elbo)
 
 
 def trace_elbo(num_particles: int, alpha: float, max_plate_nesting: int) -> Trace_ELBO:

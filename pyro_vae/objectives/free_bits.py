@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import torch
 from torch.distributions import kl_divergence
 
-from pyro_vae.objectives.traces import ParticleELBO, _data_scale, per_datapoint, sample_sites
+from pyro_vae.objectives.traces import (
+    ParticleELBO,
+    _data_scale,
+    per_datapoint,
+    sample_sites,
+    site_total,
+)
 
 
 class FreeBitsELBO(ParticleELBO):
@@ -34,7 +41,8 @@ class FreeBitsELBO(ParticleELBO):
     def value_and_surrogate(self, model, guide, args, kwargs):
         model_trace, guide_trace = self._get_trace(model, guide, args, kwargs)
         data_scale = _data_scale(model_trace)
-        value = surrogate = 0.0
+        value: torch.Tensor | float = 0.0
+        surrogate: torch.Tensor | float = 0.0
         for site in sample_sites(model_trace):
             log_p = per_datapoint(site, site["log_prob"], self.num_particles) / data_scale
             if site["is_observed"]:
@@ -53,4 +61,4 @@ class FreeBitsELBO(ParticleELBO):
             counts = bool(unannealed >= self.free_bits)
             value = value - kl
             surrogate = surrogate - (kl if counts else kl.detach())
-        return value.detach().mean(0), surrogate.mean(0), data_scale
+        return site_total(value).detach().mean(0), site_total(surrogate).mean(0), data_scale

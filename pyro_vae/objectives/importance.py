@@ -101,7 +101,7 @@ class DReGELBO(ImportanceWeightedELBO):
         model_trace = prune_subsample_sites(model_trace)
         model_trace.compute_log_prob()
         data_scale = _data_scale(model_trace)
-        log_p = 0.0
+        log_p: torch.Tensor | float = 0.0
         for site in sample_sites(model_trace):
             log_p = log_p + per_datapoint(site, site["log_prob"], self.num_particles) / data_scale
         log_q = guide_log_prob_detached(

@@ -5,7 +5,13 @@ from __future__ import annotations
 import torch
 
 from pyro_vae.errors import UserInputError
-from pyro_vae.objectives.traces import ParticleELBO, _data_scale, per_datapoint, sample_sites
+from pyro_vae.objectives.traces import (
+    ParticleELBO,
+    _data_scale,
+    per_datapoint,
+    sample_sites,
+    site_total,
+)
 
 
 class PenaltyObjective(ParticleELBO):
@@ -26,7 +32,7 @@ class PenaltyObjective(ParticleELBO):
     def value_and_surrogate(self, model, guide, args, kwargs):
         model_trace, guide_trace = self._get_trace(model, guide, args, kwargs)
         data_scale = _data_scale(model_trace)
-        objective = 0.0
+        objective: torch.Tensor | float = 0.0
         for site in sample_sites(model_trace):
             if site["is_observed"]:
                 log_lik = per_datapoint(site, site["log_prob"], self.num_particles)
@@ -43,6 +49,7 @@ class PenaltyObjective(ParticleELBO):
             penalty = (normal.loc.pow(2) + (normal.scale - 1).pow(2)).sum(-1)
             relative = site["scale"] / data_scale  # KL warm-up scales the penalty too
             objective = objective - per_datapoint(site, penalty * relative, self.num_particles)
+        objective = site_total(objective)
         return objective.detach().mean(0), objective.mean(0), data_scale
 
 

@@ -7,13 +7,34 @@ entry names the function that builds its ELBO, imported when :func:`make_elbo` i
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pyro_vae.errors import UserInputError
 
 if TYPE_CHECKING:
-    from pyro.infer import ELBO
+    import torch
+
+
+class Objective(Protocol):
+    """What every estimator :func:`make_elbo` builds offers: a Pyro ELBO (``Trace_ELBO``
+    and its subclasses, or :class:`~pyro_vae.objectives.traces.ParticleELBO`) with the
+    three loss methods, which Pyro's ``ELBO`` base class itself does not declare."""
+
+    num_particles: int
+
+    def loss(
+        self, model: Callable[..., Any], guide: Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> float: ...
+
+    def loss_and_grads(
+        self, model: Callable[..., Any], guide: Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> float: ...
+
+    def differentiable_loss(
+        self, model: Callable[..., Any], guide: Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -37,9 +58,11 @@ class Estimator:
     closed_form_kl: bool = False
     is_bound: bool = True
 
-    def build(self, num_particles: int, alpha: float, max_plate_nesting: int) -> ELBO:
+    def build(self, num_particles: int, alpha: float, max_plate_nesting: int) -> Objective:
         module, _, function = self.builder.partition(":")
-        make = getattr(importlib.import_module(module), function)
+        make: Callable[[int, float, int], Objective] = getattr(
+            importlib.import_module(module), function
+        )
         return make(num_particles, alpha, max_plate_nesting)
 
 
@@ -95,7 +118,7 @@ def make_elbo(
     *,
     alpha: float = 0.5,
     max_plate_nesting: int = 1,
-) -> ELBO:
+) -> Objective:
     """Build the estimator ``name`` with ``num_particles`` samples per data point.
 
     - ``"mc"``: :class:`pyro.infer.Trace_ELBO`, Monte Carlo KL, particles vectorized.

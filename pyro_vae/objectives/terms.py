@@ -11,7 +11,13 @@ from torch.distributions import kl_divergence
 from pyro_vae.errors import UserInputError
 from pyro_vae.models.protocol import as_batch, check_protocol
 from pyro_vae.objectives.registry import check_estimator_fits
-from pyro_vae.objectives.traces import per_datapoint, sample_sites, vectorized_traces
+from pyro_vae.objectives.traces import (
+    Site,
+    per_datapoint,
+    sample_sites,
+    site_total,
+    vectorized_traces,
+)
 
 
 # --------------------------------------------------------------------- ELBO, term by term
@@ -45,22 +51,22 @@ def elbo_terms(vae, x: torch.Tensor, kl: str = "analytic", num_samples: int = 1)
         check_estimator_fits("analytic", vae, x)
     x = as_batch(vae, x)
     model_trace, guide_trace = vectorized_traces(vae.model, vae.guide, x, num_samples)
-    log_likelihood = 0.0
+    log_likelihood: torch.Tensor | float = 0.0
     kl_by_site: dict[str, torch.Tensor] = {}
     for site in sample_sites(model_trace):
         log_p = per_datapoint(site, site["fn"].log_prob(site["value"]), num_samples)
         if site["is_observed"]:
             log_likelihood = log_likelihood + log_p
             continue
-        guide_site = guide_trace.nodes[site["name"]]
+        guide_site: Site = guide_trace.nodes[site["name"]]
         if kl == "analytic":
             kl_site = kl_divergence(guide_site["fn"], site["fn"])
             kl_site = kl_site.expand(log_p.shape)
         else:
             kl_site = guide_site["fn"].log_prob(guide_site["value"]) - log_p
         kl_by_site[site["name"]] = kl_site.mean(0)
-    expected_log_likelihood = log_likelihood.mean(0)
-    total_kl = sum(kl_by_site.values())
+    expected_log_likelihood = site_total(log_likelihood).mean(0)
+    total_kl = sum(kl_by_site.values(), torch.zeros_like(expected_log_likelihood))
     return ElboTerms(
         elbo=expected_log_likelihood - total_kl,
         expected_log_likelihood=expected_log_likelihood,
@@ -118,9 +124,9 @@ def log_importance_weights(vae, x: torch.Tensor, num_samples: int) -> torch.Tens
     """
     check_protocol(vae)
     model_trace, guide_trace = vectorized_traces(vae.model, vae.guide, x, num_samples)
-    log_w = 0.0
+    log_w: torch.Tensor | float = 0.0
     for site in sample_sites(model_trace):
         log_w = log_w + per_datapoint(site, site["fn"].log_prob(site["value"]), num_samples)
     for site in sample_sites(guide_trace):
         log_w = log_w - per_datapoint(site, site["fn"].log_prob(site["value"]), num_samples)
-    return log_w
+    return site_total(log_w)

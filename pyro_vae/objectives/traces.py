@@ -1,6 +1,6 @@
 """ELBO estimators: Pyro's where they are right, small subclasses where they are not.
 
-Conventions (DESIGN.md): every bound is in nats; ``elbo`` is higher-is-better and the
+Conventions: every bound is in nats; ``elbo`` is higher-is-better and the
 quantity minimised is ``loss = -elbo``. Pyro's ``loss`` methods return the loss of the
 whole (scaled) data set; divide by the number of data points for nats per data point.
 """
@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import pyro
 import pyro.distributions as dist
@@ -26,8 +27,21 @@ from pyro_vae.errors import UserInputError
 
 PARTICLE_PLATE = "num_particles_vectorized"
 
+#: A site of a Pyro trace (``trace.nodes[name]``), read by key. (Pyro types it as its
+#: ``Message``, whose ``fn`` is any callable; the sites read here hold distributions.)
+Site = Mapping[str, Any]
 
-def _log_prob_sum(site: dict) -> torch.Tensor:
+
+def site_total(total: torch.Tensor | float) -> torch.Tensor:
+    """A sum over a trace's sample sites, started at ``0.0``: a tensor once any site added
+    to it. None did when the model and guide have no sample site, which the library refuses.
+    """
+    if isinstance(total, torch.Tensor):
+        return total
+    raise UserInputError("the model and guide have no sample site: there is nothing to estimate")
+
+
+def _log_prob_sum(site: Site) -> torch.Tensor:
     if "log_prob_sum" in site:
         return site["log_prob_sum"]
     log_prob = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
@@ -50,7 +64,7 @@ def _data_scale(trace: poutine.Trace) -> float:
     return 1.0
 
 
-def per_datapoint(site: dict, value: torch.Tensor, num_particles: int) -> torch.Tensor:
+def per_datapoint(site: Site, value: torch.Tensor, num_particles: int) -> torch.Tensor:
     """Check that ``value`` (a site's log-density) is ``(particles, batch)`` and return it."""
     in_data_plate = any(frame.dim == -1 for frame in site["cond_indep_stack"])
     if not in_data_plate or value.dim() != 2 or value.shape[0] != num_particles:
@@ -63,7 +77,7 @@ def per_datapoint(site: dict, value: torch.Tensor, num_particles: int) -> torch.
     return value
 
 
-def sample_sites(trace: poutine.Trace) -> list[dict]:
+def sample_sites(trace: poutine.Trace) -> list[Site]:
     return [
         site
         for site in trace.nodes.values()
@@ -81,7 +95,9 @@ def check_reparameterized(guide_trace: poutine.Trace, estimator: str) -> None:
             )
 
 
-def _tempered(site: dict, log_prob: torch.Tensor, data_scale: float, num_particles: int):
+def _tempered(
+    site: Site, log_prob: torch.Tensor, data_scale: float, num_particles: int
+) -> torch.Tensor:
     """A site's log-density per data point, times its scale relative to the data scale.
 
     The relative scale is 1 except under KL warm-up
@@ -98,12 +114,12 @@ def log_weights(
 ) -> tuple[torch.Tensor, float]:
     """Per-particle, per-data-point ``log p(x, z) - log q(z|x)`` ``(K, batch)``, data scale."""
     data_scale = _data_scale(model_trace)
-    log_w = 0.0
+    log_w: torch.Tensor | float = 0.0
     for site in sample_sites(model_trace):
         log_w = log_w + per_datapoint(site, site["log_prob"], num_particles)
     for site in sample_sites(guide_trace):
         log_w = log_w - per_datapoint(site, site["log_prob"], num_particles)
-    return log_w / data_scale, data_scale
+    return site_total(log_w) / data_scale, data_scale
 
 
 def detach_distribution(fn: dist.Distribution, site_name: str = "") -> dist.Distribution:
@@ -181,15 +197,15 @@ def guide_log_prob_detached(
 
     detached = {f"owner.{name}": p.detach() for name, p in owner.named_parameters()}
     trace = torch.func.functional_call(_Call(owner, rerun), detached, args, kwargs)
-    log_q = 0.0
-    for site in sample_sites(trace):
+    log_q: torch.Tensor | float = 0.0
+    for name, site in trace.nodes.items():
+        if site["type"] != "sample" or site_is_subsample(site):
+            continue
         if not isinstance(site["fn"], dist.Distribution):
             continue
         log_prob = site["fn"].log_prob(site["value"])
-        log_q = log_q + _tempered(
-            guide_trace.nodes[site["name"]], log_prob, data_scale, num_particles
-        )
-    return log_q
+        log_q = log_q + _tempered(guide_trace.nodes[name], log_prob, data_scale, num_particles)
+    return site_total(log_q)
 
 
 class ParticleELBO(ELBO):
