@@ -56,7 +56,7 @@ def make_fx_fake(function: Callable) -> Callable:
 
 def tracing_stack_loaded() -> bool:
     """Whether the one-time cost of the first capture (importing ``torch._dynamo`` and
-    sympy, about 1.4-1.9 s here) has been paid in this process already."""
+    sympy) has been paid in this process already."""
     return "torch._dynamo" in sys.modules
 
 
@@ -68,8 +68,8 @@ def operator_entry(target: Any) -> Any:
     """An ATen operator's C++ entry point, or ``target`` itself.
 
     Assumption: ``OpOverload.__call__`` ends in ``self._op(*args, **kwargs)``, so calling
-    ``_op`` computes the same thing without the Python frame (1.5 us per call here, a
-    graph makes ~150 calls per step). Fallback: the ``OpOverload`` itself, which is
+    ``_op`` computes the same thing without the Python frame (a graph makes one such call
+    per operation, on every step). Fallback: the ``OpOverload`` itself, which is
     always correct, only slower.
     """
     overload = _overload_type()
