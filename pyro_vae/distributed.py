@@ -165,18 +165,18 @@ def average_step(
     if size == 1:
         return loss
     floats = [b for b in buffers if b.is_floating_point()]
-    device = parameters[0].device if parameters else torch.device("cpu")
-    present = torch.tensor(
-        [p.grad is not None for p in parameters], dtype=torch.float64, device=device
-    )
+    first = parameters[0] if parameters else torch.zeros(())
+    # in the parameters' own dtype: the sum of two float32 gradients is one rounding,
+    # the same as computing their mean in one process; float64 would double the bytes
+    dtype, device = first.dtype, first.device
+    present = [p.grad is not None for p in parameters]
     pieces = [
-        torch.tensor([loss], dtype=torch.float64, device=device),
-        present,
+        torch.tensor([loss, *present], dtype=dtype, device=device),
         *[
-            (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).double()
+            (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(dtype)
             for p in parameters
         ],
-        *[b.reshape(-1).double() for b in floats],
+        *[b.reshape(-1).to(dtype) for b in floats],
     ]
     flat = torch.cat(pieces)
     torch.distributed.all_reduce(flat)
@@ -186,14 +186,11 @@ def average_step(
     got = flat[1:offset]
     for p, seen in zip(parameters, got.tolist()):
         n = p.numel()
-        if seen > 0:
-            p.grad = flat[offset : offset + n].reshape(p.shape).to(p.dtype)
-        else:
-            p.grad = None
+        p.grad = flat[offset : offset + n].view(p.shape).to(p.dtype) if seen > 0 else None
         offset += n
     with torch.no_grad():
         for b in floats:
             n = b.numel()
-            b.copy_(flat[offset : offset + n].reshape(b.shape))
+            b.copy_(flat[offset : offset + n].view(b.shape))
             offset += n
     return mean_loss

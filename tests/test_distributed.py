@@ -81,15 +81,14 @@ def _averaged_gradient(rank, folder):
 def test_one_step_averaged_gradient_equals_the_mean_of_the_per_rank_gradients(tmp_path):
     results = _spawn(_averaged_gradient, tmp_path)
     for name, grad in results[0]["averaged"].items():
-        expected = ((results[0]["own"][name].double() + results[1]["own"][name].double()) / 2).to(
-            grad.dtype
-        )
+        expected = (results[0]["own"][name] + results[1]["own"][name]) / 2
         assert torch.equal(grad, expected), name
         assert torch.equal(grad, results[1]["averaged"][name])
         # the ranks' noise differs, so their own gradients do
         assert not torch.equal(results[0]["own"][name], results[1]["own"][name])
     expected_loss = (results[0]["own_loss"] + results[1]["own_loss"]) / 2
-    assert results[0]["mean_loss"] == pytest.approx(expected_loss, rel=1e-12)
+    # (the loss travels in the gradients' float32: one rounding of the sum)
+    assert results[0]["mean_loss"] == pytest.approx(expected_loss, rel=1e-6)
 
 
 # ------------------------------------------------------------------ whole runs in-process
