@@ -73,7 +73,17 @@ _EXPORTS = {
 }
 
 #: subpackages and modules reachable as attributes (``pyro_vae.models.exact``)
-_MODULES = ("app", "analysis", "config", "data", "models", "objectives", "training")
+_MODULES = (
+    "app",
+    "analysis",
+    "choices",
+    "config",
+    "data",
+    "distributed",
+    "models",
+    "objectives",
+    "training",
+)
 
 __all__ = sorted(_EXPORTS)
 

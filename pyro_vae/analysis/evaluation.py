@@ -365,8 +365,8 @@ def active_units(
                 spread = m.var(0) / draws if draws > 1 else torch.zeros_like(m[0])
                 within.setdefault(name, []).append(spread)
     per_site = {}
-    for name, values in means.items():
-        values = torch.cat(values)
+    for name, chunks in means.items():
+        values = torch.cat(chunks)
         # one data point shows no variation over x: no unit can be counted active
         between = values.var(0) if values.shape[0] > 1 else torch.zeros_like(values[0])
         variance = between - torch.cat(within[name]).mean(0)

@@ -1262,7 +1262,8 @@ def environment_problem(error: BaseException) -> tuple[str, int] | None:
     """One line and an exit status for a failure of the machine rather than of the
     input: a full disk, a read-only file system, no memory (status 1); a path that cannot
     be used (status 2). ``None`` for anything else (a bug: its traceback is shown)."""
-    where = f" ({error.filename})" if getattr(error, "filename", None) else ""
+    filename = getattr(error, "filename", None)
+    where = f" ({filename})" if filename else ""
     if isinstance(error, OSError):
         if error.errno in _ENVIRONMENT:
             return (

@@ -35,7 +35,8 @@ VERSION = 2
 # ---------------------------------------------------------------------- RNG states
 def rng_state(data_generator: torch.Generator | None = None) -> dict[str, Any]:
     """Every RNG state a run depends on, as tensors and plain Python values."""
-    kind, keys, position, has_gauss, cached = np.random.get_state()
+    kind, keys, position, has_gauss, cached = np.random.get_state(legacy=True)
+    assert not isinstance(keys, str)  # (the legacy tuple form: keys is the key array)
     state = {
         "torch": torch.get_rng_state(),
         "numpy": {

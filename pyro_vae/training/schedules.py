@@ -7,6 +7,7 @@ import math
 
 import torch
 from pyro.poutine.messenger import Messenger
+from pyro.poutine.runtime import Message
 from pyro.poutine.util import site_is_subsample
 
 from pyro_vae.config import IWAE_STAGES, TrainConfig
@@ -24,7 +25,7 @@ class LatentScale(Messenger):
         super().__init__()
         self.factor = factor
 
-    def _process_message(self, msg: dict) -> None:
+    def _process_message(self, msg: Message) -> None:
         if msg["type"] == "sample" and not msg["is_observed"] and not site_is_subsample(msg):
             msg["scale"] = msg["scale"] * self.factor
 

@@ -41,7 +41,7 @@ from pyro_vae.models.protocol import private_param_store, scaled
 from pyro_vae.models.vae import param_store_registration
 from pyro_vae.objectives.capture import CompiledLoss, capture_pays, largest
 from pyro_vae.objectives.free_bits import FreeBitsELBO
-from pyro_vae.objectives.registry import check_estimator_fits, make_elbo
+from pyro_vae.objectives.registry import Objective, check_estimator_fits, make_elbo
 from pyro_vae.training.checkpoint import (
     load_checkpoint,
     non_finite,
@@ -98,6 +98,7 @@ class Trainer:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.saved_config = saved_config if saved_config is not None else {"train": asdict(config)}
         check_estimator_fits(config.estimator, vae, data.train.images[:2])
+        self.elbo: Objective
         if config.free_bits:
             kl = "analytic" if config.estimator == "analytic" else "mc"
             self.elbo = FreeBitsELBO(config.particles, config.free_bits, kl)
@@ -109,6 +110,7 @@ class Trainer:
         # every parameter: frozen ones get no gradient and are skipped by the step, and a
         # callback may unfreeze them between epochs
         self.parameters = list(vae.parameters())
+        self.optimizer: torch.optim.Optimizer
         if config.optimizer == "adam":
             self.optimizer = make_adam(self.parameters, config.lr, config.adam_epsilon)
         else:
