@@ -230,3 +230,53 @@ def test_compare_bad_input(flags, message, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "c").exists()
+
+
+def test_run_comparison_returns_data_and_writes_only_its_run_folders(tmp_path):
+    """Computing is apart from rendering: the comparison comes back as a dataclass, only
+    the trained runs' folders are written, and rendering it gives its JSON exactly."""
+    from pyro_vae.analysis.comparison import Comparison
+    from pyro_vae.app.compare import run_comparison
+    from pyro_vae.app.compare_report import write_comparison
+    from pyro_vae.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+
+    config = RunConfig(
+        model=ModelConfig(latent_dims=(3,), hidden=(16,)),
+        data=DataConfig(dataset="digits", limit=200),
+        train=TrainConfig(particles=2, epochs=1, batch_size=50),
+    )
+    out = tmp_path / "cmp"
+    comparison = run_comparison(
+        config,
+        ["mc", "analytic"],
+        out,
+        eval_samples=5,
+        grad_draws=3,
+        snr_particles=(1,),
+        bound_particles=(1, 2),
+        bound_points=20,
+        eval_points=40,
+        progress=False,
+        log=None,
+    )
+    assert isinstance(comparison, Comparison)
+    assert [p.name for p in out.iterdir()] == ["runs"]
+    assert {p.name for p in (out / "runs").iterdir()} == {"mc-seed0", "analytic-seed0"}
+    result = comparison.to_dict()
+    assert list(result)[:3] == ["command", "config", "estimators"] and len(result["runs"]) == 2
+    assert all("parameters" not in run for run in result["runs"])
+    write_comparison(out, comparison)
+    written = json.loads((out / "comparison.json").read_text())
+    written.pop("null_values", None)  # NaNs are written as null, and listed there
+    assert (
+        list(written) == list(result)
+        and written["runs_wall_seconds"] == (result["runs_wall_seconds"])
+    )
+    assert [row["estimator"] for row in written["summary"]] == ["mc", "analytic"]
+    assert {p.name for p in out.iterdir()} == {
+        "runs",
+        "comparison.json",
+        "comparison.csv",
+        "comparison.md",
+        "plots",
+    }
