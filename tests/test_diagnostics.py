@@ -146,6 +146,43 @@ def test_diagnose_command(tiny_run, capsys):
     assert "holds diagnostics" in capsys.readouterr().err
 
 
+def test_compute_diagnosis_returns_data_and_writes_nothing(tiny_run):
+    """The measurements come back as a Diagnosis; no file or folder appears anywhere in
+    the run folder, and its dict is what ``diagnostics.json`` holds."""
+    from pyro_vae.analysis.diagnostics import Diagnosis
+    from pyro_vae.app.diagnose import compute_diagnosis
+
+    before = sorted(p.relative_to(tiny_run) for p in tiny_run.rglob("*"))
+    diagnosis = compute_diagnosis(
+        tiny_run,
+        image_ids=[4, 2],
+        chains=1,
+        warmup=10,
+        samples=10,
+        is_samples=20,
+        local_steps=5,
+        khat_images=10,
+        khat_samples=20,
+        progress=False,
+        log=None,
+    )
+    assert isinstance(diagnosis, Diagnosis)
+    assert sorted(p.relative_to(tiny_run) for p in tiny_run.rglob("*")) == before
+    result = diagnosis.to_dict()
+    assert list(result) == [
+        "run_dir",
+        "image_ids",
+        "nuts",
+        "guide_vs_nuts",
+        "gaps",
+        "khat",
+        "seconds",
+    ]
+    assert result["image_ids"] == [4, 2] and result["khat"]["images"] == 10
+    assert "note" in result["khat"] and len(diagnosis.worst) == 0  # K=20: no Pareto fit
+    json.dumps(result)
+
+
 @pytest.mark.parametrize(
     "flags,message",
     [

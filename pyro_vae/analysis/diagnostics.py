@@ -21,11 +21,12 @@ The reference posterior p(z | x) under the trained decoder is sampled with NUTS
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -436,3 +437,143 @@ def _compare_moments(nuts, guide, informed_sd: float = 0.5) -> dict[str, float]:
                 np.median(sd_ratio[informed])
             )
     return result
+
+
+# ------------------------------------------------------------------ a diagnosis, as data
+@dataclasses.dataclass
+class Diagnosis:
+    """What ``pyro-vae diagnose`` measures on a model: the fields of ``diagnostics.json``
+    (see :meth:`to_dict`) and, beside them, what the files and plots are drawn from.
+
+    ``nuts`` is :func:`nuts_summary`'s dict, ``guide_vs_nuts`` the moment comparison,
+    ``gaps`` :func:`inference_gaps`'s (or ``{"skipped": ...}``), ``khat`` the k-hat
+    summary; ``nuts_draws`` and ``guide_draws`` are ArviZ ``InferenceData``,
+    ``khat_values`` one k-hat per image, ``worst`` the indices of the highest and
+    ``worst_images`` those images, shaped for a grid.
+    """
+
+    run_dir: str
+    image_ids: list[int]
+    nuts: dict[str, Any]
+    guide_vs_nuts: dict[str, float]
+    gaps: dict[str, Any]
+    khat: dict[str, Any]
+    seconds: float
+    nuts_draws: Any = dataclasses.field(repr=False)
+    guide_draws: Any = dataclasses.field(repr=False)
+    khat_values: np.ndarray = dataclasses.field(repr=False)
+    worst: np.ndarray = dataclasses.field(repr=False)
+    worst_images: torch.Tensor = dataclasses.field(repr=False)
+
+    _JSON_FIELDS = ("run_dir", "image_ids", "nuts", "guide_vs_nuts", "gaps", "khat", "seconds")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON of ``diagnostics.json``."""
+        return {name: getattr(self, name) for name in self._JSON_FIELDS}
+
+
+def diagnose_model(
+    vae,
+    test: torch.Tensor,
+    ids: Sequence[int],
+    chains: int = 4,
+    warmup: int = 300,
+    samples: int = 300,
+    is_samples: int = 5000,
+    local_steps: int = 1000,
+    khat_images: int = 1000,
+    khat_samples: int = 1000,
+    seed: int = 0,
+    jit: bool = True,
+    progress: bool = True,
+    log: Callable[[str], None] | None = print,
+    compile: bool | None = None,
+    run_dir: str = "",
+) -> Diagnosis:
+    """NUTS against the guide on ``test[ids]``, the inference gaps there, and PSIS k-hat
+    on the first ``khat_images`` of ``test``; returns data and writes nothing.
+    ``run_dir`` only labels the result."""
+    x = test[list(ids)]
+    started = time.perf_counter()
+    if log:
+        log(f"NUTS: {chains} chains x ({warmup} warmup + {samples} draws) on {len(ids)} images")
+    nuts = nuts_posterior(vae, x, chains, warmup, samples, seed, ids, jit=jit, progress=progress)
+    guide = guide_draws(vae, x, chains, samples, seed, ids)
+    gaps = gaps_or_skipped(vae, x, is_samples, local_steps, seed, progress, compile, log)
+    n_khat = min(khat_images, len(test))
+    if log:
+        log(f"PSIS k-hat on {n_khat} test images, K={khat_samples} ...")
+    khat = khat_of_images(vae, test[:n_khat], khat_samples, seed, progress, compile)
+    khat_result, worst = khat_report(khat, khat_samples)
+    summary, moments = nuts_summary(nuts), _compare_moments(nuts, guide)
+    return Diagnosis(
+        run_dir=run_dir,
+        image_ids=list(ids),
+        nuts=summary,
+        guide_vs_nuts=moments,
+        gaps=gaps,
+        khat=khat_result,
+        seconds=time.perf_counter() - started,
+        nuts_draws=nuts,
+        guide_draws=guide,
+        khat_values=khat,
+        worst=worst,
+        worst_images=_grid_images(vae, test, worst),
+    )
+
+
+def gaps_or_skipped(
+    vae, x, is_samples, local_steps, seed, progress, compile, log=None
+) -> dict[str, Any]:
+    """:func:`inference_gaps` without the local guide, for a model with one latent layer;
+    ``{"skipped": GAPS_SKIPPED}`` for others."""
+    if len(latent_sites(vae, x)) != 1:
+        return {"skipped": GAPS_SKIPPED}
+    if log:
+        log("gaps: local SVI per image, importance-sampled log p(x) ...")
+    gaps = inference_gaps(
+        vae, x, is_samples, local_steps=local_steps, seed=seed, progress=progress, compile=compile
+    )
+    gaps.pop("local_guide")
+    return gaps
+
+
+def khat_of_images(vae, x, num_samples, seed, progress=False, compile=None) -> np.ndarray:
+    """PSIS k-hat of the encoder's importance weights, one per image; seeded, the global
+    RNG untouched."""
+    from pyro_vae.analysis.evaluation import log_likelihood_and_khat
+
+    with torch.random.fork_rng(devices=[]), pyro.validation_enabled(False):
+        torch.manual_seed(seed)
+        _, khat = log_likelihood_and_khat(vae, x, num_samples, progress=progress, compile=compile)
+    return khat
+
+
+def khat_report(khat: np.ndarray, num_samples: int) -> tuple[dict[str, Any], np.ndarray]:
+    """The k-hat summary of ``diagnostics.json`` and the (up to 16) worst images' indices;
+    with too few samples for a Pareto fit, a note and no indices."""
+    from pyro_vae.analysis.evaluation import KHAT_MIN_SAMPLES, KHAT_THRESHOLD, khat_summary
+
+    fitted = num_samples >= KHAT_MIN_SAMPLES and bool(np.isfinite(khat).any())
+    worst = np.argsort(-np.nan_to_num(khat, nan=-np.inf))[:16] if fitted else np.array([], int)
+    result: dict[str, Any] = {"images": len(khat), "samples": num_samples}
+    if not fitted:
+        result["note"] = khat_summary(khat, num_samples)["khat_note"]
+        return result, worst
+    finite = khat[np.isfinite(khat)]
+    result.update(
+        {
+            "mean": float(finite.mean()),
+            "max": float(finite.max()),
+            "share_above_0.7": float((finite > KHAT_THRESHOLD).mean()),
+            "share_above_0.5": float((finite > 0.5).mean()),
+            "worst": [{"image": int(i), "khat": float(khat[i])} for i in worst],
+        }
+    )
+    return result, worst
+
+
+def _grid_images(vae, test: torch.Tensor, indices: np.ndarray) -> torch.Tensor:
+    """``test[indices]`` as images (channels, height, width) for a grid."""
+    shape = vae.data_shape if len(vae.data_shape) == 3 else (1, 1, vae.data_dim)
+    return test[torch.as_tensor(indices, dtype=torch.long)].reshape(-1, *shape)

@@ -385,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _diagnose(args: argparse.Namespace) -> int:
     from pyro_vae.app.diagnose import diagnose
+    from pyro_vae.app.diagnose_report import console_lines
 
     result = diagnose(
         args.run_dir,
@@ -404,30 +405,8 @@ def _diagnose(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         compile=args.compile,
     )
-    gaps, nuts = result["gaps"], result["nuts"]
-    if "skipped" in gaps:
-        print(f"gaps {gaps['skipped']}")
-    for key, label in (
-        ("approximation_gap", "approximation gap"),
-        ("amortization_gap", "amortization gap"),
-    ):
-        if key not in gaps:
-            continue
-        v = gaps[key]
-        print(
-            f"{label:18} {v['mean']:7.3f} nats  (95% interval {v['ci95_low']:.3f} to "
-            f"{v['ci95_high']:.3f}, {gaps['images']} images)"
-        )
-    khat = result["khat"]
-    khat_text = (
-        f"k-hat > 0.7 for {khat['share_above_0.7']:.1%} of {khat['images']} images"
-        if khat.get("share_above_0.7") is not None
-        else f"k-hat {khat['note']}"
-    )
-    print(
-        f"NUTS: max r-hat {nuts['rhat_max']:.3f}, min bulk ESS {nuts['ess_bulk_min']:.0f}, "
-        f"{nuts['divergences']} divergences; {khat_text}"
-    )
+    for line in console_lines(result):
+        print(line)
     out = args.out or args.run_dir / "diagnostics"
     print(f"diagnostics: {out / 'diagnostics.md'}")
     return 0
