@@ -6,7 +6,9 @@
   estimator at fixed parameters, per parameter group
 - :mod:`~pyro_vae.analysis.bounds`: L_1, L_K and log p(x) per data point, and their gaps
 - :mod:`~pyro_vae.analysis.diagnostics`: NUTS reference posteriors, locally optimized
-  guides, inference gaps, PSIS, ArviZ ``InferenceData``
+  guides, inference gaps, PSIS, ArviZ ``InferenceData``; :class:`Diagnosis`, their result
+- :mod:`~pyro_vae.analysis.comparison`: :class:`Comparison` (what ``pyro-vae compare``
+  measures) and its measurements of trained models and run records
 
 Rendering (tables, plots, markdown) lives in :mod:`pyro_vae.app`.
 """

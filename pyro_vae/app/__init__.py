@@ -3,7 +3,9 @@
 - :mod:`~pyro_vae.app.cli`: flags to library calls (the only place that speaks in flags)
 - :mod:`~pyro_vae.app.runs`: run folders (lock, resume, recovery, config, report)
 - :mod:`~pyro_vae.app.compare`, :mod:`~pyro_vae.app.diagnose`: the comparison and the
-  diagnosis of a run, computed by :mod:`pyro_vae.analysis` and rendered here
+  diagnosis of a run, measured by :mod:`pyro_vae.analysis` into a ``Comparison`` and a
+  ``Diagnosis``; :mod:`~pyro_vae.app.compare_report` and
+  :mod:`~pyro_vae.app.diagnose_report` render those (files, plots, console lines)
 - :mod:`~pyro_vae.app.sweep`, :mod:`~pyro_vae.app.executors`: many runs, serially or on Ray
 - :mod:`~pyro_vae.app.reproduce`: the IWAE paper's Table 1 cells
 - :mod:`~pyro_vae.app.plots`, :mod:`~pyro_vae.app.tracking`: PNG figures, TensorBoard
