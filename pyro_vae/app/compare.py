@@ -167,18 +167,13 @@ def run_comparison(
     data, test_images = _test_images(config, eval_points)
     _check_model(config, data, test_images, estimators)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    if executor is None:
-        from pyro_vae.app.executors import SerialExecutor
-
-        executor = SerialExecutor()
+    executor = _serial_unless(executor)
     measurements = {
         "eval_samples": eval_samples,
         "eval_points": eval_points,
         "grad_draws": grad_draws,
         "grad_batch": grad_batch,
-        "compile_evaluation": None
-        if config.train.compile == "auto"
-        else bool(config.train.compile),
+        "compile_evaluation": _compile_evaluation(config),
     }
     specs, labels = _run_specs(
         config,
@@ -188,19 +183,12 @@ def run_comparison(
         measurements,
         progress=progress and executor.name == "serial",
     )
-    runs, runs_wall_seconds = _train_runs(executor, specs, labels, log)
+    runs, runs_wall_seconds = _train_runs(executor, specs, labels, log, eval_samples)
     trained = _first_repeat_models(runs, config, data.data_shape)
-    if log is not None:
-        for run in runs:
-            log(run_line(run, eval_samples))
     grad_images = test_images[: min(grad_batch, len(test_images))]
     snr = _snr_section(trained, estimators, grad_images, snr_particles, grad_draws, config, log)
-    if log is not None:
-        log("bounds against K ...")
     bound_images = test_images[:bound_points]
-    bounds = bounds_versus_particles(
-        trained, bound_images, bound_particles, eval_samples, config.train.seed
-    )
+    bounds = _bounds_section(trained, bound_images, bound_particles, eval_samples, config, log)
     return Comparison(
         command=command,
         config=config.to_dict(),
@@ -218,6 +206,20 @@ def run_comparison(
         bounds_versus_particles=bounds,
         runs=runs,
     )
+
+
+def _serial_unless(executor):
+    """``executor``, or the serial one (in this process) when none is given."""
+    if executor is not None:
+        return executor
+    from pyro_vae.app.executors import SerialExecutor
+
+    return SerialExecutor()
+
+
+def _compile_evaluation(config) -> bool | None:
+    """Whether evaluation runs through captured graphs (``None``: decided by the work)."""
+    return None if config.train.compile == "auto" else bool(config.train.compile)
 
 
 def _check_options(
@@ -304,8 +306,11 @@ def _run_specs(
     return specs, labels
 
 
-def _train_runs(executor, specs, labels, log) -> tuple[list[dict[str, Any]], float]:
-    """Every spec trained by ``executor``, each from a fresh folder; with the wall time."""
+def _train_runs(
+    executor, specs, labels, log, eval_samples: int
+) -> tuple[list[dict[str, Any]], float]:
+    """Every spec trained by ``executor``, each from a fresh folder; with the wall time.
+    Each finished run is logged as one line."""
     for spec in specs:  # an earlier comparison's run of the same name: this one starts afresh
         if Path(spec["run_dir"]).is_dir():
             shutil.rmtree(spec["run_dir"])
@@ -313,7 +318,11 @@ def _train_runs(executor, specs, labels, log) -> tuple[list[dict[str, Any]], flo
         log(f"training {len(specs)} runs ({executor.name}) ...")
     started = time.perf_counter()
     runs = executor.map(train_compare_run, specs, log=log, labels=labels)
-    return runs, time.perf_counter() - started
+    wall_seconds = time.perf_counter() - started
+    if log is not None:
+        for run in runs:
+            log(run_line(run, eval_samples))
+    return runs, wall_seconds
 
 
 def _first_repeat_models(runs: list[dict[str, Any]], config, data_shape) -> dict[str, Any]:
@@ -346,6 +355,15 @@ def _snr_section(trained, estimators, grad_images, snr_particles, grad_draws, co
         seed=config.train.seed,
     )
     return {"parameters_of": reference_name, "rows": rows}
+
+
+def _bounds_section(trained, bound_images, bound_particles, eval_samples, config, log):
+    """The bounds against K of the first repeat's models."""
+    if log is not None:
+        log("bounds against K ...")
+    return bounds_versus_particles(
+        trained, bound_images, bound_particles, eval_samples, config.train.seed
+    )
 
 
 @functools.lru_cache(maxsize=2)
