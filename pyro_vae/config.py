@@ -14,16 +14,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from pyro_vae.choices import (
-    ACTIVATIONS,
-    BINARIZATIONS,
-    DATASETS,
-    GUIDES,
-    LIKELIHOODS,
-    LR_SCHEDULES,
-    NETWORKS,
-    OPTIMIZERS,
-)
+from pyro_vae import choices
 from pyro_vae.errors import UserInputError
 from pyro_vae.io import read_json
 from pyro_vae.objectives.registry import ESTIMATORS
@@ -93,6 +84,15 @@ def _integers(values: Any, what: str, allow_empty: bool = False) -> tuple[int, .
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """The model: latent layers, networks, likelihood, prior; validated when built (a bad
+    value raises :class:`~pyro_vae.errors.UserInputError` naming it). Each field is
+    described beside it; :func:`~pyro_vae.models.build.build_vae` builds the model.
+
+    Example::
+
+        config = ModelConfig(latent_dims=(100, 50), guide="top-down")
+    """
+
     latent_dims: tuple[int, ...] = (50,)  # latent size; several numbers: one per stochastic layer
     hidden: tuple[int, ...] = (200, 200)  # widths of each MLP's hidden layers (IWAE paper)
     activation: str = "tanh"  # hidden nonlinearity (IWAE paper: tanh)
@@ -109,15 +109,15 @@ class ModelConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "latent_dims", _integers(self.latent_dims, "latent dims"))
         object.__setattr__(self, "hidden", _integers(self.hidden, "hidden sizes", True))
-        _choice(self.activation, ACTIVATIONS, "activation")
-        _choice(self.network, NETWORKS, "network")
-        _choice(self.likelihood, LIKELIHOODS, "likelihood")
+        _choice(self.activation, choices.ACTIVATIONS, "activation")
+        _choice(self.network, choices.NETWORKS, "network")
+        _choice(self.likelihood, choices.LIKELIHOODS, "likelihood")
         if self.gaussian_scale is not None:
             _scale(self.gaussian_scale, "gaussian_scale")
         _number(self.prior_loc, "prior_loc", maximum=SCALE_RANGE[1])
         _scale(self.prior_scale, "prior_scale")
         if self.guide is not None:
-            _choice(self.guide, GUIDES, "guide")
+            _choice(self.guide, choices.GUIDES, "guide")
         if len(self.latent_dims) == 1:
             object.__setattr__(self, "guide", None)
         elif self.guide is None:
@@ -126,6 +126,14 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
+    """The data set, by name or path, and how it is binarized and split; validated when
+    built. :meth:`load` loads it (:func:`~pyro_vae.data.load_data`).
+
+    Example::
+
+        data = DataConfig(dataset="digits", validation_size=200).load(seed=0)
+    """
+
     # digits (built in, offline) | mnist | fashion-mnist | kmnist, or your own data: the
     # absolute path of a .npy/.npz file or a folder of images
     dataset: str = "digits"
@@ -136,10 +144,10 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if not is_data_path(self.dataset):
-            _choice(self.dataset, DATASETS, "dataset")
+            _choice(self.dataset, choices.DATASETS, "dataset")
         if self.data_dir is not None and not isinstance(self.data_dir, str):
             raise UserInputError(f"data_dir must be a folder name, got {self.data_dir!r}")
-        _choice(self.binarize, BINARIZATIONS, "binarization")
+        _choice(self.binarize, choices.BINARIZATIONS, "binarization")
         _integer(self.validation_size, "validation_size", 0)
         if self.limit is not None:
             _integer(self.limit, "limit", 1)
@@ -162,13 +170,21 @@ def is_data_path(dataset: Any) -> bool:
     """Whether ``dataset`` names your own data by path rather than a built-in set."""
     return (
         isinstance(dataset, str)
-        and dataset not in DATASETS
+        and dataset not in choices.DATASETS
         and (dataset.endswith((".npy", ".npz")) or "/" in dataset or "\\" in dataset)
     )
 
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """How :func:`~pyro_vae.training.fit.fit` trains: estimator, optimizer, schedule,
+    warm-up, early stopping, evaluation; validated when built.
+
+    Example::
+
+        config = TrainConfig(estimator="iwae", particles=5, epochs=20, lr_schedule="cosine")
+    """
+
     estimator: str = "mc"  # mc (Trace_ELBO), analytic (TraceMeanField_ELBO), iwae, renyi, stl, ...
     particles: int = 1  # samples of z per data point and step (K)
     alpha: float = 0.5  # order of the Renyi bound (estimator "renyi" only)
@@ -195,8 +211,8 @@ class TrainConfig:
         if not (isinstance(self.compile, bool) or self.compile == "auto"):
             raise UserInputError(f'compile must be true, false or "auto", got {self.compile!r}')
         _choice(self.estimator, ESTIMATORS, "estimator")
-        _choice(self.optimizer, OPTIMIZERS, "optimizer")
-        _choice(self.lr_schedule, LR_SCHEDULES, "learning-rate schedule")
+        _choice(self.optimizer, choices.OPTIMIZERS, "optimizer")
+        _choice(self.lr_schedule, choices.LR_SCHEDULES, "learning-rate schedule")
         _choice(self.device, ("cpu", "cuda"), "device")
         for name in ("particles", "epochs", "batch_size", "eval_particles"):
             _integer(getattr(self, name), name.replace("_", "-"), 1)

@@ -86,21 +86,7 @@ def check_estimators_run(
 
 
 def compare_estimators(
-    config,
-    estimators: Sequence[str],
-    out_dir: str | Path,
-    repeats: int = 1,
-    eval_samples: int = 1000,
-    eval_points: int | None = None,
-    grad_draws: int = 100,
-    grad_batch: int = 100,
-    snr_particles: Sequence[int] = (1, 3, 10, 30),
-    bound_particles: Sequence[int] = (1, 5, 50, 500),
-    bound_points: int = 200,
-    progress: bool = True,
-    log: Callable[[str], None] | None = print,
-    command: str = "",
-    executor=None,
+    config, estimators: Sequence[str], out_dir: str | Path, **settings: Any
 ) -> dict[str, Any]:
     """Train one model per estimator and repeat, on an equal budget, and compare them.
 
@@ -116,28 +102,13 @@ def compare_estimators(
     (:mod:`pyro_vae.executors`; default: serial, in this process) decides where the calls
     run. The results, tables and plots do not depend on it.
 
-    :func:`run_comparison` trains and measures (returning a
-    :class:`~pyro_vae.analysis.comparison.Comparison`);
+    ``settings`` are those of :func:`run_comparison` (repeats, eval_samples, grad_draws,
+    particles of the SNR and bound studies, progress, log, command, executor), which
+    trains and measures (returning a :class:`~pyro_vae.analysis.comparison.Comparison`);
     :func:`~pyro_vae.app.compare_report.write_comparison` writes ``comparison.json``,
     ``.csv``, ``.md`` and the plots; this returns the JSON's dict.
     """
-    comparison = run_comparison(
-        config,
-        estimators,
-        out_dir,
-        repeats=repeats,
-        eval_samples=eval_samples,
-        eval_points=eval_points,
-        grad_draws=grad_draws,
-        grad_batch=grad_batch,
-        snr_particles=snr_particles,
-        bound_particles=bound_particles,
-        bound_points=bound_points,
-        progress=progress,
-        log=log,
-        command=command,
-        executor=executor,
-    )
+    comparison = run_comparison(config, estimators, out_dir, **settings)
     write_comparison(Path(out_dir), comparison)
     return comparison.to_dict()
 

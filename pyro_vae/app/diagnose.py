@@ -8,6 +8,7 @@ written under a lock."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,55 +24,24 @@ __all__ = ["Diagnosis", "compute_diagnosis", "diagnose"]
 def diagnose(
     run_dir: str | Path,
     out_dir: str | Path | None = None,
-    images: int = 10,
-    image_ids: Sequence[int] | None = None,
-    chains: int = 4,
-    warmup: int = 300,
-    samples: int = 300,
-    is_samples: int = 5000,
-    local_steps: int = 1000,
-    khat_images: int = 1000,
-    khat_samples: int = 1000,
-    seed: int = 0,
-    jit: bool = True,
     overwrite: bool = False,
-    progress: bool = True,
-    log=print,
-    compile: bool | None = None,
+    **settings: Any,
 ) -> dict[str, Any]:
     """``pyro-vae diagnose``: NUTS reference posterior, gaps, PSIS k-hat; files in out_dir.
 
     Writes ``nuts.nc`` and ``guide.nc`` (ArviZ InferenceData), ``diagnostics.json``,
     ``diagnostics.md`` and ``plots/*.png``. Every measurement runs with the networks in
     eval mode.
-    ``compile``: draw importance weights through captured graphs (``None``: when the
-    amount of work repays the capture). Returns ``diagnostics.json``'s dict.
+    ``settings`` are those of :func:`compute_diagnosis` (images, chains, warmup, samples,
+    is_samples, local_steps, khat_images, khat_samples, seed, jit, progress, log,
+    compile), which measures; this writes. Returns ``diagnostics.json``'s dict.
     """
-    _check_options(
-        images, chains, warmup, samples, is_samples, local_steps, khat_images, khat_samples
-    )
     run_dir = Path(run_dir)
     out = Path(out_dir) if out_dir is not None else run_dir / "diagnostics"
     if out.exists() and not out.is_dir():
         raise UserInputError(f"--out {out} is a file: pass a folder")
     _refuse_to_overwrite(out, overwrite)
-    diagnosis = compute_diagnosis(
-        run_dir,
-        images=images,
-        image_ids=image_ids,
-        chains=chains,
-        warmup=warmup,
-        samples=samples,
-        is_samples=is_samples,
-        local_steps=local_steps,
-        khat_images=khat_images,
-        khat_samples=khat_samples,
-        seed=seed,
-        jit=jit,
-        progress=progress,
-        log=log,
-        compile=compile,
-    )
+    diagnosis = compute_diagnosis(run_dir, **settings)
     write_locked(out, diagnosis, run_dir, overwrite)
     return diagnosis.to_dict()
 
@@ -80,46 +50,35 @@ def compute_diagnosis(
     run_dir: str | Path,
     images: int = 10,
     image_ids: Sequence[int] | None = None,
-    chains: int = 4,
-    warmup: int = 300,
-    samples: int = 300,
-    is_samples: int = 5000,
-    local_steps: int = 1000,
-    khat_images: int = 1000,
-    khat_samples: int = 1000,
-    seed: int = 0,
-    jit: bool = True,
-    progress: bool = True,
-    log=print,
-    compile: bool | None = None,
+    **settings: Any,
 ) -> Diagnosis:
     """The measurements of :func:`diagnose` on the run in ``run_dir``, as data: nothing
-    is written."""
+    is written. ``images`` test images (or those of ``image_ids``) get the NUTS and gap
+    measurements; ``settings`` are those of
+    :func:`~pyro_vae.analysis.diagnostics.diagnose_model` (chains, warmup, samples,
+    is_samples, local_steps, khat_images, khat_samples, seed, jit, progress, log,
+    compile)."""
     from pyro_vae.app.runs import load_run
 
-    _check_options(
-        images, chains, warmup, samples, is_samples, local_steps, khat_images, khat_samples
-    )
+    defaults = inspect.signature(diagnose_model).parameters
+    given = {name: settings.get(name, defaults[name].default) for name in _COUNTS}
+    _check_options(images, **given)
     _, vae, data, _ = load_run(Path(run_dir))
     test = data.evaluation_images("test")
-    return diagnose_model(
-        vae,
-        test,
-        select_images(len(test), images, image_ids),
-        chains=chains,
-        warmup=warmup,
-        samples=samples,
-        is_samples=is_samples,
-        local_steps=local_steps,
-        khat_images=khat_images,
-        khat_samples=khat_samples,
-        seed=seed,
-        jit=jit,
-        progress=progress,
-        log=log,
-        compile=compile,
-        run_dir=str(run_dir),
-    )
+    ids = select_images(len(test), images, image_ids)
+    return diagnose_model(vae, test, ids, run_dir=str(run_dir), **settings)
+
+
+#: the counts diagnose checks before it loads anything
+_COUNTS = (
+    "chains",
+    "warmup",
+    "samples",
+    "is_samples",
+    "local_steps",
+    "khat_images",
+    "khat_samples",
+)
 
 
 def _check_options(

@@ -28,7 +28,6 @@ from collections.abc import Sequence
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.infer.util import is_validation_enabled
 from torch import nn
 
 from pyro_vae.choices import GUIDES
@@ -79,12 +78,18 @@ def precision_weighted(
 class HierarchicalVAE(VAE):
     """A VAE with ``len(latent_dims) >= 2`` stochastic layers (``latent_dims[0]`` is z1).
 
-    Args:
-        data_dim_shape: shape of one data point.
-        latent_dims: sizes of z1 (next to x) ... zL (top).
-        hiddens: hidden widths for each layer's networks: ``hiddens[0]`` between x and
-            z1, ``hiddens[l]`` between z_l and z_{l+1}.
-        guide: ``"top-down"`` or ``"bottom-up"``.
+    :param data_shape: shape of one data point.
+    :param latent_dims: sizes of z1 (next to x) ... zL (top).
+    :param hiddens: hidden widths for each layer's networks: ``hiddens[0]`` between x and
+        z1, ``hiddens[l]`` between z_l and z_{l+1}.
+    :param guide: ``"top-down"`` or ``"bottom-up"``.
+
+    **References**
+
+    [1] Burda, Y., Grosse, R. and Salakhutdinov, R. (2016). Importance Weighted
+        Autoencoders. ICLR (the two-layer model and the bottom-up guide).
+    [2] Sonderby, C. K. et al. (2016). Ladder Variational Autoencoders. NeurIPS (the
+        top-down guide, KL warm-up).
     """
 
     #: one q(z_l | z_{l-1}) network per layer (bottom-up), or the ladder (top-down)
@@ -146,9 +151,7 @@ class HierarchicalVAE(VAE):
 
     # ----------------------------------------------------------------- Pyro program
     def model(self, x: torch.Tensor, num_data: int | None = None) -> None:
-        x = self.flatten(x)
-        if is_validation_enabled():
-            self.likelihood.check_data(x)
+        x = self.program_input(x)
         register_module("decoder", self.decoder)
         register_module("conditionals", self.conditionals)
         if self.likelihood_has_parameters:
@@ -162,9 +165,7 @@ class HierarchicalVAE(VAE):
             pyro.sample(OBSERVED_SITE, self.likelihood.event_distribution(self.decoder(z)), obs=x)
 
     def guide(self, x: torch.Tensor, num_data: int | None = None) -> None:
-        x = self.flatten(x)
-        if is_validation_enabled():
-            self.likelihood.check_data(x)
+        x = self.program_input(x)
         register_module("encoder", self.encoder)
         top = len(self.latent_dims)
         with data_plate(x, num_data):

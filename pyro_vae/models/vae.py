@@ -85,17 +85,30 @@ def data_plate(x: torch.Tensor, num_data: int | None = None) -> pyro.plate:
 class VAE(nn.Module):
     """Variational autoencoder: ``z ~ N(prior_loc, prior_scale)``, ``x | z ~ likelihood``.
 
-    Args:
-        encoder: network ``x -> (z_loc, z_scale)`` (q(z|x), a diagonal Gaussian).
-        decoder: network ``z -> raw likelihood parameters`` (one per data dimension).
-        likelihood: turns the decoder output into a distribution per data dimension.
-        latent_dim: dimension of z.
-        data_shape: shape of one data point, e.g. ``(1, 28, 28)``; data are passed
-            flattened, ``(batch, prod(data_shape))``, or in this shape.
-        prior_loc, prior_scale: the prior N(mu_p, sigma_p^2) per latent dimension.
+    :param encoder: network ``x -> (z_loc, z_scale)`` (q(z|x), a diagonal Gaussian).
+    :param decoder: network ``z -> raw likelihood parameters`` (one per data dimension).
+    :param likelihood: turns the decoder output into a distribution per data dimension.
+    :param latent_dim: dimension of z.
+    :param data_shape: shape of one data point, e.g. ``(1, 28, 28)``; data are passed
+        flattened, ``(batch, prod(data_shape))``, or in this shape.
+    :param prior_loc: the prior's mean per latent dimension.
+    :param prior_scale: the prior's standard deviation per latent dimension.
 
-    ``model(x)`` and ``guide(x)`` take a mini-batch and optionally ``num_data``, the size
-    of the whole data set, so that the ELBO of a mini-batch is scaled to the data set.
+    ``model(x)`` and ``guide(x)`` take a mini-batch (the library scales its bound to the
+    data set); for ``pyro.infer.SVI`` they also take ``num_data``, the size of the whole
+    data set, which subsamples the data plate to the same effect.
+
+    Example::
+
+        vae = pyro_vae.build_vae(pyro_vae.ModelConfig(latent_dims=(2,)), (1, 8, 8))
+        svi = pyro.infer.SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 1e-3}),
+                             pyro.infer.Trace_ELBO())
+
+    **References**
+
+    [1] Kingma, D. P. and Welling, M. (2014). Auto-Encoding Variational Bayes. ICLR.
+    [2] Rezende, D. J., Mohamed, S. and Wierstra, D. (2014). Stochastic Backpropagation
+        and Approximate Inference in Deep Generative Models. ICML.
     """
 
     # buffers (register_buffer), declared for type checkers
@@ -131,9 +144,7 @@ class VAE(nn.Module):
     # ----------------------------------------------------------------- the Pyro program
     def model(self, x: torch.Tensor, num_data: int | None = None) -> None:
         """p(x, z) = N(z; prior_loc, prior_scale) p(x | decoder(z))."""
-        x = self.flatten(x)
-        if is_validation_enabled():
-            self.likelihood.check_data(x)
+        x = self.program_input(x)
         register_module("decoder", self.decoder)
         if self.likelihood_has_parameters:
             register_module("likelihood", self.likelihood)
@@ -143,9 +154,7 @@ class VAE(nn.Module):
 
     def guide(self, x: torch.Tensor, num_data: int | None = None) -> None:
         """q(z | x) = N(z; encoder(x)), diagonal."""
-        x = self.flatten(x)
-        if is_validation_enabled():
-            self.likelihood.check_data(x)
+        x = self.program_input(x)
         register_module("encoder", self.encoder)
         with data_plate(x, num_data):
             z_loc, z_scale = self.encoder(x)
@@ -181,6 +190,14 @@ class VAE(nn.Module):
             )
         if is_validation_enabled() and not x.is_floating_point():
             raise DataError(f"expected floating-point data, got {x.dtype}: convert with x.float()")
+        return x
+
+    def program_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as model and guide use it: flattened, and checked against the likelihood
+        under Pyro validation."""
+        x = self.flatten(x)
+        if is_validation_enabled():
+            self.likelihood.check_data(x)
         return x
 
     def check_data(self, x: torch.Tensor, what: str = "data") -> torch.Tensor:
