@@ -92,27 +92,6 @@ def test_the_public_api_table_equals_the_type_checking_imports_and_resolves():
         pyro_vae.no_such_name  # noqa: B018
 
 
-def test_every_pyro_vae_name_in_the_readme_exists():
-    text = (REPO / "README.md").read_text()
-    names = set(re.findall(r"\bpyro_vae((?:\.[A-Za-z_][A-Za-z0-9_]*)+)", text))
-    assert names, "the README names no pyro_vae attribute"
-    missing = []
-    for dotted in sorted(names):
-        obj = pyro_vae
-        for part in dotted.strip(".").split("."):
-            try:
-                obj = getattr(obj, part)
-            except AttributeError:
-                import importlib
-
-                try:
-                    obj = importlib.import_module(f"{obj.__name__}.{part}")
-                except (ImportError, AttributeError):
-                    missing.append(f"pyro_vae{dotted}")
-                    break
-    assert not missing, f"the README names what does not exist: {missing}"
-
-
 def test_the_readme_layout_lists_every_module_of_the_tree():
     """The tree drawn in the README's Layout section (two spaces per level) is the
     package's tree, module for module."""

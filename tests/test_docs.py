@@ -31,9 +31,9 @@ def _resolves(dotted: str) -> bool:
     return True
 
 
-def test_every_pyro_vae_name_in_the_docs_exists():
+def test_every_pyro_vae_name_in_the_readme_and_the_docs_exists():
     missing = []
-    for page in PAGES:
+    for page in [REPO / "README.md", *PAGES]:
         for dotted in set(
             re.findall(r"\bpyro_vae((?:\.[A-Za-z_][A-Za-z0-9_]*)+)", page.read_text())
         ):
