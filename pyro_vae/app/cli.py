@@ -137,6 +137,8 @@ def _compile_flag(parser: argparse.ArgumentParser, what: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``pyro-vae`` argument parser: every command and flag, with the config
+    dataclasses' defaults in ``--help`` (the docs' configuration page prints it)."""
     parser = _Parser(
         prog="pyro-vae",
         description="Train, evaluate and sample variational autoencoders written as Pyro "
@@ -898,6 +900,9 @@ def _launch_torchrun(nproc: int, argv: list[str] | None) -> int:
 
 @dataclasses.dataclass
 class PreparedRun:
+    """A run checked and ready before its folder is touched: config, data, model, the
+    estimated seconds of the final evaluation, and the epochs already trained."""
+
     config: RunConfig
     data: Any
     vae: Any
@@ -946,6 +951,8 @@ def prepare_run(config: RunConfig, quiet: bool = False) -> PreparedRun:
 def run_training(
     prepared: PreparedRun, out: Path, args: argparse.Namespace, argv, transaction: _Transaction
 ) -> int:
+    """Train a prepared run into ``out`` (under its lock), evaluate it, write plots and the
+    report; ``transaction`` takes back what was written if the first epoch fails."""
     from pyro_vae.analysis.evaluation import evaluate
     from pyro_vae.app.runs import write_plots, write_report
     from pyro_vae.io import atomic_write_json
@@ -1047,6 +1054,8 @@ def _nats(value: float | None) -> str:
 
 
 def format_evaluation(result: dict[str, Any]) -> str:
+    """The console lines of an evaluation (:func:`~pyro_vae.analysis.evaluation.evaluate`
+    result): test ELBO and its terms, log p(x) with its K, active units, PSIS k-hat."""
     return "\n".join(
         [
             f"test ELBO            {result['test_elbo']:10.3f}  = E[log p(x|z)] "
@@ -1164,6 +1173,8 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``pyro-vae`` command: parse ``argv`` (default ``sys.argv[1:]``), run it, and
+    return the exit status (2 for bad input, printed as one line; 1 when stopped)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

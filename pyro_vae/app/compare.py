@@ -56,6 +56,8 @@ __all__ = [
 
 # ------------------------------------------------------------------ equal-budget training
 def parse_estimators(text: str | Sequence[str]) -> list[str]:
+    """Estimator names from ``"mc,analytic"`` or a list, each known to the registry and
+    given once; an unknown or repeated name is refused in one line."""
     names = [n.strip() for n in text.split(",")] if isinstance(text, str) else list(text)
     names = [n for n in names if n]
     unknown = [n for n in names if n not in ESTIMATORS]

@@ -130,10 +130,12 @@ class RunLock:
 
 
 def holds_run(out: Path) -> bool:
+    """Whether ``out`` holds a run (a checkpoint or a config.json)."""
     return (out / "checkpoint.pt").exists() or (out / "config.json").exists()
 
 
 def is_empty(out: Path) -> bool:
+    """Whether ``out`` is missing or holds only this package's lock and set-aside files."""
     return not out.exists() or all(p.name in _OURS for p in out.iterdir())
 
 
@@ -358,6 +360,7 @@ def load_parameters(vae, state: dict[str, Any], where: Path) -> None:
 
 
 def environment() -> dict[str, Any]:
+    """The versions and machine a run was made with, for its report."""
     import pyro
     import torch
 
@@ -373,6 +376,7 @@ def environment() -> dict[str, Any]:
 
 
 def command_line(argv: list[str] | None) -> str:
+    """The ``pyro-vae`` command line as typed (``argv``, or ``sys.argv``), shell-quoted."""
     import shlex
 
     args = sys.argv[1:] if argv is None else argv
@@ -380,6 +384,8 @@ def command_line(argv: list[str] | None) -> str:
 
 
 def write_plots(run_dir: Path, vae, data, epochs: list[dict[str, Any]]) -> list[Path]:
+    """The run's PNG figures in ``run_dir/plots``: learning curves, reconstructions, prior
+    samples and the latent space; returns their paths."""
     from pyro_vae.app import plots
 
     folder = run_dir / "plots"

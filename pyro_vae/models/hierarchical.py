@@ -238,6 +238,8 @@ def default_hiddens(latent_dims: Sequence[int], hidden: Sequence[int]) -> list[t
 def build_hierarchical(
     config, data_shape: Sequence[int], likelihood: Likelihood
 ) -> HierarchicalVAE:
+    """A :class:`HierarchicalVAE` from a :class:`~pyro_vae.config.ModelConfig` with several
+    ``latent_dims`` (MLP networks only)."""
     if config.network != "mlp":
         raise DataError("the hierarchical VAE uses MLPs: use `network='mlp'`")
     return HierarchicalVAE(

@@ -78,6 +78,7 @@ def per_datapoint(site: Site, value: torch.Tensor, num_particles: int) -> torch.
 
 
 def sample_sites(trace: poutine.Trace) -> list[Site]:
+    """The sample sites of ``trace``, in order, without the plates' subsample sites."""
     return [
         site
         for site in trace.nodes.values()
@@ -87,6 +88,8 @@ def sample_sites(trace: poutine.Trace) -> list[Site]:
 
 # --------------------------------------------------------------------- particle estimators
 def check_reparameterized(guide_trace: poutine.Trace, estimator: str) -> None:
+    """Refuse, naming the site, a guide site without ``rsample`` for an estimator that
+    differentiates through the draws."""
     for site in sample_sites(guide_trace):
         if not site["fn"].has_rsample:
             raise UserInputError(

@@ -56,6 +56,8 @@ def rng_state(data_generator: torch.Generator | None = None) -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any], data_generator: torch.Generator | None = None) -> None:
+    """Restore the RNG states :func:`rng_state` saved (torch, numpy, Python, and the data
+    generator's when given), so that a resumed run draws what the uninterrupted one would."""
     # RNG states are CPU byte tensors, whatever device a checkpoint was mapped to
     torch.set_rng_state(state["torch"].cpu())
     numpy_state = state["numpy"]
