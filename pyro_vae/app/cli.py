@@ -933,7 +933,7 @@ def prepare_run(config: RunConfig, quiet: bool = False) -> PreparedRun:
     # build the estimator once here so that a bad combination fails before any file is written
     make_elbo(config.train.estimator, config.train.particles, alpha=config.train.alpha)
     seconds = 0.0
-    if config.train.eval_samples:
+    if config.train.eval_samples and not quiet:  # (the other torchrun processes: no estimate)
         from pyro_vae.analysis.evaluation import announce_evaluation
 
         images = final_evaluation_images(config, data)

@@ -366,7 +366,7 @@ def train_compare_run(spec: dict[str, Any]) -> dict[str, Any]:
     config = RunConfig.from_dict(spec["config"])
     train = config.train
     data, test_images = _spec_data(config, spec)
-    vae, history, timing = _train_run(config, data, Path(spec["run_dir"]), spec["progress"])
+    vae, history, timing = train_in_folder(config, data, Path(spec["run_dir"]), spec["progress"])
     evaluation = evaluate(
         vae,
         test_images,
@@ -422,10 +422,11 @@ def _spec_data(config, spec: dict[str, Any]):
     return data, test_images
 
 
-def _train_run(config, data, run_dir: Path, progress: bool):
-    """Train (or resume) one run in ``run_dir``: the model, its history, and the timing
-    fields of its record (wall and CPU time; CPU time beside wall time, since wall time
-    swings with the load of other processes)."""
+def train_in_folder(config, data, run_dir: Path, progress: bool, callbacks=()):
+    """Train (or resume) one run in ``run_dir``, from the run's seed: the model, its
+    history, and the timing fields of its record (wall and CPU time; CPU time beside wall
+    time, since wall time swings with the load of other processes). ``compare`` and
+    ``sweep`` train each of their runs through this."""
     from pyro_vae.models.build import build_vae
     from pyro_vae.training.fit import fit
     from pyro_vae.training.trainer import CHECKPOINT
@@ -441,6 +442,7 @@ def _train_run(config, data, run_dir: Path, progress: bool):
         run_dir=run_dir,
         resume=resumed_at is not None,
         saved_config=config.to_dict(),
+        callbacks=callbacks,
         progress=progress,
         log=None,
     )

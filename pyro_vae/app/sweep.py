@@ -195,32 +195,14 @@ def sweep_run(spec: dict[str, Any], callbacks: Sequence[Callable] = ()) -> dict[
     import torch
 
     from pyro_vae.analysis.evaluation import evaluate, evaluate_elbo, fixed_subset
-    from pyro_vae.app.compare import checkpoint_epoch
-    from pyro_vae.models.build import build_vae
-    from pyro_vae.training.fit import fit
-    from pyro_vae.training.trainer import CHECKPOINT
+    from pyro_vae.app.compare import train_in_folder
 
     config = RunConfig.from_dict(spec["config"])
     run_dir = Path(spec["run_dir"])
     data = _cached_data(config.data, config.train.seed)
-    resumed_at = checkpoint_epoch(run_dir / CHECKPOINT, config)
     run_dir.mkdir(parents=True, exist_ok=True)
     config.save(run_dir / "config.json")
-    torch.manual_seed(config.train.seed)
-    vae = build_vae(config.model, data.data_shape)
-    started = time.perf_counter()
-    history = fit(
-        vae,
-        data,
-        config.train,
-        run_dir=run_dir,
-        resume=resumed_at is not None,
-        saved_config=config.to_dict(),
-        callbacks=callbacks,
-        progress=spec["progress"],
-        log=None,
-    )
-    train_seconds = time.perf_counter() - started
+    vae, history, timing = train_in_folder(config, data, run_dir, spec["progress"], callbacks)
     images = data.evaluation_images("test").to(config.train.device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -233,9 +215,9 @@ def sweep_run(spec: dict[str, Any], callbacks: Sequence[Callable] = ()) -> dict[
         "steps": history.last["step"],
         "test_elbo": final["elbo"],
         "test_kl": final["kl"],
-        "train_seconds": train_seconds,
+        "train_seconds": timing["train_seconds"],
         "seconds_per_epoch": float(np.median(history["seconds"])),
-        "resumed_at_epoch": resumed_at,
+        "resumed_at_epoch": timing["resumed_at_epoch"],
         "parameters_sha256": parameters_digest(vae),
     }
     if config.train.eval_samples:
