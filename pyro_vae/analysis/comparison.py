@@ -18,6 +18,7 @@ import torch
 from pyro_vae.analysis.bounds import bound_tightness
 from pyro_vae.analysis.evaluation import evaluation_mode
 from pyro_vae.analysis.gradients import estimator_gradient_statistics
+from pyro_vae.models.protocol import forked_rng, on_model_device
 from pyro_vae.objectives.registry import make_elbo
 
 
@@ -113,7 +114,8 @@ def own_objective_and_gradients(
 ) -> tuple[float, dict[str, Any]]:
     """A trained model's own objective per data point on ``x`` and its estimator's
     gradient statistics on ``grad_x``: eval mode, seeded, the global RNG untouched."""
-    with torch.random.fork_rng(devices=[]), evaluation_mode(vae):
+    x = on_model_device(vae, x)
+    with forked_rng(vae), evaluation_mode(vae):
         torch.manual_seed(seed)
         objective = -make_elbo(estimator, particles, alpha=alpha).loss(
             vae.model, vae.guide, x
@@ -135,7 +137,7 @@ def bounds_versus_particles(
     per-point values dropped), each from the same seed, the global RNG untouched."""
     bounds = {}
     for name, vae in models.items():
-        with torch.random.fork_rng(devices=[]):
+        with forked_rng(vae):
             torch.manual_seed(seed)
             bounds[name] = bound_tightness(vae, x, particles, num_samples)
             bounds[name].pop("per_point")

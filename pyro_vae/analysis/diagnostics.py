@@ -42,6 +42,7 @@ from pyro_vae.models.networks import positive_scale
 from pyro_vae.models.protocol import (
     ModelSites,
     as_batch,
+    forked_rng,
     latent_sites,
     model_sites,
     parameters_of,
@@ -163,7 +164,7 @@ def guide_draws(
 ):
     """Independent draws from the guide q(z | x), shaped like :func:`nuts_posterior`'s."""
     x = as_batch(vae, x)
-    with torch.random.fork_rng(devices=[]), pyro.validation_enabled(False), evaluation_mode(vae):
+    with forked_rng(vae), pyro.validation_enabled(False), evaluation_mode(vae):
         torch.manual_seed(seed)
         _, guide_trace = vectorized_traces(vae.model, vae.guide, x, chains * samples)
     posterior = {
@@ -294,7 +295,7 @@ def optimize_local_guides(
         evaluation_mode(vae),
         param_store_registration(False),
         pyro.validation_enabled(False),
-        torch.random.fork_rng(devices=[]),
+        forked_rng(vae),
     ):
         torch.manual_seed(seed)
         for _ in tqdm(
@@ -379,13 +380,16 @@ def inference_gaps(
     x = as_batch(vae, x)
     if len(latent_sites(vae, x)) != 1:
         raise UserInputError(f"inference gaps are {GAPS_SKIPPED}")
-    with torch.random.fork_rng(devices=[]):
+    with forked_rng(vae):
         torch.manual_seed(seed)
         encoder = importance_summary(vae, x, is_samples, compile)
         local_vae = optimize_local_guides(
             vae, x, local_steps, local_lr, seed=seed, progress=progress
         )
         local = importance_summary(local_vae, x, is_samples, compile)
+    # the per-image numbers leave the device here: everything after is reporting
+    encoder = {name: value.cpu() for name, value in encoder.items()}
+    local = {name: value.cpu() for name, value in local.items()}
     log_px = local["log_likelihood"]
     approximation = (log_px - local["elbo"]).numpy()
     amortization = (local["elbo"] - encoder["elbo"]).numpy()
@@ -543,7 +547,7 @@ def khat_of_images(vae, x, num_samples, seed, progress=False, compile=None) -> n
     RNG untouched."""
     from pyro_vae.analysis.evaluation import log_likelihood_and_khat
 
-    with torch.random.fork_rng(devices=[]), pyro.validation_enabled(False):
+    with forked_rng(vae), pyro.validation_enabled(False):
         torch.manual_seed(seed)
         _, khat = log_likelihood_and_khat(vae, x, num_samples, progress=progress, compile=compile)
     return khat
@@ -576,4 +580,4 @@ def khat_report(khat: np.ndarray, num_samples: int) -> tuple[dict[str, Any], np.
 def _grid_images(vae, test: torch.Tensor, indices: np.ndarray) -> torch.Tensor:
     """``test[indices]`` as images (channels, height, width) for a grid."""
     shape = vae.data_shape if len(vae.data_shape) == 3 else (1, 1, vae.data_dim)
-    return test[torch.as_tensor(indices, dtype=torch.long)].reshape(-1, *shape)
+    return test[torch.as_tensor(indices, dtype=torch.long)].reshape(-1, *shape).cpu()

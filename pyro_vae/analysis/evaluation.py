@@ -25,6 +25,8 @@ from pyro_vae.models.protocol import (
     analytic_kl_is_exact,
     as_batch,
     evaluation_mode,
+    forked_rng,
+    model_device,
     model_sites,
 )
 from pyro_vae.objectives.capture import CompiledFunction, capture_pays
@@ -444,7 +446,7 @@ def evaluate(
     """
 
     started = time.perf_counter()
-    with torch.random.fork_rng(devices=[]), evaluation_mode(vae):
+    with forked_rng(vae), evaluation_mode(vae):
         torch.manual_seed(0)
         analytic = evaluate_elbo(vae, images, elbo_samples)
         mc = evaluate_elbo(vae, images, elbo_samples, kl="mc")
@@ -493,13 +495,21 @@ EVAL_BATCH = 1000
 
 @torch.no_grad()
 def evaluate_elbo(
-    vae, images: torch.Tensor, num_samples: int = 1, kl: str | None = None, device: str = "cpu"
+    vae,
+    images: torch.Tensor,
+    num_samples: int = 1,
+    kl: str | None = None,
+    device: str | torch.device | None = None,
 ) -> dict[str, float]:
     """Mean ELBO, expected log-likelihood and KL per data point over ``images``.
 
     ``kl`` defaults to the closed form where it is exact for this model and guide. Runs
-    with the networks in eval mode and restores their modes.
+    with the networks in eval mode and restores their modes. Batches of ``images`` move
+    to ``device``, by default the model's (:func:`~pyro_vae.models.protocol.model_device`),
+    one at a time: the whole set may stay on the CPU.
     """
+    if device is None:
+        device = model_device(vae) or images.device
     if kl is None:
         kl = "analytic" if analytic_kl_is_exact(vae, images[:2]) else "mc"
     count = images.shape[0]

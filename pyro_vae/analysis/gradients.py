@@ -18,7 +18,12 @@ import torch
 from pyro import poutine
 
 from pyro_vae.errors import UserInputError
-from pyro_vae.models.protocol import parameters_of, private_param_store, scaled
+from pyro_vae.models.protocol import (
+    on_model_device,
+    parameters_of,
+    private_param_store,
+    scaled,
+)
 from pyro_vae.objectives.registry import make_elbo
 from pyro_vae.objectives.traces import sample_sites
 
@@ -35,6 +40,7 @@ def parameter_groups(vae, x: torch.Tensor) -> dict[str, list[torch.Tensor]]:
     model's. Never read from Pyro's param store, which may hold another model's tensors
     under the same names.
     """
+    x = on_model_device(vae, x)
     params = [p for p in parameters_of(vae) if p.requires_grad]
     if not params:
         return {"encoder": [], "decoder": [], "shared": []}
@@ -69,6 +75,7 @@ def gradient_draws(
 
     if num_draws < 2:
         raise UserInputError(f"gradient statistics need at least 2 draws, got {num_draws}")
+    x = on_model_device(vae, x)
     with evaluation_mode(vae):
         groups = parameter_groups(vae, x)
     draws: dict[str, list[torch.Tensor]] = {name: [] for name, params in groups.items() if params}

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from pyro_vae.models.protocol import as_batch
+from pyro_vae.models.protocol import as_batch, forked_rng
 
 
 def _pyplot():
@@ -59,9 +59,9 @@ def plot_reconstructions(vae, images: torch.Tensor, path: str | Path, n: int = 1
 def plot_samples(vae, path: str | Path, n: int = 64, seed: int = 0) -> Path:
     """Means of p(x | z) for z drawn from the prior."""
     plt = _pyplot()
-    with torch.random.fork_rng(devices=[]):
+    with forked_rng(vae):
         torch.manual_seed(seed)
-        samples = vae.sample(n)
+        samples = vae.sample(n).cpu()
     nrow = int(n**0.5)
     fig, ax = plt.subplots(figsize=(4.5, 4.8))
     _show(ax, _displayable(vae, samples), nrow, f"{n} samples from the prior (means of p(x|z))")

@@ -196,6 +196,7 @@ def sweep_run(spec: dict[str, Any], callbacks: Sequence[Callable] = ()) -> dict[
 
     from pyro_vae.analysis.evaluation import evaluate, evaluate_elbo, fixed_subset
     from pyro_vae.app.compare import train_in_folder
+    from pyro_vae.models.protocol import forked_rng
 
     config = RunConfig.from_dict(spec["config"])
     run_dir = Path(spec["run_dir"])
@@ -204,7 +205,7 @@ def sweep_run(spec: dict[str, Any], callbacks: Sequence[Callable] = ()) -> dict[
     config.save(run_dir / "config.json")
     vae, history, timing = train_in_folder(config, data, run_dir, spec["progress"], callbacks)
     images = data.evaluation_images("test").to(config.train.device)
-    with torch.random.fork_rng(devices=[]):
+    with forked_rng(vae):
         torch.manual_seed(0)
         final = evaluate_elbo(vae, images, 10, device=config.train.device)
     result: dict[str, Any] = {

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from pyro_vae.errors import UserInputError
+from pyro_vae.models.protocol import forked_rng
 
 
 def _writer(log_dir: Path, purge_step: int | None):
@@ -70,7 +71,7 @@ class TensorBoardLogger:
         """Reconstructions (data above, means of p(x|z) below) and prior samples."""
         shape = vae.data_shape if len(vae.data_shape) == 3 else (1, 1, vae.data_dim)
         x = images[:n]
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        with torch.no_grad(), forked_rng(vae):
             torch.manual_seed(0)
             reconstruction = vae.reconstruct(x)
             samples = vae.sample(n)

@@ -31,6 +31,7 @@ Optional, used when present:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -138,11 +139,43 @@ def scaled(program: Callable[..., Any], scale: float) -> Callable[..., Any]:
     return program if scale == 1.0 else poutine.scale(program, scale=scale)
 
 
+def model_device(owner: Any) -> torch.device | None:
+    """The device of ``owner``'s networks: that of the first parameter (else buffer) of its
+    modules, ``None`` for a model with no tensors of its own (parameters in Pyro's store)."""
+    for module in modules_of(owner):
+        for tensor in (*module.parameters(), *module.buffers()):
+            return tensor.device
+    return None
+
+
+def on_model_device(model: Any, x: torch.Tensor) -> torch.Tensor:
+    """``x`` on ``model``'s device (:func:`model_device`); as given when it is there already
+    or the model has no tensors of its own."""
+    device = model_device(model)
+    return x if device is None or x.device == device else x.to(device)
+
+
 def as_batch(model: Any, x: torch.Tensor) -> torch.Tensor:
-    """``x`` as the model takes it: through the model's own ``flatten`` where it has one
-    (which refuses a shape that does not fit, in one line), else as given."""
+    """``x`` as the model takes it: on the model's device (:func:`model_device`), then
+    through the model's own ``flatten`` where it has one (which refuses a shape that does
+    not fit, in one line), else as given. Every tool passes its data through this, so
+    that images read on the CPU meet a model on a GPU there."""
+    x = on_model_device(model, x)
     flatten = getattr(model, "flatten", None)
     return flatten(x) if callable(flatten) else x
+
+
+def forked_rng(*owners: Any) -> contextlib.AbstractContextManager[Any]:
+    """``torch.random.fork_rng`` over the CPU generator and the CUDA generator of each
+    owner's device (:func:`model_device`; a tensor counts as its own owner): what runs
+    inside may seed and draw, and leaves the caller's streams as they were, on a GPU too
+    (``fork_rng(devices=[])`` would leave the CUDA stream reseeded by ``manual_seed``)."""
+    devices = set()
+    for owner in owners:
+        device = owner.device if torch.is_tensor(owner) else model_device(owner)
+        if device is not None and device.type == "cuda":
+            devices.add(device.index if device.index is not None else torch.cuda.current_device())
+    return torch.random.fork_rng(devices=sorted(devices))
 
 
 def _sample_sites(trace: poutine.Trace) -> dict[str, Message[Any, Any]]:
@@ -162,14 +195,14 @@ def model_sites(model: Any, x: torch.Tensor) -> ModelSites:
     known = getattr(model, "model_sites", None)
     if isinstance(known, ModelSites):
         return known
-    x = x[:2]
+    x = on_model_device(model, x[:2])
     batch = x.shape[0]
     name = type(model).__name__
     try:
         # a probe: eval mode (no BatchNorm update), its own RNG stream, no gradients
         with (
             torch.no_grad(),
-            torch.random.fork_rng(devices=[]),
+            forked_rng(model),
             pyro.validation_enabled(False),
             evaluation_mode(model),
         ):

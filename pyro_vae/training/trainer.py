@@ -37,7 +37,7 @@ from pyro_vae.config import TrainConfig
 from pyro_vae.data import VAEData
 from pyro_vae.errors import CheckpointError, NonFiniteError
 from pyro_vae.io import atomic_write_text, dumps_json
-from pyro_vae.models.protocol import private_param_store, scaled
+from pyro_vae.models.protocol import forked_rng, private_param_store, scaled
 from pyro_vae.models.vae import param_store_registration
 from pyro_vae.objectives.capture import CompiledLoss, capture_pays, largest
 from pyro_vae.objectives.free_bits import FreeBitsELBO
@@ -387,7 +387,7 @@ class Trainer:
         config = self.config
         metrics: dict[str, float] = {}
         with (
-            torch.random.fork_rng(devices=[]),
+            forked_rng(self.vae),
             pyro.validation_enabled(False),
             evaluation_mode(self.vae),
         ):
