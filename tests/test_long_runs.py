@@ -274,3 +274,24 @@ def test_the_table1_grid_for_ray_holds_the_same_cells_and_protocol_as_reproduce(
     for run in runs:
         for key, value in PROTOCOLS["iwae"]["train"].items():
             assert getattr(run.config.train, key) == value, key
+
+
+def test_every_flag_of_every_command_states_its_default_once():
+    """Each flag with a default (not unset, not an off switch) says it in ``--help``,
+    exactly once; a list default reads as the flag takes it."""
+    import argparse
+
+    commands = next(
+        action.choices for action in build_parser()._actions if getattr(action, "choices", None)
+    )
+    for name, parser in commands.items():
+        text = parser.format_help()
+        assert "(default: None)" not in text and "(default: False)" not in text, name
+        for action in parser._actions:
+            if not action.option_strings or action.default in (None, False, argparse.SUPPRESS):
+                continue
+            formatted = parser._get_formatter()._get_help_string(action)
+            assert "default" in formatted, (name, action.dest, formatted)
+            assert formatted.count("(default:") <= 1, (name, action.dest, formatted)
+            if isinstance(action.default, tuple):
+                assert ",".join(map(str, action.default)) in formatted, (name, action.dest)

@@ -14,11 +14,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from pyro_vae.app.cli import main
 from pyro_vae.app.executors import RayExecutor, SerialExecutor, make_executor
 from pyro_vae.app.sweep import expand_grid, run_sweep, sweep_run
 from pyro_vae.errors import UserInputError
+from pyro_vae.training.checkpoint import load_checkpoint
 
 from .helpers import TINY_COMPARE
 
@@ -178,6 +180,29 @@ def test_compare_on_ray_equals_serial(ray_cluster, tmp_path, capsys):
     # the same files, tables and plots
     assert (tmp_path / "ray" / "comparison.csv").exists()
     assert (tmp_path / "ray" / "plots" / "learning_curves.png").exists()
+
+
+def test_reproduce_on_ray_trains_each_cell_as_the_serial_command_does(ray_cluster, tmp_path):
+    """Two tiny cells of the IWAE table as Ray tasks: each cell's folder holds the
+    parameters (the checkpoint's) and the evaluation of the serial command's."""
+    argv = ["reproduce", "iwae-table1", "--dataset", "digits", "--limit", "100", "--epochs", "1",
+            "--eval-samples", "25", "--eval-images", "20", "--cells", "1l-vae-k1,1l-iwae-k5",
+            "--quiet"]  # fmt: skip
+    assert main([*argv, "--out", str(tmp_path / "serial")]) == 0
+    assert main([*argv, "--out", str(tmp_path / "ray"), "--executor", "ray"]) == 0
+    for cell in ("1l-vae-k1", "1l-iwae-k5"):
+        serial, ray = (
+            load_checkpoint(tmp_path / side / cell / "checkpoint.pt") for side in ("serial", "ray")
+        )
+        for name, value in serial["model"].items():
+            assert torch.equal(ray["model"][name], value), (cell, name)
+        evaluations = [
+            json.loads((tmp_path / side / cell / "evaluation.json").read_text())
+            for side in ("serial", "ray")
+        ]
+        assert evaluations[0]["test_log_likelihood"] == evaluations[1]["test_log_likelihood"]
+    table = json.loads((tmp_path / "ray" / "iwae-table1.json").read_text())
+    assert [row["cell"] for row in table["rows"]] == ["1l-vae-k1", "1l-iwae-k5"]
 
 
 @pytest.mark.parametrize(

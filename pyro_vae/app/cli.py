@@ -40,8 +40,36 @@ from pyro_vae.errors import NonFiniteError, UserInputError
 from pyro_vae.objectives.registry import ESTIMATORS
 
 
+def _with_default(text: str, default: Any) -> str:
+    """``text`` and the flag's default, unless the text states it already or the flag is
+    unset or off; a list as the flag takes it (``1,3,10``)."""
+    if "default" in text or default is None or default is False or default == argparse.SUPPRESS:
+        return text
+    if isinstance(default, (tuple, list)):
+        default = ",".join(map(str, default))
+    return f"{text} (default: {str(default).replace('%', '%%')})".strip()
+
+
+class _Help(argparse.HelpFormatter):
+    """Every flag's default in ``--help``, once (:func:`_with_default`)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return _with_default(action.help or "", action.default)
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (and still exit status 2)."""
+    """argparse, but a usage error is one line (and still exit status 2), and every
+    flag's default shows in ``--help``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Help)
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        action = super().add_argument(*args, **kwargs)
+        if action.help is None and action.option_strings:  # a flag without help: its default
+            action.help = _with_default("", action.default) or None
+        return action
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -264,10 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
         "forms and its two terms, log p(x) importance sampled with K samples (the IWAE "
         "paper: 5000), active units and per-unit KL, PSIS k-hat of the weights. Prints the "
         "estimated time first when it is long; writes nothing into the run folder.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     evaluate.add_argument("run_dir", type=Path, metavar="RUN_DIR")
-    evaluate.add_argument("--samples", type=int, default=5000, help="K (default 5000)")
+    evaluate.add_argument("--samples", type=int, default=5000, help="K")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -279,10 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Draw z from the prior of a run folder's model and save the means of "
         "p(x|z) (or draws, --draw) as a PNG grid; small images are scaled up to at least "
         "32 pixels a side (nearest neighbour). Needs no data.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     sample.add_argument("run_dir", type=Path, metavar="RUN_DIR")
-    sample.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
+    sample.add_argument("--n", type=int, default=64, help="number of samples")
     sample.add_argument("--out", type=Path, help="PNG file (default RUN_DIR/plots/samples-N.png)")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--draw", action="store_true", help="draw x ~ p(x|z) instead of its mean")
@@ -294,8 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
         "stochastic layers, VAE and IWAE objectives, k = 1, 5, 50), each under the paper's "
         "protocol (--protocol iwae: 3280 passes, K=5000 log p(x)) in its own resumable run "
         "folder OUT/CELL; run the same command again to continue. --epochs gives a partial "
-        "reproduction; the report then projects what the full protocol costs.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "reproduction; the report then projects what the full protocol costs. The cells "
+        "train one after another, or in parallel as Ray tasks (--executor ray), each "
+        "retried task resuming its cell.",
     )
     reproduce.add_argument("table", choices=("iwae-table1",), help="what to reproduce")
     reproduce.add_argument("--out", type=Path, required=True, help="folder of the cells' runs")
@@ -309,6 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--dataset", choices=DATASETS, help="(default: mnist)")
     reproduce.add_argument("--limit", type=int, help="use only this many train/test points")
     reproduce.add_argument("--quiet", action="store_true", help="no progress bars")
+    reproduce.add_argument(
+        "--device", choices=("cpu", "cuda"), help="where each cell trains (default: cpu)"
+    )
+    _executor_flags(reproduce, gpus=True)
     compare = commands.add_parser(
         "compare",
         help="train one model per estimator on an equal budget and compare them",
@@ -319,31 +350,41 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "--estimators",
         default="mc,analytic,iwae,stl,dreg,penalty",
-        help="comma-separated (default mc,analytic,iwae,stl,dreg,penalty)",
+        help="comma-separated",
     )
-    compare.add_argument("--particles", type=int, default=5, help="K for every estimator (5)")
+    compare.add_argument("--particles", type=int, default=5, help="K for every estimator")
     compare.add_argument("--dataset", choices=DATASETS, default="digits")
     compare.add_argument("--data-dir", help="folder of IDX files for the MNIST family")
     compare.add_argument("--binarize", choices=BINARIZATIONS, default="dynamic")
-    compare.add_argument("--latent-dims", type=_int_list, help="default 50")
-    compare.add_argument("--hidden", type=_int_list, help="default 200,200")
-    compare.add_argument("--guide", choices=GUIDES, default="top-down")
+    compare.add_argument("--latent-dims", type=_int_list, help="(default: 50)")
+    compare.add_argument("--hidden", type=_int_list, help="(default: 200,200)")
+    compare.add_argument(
+        "--guide",
+        choices=GUIDES,
+        help="for several latent layers (default: bottom-up, as for train)",
+    )
     compare.add_argument("--epochs", type=int, default=10)
     compare.add_argument("--batch-size", type=int, default=128)
     compare.add_argument("--lr", type=float, default=1e-3)
     compare.add_argument("--limit", type=int, help="use only this many train/test points")
     compare.add_argument("--seed", type=int, default=0)
-    compare.add_argument("--repeats", type=int, default=1, help="seeds per estimator (1)")
+    compare.add_argument("--repeats", type=int, default=1, help="seeds per estimator")
     compare.add_argument("--eval-samples", type=int, default=1000, help="K for log p(x)")
-    compare.add_argument("--eval-points", type=int, help="test points evaluated (default all)")
-    compare.add_argument("--grad-draws", type=int, default=100, help="gradient draws (100)")
+    compare.add_argument("--eval-points", type=int, help="test points evaluated (default: all)")
+    compare.add_argument("--grad-draws", type=int, default=100, help="gradient draws")
     compare.add_argument("--snr-particles", type=_int_list, default=(1, 3, 10, 30))
     compare.add_argument("--bound-particles", type=_int_list, default=(1, 5, 50, 500))
     compare.add_argument("--out", type=Path, default=Path("runs/compare"))
     compare.add_argument("--overwrite", action="store_true", help="replace --out's comparison")
     compare.add_argument("--quiet", action="store_true", help="no progress bars")
+    compare.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where the runs train and the gradient and bound studies measure",
+    )
     _compile_flag(compare, "training steps and importance weights")
-    _executor_flags(compare)
+    _executor_flags(compare, gpus=True)
     sweep = commands.add_parser(
         "sweep",
         help="train one run per point of a grid over config keys, e.g. estimator x seed",
@@ -367,20 +408,26 @@ def build_parser() -> argparse.ArgumentParser:
         "(Cremer et al. 2018) and PSIS k-hat; write netCDF, diagnostics.json/.md and plots.",
     )
     diagnose.add_argument("run_dir", type=Path, metavar="RUN_DIR")
-    diagnose.add_argument("--images", type=int, default=10, help="first N test images (10)")
+    diagnose.add_argument("--images", type=int, default=10, help="first N test images")
     diagnose.add_argument("--image-ids", type=_int_list, help="test image indices, e.g. 3,17")
-    diagnose.add_argument("--chains", type=int, default=4, help="NUTS chains (4)")
-    diagnose.add_argument("--warmup", type=int, default=300, help="NUTS warm-up steps (300)")
-    diagnose.add_argument("--samples", type=int, default=300, help="NUTS draws per chain (300)")
-    diagnose.add_argument("--is-samples", type=int, default=5000, help="K for log p(x) (5000)")
-    diagnose.add_argument("--local-steps", type=int, default=1000, help="local SVI steps (1000)")
+    diagnose.add_argument("--chains", type=int, default=4, help="NUTS chains")
+    diagnose.add_argument("--warmup", type=int, default=300, help="NUTS warm-up steps")
+    diagnose.add_argument("--samples", type=int, default=300, help="NUTS draws per chain")
+    diagnose.add_argument("--is-samples", type=int, default=5000, help="K for log p(x)")
+    diagnose.add_argument("--local-steps", type=int, default=1000, help="local SVI steps")
     diagnose.add_argument("--khat-images", type=int, default=1000, help="images for k-hat")
-    diagnose.add_argument("--khat-samples", type=int, default=1000, help="K for k-hat (1000)")
+    diagnose.add_argument("--khat-samples", type=int, default=1000, help="K for k-hat")
     diagnose.add_argument("--seed", type=int, default=0)
     diagnose.add_argument("--no-jit", action="store_true", help="NUTS without the JIT")
     diagnose.add_argument("--out", type=Path, help="default RUN_DIR/diagnostics")
     diagnose.add_argument("--overwrite", action="store_true", help="replace earlier diagnostics")
     diagnose.add_argument("--quiet", action="store_true", help="no progress bars")
+    diagnose.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where the model runs: NUTS, local SVI, importance weights",
+    )
     _compile_flag(diagnose, "the importance weights")
     return parser
 
@@ -406,6 +453,7 @@ def _diagnose(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=not args.quiet,
         compile=args.compile,
+        device=args.device,
     )
     for line in console_lines(result):
         print(line)
@@ -446,7 +494,7 @@ def _executor_flags(parser: argparse.ArgumentParser, gpus: bool = False) -> None
         "--max-retries",
         type=int,
         default=3,
-        help="Ray: times a run whose worker died is retried, resuming from its checkpoint (3)",
+        help="Ray: times a run whose worker died is retried, resuming from its checkpoint",
     )
 
 
@@ -519,11 +567,15 @@ def _sweep(args: argparse.Namespace, argv: list[str] | None) -> int:
 
 
 def _compare(args: argparse.Namespace, argv: list[str] | None) -> int:
+    import torch
+
     from pyro_vae.app.compare import markdown_table, parse_estimators
     from pyro_vae.app.runs import RunLock, command_line, is_empty
 
     estimators = parse_estimators(args.estimators)
-    executor = _executor(args)
+    executor = _executor(args, gpus_per_run=1.0 if args.device == "cuda" else 0.0)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserInputError("CUDA is not available on this machine: use --device cpu")
     if args.particles < 1:
         raise UserInputError(f"--particles must be >= 1, got {args.particles}")
     if args.repeats < 1:
@@ -537,7 +589,7 @@ def _compare(args: argparse.Namespace, argv: list[str] | None) -> int:
         raise UserInputError(f"--out {args.out} is a file: pass a folder")
     if args.eval_points is not None and args.eval_points < 1:
         raise UserInputError(f"--eval-points must be >= 1, got {args.eval_points}")
-    model = {"guide": args.guide}
+    model: dict[str, Any] = {} if args.guide is None else {"guide": args.guide}
     if args.latent_dims:
         model["latent_dims"] = args.latent_dims
     if args.hidden:
@@ -553,6 +605,7 @@ def _compare(args: argparse.Namespace, argv: list[str] | None) -> int:
             batch_size=args.batch_size,
             lr=args.lr,
             seed=args.seed,
+            device=args.device,
             compile="auto" if args.compile is None else args.compile,
         ),
     )
@@ -1106,6 +1159,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_cell(argv: list[str]) -> int:
+    """``pyro-vae train ARGV`` for one cell of ``reproduce``: a top-level function, so that
+    a Ray task can run it; bad input raises (one line, through the executor)."""
+    return _train(build_parser().parse_args(argv), argv)
+
+
 def _reproduce(args: argparse.Namespace) -> int:
     """Each cell is a ``train --protocol iwae --resume auto`` of its own folder (started,
     continued or left as it is), then the table is gathered from the folders."""
@@ -1115,7 +1174,7 @@ def _reproduce(args: argparse.Namespace) -> int:
     cells = select_cells(args.table, args.cells)
     parser = build_parser()
     options = []
-    for flag in ("data_dir", "epochs", "eval_samples", "eval_images", "dataset", "limit"):
+    for flag in ("data_dir", "epochs", "eval_samples", "eval_images", "dataset", "limit", "device"):
         value = getattr(args, flag)
         if value is not None:
             options += [f"--{flag.replace('_', '-')}", str(value)]
@@ -1131,9 +1190,16 @@ def _reproduce(args: argparse.Namespace) -> int:
         commands.append(argv)
     for argv in commands:  # every cell's command parses before any cell trains
         parser.parse_args(argv)
-    for number, (cell, argv) in enumerate(zip(cells, commands), start=1):
-        print(f"cell {number}/{len(cells)}: {cell.name} (paper NLL {cell.paper_nll:.2f})")
-        _train(parser.parse_args(argv), argv)
+    executor = _executor(args, gpus_per_run=1.0 if args.device == "cuda" else 0.0)
+    if executor.name == "serial":
+        for number, (cell, argv) in enumerate(zip(cells, commands), start=1):
+            print(f"cell {number}/{len(cells)}: {cell.name} (paper NLL {cell.paper_nll:.2f})")
+            executor.map(_train_cell, [argv])  # with --cpus-per-run torch threads, if given
+    else:  # one Ray task per cell; a retried task resumes its cell (--resume auto)
+        quiet = [argv if "--quiet" in argv else [*argv, "--quiet"] for argv in commands]
+        print(f"{len(cells)} cells as Ray tasks ({', '.join(cell.name for cell in cells)}) ...")
+        with executor:
+            executor.map(_train_cell, quiet, log=print, labels=[cell.name for cell in cells])
     rows = gather(cells, args.out)
     atomic_write_json({"table": args.table, "rows": rows}, args.out / f"{args.table}.json")
     report = markdown(args.table, rows)

@@ -137,10 +137,11 @@ def run_comparison(
     and returns the :class:`~pyro_vae.analysis.comparison.Comparison`; no report."""
     estimators = parse_estimators(estimators)
     _check_options(config, repeats, eval_samples, grad_draws, snr_particles, bound_particles)
+    executor = _serial_unless(executor)
+    _check_device(config)
     data, test_images = _test_images(config, eval_points)
     _check_model(config, data, test_images, estimators)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    executor = _serial_unless(executor)
     measurements = {
         "eval_samples": eval_samples,
         "eval_points": eval_points,
@@ -157,7 +158,7 @@ def run_comparison(
         progress=progress and executor.name == "serial",
     )
     runs, runs_wall_seconds = _train_runs(executor, specs, labels, log, eval_samples)
-    trained = _first_repeat_models(runs, config, data.data_shape)
+    trained = _first_repeat_models(runs, config, data.data_shape)  # on config.train.device
     grad_images = test_images[: min(grad_batch, len(test_images))]
     snr = _snr_section(trained, estimators, grad_images, snr_particles, grad_draws, config, log)
     bound_images = test_images[:bound_points]
@@ -179,6 +180,13 @@ def run_comparison(
         bounds_versus_particles=bounds,
         runs=runs,
     )
+
+
+def _check_device(config) -> None:
+    """The runs train and the SNR and bound studies measure on ``config.train.device``;
+    the studies run in this process (whatever the executor), so a GPU must be here."""
+    if config.train.device == "cuda" and not torch.cuda.is_available():
+        raise UserInputError("CUDA is not available on this machine: use `device='cpu'`")
 
 
 def _serial_unless(executor):
@@ -309,7 +317,7 @@ def _first_repeat_models(runs: list[dict[str, Any]], config, data_shape) -> dict
         if parameters is not None:
             vae = build_vae(config.model, data_shape)
             vae.load_state_dict(parameters)
-            trained[run["estimator"]] = vae
+            trained[run["estimator"]] = vae.to(config.train.device)
     return trained
 
 

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from pyro_vae.analysis.diagnostics import Diagnosis, diagnose_model
 from pyro_vae.app.diagnose_report import write_diagnosis
 from pyro_vae.errors import UserInputError
@@ -32,7 +34,7 @@ def diagnose(
     Writes ``nuts.nc`` and ``guide.nc`` (ArviZ InferenceData), ``diagnostics.json``,
     ``diagnostics.md`` and ``plots/*.png``. Every measurement runs with the networks in
     eval mode.
-    ``settings`` are those of :func:`compute_diagnosis` (images, chains, warmup, samples,
+    ``settings`` are those of :func:`compute_diagnosis` (images, device, chains, warmup, samples,
     is_samples, local_steps, khat_images, khat_samples, seed, jit, progress, log,
     compile), which measures; this writes. Returns ``diagnostics.json``'s dict.
     """
@@ -50,11 +52,13 @@ def compute_diagnosis(
     run_dir: str | Path,
     images: int = 10,
     image_ids: Sequence[int] | None = None,
+    device: str = "cpu",
     **settings: Any,
 ) -> Diagnosis:
     """The measurements of :func:`diagnose` on the run in ``run_dir``, as data: nothing
     is written. ``images`` test images (or those of ``image_ids``) get the NUTS and gap
-    measurements; ``settings`` are those of
+    measurements, with the model on ``device`` (``"cpu"`` or ``"cuda"``; the test images
+    follow it batch by batch); ``settings`` are those of
     :func:`~pyro_vae.analysis.diagnostics.diagnose_model` (chains, warmup, samples,
     is_samples, local_steps, khat_images, khat_samples, seed, jit, progress, log,
     compile)."""
@@ -63,7 +67,11 @@ def compute_diagnosis(
     defaults = inspect.signature(diagnose_model).parameters
     given = {name: settings.get(name, defaults[name].default) for name in _COUNTS}
     _check_options(images, **given)
-    _, vae, data, _ = load_run(Path(run_dir))
+    if device not in ("cpu", "cuda"):
+        raise UserInputError(f"`device` must be 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserInputError("CUDA is not available on this machine: use `device='cpu'`")
+    _, vae, data, _ = load_run(Path(run_dir), device)
     test = data.evaluation_images("test")
     ids = select_images(len(test), images, image_ids)
     return diagnose_model(vae, test, ids, run_dir=str(run_dir), **settings)
