@@ -119,11 +119,20 @@ def gather_objects(value: Any) -> list[Any]:
     return values
 
 
-def all_sum(values: Sequence[float], device: str | torch.device = "cpu") -> list[float]:
-    """Element-wise sums of ``values`` over the ranks (float64)."""
+def collective_device() -> torch.device:
+    """Where the backend's collectives take their tensors: this rank's GPU under NCCL
+    (which refuses CPU tensors), else the CPU (gloo)."""
+    if available() and torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_sum(values: Sequence[float], device: str | torch.device | None = None) -> list[float]:
+    """Element-wise sums of ``values`` over the ranks (float64), through ``device``
+    (default: :func:`collective_device`)."""
     if world_size() == 1:
         return [float(v) for v in values]
-    tensor = torch.tensor(list(values), dtype=torch.float64, device=device)
+    tensor = torch.tensor(list(values), dtype=torch.float64, device=device or collective_device())
     torch.distributed.all_reduce(tensor)
     return tensor.tolist()
 
@@ -143,15 +152,16 @@ def batch_part(indices: torch.Tensor) -> torch.Tensor:
 
 def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     """Every rank's ``tensor`` (rows of a shard from :func:`shard`) concatenated in rank
-    order, on every rank: the rows of the whole, in their original order."""
+    order, on every rank: the rows of the whole, in their original order, on
+    ``tensor``'s device (gathered through :func:`collective_device`)."""
     if world_size() == 1:
         return tensor
     sizes = gather_objects(int(tensor.shape[0]))
-    padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))
+    padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]), device=collective_device())
     padded[: tensor.shape[0]] = tensor
     parts = [torch.empty_like(padded) for _ in sizes]
     torch.distributed.all_gather(parts, padded.contiguous())
-    return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+    return torch.cat([part[:size] for part, size in zip(parts, sizes)]).to(tensor.device)
 
 
 def average_step(

@@ -280,3 +280,26 @@ def test_run_comparison_returns_data_and_writes_only_its_run_folders(tmp_path):
         "comparison.md",
         "plots",
     }
+
+
+def test_the_default_estimators_leave_analytic_out_only_where_its_kl_is_biased(capsys):
+    from pyro_vae import ModelConfig, build_vae
+    from pyro_vae.app.cli import COMPARE_ESTIMATORS, build_parser
+
+    def defaults(*flags):
+        from pyro_vae.app.cli import _default_estimators
+
+        return _default_estimators(build_parser().parse_args(["compare", *flags]))
+
+    assert defaults() == list(COMPARE_ESTIMATORS)
+    assert defaults("--latent-dims", "4,2", "--guide", "top-down") == list(COMPARE_ESTIMATORS)
+    capsys.readouterr()
+    several = defaults("--latent-dims", "4,2")
+    assert "analytic" not in several and len(several) == len(COMPARE_ESTIMATORS) - 1
+    assert "analytic is left out" in capsys.readouterr().err
+    # what is left runs on that model; analytic itself would be refused
+    vae = build_vae(ModelConfig(latent_dims=(4, 2), hidden=(8,)), (1, 8, 8))
+    x = torch.rand(4, 1, 8, 8).bernoulli()
+    check_estimators_run(vae, x, parse_estimators(several), 2, 0.5)
+    with pytest.raises(UserInputError, match="estimator analytic cannot run"):
+        check_estimators_run(vae, x, ["analytic"], 2, 0.5)

@@ -90,11 +90,10 @@ def test_data_follows_the_model_to_its_device_and_keeps_its_values(batch, shape,
 
 
 def test_a_forked_rng_gives_the_caller_its_stream_back():
-    vae = tiny_vae()
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    with forked_rng(vae, vae.to("meta"), torch.zeros(1), StoreOnly()):
+    with forked_rng():
         torch.manual_seed(0)
         torch.rand(100)
     assert torch.equal(torch.rand(3), expected)
@@ -127,6 +126,22 @@ def test_diagnose_on_cuda_without_a_gpu_leaves_the_run_as_it_was(tmp_path, capsy
     assert code == 2 and "CUDA is not available" in err and "--device cpu" in err, err
     assert err.count("\n") == 1
     assert digest(run) == before
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the refusal on a machine without a GPU")
+def test_a_run_may_resume_on_another_device_and_is_refused_only_for_want_of_one(tmp_path, capsys):
+    """--device is free on resume (a run started on the CPU goes on on a GPU): asking for
+    one here is refused because there is none, not because the setting changed; the run
+    is left as it was. The same flag on the CPU continues the run."""
+    run = tmp_path / "run"
+    flags = ["train", *TINY_RUN, "--eval-samples", "0", "--out", run]
+    assert run_cli([*flags, "--epochs", "1"], capsys)[0] == 0
+    before = digest(run)
+    code, _, err = run_cli([*flags, "--epochs", "2", "--resume", "--device", "cuda"], capsys)
+    assert code == 2 and "CUDA is not available" in err and "may change" not in err, err
+    assert digest(run) == before
+    code, _, err = run_cli([*flags, "--epochs", "2", "--resume", "--device", "cpu"], capsys)
+    assert code == 0, err
 
 
 def test_compute_diagnosis_names_a_device_it_does_not_know(tmp_path):
@@ -173,4 +188,16 @@ def test_the_parity_script_runs_every_command_on_both_sides(tmp_path, capsys):
     result = json.loads((tmp_path / "check" / "device_check.json").read_text())
     assert result["failures"] == []
     assert set(result["seconds"]) == {"train", "evaluate", "compare", "diagnose", "sample"}
-    assert all(set(times) == {"cpu", "device"} for times in result["seconds"].values())
+    assert all(
+        set(times) == {"cpu", "device"}
+        for name, times in result["seconds"].items()
+        if name != "sample"  # sample loads on the CPU: only the device-trained run's
+    )
+
+
+def test_the_parity_script_records_a_failing_command_and_goes_on(tmp_path):
+    check = load_device_check().Check(tmp_path, "cpu")
+    assert check.command("evaluate", "cpu", "evaluate", str(tmp_path / "missing")) is None
+    assert check.command("evaluate", "device", "evaluate", "--samples", "x") is None
+    assert len(check.failures) == 2 and "evaluate (cpu, evaluate)" in check.failures[0]
+    assert "missing" in check.failures[0], check.failures

@@ -115,7 +115,7 @@ def own_objective_and_gradients(
     """A trained model's own objective per data point on ``x`` and its estimator's
     gradient statistics on ``grad_x``: eval mode, seeded, the global RNG untouched."""
     x = on_model_device(vae, x)
-    with forked_rng(vae), evaluation_mode(vae):
+    with forked_rng(), evaluation_mode(vae):
         torch.manual_seed(seed)
         objective = -make_elbo(estimator, particles, alpha=alpha).loss(
             vae.model, vae.guide, x
@@ -137,7 +137,7 @@ def bounds_versus_particles(
     per-point values dropped), each from the same seed, the global RNG untouched."""
     bounds = {}
     for name, vae in models.items():
-        with forked_rng(vae):
+        with forked_rng():
             torch.manual_seed(seed)
             bounds[name] = bound_tightness(vae, x, particles, num_samples)
             bounds[name].pop("per_point")

@@ -107,6 +107,7 @@ def nuts_posterior(
         evaluation_mode(vae),
         param_store_registration(False),
         pyro.validation_enabled(False),
+        forked_rng(),
     ):
         for chain in range(chains):
             pyro.set_rng_seed(seed + 1000 * chain)
@@ -164,7 +165,7 @@ def guide_draws(
 ):
     """Independent draws from the guide q(z | x), shaped like :func:`nuts_posterior`'s."""
     x = as_batch(vae, x)
-    with forked_rng(vae), pyro.validation_enabled(False), evaluation_mode(vae):
+    with forked_rng(), pyro.validation_enabled(False), evaluation_mode(vae):
         torch.manual_seed(seed)
         _, guide_trace = vectorized_traces(vae.model, vae.guide, x, chains * samples)
     posterior = {
@@ -295,7 +296,7 @@ def optimize_local_guides(
         evaluation_mode(vae),
         param_store_registration(False),
         pyro.validation_enabled(False),
-        forked_rng(vae),
+        forked_rng(),
     ):
         torch.manual_seed(seed)
         for _ in tqdm(
@@ -380,7 +381,7 @@ def inference_gaps(
     x = as_batch(vae, x)
     if len(latent_sites(vae, x)) != 1:
         raise UserInputError(f"inference gaps are {GAPS_SKIPPED}")
-    with forked_rng(vae):
+    with forked_rng():
         torch.manual_seed(seed)
         encoder = importance_summary(vae, x, is_samples, compile)
         local_vae = optimize_local_guides(
@@ -547,7 +548,7 @@ def khat_of_images(vae, x, num_samples, seed, progress=False, compile=None) -> n
     RNG untouched."""
     from pyro_vae.analysis.evaluation import log_likelihood_and_khat
 
-    with forked_rng(vae), pyro.validation_enabled(False):
+    with forked_rng(), pyro.validation_enabled(False):
         torch.manual_seed(seed)
         _, khat = log_likelihood_and_khat(vae, x, num_samples, progress=progress, compile=compile)
     return khat

@@ -189,6 +189,11 @@ def log_likelihood(
 MAX_EVALUATION_SECONDS = 30 * 24 * 3600.0
 
 
+def _synchronize(x: torch.Tensor) -> None:
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
+
+
 def log_likelihood_seconds(
     vae, x: torch.Tensor, num_samples: int, chunk_size: int | None = None
 ) -> float:
@@ -200,8 +205,10 @@ def log_likelihood_seconds(
     probe, size = x[:batch], min(chunk, num_samples)
     with torch.no_grad(), evaluation_mode(vae), pyro.validation_enabled(False):
         log_importance_weights(vae, probe, size)
+        _synchronize(probe)
         started = time.perf_counter()
         log_importance_weights(vae, probe, size)
+        _synchronize(probe)  # a GPU's work is asynchronous: wait for it before reading the clock
         seconds = time.perf_counter() - started
     return seconds * math.ceil(x.shape[0] / batch) * math.ceil(num_samples / chunk)
 
@@ -446,7 +453,7 @@ def evaluate(
     """
 
     started = time.perf_counter()
-    with forked_rng(vae), evaluation_mode(vae):
+    with forked_rng(), evaluation_mode(vae):
         torch.manual_seed(0)
         analytic = evaluate_elbo(vae, images, elbo_samples)
         mc = evaluate_elbo(vae, images, elbo_samples, kl="mc")

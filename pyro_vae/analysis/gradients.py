@@ -19,6 +19,7 @@ from pyro import poutine
 
 from pyro_vae.errors import UserInputError
 from pyro_vae.models.protocol import (
+    forked_rng,
     on_model_device,
     parameters_of,
     private_param_store,
@@ -165,12 +166,14 @@ def snr_versus_particles(
     num_draws: int = 100,
     seed: int = 0,
 ) -> list[dict[str, Any]]:
-    """Encoder and decoder SNR (and variance) of each estimator for each K."""
+    """Encoder and decoder SNR (and variance) of each estimator for each K; each from
+    ``seed``, the caller's torch streams untouched."""
     rows = []
     for estimator in estimators:
         for k in particles:
-            pyro.set_rng_seed(seed)
-            stats = estimator_gradient_statistics(vae, x, estimator, k, num_draws)
+            with forked_rng():
+                torch.manual_seed(seed)
+                stats = estimator_gradient_statistics(vae, x, estimator, k, num_draws)
             row = {"estimator": estimator, "particles": k}
             for group, values in stats.items():
                 row[f"{group}_snr"] = values["snr_mean"]

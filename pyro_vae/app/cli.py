@@ -322,7 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
         "folder OUT/CELL; run the same command again to continue. --epochs gives a partial "
         "reproduction; the report then projects what the full protocol costs. The cells "
         "train one after another, or in parallel as Ray tasks (--executor ray), each "
-        "retried task resuming its cell.",
+        "retried task resuming its cell; the cells' folders are the table's state, so on a "
+        "cluster --out must be on a file system every node sees.",
     )
     reproduce.add_argument("table", choices=("iwae-table1",), help="what to reproduce")
     reproduce.add_argument("--out", type=Path, required=True, help="folder of the cells' runs")
@@ -349,8 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.add_argument(
         "--estimators",
-        default="mc,analytic,iwae,stl,dreg,penalty",
-        help="comma-separated",
+        help="comma-separated (default: mc,analytic,iwae,stl,dreg,penalty; without analytic "
+        "for several latent layers under the bottom-up guide, where its KL is biased)",
     )
     compare.add_argument("--particles", type=int, default=5, help="K for every estimator")
     compare.add_argument("--dataset", choices=DATASETS, default="digits")
@@ -566,13 +567,32 @@ def _sweep(args: argparse.Namespace, argv: list[str] | None) -> int:
     return 0
 
 
+#: compare's estimators when --estimators is not given
+COMPARE_ESTIMATORS = ("mc", "analytic", "iwae", "stl", "dreg", "penalty")
+
+
+def _default_estimators(args: argparse.Namespace) -> list[str]:
+    """Every estimator, but analytic only where its closed-form KL is exact: one latent
+    layer, or several under the top-down guide (the bottom-up default biases it)."""
+    layers = len(args.latent_dims or ModelConfig().latent_dims)
+    if layers > 1 and args.guide != "top-down":
+        print(
+            "note: analytic is left out of the default estimators: under the bottom-up guide "
+            "of several latent layers its closed-form KL is biased (--guide top-down makes "
+            "it exact)",
+            file=sys.stderr,
+        )
+        return [name for name in COMPARE_ESTIMATORS if name != "analytic"]
+    return list(COMPARE_ESTIMATORS)
+
+
 def _compare(args: argparse.Namespace, argv: list[str] | None) -> int:
     import torch
 
     from pyro_vae.app.compare import markdown_table, parse_estimators
     from pyro_vae.app.runs import RunLock, command_line, is_empty
 
-    estimators = parse_estimators(args.estimators)
+    estimators = parse_estimators(args.estimators or _default_estimators(args))
     executor = _executor(args, gpus_per_run=1.0 if args.device == "cuda" else 0.0)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserInputError("CUDA is not available on this machine: use --device cpu")
@@ -768,8 +788,9 @@ def _train_locked(args, argv, out: Path, prepared) -> int:
 
 
 def _resumed_config(args: argparse.Namespace, out: Path, saved: RunConfig) -> RunConfig:
-    """The run's own config, with --epochs and the final evaluation's settings as given
-    (neither changes what was trained). The other options may be given too (a requeued
+    """The run's own config, with --epochs, the final evaluation's settings and the device
+    as given (none changes what was trained; a run started on the CPU may go on on a GPU,
+    drawing the GPU's noise from there on). The other options may be given too (a requeued
     job repeats its command line) but must equal the run's own: each real change is
     refused, naming the saved and the given value."""
     given = resolve_config(args, base=saved)
@@ -779,15 +800,16 @@ def _resumed_config(args: argparse.Namespace, out: Path, saved: RunConfig) -> Ru
     )
     if changed:
         raise UserInputError(
-            f"--resume continues {out} with its own settings; only --epochs, --eval-samples "
-            f"and --eval-images may change, and these differ: {'; '.join(changed)} (start a "
-            f"new run for other settings)"
+            f"--resume continues {out} with its own settings; only --epochs, --eval-samples, "
+            f"--eval-images and --device may change, and these differ: "
+            f"{'; '.join(changed)} (start a new run for other settings)"
         )
     return given
 
 
-#: settings a resumed run may change: how long it trains, how it is evaluated at the end
-_FREE_ON_RESUME = ("epochs", "eval_samples", "eval_images")
+#: settings a resumed run may change: how long it trains, how it is evaluated at the end,
+#: where it runs (the checkpoint loads on the CPU and moves to the device)
+_FREE_ON_RESUME = ("epochs", "eval_samples", "eval_images", "device")
 
 
 def _flag_differences(saved: RunConfig, given: RunConfig) -> list[str]:
@@ -980,7 +1002,8 @@ def prepare_run(config: RunConfig, quiet: bool = False) -> PreparedRun:
     data = config.data.load(config.train.seed)
     check_training_fits(config, data.data_shape, len(data.train))
     torch.manual_seed(config.train.seed)
-    vae = build_vae(config.model, data.data_shape)
+    # on its device from the start: the checks and the time estimate run where it trains
+    vae = build_vae(config.model, data.data_shape).to(config.train.device)
     check_data_once(vae, data)
     check_estimator_fits(config.train.estimator, vae)
     # build the estimator once here so that a bad combination fails before any file is written
@@ -1196,6 +1219,9 @@ def _reproduce(args: argparse.Namespace) -> int:
             print(f"cell {number}/{len(cells)}: {cell.name} (paper NLL {cell.paper_nll:.2f})")
             executor.map(_train_cell, [argv])  # with --cpus-per-run torch threads, if given
     else:  # one Ray task per cell; a retried task resumes its cell (--resume auto)
+        # the data once here first: a download (no --data-dir) must not race in N tasks
+        first = resolve_config(parser.parse_args(commands[0]))
+        first.data.load(first.train.seed)
         quiet = [argv if "--quiet" in argv else [*argv, "--quiet"] for argv in commands]
         print(f"{len(cells)} cells as Ray tasks ({', '.join(cell.name for cell in cells)}) ...")
         with executor:

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from pyro_vae.models.protocol import as_batch, forked_rng
+from pyro_vae.models.protocol import as_batch, forked_rng, on_model_device
 
 
 def _pyplot():
@@ -46,7 +46,7 @@ def _displayable(vae, x: torch.Tensor) -> torch.Tensor:
 def plot_reconstructions(vae, images: torch.Tensor, path: str | Path, n: int = 16) -> Path:
     """Inputs (top) next to the means of p(x | z = E_q[z]) (bottom)."""
     plt = _pyplot()
-    x = images[:n]
+    x = on_model_device(vae, images[:n])
     reconstruction = vae.reconstruct(x)
     fig, axes = plt.subplots(2, 1, figsize=(max(4, n * 0.5), 2.6))
     _show(axes[0], _displayable(vae, x), n, "data")
@@ -59,7 +59,7 @@ def plot_reconstructions(vae, images: torch.Tensor, path: str | Path, n: int = 1
 def plot_samples(vae, path: str | Path, n: int = 64, seed: int = 0) -> Path:
     """Means of p(x | z) for z drawn from the prior."""
     plt = _pyplot()
-    with forked_rng(vae):
+    with forked_rng():
         torch.manual_seed(seed)
         samples = vae.sample(n).cpu()
     nrow = int(n**0.5)
@@ -76,7 +76,11 @@ def plot_latent_space(vae, images: torch.Tensor, labels: torch.Tensor, path: str
     """
     plt = _pyplot()
     with torch.no_grad():
-        loc = vae.encode(images)[0].cpu() if hasattr(vae, "encode") else _top_means(vae, images)
+        loc = (
+            vae.encode(on_model_device(vae, images))[0].cpu()
+            if hasattr(vae, "encode")
+            else _top_means(vae, images)
+        )
     dims = loc.shape[1]
     manifold = dims == 2 and len(vae.data_shape) == 3 and hasattr(vae, "decoder")
     fig, axes = plt.subplots(1, 2 if manifold else 1, figsize=(10 if manifold else 5.5, 4.8))

@@ -205,7 +205,7 @@ def sweep_run(spec: dict[str, Any], callbacks: Sequence[Callable] = ()) -> dict[
     config.save(run_dir / "config.json")
     vae, history, timing = train_in_folder(config, data, run_dir, spec["progress"], callbacks)
     images = data.evaluation_images("test").to(config.train.device)
-    with forked_rng(vae):
+    with forked_rng():
         torch.manual_seed(0)
         final = evaluate_elbo(vae, images, 10, device=config.train.device)
     result: dict[str, Any] = {

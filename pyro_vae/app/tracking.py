@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from pyro_vae.errors import UserInputError
-from pyro_vae.models.protocol import forked_rng
+from pyro_vae.models.protocol import forked_rng, on_model_device
 
 
 def _writer(log_dir: Path, purge_step: int | None):
@@ -70,11 +70,12 @@ class TensorBoardLogger:
     def log_images(self, vae, images: torch.Tensor, epoch: int, n: int = 16) -> None:
         """Reconstructions (data above, means of p(x|z) below) and prior samples."""
         shape = vae.data_shape if len(vae.data_shape) == 3 else (1, 1, vae.data_dim)
-        x = images[:n]
-        with torch.no_grad(), forked_rng(vae):
+        x = on_model_device(vae, images[:n])
+        with torch.no_grad(), forked_rng():
             torch.manual_seed(0)
-            reconstruction = vae.reconstruct(x)
-            samples = vae.sample(n)
+            reconstruction = vae.reconstruct(x).cpu()
+            samples = vae.sample(n).cpu()
+        x = x.cpu()
         pairs = torch.cat([x.reshape(-1, *shape), reconstruction.reshape(-1, *shape)])
         self.writer.add_image("reconstructions", _grid(pairs, n), epoch, dataformats="CHW")
         grid = _grid(samples.reshape(-1, *shape), int(n**0.5))

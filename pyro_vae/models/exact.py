@@ -104,7 +104,7 @@ class LinearGaussianVAE(VAE):
     def marginal(self) -> MultivariateNormal:
         """p(x) = N(b, W W^T + s^2 I)."""
         w, b = self._w_b()
-        cov = w @ w.T + self.noise_scale**2 * torch.eye(self.data_dim, dtype=_F64)
+        cov = w @ w.T + self.noise_scale**2 * torch.eye(self.data_dim, dtype=_F64, device=w.device)
         return MultivariateNormal(b, covariance_matrix=cov)
 
     def log_marginal(self, x: torch.Tensor) -> torch.Tensor:
@@ -115,7 +115,7 @@ class LinearGaussianVAE(VAE):
         """p(z | x) = N(M^-1 W^T (x - b), s^2 M^-1), M = W^T W + s^2 I (batched over x)."""
         w, b = self._w_b()
         s2 = self.noise_scale**2
-        m = w.T @ w + s2 * torch.eye(self.latent_dim, dtype=_F64)
+        m = w.T @ w + s2 * torch.eye(self.latent_dim, dtype=_F64, device=w.device)
         m_inv = torch.linalg.inv(m)
         mean = (self.flatten(x).to(_F64) - b) @ (m_inv @ w.T).T
         return MultivariateNormal(mean, covariance_matrix=s2 * m_inv)
@@ -166,7 +166,7 @@ class LinearGaussianVAE(VAE):
         """
         w, _ = self._w_b()
         s2 = self.noise_scale**2
-        m = w.T @ w + s2 * torch.eye(self.latent_dim, dtype=_F64)
+        m = w.T @ w + s2 * torch.eye(self.latent_dim, dtype=_F64, device=w.device)
         covariance = s2 * torch.linalg.inv(m)
         optimal_variances = s2 / torch.diagonal(m)  # 1 / diag(Sigma^-1), Sigma^-1 = M / s^2
         return float(0.5 * (torch.logdet(covariance) - optimal_variances.log().sum()).detach())
@@ -177,7 +177,9 @@ class LinearGaussianVAE(VAE):
         (W with orthogonal columns, see :meth:`random`)."""
         w, b = self._w_b()
         s2 = self.noise_scale**2
-        m_inv = torch.linalg.inv(w.T @ w + s2 * torch.eye(self.latent_dim, dtype=_F64))
+        m_inv = torch.linalg.inv(
+            w.T @ w + s2 * torch.eye(self.latent_dim, dtype=_F64, device=w.device)
+        )
         cov = s2 * m_inv
         off_diagonal = cov - torch.diag(torch.diagonal(cov))
         if off_diagonal.abs().max() > 1e-6 * cov.abs().max():
@@ -331,13 +333,13 @@ class TwoLayerLinearGaussianVAE(nn.Module):
         w1, b1 = net.decoder1.weight.to(_F64), net.decoder1.bias.to(_F64)
         w2, b2 = net.decoder2.weight.to(_F64), net.decoder2.bias.to(_F64)
         s1, s2 = self.noise_scales
-        cov22 = torch.eye(d2, dtype=_F64)
-        cov11 = w2 @ w2.T + s2**2 * torch.eye(d1, dtype=_F64)
+        cov22 = torch.eye(d2, dtype=_F64, device=w1.device)
+        cov11 = w2 @ w2.T + s2**2 * torch.eye(d1, dtype=_F64, device=w1.device)
         cov12 = w2
-        cov_xx = w1 @ cov11 @ w1.T + s1**2 * torch.eye(self.data_dim, dtype=_F64)
+        cov_xx = w1 @ cov11 @ w1.T + s1**2 * torch.eye(self.data_dim, dtype=_F64, device=w1.device)
         cov_x1 = w1 @ cov11
         cov_x2 = w1 @ cov12
-        mean = torch.cat([b2, torch.zeros(d2, dtype=_F64), w1 @ b2 + b1])
+        mean = torch.cat([b2, torch.zeros(d2, dtype=_F64, device=w1.device), w1 @ b2 + b1])
         cov = torch.cat(
             [
                 torch.cat([cov11, cov12, cov_x1.T], 1),

@@ -165,17 +165,13 @@ def as_batch(model: Any, x: torch.Tensor) -> torch.Tensor:
     return flatten(x) if callable(flatten) else x
 
 
-def forked_rng(*owners: Any) -> contextlib.AbstractContextManager[Any]:
-    """``torch.random.fork_rng`` over the CPU generator and the CUDA generator of each
-    owner's device (:func:`model_device`; a tensor counts as its own owner): what runs
-    inside may seed and draw, and leaves the caller's streams as they were, on a GPU too
-    (``fork_rng(devices=[])`` would leave the CUDA stream reseeded by ``manual_seed``)."""
-    devices = set()
-    for owner in owners:
-        device = owner.device if torch.is_tensor(owner) else model_device(owner)
-        if device is not None and device.type == "cuda":
-            devices.add(device.index if device.index is not None else torch.cuda.current_device())
-    return torch.random.fork_rng(devices=sorted(devices))
+def forked_rng() -> contextlib.AbstractContextManager[Any]:
+    """``torch.random.fork_rng`` over the CPU generator and, where CUDA is available, every
+    GPU's: what runs inside may seed and draw, and leaves the caller's streams as they
+    were. ``torch.manual_seed`` inside reseeds every GPU, so every GPU's state is kept
+    (``fork_rng(devices=[])`` would leave them reseeded)."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    return torch.random.fork_rng(devices=devices)
 
 
 def _sample_sites(trace: poutine.Trace) -> dict[str, Message[Any, Any]]:
@@ -202,7 +198,7 @@ def model_sites(model: Any, x: torch.Tensor) -> ModelSites:
         # a probe: eval mode (no BatchNorm update), its own RNG stream, no gradients
         with (
             torch.no_grad(),
-            forked_rng(model),
+            forked_rng(),
             pyro.validation_enabled(False),
             evaluation_mode(model),
         ):

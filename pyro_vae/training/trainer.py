@@ -387,7 +387,7 @@ class Trainer:
         config = self.config
         metrics: dict[str, float] = {}
         with (
-            forked_rng(self.vae),
+            forked_rng(),
             pyro.validation_enabled(False),
             evaluation_mode(self.vae),
         ):
