@@ -23,6 +23,18 @@ ACTIVATION_COPIES = 4
 PARAMETER_COPIES = 8
 
 
+def check_device(device: str) -> None:
+    """Refuse, in one line, a device this machine does not have (``"cuda"`` without CUDA)
+    or does not know; before anything is read or written."""
+    if device not in ("cpu", "cuda"):
+        raise UserInputError(f"`device` must be 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserInputError("CUDA is not available on this machine: use `device='cpu'`")
+
+
 def available_memory(device: str = "cpu") -> int | None:
     """Bytes the process can still allocate on ``device``, or None where unknown."""
     if device == "cuda":

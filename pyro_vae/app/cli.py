@@ -38,6 +38,7 @@ from pyro_vae.config import (
 )
 from pyro_vae.errors import NonFiniteError, UserInputError
 from pyro_vae.objectives.registry import ESTIMATORS
+from pyro_vae.resources import check_device
 
 
 def _with_default(text: str, default: Any) -> str:
@@ -587,15 +588,13 @@ def _default_estimators(args: argparse.Namespace) -> list[str]:
 
 
 def _compare(args: argparse.Namespace, argv: list[str] | None) -> int:
-    import torch
 
     from pyro_vae.app.compare import markdown_table, parse_estimators
     from pyro_vae.app.runs import RunLock, command_line, is_empty
 
     estimators = parse_estimators(args.estimators or _default_estimators(args))
     executor = _executor(args, gpus_per_run=1.0 if args.device == "cuda" else 0.0)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UserInputError("CUDA is not available on this machine: use --device cpu")
+    check_device(args.device)
     if args.particles < 1:
         raise UserInputError(f"--particles must be >= 1, got {args.particles}")
     if args.repeats < 1:
@@ -997,8 +996,7 @@ def prepare_run(config: RunConfig, quiet: bool = False) -> PreparedRun:
     from pyro_vae.resources import check_training_fits
     from pyro_vae.training.fit import check_data_once
 
-    if config.train.device == "cuda" and not torch.cuda.is_available():
-        raise UserInputError("CUDA is not available on this machine: use --device cpu")
+    check_device(config.train.device)
     data = config.data.load(config.train.seed)
     check_training_fits(config, data.data_shape, len(data.train))
     torch.manual_seed(config.train.seed)
@@ -1159,11 +1157,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     if args.samples < 1:
         raise UserInputError(f"--samples must be >= 1, got {args.samples}")
-    if args.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UserInputError("CUDA is not available on this machine: use --device cpu")
+    check_device(args.device)
     config, vae, data, _ = load_run(args.run_dir, args.device)
     images = data.evaluation_images("test").to(args.device)
     announce_evaluation(vae, images, args.samples, log=None if args.json else print)

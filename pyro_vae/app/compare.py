@@ -41,6 +41,7 @@ from pyro_vae.analysis.gradients import snr_versus_particles
 from pyro_vae.app.compare_report import markdown_table, run_line, write_comparison
 from pyro_vae.errors import UserInputError
 from pyro_vae.objectives.registry import ESTIMATORS, check_estimator_fits, make_elbo
+from pyro_vae.resources import check_device
 
 __all__ = [
     "Comparison",
@@ -185,8 +186,7 @@ def run_comparison(
 def _check_device(config) -> None:
     """The runs train and the SNR and bound studies measure on ``config.train.device``;
     the studies run in this process (whatever the executor), so a GPU must be here."""
-    if config.train.device == "cuda" and not torch.cuda.is_available():
-        raise UserInputError("CUDA is not available on this machine: use `device='cpu'`")
+    check_device(config.train.device)
 
 
 def _serial_unless(executor):

@@ -13,11 +13,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from pyro_vae.analysis.diagnostics import Diagnosis, diagnose_model
 from pyro_vae.app.diagnose_report import write_diagnosis
 from pyro_vae.errors import UserInputError
+from pyro_vae.resources import check_device
 
 __all__ = ["Diagnosis", "compute_diagnosis", "diagnose"]
 
@@ -67,10 +66,7 @@ def compute_diagnosis(
     defaults = inspect.signature(diagnose_model).parameters
     given = {name: settings.get(name, defaults[name].default) for name in _COUNTS}
     _check_options(images, **given)
-    if device not in ("cpu", "cuda"):
-        raise UserInputError(f"`device` must be 'cpu' or 'cuda', got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserInputError("CUDA is not available on this machine: use `device='cpu'`")
+    check_device(device)
     _, vae, data, _ = load_run(Path(run_dir), device)
     test = data.evaluation_images("test")
     ids = select_images(len(test), images, image_ids)

@@ -16,6 +16,7 @@ from pyro_vae.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from pyro_vae.data import VAEData
 from pyro_vae.errors import UserInputError
 from pyro_vae.models.protocol import ModelError, check_data, check_protocol
+from pyro_vae.resources import check_device
 from pyro_vae.training.checkpoint import (
     load_checkpoint,
 )
@@ -97,8 +98,7 @@ def fit(
     the folder from any directory. A model of your own class has no such config: its
     folder holds the checkpoint and metrics, for ``model.load_state_dict``.
     """
-    if config.device == "cuda" and not torch.cuda.is_available():
-        raise UserInputError("CUDA is not available on this machine: use `device='cpu'`")
+    check_device(config.device)
     check_protocol(vae)
     if not isinstance(vae, torch.nn.Module):
         raise ModelError(
