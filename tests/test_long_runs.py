@@ -67,6 +67,33 @@ def test_resuming_a_finished_run_with_nothing_to_add_changes_nothing(tmp_path, c
         assert digest(out) == before
 
 
+def test_a_run_killed_after_its_evaluation_is_finished_by_running_it_again(
+    tmp_path, capsys, monkeypatch
+):
+    """Killed between evaluation.json and report.md (here: its plots fail), a run holds
+    a new evaluation beside an old report: the same command again is not "nothing to do"
+    but writes the report of what was trained."""
+    import pyro_vae.app.runs
+
+    out = tmp_path / "run"
+    assert run_cli(["train", *JOB, "--epochs", "1", "--out", out], capsys)[0] == 0
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pyro_vae.app.runs, "write_plots", killed)
+        code, _, _ = run_cli(["train", *JOB, "--epochs", "2", "--resume", "--out", out], capsys)
+    assert code != 0
+    assert "| epochs | 1 |" in (out / "report.md").read_text()  # the old report
+    assert json.loads((out / "evaluation.json").read_text())  # the new evaluation
+    code, printed, err = run_cli(["train", *JOB, "--epochs", "2", "--resume", "--out", out], capsys)
+    assert code == 0 and "nothing to do" not in printed, err
+    assert "| epochs | 2 |" in (out / "report.md").read_text()
+    code, printed, _ = run_cli(["train", *JOB, "--epochs", "2", "--resume", "--out", out], capsys)
+    assert code == 0 and "nothing to do" in printed  # now it is finished
+
+
 def test_a_resumed_run_keeps_its_own_evaluation_settings(tmp_path, capsys):
     out = tmp_path / "run"
     flags = ["--eval-samples", "25", "--eval-images", "40"]

@@ -832,11 +832,18 @@ def _flag_differences(saved: RunConfig, given: RunConfig) -> list[str]:
 
 
 def _nothing_to_add(config: RunConfig, checkpoint: dict[str, Any], out: Path) -> bool:
-    """A finished run asked to go no further: say so, and change nothing."""
+    """A finished run asked to go no further: say so, and change nothing. Finished means
+    trained, evaluated and reported, the report written after the checkpoint and the
+    evaluation (a run stopped between those, e.g. killed while writing its plots, is
+    finished by running it again: its report is refreshed)."""
     done = checkpoint["epoch"]
     finished = checkpoint["stopped_early"] or done >= config.train.epochs
-    evaluated = not config.train.eval_samples or (out / "evaluation.json").exists()
-    if not (finished and evaluated and (out / "report.md").exists()):
+    evaluation, report = out / "evaluation.json", out / "report.md"
+    evaluated = not config.train.eval_samples or evaluation.exists()
+    if not (finished and evaluated and report.exists()):
+        return False
+    written_before = [p for p in (out / "checkpoint.pt", evaluation) if p.exists()]
+    if any(report.stat().st_mtime_ns < p.stat().st_mtime_ns for p in written_before):
         return False
     why = "stopped early" if checkpoint["stopped_early"] else f"trained {done} epochs"
     print(
