@@ -139,7 +139,8 @@ def run_comparison(
     estimators = parse_estimators(estimators)
     _check_options(config, repeats, eval_samples, grad_draws, snr_particles, bound_particles)
     executor = _serial_unless(executor)
-    _check_device(config)
+    # the SNR and bound studies run in this process whatever the executor: a GPU must be here
+    check_device(config.train.device)
     data, test_images = _test_images(config, eval_points)
     _check_model(config, data, test_images, estimators)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -181,12 +182,6 @@ def run_comparison(
         bounds_versus_particles=bounds,
         runs=runs,
     )
-
-
-def _check_device(config) -> None:
-    """The runs train and the SNR and bound studies measure on ``config.train.device``;
-    the studies run in this process (whatever the executor), so a GPU must be here."""
-    check_device(config.train.device)
 
 
 def _serial_unless(executor):
