@@ -251,6 +251,34 @@ def model_sites(model: Any, x: torch.Tensor) -> ModelSites:
     )
 
 
+def plate_nesting(model: Any, x: torch.Tensor) -> int:
+    """How many plates the model's sites sit in at most: the model's own
+    ``max_plate_nesting`` where it has one, else read from one trace of the guide and the
+    model on (two points of) ``x`` (eval mode, a forked random stream, no gradients), so
+    that the estimators can place their particle plate left of every model plate."""
+    known = getattr(model, "max_plate_nesting", None)
+    if isinstance(known, int):
+        return known
+    check_protocol(model)
+    x = on_model_device(model, x[:2])
+    with (
+        torch.no_grad(),
+        forked_rng(),
+        pyro.validation_enabled(False),
+        evaluation_mode(model),
+    ):
+        guide_trace = poutine.trace(model.guide).get_trace(x)
+        model_trace = poutine.trace(poutine.replay(model.model, guide_trace)).get_trace(x)
+    dims = [
+        -frame.dim
+        for trace in (guide_trace, model_trace)
+        for site in _sample_sites(trace).values()
+        for frame in site["cond_indep_stack"]
+        if frame.vectorized and frame.dim is not None
+    ]
+    return max(dims, default=0)
+
+
 def latent_sites(model: Any, x: torch.Tensor) -> tuple[str, ...]:
     """The latent sites of ``model``: its own ``latent_sites``, or found from traces."""
     known = getattr(model, "latent_sites", None)

@@ -68,7 +68,7 @@ from pyro_vae import compat
 from pyro_vae.compat import NotCompilable
 from pyro_vae.models.protocol import private_param_store, scaled
 from pyro_vae.models.vae import param_store_registration
-from pyro_vae.objectives.closed_form import ClosedFormKL_ELBO
+from pyro_vae.objectives.closed_form import ClosedFormKL_ELBO, TraceELBO
 from pyro_vae.objectives.importance import DReGELBO, ImportanceWeightedELBO
 from pyro_vae.objectives.path import StickingTheLandingELBO
 from pyro_vae.objectives.penalty import PenaltyObjective
@@ -244,7 +244,7 @@ def traceable_loss(elbo: Objective) -> Callable | None:
     """``(model, guide, *args, **kwargs) -> loss``: the ELBO's differentiable loss as
     tensor operations only, or ``None`` for an estimator not known to be static."""
     kind = type(elbo)
-    if kind in (Trace_ELBO, ClosedFormKL_ELBO):
+    if kind in (Trace_ELBO, TraceELBO, ClosedFormKL_ELBO):
         if isinstance(elbo, ClosedFormKL_ELBO):  # (kind is ClosedFormKL_ELBO)
             particle = elbo.differentiable_elbo_particle
         else:

@@ -11,10 +11,31 @@ from pyro.infer.util import is_validation_enabled, torch_item
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import kl_divergence
 
-from pyro_vae.objectives.traces import _log_prob_sum, site_total
+from pyro_vae.objectives.traces import _log_prob_sum, find_plate_nesting, site_total
 
 
-class ClosedFormKL_ELBO(TraceMeanField_ELBO):
+class _PlateNestingFound:
+    """Pyro's ``max_plate_nesting`` guess (one run of the model and guide, made when the
+    first step needs it), drawn from a forked random stream: finding the nesting takes no
+    noise from the caller's steps, so an estimator that finds it and one that is told it
+    train on the same draws."""
+
+    max_plate_nesting: float
+    num_particles: int
+
+    def _guess_max_plate_nesting(self, model, guide, args, kwargs):
+        nesting = find_plate_nesting(model, guide, args, kwargs)
+        # (Pyro's ELBO counts its particle plate in max_plate_nesting)
+        vectorized = getattr(self, "vectorize_particles", False) and self.num_particles > 1
+        self.max_plate_nesting = nesting + int(vectorized)
+
+
+class TraceELBO(_PlateNestingFound, Trace_ELBO):
+    """:class:`pyro.infer.Trace_ELBO` (``mc``), finding its plate nesting in a forked
+    random stream; otherwise Pyro's class, unchanged."""
+
+
+class ClosedFormKL_ELBO(_PlateNestingFound, TraceMeanField_ELBO):
     """``TraceMeanField_ELBO`` that computes only the log-densities it uses.
 
     Pyro's class scores every site of both traces, ``log q(z|x)`` and ``log p(z)``
@@ -67,19 +88,23 @@ class ClosedFormKL_ELBO(TraceMeanField_ELBO):
         return site_total(elbo)
 
 
-def trace_elbo(num_particles: int, alpha: float, max_plate_nesting: int) -> Trace_ELBO:
+def _nesting(max_plate_nesting: float | None) -> float:
+    return float("inf") if max_plate_nesting is None else max_plate_nesting
+
+
+def trace_elbo(num_particles: int, alpha: float, max_plate_nesting: float | None) -> Trace_ELBO:
     """``mc``: Pyro's Trace_ELBO, particles vectorized."""
-    return Trace_ELBO(
+    return TraceELBO(
         num_particles=num_particles,
         vectorize_particles=num_particles > 1,
-        max_plate_nesting=max_plate_nesting,
+        max_plate_nesting=_nesting(max_plate_nesting),
     )
 
 
-def closed_form_elbo(num_particles: int, alpha: float, max_plate_nesting: int) -> ELBO:
+def closed_form_elbo(num_particles: int, alpha: float, max_plate_nesting: float | None) -> ELBO:
     """``analytic``: :class:`ClosedFormKL_ELBO`, particles vectorized."""
     return ClosedFormKL_ELBO(
         num_particles=num_particles,
         vectorize_particles=num_particles > 1,
-        max_plate_nesting=max_plate_nesting,
+        max_plate_nesting=_nesting(max_plate_nesting),
     )

@@ -7,9 +7,11 @@ from torch.distributions import kl_divergence
 
 from pyro_vae.objectives.traces import (
     ParticleELBO,
-    _data_scale,
+    data_scale,
     per_datapoint,
+    relative_scale,
     sample_sites,
+    site_log_density,
     site_total,
 )
 
@@ -32,7 +34,7 @@ class FreeBitsELBO(ParticleELBO):
         num_particles: int = 1,
         free_bits: float = 0.0,
         kl: str = "analytic",
-        max_plate_nesting: int = 1,
+        max_plate_nesting: float | None = None,
     ) -> None:
         super().__init__(num_particles, max_plate_nesting)
         self.free_bits = float(free_bits)
@@ -40,25 +42,24 @@ class FreeBitsELBO(ParticleELBO):
 
     def value_and_surrogate(self, model, guide, args, kwargs):
         model_trace, guide_trace = self._get_trace(model, guide, args, kwargs)
-        data_scale = _data_scale(model_trace)
+        scale = data_scale(model_trace)
         value: torch.Tensor | float = 0.0
         surrogate: torch.Tensor | float = 0.0
         for site in sample_sites(model_trace):
-            log_p = per_datapoint(site, site["log_prob"], self.num_particles) / data_scale
+            log_p = site_log_density(site, scale, self.num_particles)
             if site["is_observed"]:
                 value, surrogate = value + log_p, surrogate + log_p
                 continue
             guide_site = guide_trace.nodes[site["name"]]
-            relative = guide_site["scale"] / data_scale  # the KL warm-up factor, else 1
+            relative = relative_scale(guide_site, scale)  # the KL warm-up factor, else 1
             if self.kl == "analytic":
                 kl = kl_divergence(guide_site["fn"], site["fn"]) * relative
                 kl = per_datapoint(site, kl.expand(log_p.shape), self.num_particles)
             else:
-                log_q = per_datapoint(guide_site, guide_site["log_prob"], self.num_particles)
-                kl = log_q / data_scale - log_p
+                kl = site_log_density(guide_site, scale, self.num_particles) - log_p
             # the threshold applies to the KL itself: beta * max(free_bits, KL) under warm-up
             unannealed = kl.detach().mean() / relative if relative else kl.detach().mean()
             counts = bool(unannealed >= self.free_bits)
             value = value - kl
             surrogate = surrogate - (kl if counts else kl.detach())
-        return site_total(value).detach().mean(0), site_total(surrogate).mean(0), data_scale
+        return site_total(value).detach().mean(0), site_total(surrogate).mean(0), scale

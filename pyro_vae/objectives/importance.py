@@ -13,13 +13,12 @@ from pyro_vae.compat import values_trace
 from pyro_vae.errors import UserInputError
 from pyro_vae.objectives.traces import (
     ParticleELBO,
-    _data_scale,
     check_reparameterized,
+    data_scale,
     guide_log_prob_detached,
     log_weights,
-    particle_plate,
-    per_datapoint,
     sample_sites,
+    site_log_density,
 )
 
 
@@ -45,11 +44,14 @@ class ImportanceWeightedELBO(ParticleELBO):
 
     estimator = "iwae"
 
-    def __init__(self, num_particles: int = 5, alpha: float = 0.0, max_plate_nesting: int = 1):
+    def __init__(
+        self, num_particles: int = 5, alpha: float = 0.0, max_plate_nesting: float | None = None
+    ):
         if alpha == 1:
             raise ValueError("alpha = 1 is the ELBO: use Trace_ELBO")
         super().__init__(num_particles, max_plate_nesting)
         self.alpha = float(alpha)
+        self.estimator = "iwae" if self.alpha == 0 else "renyi"
 
     def bound(self, log_w: torch.Tensor) -> torch.Tensor:
         """The bound per data point from log-weights ``(K, batch)``."""
@@ -58,8 +60,8 @@ class ImportanceWeightedELBO(ParticleELBO):
 
     def value_and_surrogate(self, model, guide, args, kwargs):
         model_trace, guide_trace = self._get_trace(model, guide, args, kwargs)
-        log_w, data_scale = log_weights(model_trace, guide_trace, self.num_particles)
-        return self.bound(log_w.detach()), self.bound(log_w), data_scale
+        log_w, scale = log_weights(model_trace, guide_trace, self.num_particles)
+        return self.bound(log_w.detach()), self.bound(log_w), scale
 
 
 class DReGELBO(ImportanceWeightedELBO):
@@ -81,11 +83,12 @@ class DReGELBO(ImportanceWeightedELBO):
 
     estimator = "dreg"
 
-    def __init__(self, num_particles: int = 5, max_plate_nesting: int = 1):
+    def __init__(self, num_particles: int = 5, max_plate_nesting: float | None = None):
         super().__init__(num_particles, alpha=0.0, max_plate_nesting=max_plate_nesting)
+        self.estimator = "dreg"
 
     def value_and_surrogate(self, model, guide, args, kwargs):
-        plate = particle_plate(self.num_particles, self.max_plate_nesting)
+        plate = self._plate(model, guide, args, kwargs)
         guide_trace = poutine.trace(plate(guide)).get_trace(*args, **kwargs)
         guide_trace = prune_subsample_sites(guide_trace)
         check_reparameterized(guide_trace, self.estimator)
@@ -100,42 +103,55 @@ class DReGELBO(ImportanceWeightedELBO):
         )
         model_trace = prune_subsample_sites(model_trace)
         model_trace.compute_log_prob()
-        data_scale = _data_scale(model_trace)
+        # the data scale of the model's trace, shared by the guide's terms
+        scale = data_scale(model_trace)
         log_p: torch.Tensor | float = 0.0
         for site in sample_sites(model_trace):
-            log_p = log_p + per_datapoint(site, site["log_prob"], self.num_particles) / data_scale
+            log_p = log_p + site_log_density(site, scale, self.num_particles)
         log_q = guide_log_prob_detached(
-            guide, guide_trace, args, kwargs, self.num_particles, self.max_plate_nesting, leaves
+            guide,
+            guide_trace,
+            args,
+            kwargs,
+            self.num_particles,
+            scale,
+            self.max_plate_nesting,
+            leaves,
         )
         log_w = log_p - log_q
         value = self.bound(log_w.detach())
         if not torch.is_grad_enabled():
-            return value, value, data_scale
+            return value, value, scale
         weights = torch.softmax(log_w.detach(), 0)
         names = list(leaves)
         grads = torch.autograd.grad(
             (weights.pow(2) * log_w).sum(), [leaves[n] for n in names], retain_graph=True
         )
+        batch = log_w.shape[-1]
         path = sum(
-            (grad.detach() * samples[name]).reshape(self.num_particles, grad.shape[1], -1).sum(-1)
+            (grad.detach() * samples[name]).reshape(self.num_particles, batch, -1).sum(-1)
             for name, grad in zip(names, grads)
         )
         surrogate = (weights * log_p).sum(0) + path.sum(0)
-        return value, surrogate, data_scale
+        return value, surrogate, scale
 
 
-def iwae(num_particles: int, alpha: float, max_plate_nesting: int) -> ImportanceWeightedELBO:
+def iwae(
+    num_particles: int, alpha: float, max_plate_nesting: float | None
+) -> ImportanceWeightedELBO:
     """``iwae``: L_K."""
     return ImportanceWeightedELBO(num_particles, alpha=0.0, max_plate_nesting=max_plate_nesting)
 
 
-def renyi(num_particles: int, alpha: float, max_plate_nesting: int) -> ImportanceWeightedELBO:
+def renyi(
+    num_particles: int, alpha: float, max_plate_nesting: float | None
+) -> ImportanceWeightedELBO:
     """``renyi``: the VR bound of order ``alpha`` (1 is the ELBO: refused)."""
     if alpha == 1:
         raise UserInputError("renyi with alpha = 1 is the ELBO: use the 'mc' estimator")
     return ImportanceWeightedELBO(num_particles, alpha=alpha, max_plate_nesting=max_plate_nesting)
 
 
-def dreg(num_particles: int, alpha: float, max_plate_nesting: int) -> DReGELBO:
+def dreg(num_particles: int, alpha: float, max_plate_nesting: float | None) -> DReGELBO:
     """``dreg``: L_K with the doubly reparameterized gradient."""
     return DReGELBO(num_particles, max_plate_nesting)

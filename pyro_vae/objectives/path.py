@@ -7,8 +7,8 @@ from pyro_vae.objectives.traces import (
     ParticleELBO,
     guide_log_prob_detached,
     log_weights,
-    per_datapoint,
     sample_sites,
+    site_log_density,
 )
 
 
@@ -28,17 +28,21 @@ class StickingTheLandingELBO(ParticleELBO):
 
     def value_and_surrogate(self, model, guide, args, kwargs):
         model_trace, guide_trace = self._get_trace(model, guide, args, kwargs)
-        log_w, data_scale = log_weights(model_trace, guide_trace, self.num_particles)
+        log_w, scale = log_weights(model_trace, guide_trace, self.num_particles)
         log_q = log_w.new_zeros(())
         for site in sample_sites(guide_trace):
-            log_q = log_q + per_datapoint(site, site["log_prob"], self.num_particles) / data_scale
+            log_q = log_q + site_log_density(site, scale, self.num_particles)
+        # log q with its parameters detached, at the same z, on the same per-data-point
+        # footing as log_w: the model's data scale multiplies all of it once, afterwards
         log_q_stl = guide_log_prob_detached(
-            guide, guide_trace, args, kwargs, self.num_particles, self.max_plate_nesting
+            guide, guide_trace, args, kwargs, self.num_particles, scale, self.max_plate_nesting
         )
         path_log_w = log_w + log_q - log_q_stl
-        return log_w.detach().mean(0), path_log_w.mean(0), data_scale
+        return log_w.detach().mean(0), path_log_w.mean(0), scale
 
 
-def stl(num_particles: int, alpha: float, max_plate_nesting: int) -> StickingTheLandingELBO:
+def stl(
+    num_particles: int, alpha: float, max_plate_nesting: float | None
+) -> StickingTheLandingELBO:
     """``stl``: the ELBO with the path-derivative gradient."""
     return StickingTheLandingELBO(num_particles, max_plate_nesting)

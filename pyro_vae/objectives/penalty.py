@@ -7,9 +7,11 @@ import torch
 from pyro_vae.errors import UserInputError
 from pyro_vae.objectives.traces import (
     ParticleELBO,
-    _data_scale,
+    data_scale,
     per_datapoint,
+    relative_scale,
     sample_sites,
+    site_log_density,
     site_total,
 )
 
@@ -31,12 +33,11 @@ class PenaltyObjective(ParticleELBO):
 
     def value_and_surrogate(self, model, guide, args, kwargs):
         model_trace, guide_trace = self._get_trace(model, guide, args, kwargs)
-        data_scale = _data_scale(model_trace)
+        scale = data_scale(model_trace)
         objective: torch.Tensor | float = 0.0
         for site in sample_sites(model_trace):
             if site["is_observed"]:
-                log_lik = per_datapoint(site, site["log_prob"], self.num_particles)
-                objective = objective + log_lik / data_scale
+                objective = objective + site_log_density(site, scale, self.num_particles)
         for site in sample_sites(guide_trace):
             normal = site["fn"]
             while isinstance(normal, torch.distributions.Independent):
@@ -47,12 +48,12 @@ class PenaltyObjective(ParticleELBO):
                     f"{type(normal).__name__}"
                 )
             penalty = (normal.loc.pow(2) + (normal.scale - 1).pow(2)).sum(-1)
-            relative = site["scale"] / data_scale  # KL warm-up scales the penalty too
+            relative = relative_scale(site, scale)  # KL warm-up scales the penalty too
             objective = objective - per_datapoint(site, penalty * relative, self.num_particles)
         objective = site_total(objective)
-        return objective.detach().mean(0), objective.mean(0), data_scale
+        return objective.detach().mean(0), objective.mean(0), scale
 
 
-def penalty(num_particles: int, alpha: float, max_plate_nesting: int) -> PenaltyObjective:
+def penalty(num_particles: int, alpha: float, max_plate_nesting: float | None) -> PenaltyObjective:
     """``penalty``: the objective that is not a bound."""
     return PenaltyObjective(num_particles, max_plate_nesting)

@@ -58,9 +58,9 @@ class Estimator:
     closed_form_kl: bool = False
     is_bound: bool = True
 
-    def build(self, num_particles: int, alpha: float, max_plate_nesting: int) -> Objective:
+    def build(self, num_particles: int, alpha: float, max_plate_nesting: int | None) -> Objective:
         module, _, function = self.builder.partition(":")
-        make: Callable[[int, float, int], Objective] = getattr(
+        make: Callable[[int, float, int | None], Objective] = getattr(
             importlib.import_module(module), function
         )
         return make(num_particles, alpha, max_plate_nesting)
@@ -117,7 +117,7 @@ def make_elbo(
     num_particles: int = 1,
     *,
     alpha: float = 0.5,
-    max_plate_nesting: int = 1,
+    max_plate_nesting: int | None = None,
 ) -> Objective:
     """Build the estimator ``name`` with ``num_particles`` samples per data point.
 
@@ -135,6 +135,9 @@ def make_elbo(
     :param num_particles: samples of z per data point (K).
     :param alpha: the order of the Renyi bound (``"renyi"`` only).
     :param max_plate_nesting: plates of the model; the particle plate goes left of them.
+        ``None`` finds it from one run of the model and guide when the first step with
+        several particles needs it (as Pyro's ``Trace_ELBO`` does), in a forked random
+        stream, so that it draws none of the steps' noise.
     """
     if not isinstance(num_particles, int) or num_particles < 1:
         raise UserInputError(

@@ -24,6 +24,7 @@ from pyro.poutine.util import site_is_subsample
 from torch import nn
 
 from pyro_vae.errors import UserInputError
+from pyro_vae.models.protocol import forked_rng
 
 PARTICLE_PLATE = "num_particles_vectorized"
 
@@ -54,27 +55,91 @@ def particle_plate(num_particles: int, max_plate_nesting: int = 1) -> pyro.plate
     return pyro.plate(PARTICLE_PLATE, num_particles, dim=-(max_plate_nesting + 1))
 
 
-def _data_scale(trace: poutine.Trace) -> float:
-    """The mini-batch scale ``num_data / batch``: the scale of the observed sites (1 when
-    unscaled). It is the same whether it comes from a subsampled plate or from the
-    library's ``poutine.scale``; KL warm-up scales only the latent sites."""
+#: The mini-batch scale ``num_data / batch``: a number, or a tensor of per-data-point
+#: weights (a user's tensor-valued ``poutine.scale``) that broadcasts over the batch.
+Scale = torch.Tensor | float
+
+
+def data_scale(trace: poutine.Trace) -> Scale:
+    """The mini-batch scale ``num_data / batch`` of the model's trace: the scale of its
+    observed sites (1 when unscaled).
+
+    It is the same whether it comes from a subsampled plate or from the library's
+    ``poutine.scale``. Only the model knows it: a guide has no observed site, and its
+    latent sites may carry a further factor (KL warm-up). So every estimator reads it
+    here, from the *model's* trace, and hands it to each term derived from the guide.
+    """
     for site in trace.nodes.values():
         if site["type"] == "sample" and site["is_observed"] and not site_is_subsample(site):
-            return float(site["scale"])
+            return site["scale"]
     return 1.0
 
 
+def relative_scale(site: Site, scale: Scale) -> Scale:
+    """A site's scale over the data scale: 1 except under KL warm-up
+    (:class:`~pyro_vae.training.schedules.LatentScale`), which scales only the latent sites.
+    Where a per-data-point weight is 0 the ratio is 0 (that point does not count)."""
+    own = site["scale"]
+    if own is scale:
+        return 1.0
+    if not torch.is_tensor(own) and not torch.is_tensor(scale):
+        if own == scale:
+            return 1.0
+        return own / scale if scale != 0 else 0.0
+    own_t, scale_t = torch.as_tensor(own), torch.as_tensor(scale)
+    safe = torch.where(scale_t != 0, scale_t, torch.ones_like(scale_t))
+    return torch.where(scale_t != 0, own_t / safe, torch.zeros_like(own_t / safe))
+
+
+def total(values: torch.Tensor, scale: Scale) -> torch.Tensor:
+    """``sum_i scale_i * values_i`` over the data points: a per-data-point objective
+    ``(batch,)`` scaled to the data set."""
+    return (values * scale).sum() if torch.is_tensor(scale) else scale * values.sum()
+
+
 def per_datapoint(site: Site, value: torch.Tensor, num_particles: int) -> torch.Tensor:
-    """Check that ``value`` (a site's log-density) is ``(particles, batch)`` and return it."""
+    """Check that ``value`` (a site's log-density) is ``(particles, batch)`` and return it.
+
+    With one particle the estimators add no particle plate (as Pyro's ``Trace_ELBO``
+    does not), so a ``(batch,)`` log-density is one particle's: it comes back
+    ``(1, batch)``.
+    """
     in_data_plate = any(frame.dim == -1 for frame in site["cond_indep_stack"])
+    if num_particles == 1 and value.dim() == 1:
+        value = value.unsqueeze(0)
     if not in_data_plate or value.dim() != 2 or value.shape[0] != num_particles:
         raise UserInputError(
             f"site {site['name']!r} has a log-density of shape {tuple(value.shape)}, not "
             f"(particles, batch): per-data-point bounds need every sample site inside a "
-            f"plate over the data points (pyro.plate('data', x.shape[0])) with its event "
-            f"dimensions declared (.to_event)"
+            f"plate over the data points (pyro.plate('data', x.shape[0])) at dim -1, with "
+            f"its event dimensions declared (.to_event); for a model with global latents "
+            f"or nested plates use the 'mc' or 'analytic' estimator"
         )
     return value
+
+
+def site_log_density(
+    site: Site,
+    scale: Scale,
+    num_particles: int,
+    log_prob: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A site's log-density per particle and data point ``(K, batch)``, as one data
+    point's share of the objective: the unscaled log-density (``log_prob``, else the
+    trace's), masked by the site's mask and times its scale relative to the data scale
+    ``scale``. Multiplying the per-data-point objective by ``scale`` afterwards
+    (:func:`total`) gives each site's term its own scale exactly once."""
+    if log_prob is None:
+        log_prob = site["unscaled_log_prob"] if "unscaled_log_prob" in site else None
+        if log_prob is None:
+            log_prob = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+    relative = relative_scale(site, scale)
+    log_prob = scale_and_mask(log_prob, 1.0 if _is_one(relative) else relative, site["mask"])
+    return per_datapoint(site, log_prob, num_particles)
+
+
+def _is_one(value: Scale) -> bool:
+    return not torch.is_tensor(value) and value == 1.0
 
 
 def sample_sites(trace: poutine.Trace) -> list[Site]:
@@ -98,31 +163,18 @@ def check_reparameterized(guide_trace: poutine.Trace, estimator: str) -> None:
             )
 
 
-def _tempered(
-    site: Site, log_prob: torch.Tensor, data_scale: float, num_particles: int
-) -> torch.Tensor:
-    """A site's log-density per data point, times its scale relative to the data scale.
-
-    The relative scale is 1 except under KL warm-up
-    (:class:`~pyro_vae.training.schedules.LatentScale`).
-    """
-    scale = site["scale"] / data_scale
-    if site["mask"] is not None:
-        log_prob = log_prob * site["mask"]
-    return per_datapoint(site, log_prob * scale if scale != 1.0 else log_prob, num_particles)
-
-
 def log_weights(
     model_trace: poutine.Trace, guide_trace: poutine.Trace, num_particles: int
-) -> tuple[torch.Tensor, float]:
-    """Per-particle, per-data-point ``log p(x, z) - log q(z|x)`` ``(K, batch)``, data scale."""
-    data_scale = _data_scale(model_trace)
+) -> tuple[torch.Tensor, Scale]:
+    """Per-particle, per-data-point ``log p(x, z) - log q(z|x)`` ``(K, batch)`` (one data
+    point's share, tempered only by KL warm-up), and the data scale that multiplies it."""
+    scale = data_scale(model_trace)
     log_w: torch.Tensor | float = 0.0
     for site in sample_sites(model_trace):
-        log_w = log_w + per_datapoint(site, site["log_prob"], num_particles)
+        log_w = log_w + site_log_density(site, scale, num_particles)
     for site in sample_sites(guide_trace):
-        log_w = log_w - per_datapoint(site, site["log_prob"], num_particles)
-    return site_total(log_w) / data_scale, data_scale
+        log_w = log_w - site_log_density(site, scale, num_particles)
+    return site_total(log_w), scale
 
 
 def detach_distribution(fn: dist.Distribution, site_name: str = "") -> dist.Distribution:
@@ -163,7 +215,8 @@ def guide_log_prob_detached(
     args: tuple,
     kwargs: dict,
     num_particles: int,
-    max_plate_nesting: int = 1,
+    scale: Scale,
+    max_plate_nesting: float = 1,
     values: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     r"""``log q_{stop_grad(phi)}(z | x)`` per particle and data point ``(K, batch)``.
@@ -174,14 +227,18 @@ def guide_log_prob_detached(
     site's distribution parameters depend on x alone, so detaching them is exact; with
     several (hierarchical guides, where q(z1 | z2, x) depends on z2) the guide is re-run
     on the same ``z`` with detached copies of its module's parameters.
+
+    ``scale`` is the data scale of the *model's* trace (:func:`data_scale`): the guide's
+    trace has no observed site to read it from, and its latent sites carry it already.
+    Like every per-data-point term, the result is one data point's share; the caller
+    multiplies the objective by ``scale`` once (:func:`total`).
     """
-    data_scale = _data_scale(guide_trace)
     sites = sample_sites(guide_trace)
     values = values if values is not None else {site["name"]: site["value"] for site in sites}
     if len(sites) == 1:
         site = sites[0]
         fn = detach_distribution(site["fn"], site["name"])
-        return _tempered(site, fn.log_prob(values[site["name"]]), data_scale, num_particles)
+        return site_log_density(site, scale, num_particles, fn.log_prob(values[site["name"]]))
     # (through the library's poutine.scale and plate wrappers, to the bound method)
     owner = getattr(inspect.unwrap(guide), "__self__", None)
     if not isinstance(owner, nn.Module):
@@ -189,7 +246,7 @@ def guide_log_prob_detached(
             "stl and dreg with several latent sites need the guide to be a method of a "
             "torch.nn.Module (like VAE.guide), to re-run it with detached parameters"
         )
-    plate = particle_plate(num_particles, max_plate_nesting)
+    plate = particles(num_particles, max_plate_nesting)
 
     def rerun(*run_args, **run_kwargs) -> poutine.Trace:
         with poutine.block(), _ParamsAsGiven(), warnings.catch_warnings():
@@ -207,28 +264,75 @@ def guide_log_prob_detached(
         if not isinstance(site["fn"], dist.Distribution):
             continue
         log_prob = site["fn"].log_prob(site["value"])
-        log_q = log_q + _tempered(guide_trace.nodes[name], log_prob, data_scale, num_particles)
+        log_q = log_q + site_log_density(guide_trace.nodes[name], scale, num_particles, log_prob)
     return site_total(log_q)
+
+
+def particles(num_particles: int, max_plate_nesting: float) -> Callable[[Callable], Callable]:
+    """Wrap a program in the particle plate; with one particle, leave it as it is (as
+    Pyro's ``Trace_ELBO`` does), so that a program sees the shapes it was written for."""
+    if num_particles == 1:
+        return lambda program: program
+    if max_plate_nesting == float("inf"):
+        raise ValueError("max_plate_nesting must be known before the particle plate is placed")
+    return particle_plate(num_particles, int(max_plate_nesting))
+
+
+def find_plate_nesting(model: Callable, guide: Callable, args: tuple, kwargs: dict) -> int:
+    """The plate nesting of a model and guide, from one run of each as Pyro's
+    ``ELBO._guess_max_plate_nesting`` finds it, but in a forked random stream (it draws
+    none of the caller's noise) and without logging: the deepest plate dimension of any
+    sample site."""
+    with forked_rng(), poutine.block(), torch.no_grad():
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+            *args, **kwargs
+        )
+    dims = [
+        -frame.dim
+        for trace in (model_trace, guide_trace)
+        for site in trace.nodes.values()
+        if site["type"] == "sample"
+        for frame in site["cond_indep_stack"]
+        if frame.vectorized and frame.dim is not None
+    ]
+    return max(dims, default=0)
 
 
 class ParticleELBO(ELBO):
     """Base of the estimators here: K vectorized particles, a value per data point.
 
     Subclasses implement :meth:`value_and_surrogate`, returning per data point the
-    objective's value and a surrogate whose gradient is the estimator's gradient. The
-    mini-batch scale ``num_data / batch`` multiplies both afterwards.
+    objective's value and a surrogate whose gradient is the estimator's gradient, and the
+    data scale read from the model's trace (:func:`data_scale`), which multiplies both
+    afterwards, once (:func:`total`).
+
+    ``max_plate_nesting=None`` (or ``inf``) finds the model's plate nesting from one run of
+    the model and guide, as Pyro's ``Trace_ELBO`` does, but in a forked random stream, so
+    that finding it draws no noise the caller's next step would have used. With one
+    particle no particle plate is added, and nothing needs finding.
     """
 
     #: name used in error messages
     estimator = "this estimator"
 
-    def __init__(self, num_particles: int = 1, max_plate_nesting: int = 1) -> None:
-        super().__init__(num_particles=num_particles, max_plate_nesting=max_plate_nesting)
+    def __init__(self, num_particles: int = 1, max_plate_nesting: float | None = None) -> None:
+        nesting = float("inf") if max_plate_nesting is None else max_plate_nesting
+        super().__init__(num_particles=num_particles, max_plate_nesting=nesting)
+
+    def _guess_max_plate_nesting(self, model, guide, args, kwargs):
+        self.max_plate_nesting = find_plate_nesting(model, guide, args, kwargs)
+
+    def _plate(self, model, guide, args, kwargs) -> Callable[[Callable], Callable]:
+        if self.num_particles > 1 and self.max_plate_nesting == float("inf"):
+            self._guess_max_plate_nesting(model, guide, args, kwargs)
+        return particles(self.num_particles, self.max_plate_nesting)
 
     def _get_trace(self, model, guide, args, kwargs):
-        plate = particle_plate(self.num_particles, self.max_plate_nesting)
+        plate = self._plate(model, guide, args, kwargs)
+        nesting = self.max_plate_nesting + (self.num_particles > 1)
         model_trace, guide_trace = get_importance_trace(
-            "flat", self.max_plate_nesting + 1, plate(model), plate(guide), args, kwargs
+            "flat", nesting, plate(model), plate(guide), args, kwargs
         )
         check_reparameterized(guide_trace, self.estimator)
         return model_trace, guide_trace
@@ -238,13 +342,13 @@ class ParticleELBO(ELBO):
 
     def value_and_surrogate(
         self, model, guide, args, kwargs
-    ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    ) -> tuple[torch.Tensor, torch.Tensor, Scale]:
         """Per data point: the objective (detached), the surrogate, and the data scale."""
         raise NotImplementedError
 
     def _elbo_and_surrogate(self, model, guide, args, kwargs):
-        value, surrogate, data_scale = self.value_and_surrogate(model, guide, args, kwargs)
-        return data_scale * value.sum(), data_scale * surrogate.sum()
+        value, surrogate, scale = self.value_and_surrogate(model, guide, args, kwargs)
+        return total(value, scale), total(surrogate, scale)
 
     def loss(self, model, guide, *args, **kwargs) -> float:
         """-objective of the data set (scaled mini-batch), as a float."""

@@ -37,7 +37,7 @@ from pyro_vae.config import TrainConfig
 from pyro_vae.data import VAEData
 from pyro_vae.errors import CheckpointError, NonFiniteError
 from pyro_vae.io import atomic_write_text, dumps_json
-from pyro_vae.models.protocol import forked_rng, private_param_store, scaled
+from pyro_vae.models.protocol import forked_rng, plate_nesting, private_param_store, scaled
 from pyro_vae.models.vae import param_store_registration
 from pyro_vae.objectives.capture import CompiledLoss, capture_pays, largest
 from pyro_vae.objectives.free_bits import FreeBitsELBO
@@ -99,11 +99,16 @@ class Trainer:
         self.saved_config = saved_config if saved_config is not None else {"train": asdict(config)}
         check_estimator_fits(config.estimator, vae, data.train.images[:2])
         self.elbo: Objective
+        # the particle plate's place is known before the first step: no estimator has to
+        # find it while the fast path captures its graph
+        nesting = plate_nesting(self.vae, data.train.images[:2])
         if config.free_bits:
             kl = "analytic" if config.estimator == "analytic" else "mc"
-            self.elbo = FreeBitsELBO(config.particles, config.free_bits, kl)
+            self.elbo = FreeBitsELBO(config.particles, config.free_bits, kl, nesting)
         else:
-            self.elbo = make_elbo(config.estimator, config.particles, alpha=config.alpha)
+            self.elbo = make_elbo(
+                config.estimator, config.particles, alpha=config.alpha, max_plate_nesting=nesting
+            )
         # the step's loss and gradients: the ELBO's, replayed from a captured graph; the
         # trainer refreshes the graph's view of the networks at the start of each epoch
         self.loss = CompiledLoss(self.elbo, self.vae, refresh_every_call=False)
