@@ -49,6 +49,11 @@ class Estimator:
     :param closed_form_kl: uses the closed-form KL per latent site, which is the model's
         KL only where the model says so (``analytic_kl_is_exact``).
     :param is_bound: its value is a lower bound on log p(x).
+    :param value_of: the estimator whose value this one's equals for the same noise, at
+        every number of particles (only the gradient differs): a claim the invariant
+        tests check.
+    :param one_particle: the estimator this one equals with one particle, value and
+        gradient, for the same noise (the math says so); checked likewise.
     """
 
     name: str
@@ -57,6 +62,8 @@ class Estimator:
     options: tuple[str, ...] = ()
     closed_form_kl: bool = False
     is_bound: bool = True
+    value_of: str | None = None
+    one_particle: str | None = None
 
     def build(self, num_particles: int, alpha: float, max_plate_nesting: int | None) -> Objective:
         module, _, function = self.builder.partition(":")
@@ -85,22 +92,27 @@ ESTIMATORS: dict[str, Estimator] = {
             "iwae",
             "importance-weighted bound L_K (Burda et al., 2016)",
             f"{_OBJ}.importance:iwae",
+            one_particle="mc",
         ),
         Estimator(
             "renyi",
             "Renyi bound of order alpha (Li & Turner, 2016)",
             f"{_OBJ}.importance:renyi",
             ("alpha",),
+            one_particle="mc",
         ),
         Estimator(
             "stl",
             "the ELBO with the path-derivative gradient (Roeder et al., 2017)",
             f"{_OBJ}.path:stl",
+            value_of="mc",
         ),
         Estimator(
             "dreg",
             "L_K with the doubly reparameterized gradient (Tucker et al., 2019)",
             f"{_OBJ}.importance:dreg",
+            value_of="iwae",
+            one_particle="stl",
         ),
         Estimator(
             "penalty",
