@@ -10,6 +10,7 @@ reverse chain that is not the forward chain reversed) misses by many standard er
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -22,6 +23,7 @@ from pyro_vae.errors import UserInputError
 from pyro_vae.models.exact import LinearGaussianVAE, TwoLayerLinearGaussianVAE, _inverse_softplus
 from pyro_vae.objectives.terms import log_importance_weights
 
+from .helpers import TINY_RUN, run_cli
 from .test_own_model import LinearGaussian, TutorialVAE
 
 
@@ -192,3 +194,48 @@ def test_bad_options_are_refused_in_one_line(options, message):
     for function in (pyro_vae.ais_log_likelihood, pyro_vae.bdmc):
         with pytest.raises(UserInputError, match=message.replace("(", r"\(").replace(")", r"\)")):
             function(vae, torch.zeros(2, 5, dtype=torch.float64), **options)
+
+
+# ------------------------------------------------------------------ the command line
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from pyro_vae.app.cli import main
+
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    argv = ["train", *TINY_RUN, "--epochs", "1", "--eval-samples", "0", "--out", str(out)]
+    assert main(argv) == 0
+    return str(out)
+
+
+def test_evaluate_prints_is_ais_and_the_bdmc_gap_side_by_side(tiny_run, capsys):
+    argv = ["evaluate", tiny_run, "--samples", "50", "--images", "6", "--ais-steps", "10"]
+    code, out, _ = run_cli([*argv, "--ais-chains", "3", "--bdmc", "--json"], capsys)
+    assert code == 0
+    result = json.loads(out)
+    assert result["points"] == 6 and result["ais_points"] == 6 and result["bdmc_points"] == 6
+    assert result["ais_steps"] == 10 and result["ais_chains"] == 3 and result["ais_leapfrog"] == 5
+    for key in ("ais_log_likelihood", "ais_log_likelihood_sem", "ais_chain_standard_error"):
+        assert math.isfinite(result[key]), key
+    assert 0 < result["ais_acceptance_rate"] <= 1
+    assert result["bdmc_gap"] == pytest.approx(result["bdmc_upper"] - result["bdmc_lower"])
+    # the same seed: the printed numbers are the JSON's
+    code, out, _ = run_cli([*argv, "--ais-chains", "3", "--bdmc", "--quiet"], capsys)
+    assert code == 0
+    assert "IS    K=50" in out and "AIS   T=10, C=3, L=5 (guide)" in out and "BDMC  gap" in out
+    assert f"{result['ais_log_likelihood']:9.3f} ± {result['ais_log_likelihood_sem']:.3f}" in out
+    assert f"{result['bdmc_gap']:9.3f}" in out
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--bdmc"], "--bdmc brackets AIS: give the number of steps with --ais-steps T"),
+        (["--ais-steps", "0"], "--ais-steps must be >= 1, got 0"),
+        (["--ais-steps", "5", "--ais-chains", "0"], "--ais-chains must be >= 1, got 0"),
+        (["--ais-steps", "5", "--ais-leapfrog", "0"], "--ais-leapfrog must be >= 1, got 0"),
+        (["--images", "0"], "--images must be >= 1, got 0"),
+    ],
+)
+def test_bad_ais_flags_are_refused_in_one_line(tiny_run, flags, message, capsys):
+    code, out, err = run_cli(["evaluate", tiny_run, *flags], capsys)
+    assert code == 2 and message in err and "Traceback" not in err
