@@ -239,3 +239,24 @@ def test_evaluate_prints_is_ais_and_the_bdmc_gap_side_by_side(tiny_run, capsys):
 def test_bad_ais_flags_are_refused_in_one_line(tiny_run, flags, message, capsys):
     code, out, err = run_cli(["evaluate", tiny_run, *flags], capsys)
     assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_compare_shows_the_ais_column_beside_is_and_refuses_a_bad_t(tmp_path, capsys):
+    from pyro_vae.app.compare_report import markdown_table
+
+    fields = ["test_elbo", "test_log_likelihood", "ais_log_likelihood"]
+    fields += ["objective_minus_log_likelihood", "encoder_snr", "decoder_snr"]
+    fields += ["encoder_variance", "decoder_variance", "active_units", "informative_units"]
+    fields += ["seconds_per_epoch", "cpu_seconds_per_epoch"]
+    row: dict = {"estimator": "mc", "repeats": 2}
+    for field in fields:
+        row |= {field: -48.0, f"{field}_std": 0.0}
+    row |= {"ais_log_likelihood": -47.25, "ais_log_likelihood_std": 0.5}
+    header, rule, line = markdown_table([row], 20, ais_steps=7).splitlines()
+    assert "| test log p(x), K=20 | AIS log p(x), T=7 |" in header
+    assert "| -48.00 ± 0.00 | -47.25 ± 0.50 |" in line
+    assert header.count("|") == rule.count("|") == line.count("|")
+    assert "AIS" not in markdown_table([row], 20)
+    out = tmp_path / "compare"
+    code, _, err = run_cli(["compare", "--ais-steps", "0", "--out", out, "--quiet"], capsys)
+    assert code == 2 and "--ais-steps must be >= 1, got 0" in err

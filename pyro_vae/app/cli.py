@@ -384,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--repeats", type=int, default=1, help="seeds per estimator")
     compare.add_argument("--eval-samples", type=int, default=1000, help="K for log p(x)")
     compare.add_argument("--eval-points", type=int, help="test points evaluated (default: all)")
+    compare.add_argument(
+        "--ais-steps", type=int, metavar="T", help="also log p(x) by AIS (16 chains) with T steps"
+    )
     compare.add_argument("--grad-draws", type=int, default=100, help="gradient draws")
     compare.add_argument("--snr-particles", type=_int_list, default=(1, 3, 10, 30))
     compare.add_argument("--bound-particles", type=_int_list, default=(1, 5, 50, 500))
@@ -653,7 +656,7 @@ def _compare(args: argparse.Namespace, argv: list[str] | None) -> int:
                 )
         with executor:
             result = _run_compare(args, argv, config, estimators, executor)
-    print(markdown_table(result["summary"], result["eval_samples"]))
+    print(markdown_table(result["summary"], result["eval_samples"], result.get("ais_steps")))
     print(f"comparison: {args.out / 'comparison.md'}")
     return 0
 
@@ -675,6 +678,7 @@ def _run_compare(args, argv, config, estimators, executor=None):
         progress=not args.quiet,
         command=command_line(argv),
         executor=executor,
+        ais_steps=args.ais_steps,
     )
 
 
