@@ -51,6 +51,10 @@ _EXPORTS = {
     "log_importance_weights": "pyro_vae.objectives.terms",
     # analysis
     "log_likelihood": "pyro_vae.analysis.evaluation",
+    "ais_log_likelihood": "pyro_vae.analysis.ais",
+    "bdmc": "pyro_vae.analysis.ais",
+    "AISResult": "pyro_vae.analysis.ais",
+    "BDMCResult": "pyro_vae.analysis.ais",
     "evaluate": "pyro_vae.analysis.evaluation",
     "evaluate_elbo": "pyro_vae.analysis.evaluation",
     "active_units": "pyro_vae.analysis.evaluation",
@@ -88,6 +92,7 @@ _MODULES = (
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
+    from pyro_vae.analysis.ais import AISResult, BDMCResult, ais_log_likelihood, bdmc
     from pyro_vae.analysis.bounds import bound_tightness
     from pyro_vae.analysis.evaluation import active_units, evaluate, evaluate_elbo, log_likelihood
     from pyro_vae.analysis.gradients import estimator_gradient_statistics

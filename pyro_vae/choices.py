@@ -59,3 +59,13 @@ LR_SCHEDULES = {
     "cosine": "cosine decay to zero over the epochs",
     "iwae": "the IWAE paper's: 1e-3 * 10^(-i/7) for 3^i passes, i = 0..7",
 }
+#: where AIS chains start (pyro_vae.analysis.ais)
+AIS_STARTS = {
+    "guide": "q(z|x): the chains start near the posterior, fewer steps needed",
+    "prior": "p(z): needs no guide, more steps needed",
+}
+#: AIS annealing schedules of beta_0 = 0 < ... < beta_T = 1
+AIS_SCHEDULES = {
+    "sigmoid": "Grosse et al. (2015): finer steps near both ends",
+    "linear": "beta_t = t / T",
+}

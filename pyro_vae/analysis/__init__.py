@@ -2,6 +2,8 @@
 
 - :mod:`~pyro_vae.analysis.evaluation`: test ELBO with its two terms, importance-sampled
   log p(x) with PSIS k-hat, active units and per-unit KL; eval mode throughout
+- :mod:`~pyro_vae.analysis.ais`: log p(x) by annealed importance sampling with HMC
+  transitions, and BDMC's lower and upper bounds on simulated data
 - :mod:`~pyro_vae.analysis.gradients`: gradient variance and signal-to-noise ratio of an
   estimator at fixed parameters, per parameter group
 - :mod:`~pyro_vae.analysis.bounds`: L_1, L_K and log p(x) per data point, and their gaps

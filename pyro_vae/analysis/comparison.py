@@ -47,6 +47,8 @@ class Comparison:
     snr_versus_particles: dict[str, Any]
     bounds_versus_particles: dict[str, dict[str, Any]]
     runs: list[dict[str, Any]]
+    #: T of the AIS log p(x) beside IS (``None``: not measured)
+    ais_steps: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON of ``comparison.json`` (the fields, in this order)."""
@@ -82,8 +84,15 @@ SUMMARY_FIELDS: tuple[tuple[str, Callable[[Mapping[str, Any]], float]], ...] = (
 )
 
 
+#: averaged fields of measurements a comparison may leave out: in the summary when measured
+OPTIONAL_SUMMARY_FIELDS: tuple[tuple[str, Callable[[Mapping[str, Any]], float]], ...] = (
+    ("ais_log_likelihood", lambda r: r["evaluation"]["ais_log_likelihood"]),
+)
+
+
 def summarise(runs: Sequence[Mapping[str, Any]], estimators: Sequence[str]) -> list[dict[str, Any]]:
-    """One row per estimator: each of :data:`SUMMARY_FIELDS` as mean and ``_std``."""
+    """One row per estimator: each of :data:`SUMMARY_FIELDS` (and of
+    :data:`OPTIONAL_SUMMARY_FIELDS` measured in every run) as mean and ``_std``."""
     rows = []
     for name in estimators:
         mine = [r for r in runs if r["estimator"] == name]
@@ -94,7 +103,12 @@ def summarise(runs: Sequence[Mapping[str, Any]], estimators: Sequence[str]) -> l
             "epochs": mine[0]["epochs"],
             "steps": mine[0]["steps"],
         }
-        for field, getter in SUMMARY_FIELDS:
+        measured = [
+            (field, getter)
+            for field, getter in OPTIONAL_SUMMARY_FIELDS
+            if all(field in r["evaluation"] for r in mine)
+        ]
+        for field, getter in (*SUMMARY_FIELDS, *measured):
             mean, std = mean_std([getter(r) for r in mine])
             row[field] = mean
             row[f"{field}_std"] = std

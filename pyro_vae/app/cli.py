@@ -299,6 +299,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
+    evaluate.add_argument(
+        "--images", type=int, metavar="N", help="a fixed random subset of N test images"
+    )
+    evaluate.add_argument(
+        "--ais-steps", type=int, metavar="T", help="also log p(x) by AIS with T annealing steps"
+    )
+    evaluate.add_argument("--ais-chains", type=int, default=16, metavar="C", help="AIS chains")
+    evaluate.add_argument("--ais-leapfrog", type=int, default=5, metavar="L", help="per HMC step")
+    evaluate.add_argument(
+        "--bdmc", action="store_true", help="with --ais-steps: the BDMC gap on simulated images"
+    )
     _compile_flag(evaluate, "the importance weights")
 
     sample = commands.add_parser(
@@ -373,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--repeats", type=int, default=1, help="seeds per estimator")
     compare.add_argument("--eval-samples", type=int, default=1000, help="K for log p(x)")
     compare.add_argument("--eval-points", type=int, help="test points evaluated (default: all)")
+    compare.add_argument(
+        "--ais-steps", type=int, metavar="T", help="also log p(x) by AIS (16 chains) with T steps"
+    )
     compare.add_argument("--grad-draws", type=int, default=100, help="gradient draws")
     compare.add_argument("--snr-particles", type=_int_list, default=(1, 3, 10, 30))
     compare.add_argument("--bound-particles", type=_int_list, default=(1, 5, 50, 500))
@@ -642,7 +656,7 @@ def _compare(args: argparse.Namespace, argv: list[str] | None) -> int:
                 )
         with executor:
             result = _run_compare(args, argv, config, estimators, executor)
-    print(markdown_table(result["summary"], result["eval_samples"]))
+    print(markdown_table(result["summary"], result["eval_samples"], result.get("ais_steps")))
     print(f"comparison: {args.out / 'comparison.md'}")
     return 0
 
@@ -664,6 +678,7 @@ def _run_compare(args, argv, config, estimators, executor=None):
         progress=not args.quiet,
         command=command_line(argv),
         executor=executor,
+        ais_steps=args.ais_steps,
     )
 
 
@@ -1159,15 +1174,23 @@ def format_evaluation(result: dict[str, Any]) -> str:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from pyro_vae.analysis.evaluation import announce_evaluation, evaluate
+    from pyro_vae.analysis.ais import announce_ais
+    from pyro_vae.analysis.evaluation import announce_evaluation, evaluate, fixed_subset
+    from pyro_vae.app.ais_report import format_ais, measure_ais
     from pyro_vae.app.runs import load_run
 
     if args.samples < 1:
         raise UserInputError(f"--samples must be >= 1, got {args.samples}")
+    _check_ais_flags(args)
     check_device(args.device)
     config, vae, data, _ = load_run(args.run_dir, args.device)
-    images = data.evaluation_images("test").to(args.device)
-    announce_evaluation(vae, images, args.samples, log=None if args.json else print)
+    images = fixed_subset(data.evaluation_images("test"), args.images).to(args.device)
+    log = None if args.json else print
+    announce_evaluation(vae, images, args.samples, log=log)
+    if args.ais_steps is not None:
+        announce_ais(
+            vae, images, args.ais_steps, args.ais_chains, args.ais_leapfrog, bdmc=args.bdmc, log=log
+        )
     result = evaluate(
         vae,
         images,
@@ -1175,12 +1198,32 @@ def _evaluate(args: argparse.Namespace) -> int:
         progress=not args.quiet and not args.json,
         compile=args.compile,
     )
+    if args.ais_steps is not None:
+        result.update(
+            measure_ais(
+                vae, images, args.ais_steps, args.ais_chains, args.ais_leapfrog, args.bdmc,
+                progress=not args.quiet and not args.json,
+            )
+        )  # fmt: skip
     result["run_dir"] = str(args.run_dir)
     if args.json:
         print(json.dumps(result))
     else:
         print(format_evaluation(result))
+        if args.ais_steps is not None:
+            print(format_ais(result))
     return 0
+
+
+def _check_ais_flags(args: argparse.Namespace) -> None:
+    for flag, value in (("--images", args.images), ("--ais-steps", args.ais_steps)):
+        if value is not None and value < 1:
+            raise UserInputError(f"{flag} must be >= 1, got {value}")
+    for flag, value in (("--ais-chains", args.ais_chains), ("--ais-leapfrog", args.ais_leapfrog)):
+        if value < 1:
+            raise UserInputError(f"{flag} must be >= 1, got {value}")
+    if args.bdmc and args.ais_steps is None:
+        raise UserInputError("--bdmc brackets AIS: give the number of steps with --ais-steps T")
 
 
 def _train_cell(argv: list[str]) -> int:

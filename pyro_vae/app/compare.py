@@ -132,11 +132,16 @@ def run_comparison(
     log: Callable[[str], None] | None = print,
     command: str = "",
     executor=None,
+    ais_steps: int | None = None,
 ) -> Comparison:
     """The comparison of :func:`compare_estimators` as data: trains the runs into
     ``out_dir/runs`` (their run folders are all it writes), measures the trained models
-    and returns the :class:`~pyro_vae.analysis.comparison.Comparison`; no report."""
+    and returns the :class:`~pyro_vae.analysis.comparison.Comparison`; no report.
+    ``ais_steps``: also log p(x) by AIS with that many steps (16 chains, 5 leapfrog steps)
+    on the same test points, beside the importance-sampled one."""
     estimators = parse_estimators(estimators)
+    if ais_steps is not None and ais_steps < 1:
+        raise UserInputError(f"--ais-steps must be >= 1, got {ais_steps}")
     _check_options(config, repeats, eval_samples, grad_draws, snr_particles, bound_particles)
     executor = _serial_unless(executor)
     # the SNR and bound studies run in this process whatever the executor: a GPU must be here
@@ -150,6 +155,7 @@ def run_comparison(
         "grad_draws": grad_draws,
         "grad_batch": grad_batch,
         "compile_evaluation": _compile_evaluation(config),
+        "ais_steps": ais_steps,
     }
     specs, labels = _run_specs(
         config,
@@ -181,6 +187,7 @@ def run_comparison(
         snr_versus_particles=snr,
         bounds_versus_particles=bounds,
         runs=runs,
+        ais_steps=ais_steps,
     )
 
 
@@ -377,6 +384,12 @@ def train_compare_run(spec: dict[str, Any]) -> dict[str, Any]:
         progress=spec["progress"],
         compile=spec["compile_evaluation"],
     )
+    if spec.get("ais_steps"):
+        from pyro_vae.app.ais_report import measure_ais
+
+        evaluation.update(
+            measure_ais(vae, test_images, spec["ais_steps"], 16, 5, False, spec["progress"])
+        )
     grad_images = test_images[: min(spec["grad_batch"], len(test_images))]
     objective, gradients = own_objective_and_gradients(
         vae,

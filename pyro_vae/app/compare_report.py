@@ -51,19 +51,24 @@ def _pm(row: dict[str, Any], field: str, digits: int = 2) -> str:
     return f"{value:.{digits}f}"
 
 
-def markdown_table(summary: list[dict[str, Any]], eval_samples: int | None = None) -> str:
+def markdown_table(
+    summary: list[dict[str, Any]], eval_samples: int | None = None, ais_steps: int | None = None
+) -> str:
     """The summary as a markdown table (rendering only); ``eval_samples`` is the K of its
-    log p(x), named in the header."""
+    log p(x), named in the header; with ``ais_steps``, the AIS log p(x) beside it."""
     k = f", K={eval_samples}" if eval_samples else ""
+    ais = f" AIS log p(x), T={ais_steps} |" if ais_steps else ""
     lines = [
-        f"| estimator | test ELBO | test log p(x){k} | own objective − log p(x) | encoder SNR | "
-        "decoder SNR | encoder grad. variance | decoder grad. variance | active units | "
-        "units with KL > 0.1 nats | s / epoch (wall) | CPU s / epoch |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"| estimator | test ELBO | test log p(x){k} |{ais} own objective − log p(x) | "
+        "encoder SNR | decoder SNR | encoder grad. variance | decoder grad. variance | "
+        "active units | units with KL > 0.1 nats | s / epoch (wall) | CPU s / epoch |",
+        "| --- " * (13 if ais_steps else 12) + "|",
     ]
     for row in summary:
+        ais_cell = f" {_pm(row, 'ais_log_likelihood')} |" if ais_steps else ""
         lines.append(
-            f"| {row['estimator']} | {_pm(row, 'test_elbo')} | {_pm(row, 'test_log_likelihood')} | "
+            f"| {row['estimator']} | {_pm(row, 'test_elbo')} | {_pm(row, 'test_log_likelihood')} |"
+            f"{ais_cell} "
             f"{_pm(row, 'objective_minus_log_likelihood')} | {_pm(row, 'encoder_snr', 3)} | "
             f"{_pm(row, 'decoder_snr', 3)} | {row['encoder_variance']:.3g} | "
             f"{row['decoder_variance']:.3g} | {row['active_units']:.0f} | "
@@ -126,7 +131,7 @@ def comparison_markdown(c: Comparison, plots: list[Path]) -> str:
         "",
         _budget_paragraph(c),
         "",
-        markdown_table(c.summary, c.eval_samples),
+        markdown_table(c.summary, c.eval_samples, c.ais_steps),
         "",
         *_bounds_section(c),
         "## Plots",
