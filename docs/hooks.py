@@ -25,6 +25,8 @@ for _path in (ROOT, ROOT / "docs"):  # the package, and the modules beside this 
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
+import tex_mathml  # noqa: E402 (needs the path above)
+
 CONFIG_CLASSES = ("ModelConfig", "DataConfig", "TrainConfig", "RunConfig")
 
 
@@ -141,3 +143,9 @@ def on_page_markdown(markdown, page, config, files):  # noqa: ARG001 (MkDocs hoo
         markdown = markdown.replace("<!-- public-names -->", public_names())
     return markdown
 
+
+def on_page_content(html, page, config, files):  # noqa: ARG001 (MkDocs hook signature)
+    """The page's equations as MathML (``docs/tex_mathml.py``), rendered here, not by a
+    script loaded when the page is read."""
+    html, _ = tex_mathml.render(html)
+    return html
