@@ -16,6 +16,7 @@ import dataclasses
 import inspect
 import io
 import os
+import re
 import sys
 import tokenize
 from pathlib import Path
@@ -148,4 +149,26 @@ def on_page_content(html, page, config, files):  # noqa: ARG001 (MkDocs hook sig
     """The page's equations as MathML (``docs/tex_mathml.py``), rendered here, not by a
     script loaded when the page is read."""
     html, _ = tex_mathml.render(html)
+    if page.file.src_uri.endswith(".ipynb"):
+        _notebook_toc(html, page)
     return html
+
+
+HEADING_ID = re.compile(r'<h[1-6][^>]*\bid="([^"]+)"')
+
+
+def _toc_items(items):
+    for item in items:
+        yield item
+        yield from _toc_items(item.children)
+
+
+def _notebook_toc(html, page):
+    """mkdocs-jupyter slugs a notebook's table of contents from the Markdown (where
+    "SVI with `Trace_ELBO`" gives ``svi-with``) but nbconvert gives the headings their own
+    ids (``svi-with-trace_elbo``): point each entry at its heading's id, in order."""
+    ids = HEADING_ID.findall(html)
+    items = list(_toc_items(page.toc.items))
+    if len(ids) == len(items):
+        for item, heading_id in zip(items, ids):
+            item.id = heading_id

@@ -135,6 +135,10 @@ class SphinxMarkup(griffe.Extension):
         self.by_name: dict[str, list[str]] = {}
         # what was rewritten, for the build log
         self.stats = {"roles": 0, "linked": 0, "code": 0, "literal_blocks": 0, "math": 0}
+        # (documented object, target) of each role made a link, and (object, role) of
+        # each printed as code: the docs tests check the rendered pages against them
+        self.links: list[tuple[str, str]] = []
+        self.as_code: list[tuple[str, str]] = []
 
     # -- name resolution ------------------------------------------------------------------
 
@@ -209,6 +213,7 @@ class SphinxMarkup(griffe.Extension):
                 obj = None
         if obj is not None and self._shown(obj):
             self.stats["linked"] += 1
+            self.links.append((scope.path, obj.path))
             return f"[`{text}`][{obj.path}]"
         in_package = path == PACKAGE or path.startswith(PACKAGE + ".")
         if in_package and obj is None:
@@ -219,6 +224,7 @@ class SphinxMarkup(griffe.Extension):
                 path,
             )
         self.stats["code"] += 1
+        self.as_code.append((scope.path, match[0]))
         return f"`{text}`"
 
     # -- the rewrite ----------------------------------------------------------------------
@@ -244,10 +250,10 @@ class SphinxMarkup(griffe.Extension):
         )
 
 
-def load_package(search_path: str) -> griffe.Module:
+def load_package(search_path: str, markup: SphinxMarkup | None = None) -> griffe.Module:
     """``pyro_vae`` loaded statically with its docstrings rewritten as the API pages show
-    them (``#:`` comments included, through griffe-sphinx)."""
-    extensions = griffe.load_extensions("griffe_sphinx", SphinxMarkup)
+    them (``#:`` comments included, through griffe-sphinx), by ``markup`` if given."""
+    extensions = griffe.load_extensions("griffe_sphinx", markup or SphinxMarkup)
     package = griffe.load(PACKAGE, search_paths=[search_path], extensions=extensions)
     assert isinstance(package, griffe.Module)
     return package
