@@ -16,21 +16,31 @@ import dataclasses
 import inspect
 import io
 import os
+import re
 import sys
 import tokenize
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+for _path in (ROOT, ROOT / "docs"):  # the package, and the modules beside this hook
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+import tex_mathml  # noqa: E402 (needs the path above)
+
 CONFIG_CLASSES = ("ModelConfig", "DataConfig", "TrainConfig", "RunConfig")
 
 
 def _field_comments(source: str, class_name: str) -> dict[str, str]:
     """field name -> its comment: the one on the field's line, else the comment lines
     right above it."""
-    comments: dict[int, str] = {}
+    comments: dict[int, str] = {}  # line -> its comment
+    alone: set[int] = set()  # the lines that hold a comment and nothing else
     for token in tokenize.generate_tokens(io.StringIO(source).readline):
         if token.type == tokenize.COMMENT:
             comments[token.start[0]] = token.string.lstrip("#").strip()
+            if not token.line[: token.start[1]].strip():
+                alone.add(token.start[0])
     tree = ast.parse(source)
     result: dict[str, str] = {}
     for node in tree.body:
@@ -41,7 +51,7 @@ def _field_comments(source: str, class_name: str) -> dict[str, str]:
                     text = comments.get(line)
                     if text is None:
                         above, row = [], line - 1
-                        while row in comments:
+                        while row in alone:  # not the comment beside the field above
                             above.insert(0, comments[row])
                             row -= 1
                         text = " ".join(above)
@@ -53,18 +63,28 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def _code_cell(text: str) -> str:
+    """Inline code in a table cell. Python-Markdown's tables split no cell at a ``|``
+    inside backticks, and would print an escaping backslash there as it is."""
+    return f"`{text}`".replace("\n", " ")
+
+
 def _default(field: dataclasses.Field) -> str:
     if field.default is not dataclasses.MISSING:
-        return f"`{field.default!r}`"
+        return _code_cell(repr(field.default))
     if field.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        return f"`{field.default_factory.__name__}()`"  # type: ignore[misc]
+        return _code_cell(f"{field.default_factory.__name__}()")  # type: ignore[misc]
     return "(required)"
 
 
 def config_reference() -> str:
+    from sphinx_markup import load_package
+
     import pyro_vae.config as config
 
     source = inspect.getsource(config)
+    # the class docstrings as the API pages show them (roles as links, literal blocks as code)
+    documented = load_package(str(ROOT))["config"]
     sections = {"ModelConfig": "model", "DataConfig": "data", "TrainConfig": "train"}
     parts = []
     for name in CONFIG_CLASSES:
@@ -73,12 +93,12 @@ def config_reference() -> str:
         section = sections.get(name)
         title = f"### `{name}`" + (f" (config file section `{section}`)" if section else "")
         parts.append(title)
-        doc = inspect.getdoc(cls)
-        if doc and not doc.startswith(f"{name}("):
-            parts.append(doc)
+        docstring = documented[name].docstring
+        if docstring is not None:
+            parts.append(docstring.value)
         parts.append("| field | type | default | meaning |\n| --- | --- | --- | --- |")
         rows = [
-            f"| `{f.name}` | `{_cell(str(f.type))}` | {_cell(_default(f))} | "
+            f"| {_code_cell(f.name)} | {_code_cell(str(f.type))} | {_default(f)} | "
             f"{_cell(comments.get(f.name, ''))} |"
             for f in dataclasses.fields(cls)
         ]
@@ -116,8 +136,6 @@ def public_names() -> str:
 
 
 def on_page_markdown(markdown, page, config, files):  # noqa: ARG001 (MkDocs hook signature)
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
     if "<!-- config-reference -->" in markdown:
         markdown = markdown.replace("<!-- config-reference -->", config_reference())
     if "<!-- cli-reference -->" in markdown:
@@ -125,3 +143,32 @@ def on_page_markdown(markdown, page, config, files):  # noqa: ARG001 (MkDocs hoo
     if "<!-- public-names -->" in markdown:
         markdown = markdown.replace("<!-- public-names -->", public_names())
     return markdown
+
+
+def on_page_content(html, page, config, files):  # noqa: ARG001 (MkDocs hook signature)
+    """The page's equations as MathML (``docs/tex_mathml.py``), rendered here, not by a
+    script loaded when the page is read."""
+    html, _ = tex_mathml.render(html)
+    if page.file.src_uri.endswith(".ipynb"):
+        _notebook_toc(html, page)
+    return html
+
+
+HEADING_ID = re.compile(r'<h[1-6][^>]*\bid="([^"]+)"')
+
+
+def _toc_items(items):
+    for item in items:
+        yield item
+        yield from _toc_items(item.children)
+
+
+def _notebook_toc(html, page):
+    """mkdocs-jupyter slugs a notebook's table of contents from the Markdown (where
+    "SVI with `Trace_ELBO`" gives ``svi-with``) but nbconvert gives the headings their own
+    ids (``svi-with-trace_elbo``): point each entry at its heading's id, in order."""
+    ids = HEADING_ID.findall(html)
+    items = list(_toc_items(page.toc.items))
+    if len(ids) == len(items):
+        for item, heading_id in zip(items, ids):
+            item.id = heading_id

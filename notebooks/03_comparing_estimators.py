@@ -21,10 +21,10 @@
 # | name | objective | gradient |
 # | --- | --- | --- |
 # | `mc` | ELBO, Monte Carlo KL (`Trace_ELBO`) | reparameterized |
-# | `iwae` | `L_K = E log (1/K) sum_k p(x, z_k) / q(z_k|x)` | reparameterized |
+# | `iwae` | `L_K = E log (1/K) sum_k p(x, z_k) / q(z_k\|x)` | reparameterized |
 # | `stl` | ELBO | path derivative, "sticking the landing" (Roeder et al., 2017) |
 # | `dreg` | `L_K` | doubly reparameterized (Tucker et al., 2019) |
-# | `penalty` | `E_q[log p(x|z)] - sum_j mu_j^2 + (sigma_j - 1)^2`, **not a bound** | reparam. |
+# | `penalty` | `E_q[log p(x\|z)] - sum_j mu_j^2 + (sigma_j - 1)^2`, **not a bound** | reparam. |
 #
 # We first use the linear-Gaussian VAE of `pyro_vae.models.exact`, where `log p(x)`, the
 # posterior and the ELBO are known exactly, then a VAE trained on the digits.
