@@ -1,0 +1,161 @@
+"""Reference results: a short end-to-end training run per estimator, over several seeds.
+
+Each estimator in the registry trains the same small VAE on the built-in 8x8 digits
+(offline) for a few epochs with K particles, from each seed; then the test ELBO, its KL
+term and the importance-sampled log p(x) are measured on the test split. The spread over
+seeds gives each number a band; ``tests/test_reference.py`` trains one seed of each
+estimator again and fails when a change leaves the band. A scale bug that trains the
+wrong objective moves these numbers by tens of nats; the seed spread is a fraction of
+one.
+
+    python benchmarks/reference_runs.py                 # writes tests/reference/estimators.json
+    python benchmarks/reference_runs.py --check         # one seed each, against the file
+
+The runs use one torch thread, so that the numbers do not depend on the machine's core
+count (float32 sums split over threads round differently).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyro
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+OUTPUT = REPO / "tests" / "reference" / "estimators.json"
+
+#: The run every reference number comes from (kept in the file beside the numbers).
+SETTINGS: dict[str, Any] = {
+    "dataset": "digits",
+    "latent_dims": [4],
+    "hidden": [32],
+    "particles": 5,
+    "epochs": 4,
+    "batch_size": 100,
+    "lr": 0.01,
+    "eval_samples": 100,
+    "eval_images": 200,
+}
+SEEDS = (0, 1, 2, 3, 4)
+METRICS = ("test_elbo", "test_kl", "test_log_likelihood")
+#: the band: mean +- this many standard deviations over the seeds, and never narrower
+#: than FLOOR nats (five seeds estimate a spread roughly; thread-count rounding moves a
+#: run by far less than FLOOR)
+SIGMAS = 4.0
+FLOOR = 0.5
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """One estimator trained from one seed: the numbers and the seconds it took."""
+
+    estimator: str
+    seed: int
+    metrics: dict[str, float]
+    seconds: float
+
+
+def train_once(estimator: str, seed: int, settings: dict[str, Any] = SETTINGS) -> RunResult:
+    """Train the reference model with ``estimator`` from ``seed`` and measure it."""
+    import pyro_vae as pv
+
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    data = pv.load_data(settings["dataset"], seed=seed)
+    model_config = pv.ModelConfig(
+        latent_dims=tuple(settings["latent_dims"]), hidden=tuple(settings["hidden"])
+    )
+    train_config = pv.TrainConfig(
+        estimator=estimator,
+        particles=settings["particles"],
+        epochs=settings["epochs"],
+        batch_size=settings["batch_size"],
+        lr=settings["lr"],
+        seed=seed,
+        eval_samples=0,
+        compile=False,
+    )
+    pyro.set_rng_seed(seed)
+    vae = pv.build_vae(model_config, data.data_shape)
+    pv.fit(vae, data, train_config, progress=False, log=None)
+    images = data.evaluation_images("test")[: settings["eval_images"]]
+    result = pv.evaluate(vae, images, num_samples=settings["eval_samples"])
+    metrics = {name: float(result[name]) for name in METRICS}
+    return RunResult(estimator, seed, metrics, time.perf_counter() - started)
+
+
+def band(values: list[float]) -> dict[str, float]:
+    """Mean, standard deviation over seeds, and the band a new run must fall in."""
+    mean = statistics.fmean(values)
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    half = max(SIGMAS * spread, FLOOR)
+    return {"mean": mean, "sd": spread, "low": mean - half, "high": mean + half}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pyro_vae.objectives.registry import ESTIMATORS
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="one seed each, against the file")
+    parser.add_argument("--out", type=Path, default=OUTPUT)
+    args = parser.parse_args(argv)
+    if args.check:
+        reference = json.loads(args.out.read_text())
+        failures = 0
+        for estimator, expected in reference["estimators"].items():
+            run = train_once(estimator, reference["check_seed"], reference["settings"])
+            for name, value in run.metrics.items():
+                limits = expected[name]
+                inside = limits["low"] <= value <= limits["high"]
+                failures += not inside
+                print(
+                    f"{estimator:9s} {name:20s} {value:9.3f}  band "
+                    f"[{limits['low']:.3f}, {limits['high']:.3f}]  {'ok' if inside else 'OUT'}"
+                )
+        return 1 if failures else 0
+    results: dict[str, Any] = {}
+    for estimator in ESTIMATORS:
+        runs = [train_once(estimator, seed) for seed in SEEDS]
+        results[estimator] = {
+            name: {
+                "seeds": [run.metrics[name] for run in runs],
+                **band([run.metrics[name] for run in runs]),
+            }
+            for name in METRICS
+        }
+        seconds = statistics.fmean(run.seconds for run in runs)
+        print(
+            f"{estimator:9s} "
+            + "  ".join(
+                f"{n} {results[estimator][n]['mean']:8.3f} ± {results[estimator][n]['sd']:.3f}"
+                for n in METRICS
+            )
+            + f"  ({seconds:.1f} s a run)",
+            flush=True,
+        )
+    payload = {
+        "what": "short end-to-end runs per estimator on digits; band = mean +- "
+        f"max({SIGMAS} sd, {FLOOR}) over the seeds; made by benchmarks/reference_runs.py",
+        "settings": SETTINGS,
+        "seeds": list(SEEDS),
+        "check_seed": SEEDS[0],
+        "torch": torch.__version__,
+        "estimators": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(payload, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    return 0 if all(math.isfinite(v["mean"]) for r in results.values() for v in r.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""End-to-end reference results: a change that moves a trained number beyond the seed
+spread fails here.
+
+``tests/reference/estimators.json`` holds, per estimator of the registry, the test ELBO,
+its KL and log p(x) of a short digits run from five seeds, with a band of mean +- max(4
+standard deviations, 0.5 nats) over the seeds (made, and remade after an intended
+change, by ``python benchmarks/reference_runs.py``). Each test trains one of those seeds
+again and asserts that every number is inside its band. With the double-scaled STL/DReG
+path term put back, stl's test ELBO leaves its band by tens of nats.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+import pytest
+
+from pyro_vae.objectives.registry import ESTIMATORS
+
+from .conftest import REPO
+
+REFERENCE = json.loads((REPO / "tests" / "reference" / "estimators.json").read_text())
+
+
+def _reference_runs():
+    spec = importlib.util.spec_from_file_location(
+        "reference_runs", REPO / "benchmarks" / "reference_runs.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("reference_runs", module)  # (its dataclass looks itself up there)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_registered_estimator_has_reference_results():
+    # a new estimator gets its reference numbers (run benchmarks/reference_runs.py)
+    assert set(REFERENCE["estimators"]) == set(ESTIMATORS)
+
+
+@pytest.mark.parametrize("estimator", sorted(REFERENCE["estimators"]))
+def test_trained_numbers_stay_in_their_seed_band(estimator):
+    runs = _reference_runs()
+    run = runs.train_once(estimator, REFERENCE["check_seed"], REFERENCE["settings"])
+    expected = REFERENCE["estimators"][estimator]
+    outside = {
+        name: (value, expected[name]["low"], expected[name]["high"])
+        for name, value in run.metrics.items()
+        if not expected[name]["low"] <= value <= expected[name]["high"]
+    }
+    assert not outside, f"{estimator}: outside the seed band (value, low, high): {outside}"
