@@ -1090,8 +1090,13 @@ def run_training(
             f"test images, about {human_seconds(prepared.evaluation_seconds)} ..."
         )
         evaluation = evaluate(vae, images, samples, progress=progress)
+    flags = run_flags(config, history.epochs, evaluation)
+    if evaluation is not None:
+        evaluation["flags"] = [flag.to_dict() for flag in flags]
         atomic_write_json(evaluation, out / "evaluation.json")
         print(format_evaluation(evaluation))
+    for flag in flags:
+        print(f"warning: {flag.message()}", file=sys.stderr)
     plot_paths = write_plots(out, vae, data, history.epochs)
     report = write_report(
         out,
@@ -1102,9 +1107,27 @@ def run_training(
         plot_paths,
         history.stopped_early,
         history.best_epoch,
+        flags=flags,
     )
     print(f"run folder: {out}  (report: {report})")
     return 0
+
+
+def run_flags(
+    config: RunConfig, epochs: list[dict[str, Any]], evaluation: dict[str, Any] | None
+) -> list[Any]:
+    """The numbers of a run that cannot be right (:mod:`pyro_vae.analysis.sanity`):
+    bounds above 0 under a Bernoulli likelihood, jumps between epochs, an ELBO above
+    log p(x)."""
+    from pyro_vae.analysis.sanity import evaluation_flags, history_flags
+    from pyro_vae.objectives.registry import ESTIMATORS
+
+    binary = config.model.likelihood == "bernoulli"
+    spec = ESTIMATORS.get(config.train.estimator)
+    flags = history_flags(epochs, binary=binary, is_bound=spec is None or spec.is_bound)
+    if evaluation is not None:
+        flags += evaluation_flags(evaluation, binary=binary)
+    return flags
 
 
 def final_evaluation_images(config: RunConfig, data) -> Any:

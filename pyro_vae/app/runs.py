@@ -15,6 +15,7 @@ import os
 import platform
 import shutil
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -416,11 +417,13 @@ def write_report(
     plot_paths: list[Path],
     stopped_early: bool = False,
     best_epoch: int | None = None,
+    flags: Sequence[Any] = (),
 ) -> Path:
     """``report.md``: what was trained, the numbers, the plots, and how to reproduce it.
 
     After early stopping the summary shows the best epoch, whose parameters the model
-    (and its evaluation) holds."""
+    (and its evaluation) holds. ``flags`` (:class:`~pyro_vae.analysis.sanity.Flag`:
+    numbers that cannot be right) come first, as warnings, and mark their epochs."""
     last = epochs[-1] if epochs else {}
     which = "last epoch"
     if stopped_early and best_epoch:
@@ -432,6 +435,13 @@ def write_report(
         "",
         "All numbers are nats per data point; ELBO and log-likelihood: higher is better.",
         "",
+        *(
+            ["## Warnings: numbers that cannot be right", ""]
+            + [f"- **{flag.message()}**" for flag in flags]
+            + [""]
+            if flags
+            else []
+        ),
         "## Summary",
         "",
         "| quantity | value |",
@@ -488,9 +498,11 @@ def write_report(
         "| epoch | train bound | test ELBO | test E[log p(x given z)] | test KL | seconds |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
+    flagged = {flag.where for flag in flags}
     for e in epochs:
+        mark = " (warning)" if f"epoch {e['epoch']}" in flagged else ""
         lines.append(
-            f"| {e['epoch']} | {e['train_elbo']:.3f} | {e['test_elbo']:.3f} | "
+            f"| {e['epoch']}{mark} | {e['train_elbo']:.3f} | {e['test_elbo']:.3f} | "
             f"{e['test_expected_log_likelihood']:.3f} | {e['test_kl']:.3f} | {e['seconds']:.2f} |"
         )
     env = environment()
