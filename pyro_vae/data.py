@@ -87,6 +87,7 @@ class VAEData:
     #: not copied by ``dataclasses.replace``, whose splits may differ
     checked: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     _evaluation: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    _digests: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def data_dim(self) -> int:
@@ -142,17 +143,45 @@ class VAEData:
         return _assemble(name, shape, binarize, train_split, test_split, validation_size, seed)
 
     def batches(
-        self, batch_size: int, generator: torch.Generator | None = None
+        self,
+        batch_size: int,
+        generator: torch.Generator | None = None,
+        order: torch.Tensor | None = None,
+        first: int = 0,
     ) -> Iterator[torch.Tensor]:
-        """One epoch of shuffled training batches (dynamic binarization drawn here)."""
+        """One epoch of shuffled training batches (dynamic binarization drawn here).
+
+        ``order``: the epoch's permutation when already drawn (else drawn here from
+        ``generator``); ``first``: the batch to start at (a run resumed mid-epoch)."""
         n = len(self.train)
-        order = torch.randperm(n, generator=generator)
+        if order is None:
+            order = torch.randperm(n, generator=generator)
         images = self.train.images
-        for start in range(0, n, batch_size):
+        for start in range(first * batch_size, n, batch_size):
             batch = images[order[start : start + batch_size]]
             if self.binarize == "dynamic":
                 batch = torch.bernoulli(batch, generator=generator)
             yield batch
+
+    def digests(self) -> dict[str, str]:
+        """SHA-256 of each split's images (values, dtype and shape), to tell whether a
+        run is resumed or evaluated on the data it was trained on. Kept until a split's
+        tensor is replaced or changed in place (its version counter moves)."""
+        result = {}
+        for split in ("train", "validation", "test"):
+            images = getattr(self, split).images
+            version = tensor_version(images)
+            cached = self._digests.get(split)
+            if version is not None and cached is not None and cached[0]() is images:
+                if cached[1] == version:
+                    result[split] = cached[2]
+                    continue
+            values = images.detach().cpu().contiguous()
+            hasher = hashlib.sha256(f"{values.dtype}{tuple(values.shape)}".encode())
+            hasher.update(values.view(-1).view(torch.uint8).numpy().data if values.numel() else b"")
+            result[split] = hasher.hexdigest()
+            self._digests[split] = (weakref.ref(images), version, result[split])
+        return result
 
     def evaluation_images(self, split: str = "test") -> torch.Tensor:
         """The images of ``split`` as the model should see them when evaluated.

@@ -171,9 +171,20 @@ def average_step(
     gradient, and the floating-point buffers. A parameter keeps ``grad=None`` only if no
     rank produced a gradient for it (frozen, or unused by the programs). Returns the mean
     loss. With one process, nothing changes."""
+    return average_step_and_flag(loss, parameters, buffers, False)[0]
+
+
+def average_step_and_flag(
+    loss: float,
+    parameters: Sequence[torch.Tensor],
+    buffers: Sequence[torch.Tensor],
+    flag: bool,
+) -> tuple[float, bool]:
+    """:func:`average_step`, and whether ``flag`` is set on any rank (a rank asked to
+    stop: every rank learns it in the same step, in the same all-reduce)."""
     size = world_size()
     if size == 1:
-        return loss
+        return loss, flag
     floats = [b for b in buffers if b.is_floating_point()]
     first = parameters[0] if parameters else torch.zeros(())
     # in the parameters' own dtype: the sum of two float32 gradients is one rounding,
@@ -181,7 +192,7 @@ def average_step(
     dtype, device = first.dtype, first.device
     present = [p.grad is not None for p in parameters]
     pieces = [
-        torch.tensor([loss, *present], dtype=dtype, device=device),
+        torch.tensor([loss, float(flag), *present], dtype=dtype, device=device),
         *[
             (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(dtype)
             for p in parameters
@@ -192,8 +203,9 @@ def average_step(
     torch.distributed.all_reduce(flat)
     flat /= size
     mean_loss = float(flat[0])
-    offset = 1 + len(parameters)
-    got = flat[1:offset]
+    any_flag = float(flat[1]) > 0
+    offset = 2 + len(parameters)
+    got = flat[2:offset]
     for p, seen in zip(parameters, got.tolist()):
         n = p.numel()
         p.grad = flat[offset : offset + n].view(p.shape).to(p.dtype) if seen > 0 else None
@@ -203,4 +215,4 @@ def average_step(
             n = b.numel()
             b.copy_(flat[offset : offset + n].view(b.shape))
             offset += n
-    return mean_loss
+    return mean_loss, any_flag

@@ -36,7 +36,7 @@ from pyro_vae.config import (
     TrainConfig,
     with_protocol,
 )
-from pyro_vae.errors import NonFiniteError, UserInputError
+from pyro_vae.errors import DistributedError, NonFiniteError, Preempted, UserInputError
 from pyro_vae.objectives.registry import ESTIMATORS
 from pyro_vae.resources import check_device
 
@@ -750,24 +750,26 @@ def _train(args: argparse.Namespace, argv: list[str] | None) -> int:
             raise UserInputError("--resume needs the run folder: pass --out")
         args.out = _timestamped_out()
     out: Path = args.out
+    start_over = args.resume == "auto"
     if args.resume == "auto":  # requeue-safe: continue a run that has a checkpoint, or start it
+        # (a folder stopped before its first checkpoint is started over: nothing was trained)
         args.resume = "always" if (out / "checkpoint.pt").is_file() else None
     prepared = None
     if not args.resume:
         config = resolve_config(args)
         prepared = prepare_run(config)
     with RunLock(out, command_line(argv)):
-        return _train_locked(args, argv, out, prepared)
+        return _train_locked(args, argv, out, prepared, start_over)
 
 
-def _train_locked(args, argv, out: Path, prepared) -> int:
+def _train_locked(args, argv, out: Path, prepared, start_over: bool = False) -> int:
     from pyro_vae.app.runs import check_run_dir, holds_run, move_aside, recover, run_config
     from pyro_vae.training.checkpoint import load_checkpoint
 
     note = recover(out)
     if note:
         print(note, file=sys.stderr)
-    check_run_dir(out, args.resume, args.overwrite)
+    check_run_dir(out, args.resume, args.overwrite, start_over=start_over)
     if args.resume:
         checkpoint = load_checkpoint(out / "checkpoint.pt")  # verified: digest, structure
         config = _resumed_config(args, out, run_config(out, checkpoint))
@@ -781,6 +783,9 @@ def _train_locked(args, argv, out: Path, prepared) -> int:
     transaction = _Transaction(out, replacing)
     try:
         return run_training(prepared, out, args, argv, transaction)
+    except Preempted:
+        transaction.commit()  # the checkpoint holds the position: the run stands
+        raise
     except BaseException:
         transaction.rollback()
         raise
@@ -929,6 +934,8 @@ def _follow(args: argparse.Namespace) -> int:
         _follow_fit(prepared, payload)
     except NonFiniteError:
         return 1  # all processes stop together; the first says why
+    except Preempted as stop:
+        return stop.status  # (the first process says where the run stopped)
     if config.train.eval_samples:  # its share of the final evaluation
         images = final_evaluation_images(config, prepared.data).to(config.train.device)
         evaluate(prepared.vae, images, config.train.eval_samples)
@@ -1289,22 +1296,46 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "diagnose":
             return _diagnose(args)
     except UserInputError as error:
-        print(f"pyro-vae {args.command}: error: {as_flags(str(error))}", file=sys.stderr)
+        _say(f"pyro-vae {args.command}: error: {as_flags(str(error))}")
         return 2
     except NonFiniteError as error:
-        print(f"pyro-vae {args.command}: stopped: {as_flags(str(error))}", file=sys.stderr)
+        _say(f"pyro-vae {args.command}: stopped: {as_flags(str(error))}")
+        return 1
+    except Preempted as stop:
+        _say(f"pyro-vae {args.command}: {_preempted_line(str(stop))}")
+        return stop.status
+    except DistributedError as error:
+        _say(f"pyro-vae {args.command}: stopped: {as_flags(str(error))}")
         return 1
     except KeyboardInterrupt:
-        print(f"pyro-vae {args.command}: interrupted", file=sys.stderr)
+        _say(f"pyro-vae {args.command}: interrupted")
         return 130
-    except (OSError, MemoryError, RuntimeError) as error:
+    except (OSError, MemoryError, RuntimeError, ImportError) as error:
         problem = environment_problem(error)
         if problem is None:
             raise
         message, status = problem
-        print(f"pyro-vae {args.command}: {message}", file=sys.stderr)
+        _say(f"pyro-vae {args.command}: {message}")
         return status
     return 0
+
+
+def _say(line: str) -> None:
+    """An error's one line on stderr: from the only process, or under torchrun from the
+    first alone (the others stop with the same status, quietly)."""
+    import os
+
+    if os.environ.get("RANK", "0") in ("0", "") or "WORLD_SIZE" not in os.environ:
+        print(line, file=sys.stderr)
+
+
+def _preempted_line(message: str) -> str:
+    """The library's stop message in the command line's words: run the same command."""
+    return (
+        as_flags(message)
+        .replace("resume the run (`resume`)", "run the same command with --resume auto")
+        .replace("resume the run", "run the same command with --resume auto")
+    )
 
 
 #: library names of settings that the command line spells differently

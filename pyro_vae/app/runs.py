@@ -139,9 +139,22 @@ def is_empty(out: Path) -> bool:
     return not out.exists() or all(p.name in _OURS for p in out.iterdir())
 
 
-def check_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
+def never_trained(out: Path) -> bool:
+    """Whether ``out`` holds a run stopped before its first checkpoint: a config.json,
+    no checkpoint.pt or metrics, nothing but this package's files. Nothing was trained,
+    so starting it again loses nothing (``--resume auto`` does)."""
+    if not out.is_dir() or not (out / "config.json").is_file():
+        return False
+    if (out / "checkpoint.pt").exists() or (out / "metrics.jsonl").exists():
+        return False
+    return all(p.name in _OURS or p.name in ("config.json", "tensorboard") for p in out.iterdir())
+
+
+def check_run_dir(out: Path, resume: bool, overwrite: bool, start_over: bool = False) -> None:
     """Refuse to clobber anything: explain what is there and which flag to pass.
 
+    ``start_over``: a folder that :func:`never_trained` may be started again (the
+    ``--resume auto`` of a run stopped before its first checkpoint).
     Called while holding the folder's :class:`RunLock`, after :func:`recover`."""
     if out.exists() and not out.is_dir():
         raise UserInputError(f"--out {out} is a file: pass a folder for the run")
@@ -166,7 +179,7 @@ def check_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
                 f"--resume first"
             )
         return
-    if is_empty(out):
+    if is_empty(out) or (start_over and never_trained(out)):
         return
     if overwrite:
         if holds_run(out):
