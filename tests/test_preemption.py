@@ -1,0 +1,183 @@
+"""Issue #27: preemption, run folders nothing writes through, checked records, inputs.
+
+Each test is one numbered case of the issue (a reproduced failure), run as a cluster
+or a hostile user would: the promised outcome, or one line with its exit status and
+nothing lost or changed. Both legs of every bit-for-bit comparison run in this process
+(the same torch thread count: float32 reductions differ with it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from pyro_vae.app.cli import main
+from pyro_vae.training import preemption
+from pyro_vae.training.checkpoint import load_checkpoint
+from pyro_vae.training.trainer import Trainer
+
+from .helpers import TINY_RUN, digest, run_cli
+
+#: 200 training digits in batches of 20: 10 steps per epoch (the IWAE protocol's batch)
+RUN = [*TINY_RUN, "--batch-size", "20", "--monitor-images", "20", "--eval-samples", "20"]
+EPOCHS = ["--epochs", "3"]
+
+
+def refused(argv, capsys, message: str, status: int = 2, watched: Path | None = None) -> str:
+    before = digest(watched) if watched is not None else None
+    code, out, err = run_cli(argv, capsys)
+    assert code == status, (code, out, err)
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert message in err, err
+    if watched is not None:
+        assert digest(watched) == before
+    return err
+
+
+def _numbers(run: Path) -> list[dict]:
+    """metrics.jsonl without its timings (the only fields a resume may change)."""
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if "seconds" not in k} for line in lines]
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    first, second = load_checkpoint(a / "checkpoint.pt"), load_checkpoint(b / "checkpoint.pt")
+    assert first["step"] == second["step"] and first["epoch"] == second["epoch"]
+    for name, value in first["model"].items():
+        assert torch.equal(value, second["model"][name]), name
+    assert _numbers(a) == _numbers(b)
+    for key in ("test_log_likelihood", "test_elbo"):
+        assert (
+            json.loads((a / "evaluation.json").read_text())[key]
+            == json.loads((b / "evaluation.json").read_text())[key]
+        )
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("reference") / "run"
+    assert main(["train", *RUN, *EPOCHS, "--out", str(out)]) == 0
+    return out
+
+
+def _signal_at_step(monkeypatch, step: int, number: int = signal.SIGTERM) -> None:
+    """Deliver ``number`` to this process while step ``step`` (1-based, counted over the
+    command) computes its loss: the step in progress, as a scheduler's signal finds it."""
+    calls = {"n": 0}
+    original = Trainer._loss_and_grads
+
+    def loss_and_grads(self, batch, scale):
+        calls["n"] += 1
+        if calls["n"] == step:
+            os.kill(os.getpid(), number)
+        return original(self, batch, scale)
+
+    monkeypatch.setattr(Trainer, "_loss_and_grads", loss_and_grads)
+
+
+# ---------------------------------------------------------------------- 2. SIGTERM, SIGUSR1
+@pytest.mark.parametrize(
+    ("step", "number"),
+    [(3, signal.SIGTERM), (13, signal.SIGUSR1), (20, signal.SIGTERM), (24, signal.SIGTERM)],
+)
+def test_2_a_signal_finishes_the_step_checkpoints_mid_epoch_and_the_resume_is_bit_identical(
+    step, number, uninterrupted, tmp_path, capsys, monkeypatch
+):
+    out = tmp_path / "run"
+    _signal_at_step(monkeypatch, step, number)
+    code, _, err = run_cli(["train", *RUN, *EPOCHS, "--resume", "auto", "--out", out], capsys)
+    assert code == 128 + number, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert f"stopped by {signal.Signals(number).name}" in err and "--resume auto" in err
+    assert not (out / ".lock").exists()
+    saved = load_checkpoint(out / "checkpoint.pt")
+    # the step in progress was finished and kept; none after it was taken
+    assert saved["step"] == step
+    steps_per_epoch = 10
+    if step % steps_per_epoch:
+        assert saved["position"]["steps"] == step % steps_per_epoch
+        assert f"after step {step % steps_per_epoch} of 10" in err
+    else:  # the signal came in an epoch's last step: an ordinary epoch checkpoint
+        assert saved["position"] is None
+    # the handlers are gone with the command: a signal now would end the process as usual
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    monkeypatch.undo()
+    code, _, err = run_cli(["train", *RUN, *EPOCHS, "--resume", "auto", "--out", out], capsys)
+    assert code == 0, err
+    assert_same_run(uninterrupted, out)
+
+
+def test_2_a_signal_in_the_first_epoch_of_a_library_fit_raises_preempted_and_resumes(
+    tmp_path, monkeypatch
+):
+    from pyro_vae import TrainConfig, build_vae, fit, load_data
+    from pyro_vae.config import ModelConfig
+    from pyro_vae.errors import Preempted
+
+    def run(folder: Path, resume: bool = False):
+        data = load_data("digits", limit=200)
+        torch.manual_seed(0)
+        vae = build_vae(ModelConfig(latent_dims=(3,), hidden=(16,)), data.data_shape)
+        config = TrainConfig(epochs=2, batch_size=20, monitor_images=20, compile=False)
+        fit(vae, data, config, run_dir=folder, resume=resume, progress=False, log=None)
+        return vae
+
+    reference = run(tmp_path / "reference")
+    _signal_at_step(monkeypatch, 4)
+    with pytest.raises(Preempted) as stopped:
+        run(tmp_path / "run")
+    assert stopped.value.status == 143 and "`resume`" in str(stopped.value)
+    assert "--" not in str(stopped.value)  # library language
+    monkeypatch.undo()
+    resumed = run(tmp_path / "run", resume=True)
+    for a, b in zip(reference.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_2_without_a_run_folder_fit_leaves_the_signals_alone(monkeypatch):
+    from pyro_vae import TrainConfig, build_vae, fit, load_data
+    from pyro_vae.config import ModelConfig
+
+    seen = []
+    original = Trainer.train_epoch
+
+    def train_epoch(self, progress=True):
+        seen.append(signal.getsignal(signal.SIGTERM))
+        return original(self, progress)
+
+    monkeypatch.setattr(Trainer, "train_epoch", train_epoch)
+    data = load_data("digits", limit=100)
+    vae = build_vae(ModelConfig(latent_dims=(2,), hidden=(8,)), data.data_shape)
+    fit(vae, data, TrainConfig(epochs=1, monitor_images=10), progress=False, log=None)
+    assert seen == [signal.SIG_DFL]
+    assert preemption.requested() is None
+
+
+# ---------------------------------------------------------------------- 1. before the checkpoint
+def test_1_a_folder_stopped_before_its_first_checkpoint_is_started_by_the_same_command(
+    uninterrupted, tmp_path, capsys
+):
+    """SIGTERM between config.json and the first checkpoint left .lock and config.json:
+    the requeued command (--resume auto) starts the run over, since nothing was trained."""
+    out = tmp_path / "run"
+    out.mkdir()
+    shutil.copy(uninterrupted / "config.json", out / "config.json")
+    (out / ".lock").write_text("PID 1: pyro-vae train")
+    command = ["train", *RUN, *EPOCHS, "--resume", "auto", "--out", out]
+    code, _, err = run_cli(command, capsys)
+    assert code == 0, err
+    assert_same_run(uninterrupted, out)
+    # --resume (always) still says why there is nothing to continue
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(uninterrupted / "config.json", other / "config.json")
+    refused(["train", "--resume", "--out", other], capsys, "no checkpoint.pt: the run stopped")
+    # a folder with a config.json and files of the user's is still not ours to start over
+    (other / "notes.txt").write_text("mine")
+    refused([*command[:-1], other], capsys, "is not empty", watched=other)
