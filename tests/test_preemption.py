@@ -181,3 +181,114 @@ def test_1_a_folder_stopped_before_its_first_checkpoint_is_started_by_the_same_c
     # a folder with a config.json and files of the user's is still not ours to start over
     (other / "notes.txt").write_text("mine")
     refused([*command[:-1], other], capsys, "is not empty", watched=other)
+
+
+# ---------------------------------------------------------------------- 3-6. links, others' files
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert (
+        main(["train", *TINY_RUN, "--epochs", "1", "--eval-samples", "20", "--out", str(out)]) == 0
+    )
+    return out
+
+
+@pytest.fixture
+def run_copy(finished, tmp_path) -> Path:
+    copy = tmp_path / "copy"
+    shutil.copytree(finished, copy)
+    return copy
+
+
+@pytest.fixture
+def elsewhere(tmp_path) -> Path:
+    """A folder of the user's, outside every run folder, with a file in it."""
+    folder = tmp_path / "elsewhere"
+    folder.mkdir()
+    (folder / "v").write_text("the user's file")
+    (folder / "samples.png").write_text("the user's picture")
+    return folder
+
+
+@pytest.mark.parametrize("resume", ["always", "auto"])
+def test_3_a_lock_that_is_a_link_is_refused_and_its_target_kept(
+    resume, run_copy, elsewhere, capsys
+):
+    (run_copy / ".lock").symlink_to(elsewhere / "v")
+    argv = ["train", *TINY_RUN, "--epochs", "2", f"--resume={resume}", "--out", run_copy]
+    refused(argv, capsys, ".lock is a symbolic link", watched=elsewhere)
+    assert (run_copy / ".lock").is_symlink()  # (the user's link is left as it was, too)
+
+
+def test_4_a_plots_folder_that_is_a_link_is_refused_by_train_and_sample(
+    run_copy, elsewhere, capsys
+):
+    shutil.rmtree(run_copy / "plots")
+    (run_copy / "plots").symlink_to(elsewhere, target_is_directory=True)
+    train = ["train", *TINY_RUN, "--epochs", "2", "--resume", "--out", run_copy]
+    for argv in (train, ["sample", run_copy, "--n", "4"]):
+        before = digest(run_copy)
+        refused(argv, capsys, "plots is a symbolic link", watched=elsewhere)
+        assert digest(run_copy) == before  # (refused before training: nothing written)
+
+
+@pytest.mark.parametrize("name", ["checkpoint.pt", "metrics.jsonl", "config.json", "report.md"])
+def test_4_a_run_file_that_is_a_link_is_refused_before_anything_is_written(
+    name, run_copy, elsewhere, capsys
+):
+    (run_copy / name).unlink()
+    (run_copy / name).symlink_to(elsewhere / "v")
+    argv = ["train", *TINY_RUN, "--epochs", "2", "--resume", "auto", "--out", run_copy]
+    refused(argv, capsys, f"{name} is a symbolic link", watched=elsewhere)
+
+
+def test_4_writes_below_a_confined_folder_never_follow_a_link(tmp_path, elsewhere):
+    from pyro_vae.io import LinkError, atomic_write_text, confined
+
+    run = tmp_path / "run"
+    (run / "deep").mkdir(parents=True)
+    (run / "deep" / "plots").symlink_to(elsewhere, target_is_directory=True)
+    with confined(run), pytest.raises(LinkError, match="plots is a symbolic link"):
+        atomic_write_text("x", run / "deep" / "plots" / "v")
+    (run / "file").symlink_to(elsewhere / "v")
+    with pytest.raises(LinkError, match="file is a symbolic link"):  # (confined or not)
+        atomic_write_text("x", run / "file")
+    assert (elsewhere / "v").read_text() == "the user's file"
+
+
+def test_5_sample_never_replaces_a_file_the_user_names_without_overwrite(
+    finished, elsewhere, capsys
+):
+    target = elsewhere / "samples.png"
+    refused(
+        ["sample", finished, "--n", "4", "--out", target],
+        capsys,
+        "exists: pass --overwrite",
+        watched=elsewhere,
+    )
+    code, _, err = run_cli(["sample", finished, "--n", "4", "--out", target, "--overwrite"], capsys)
+    assert code == 0, err
+    assert target.read_bytes().startswith(b"\x89PNG")
+    link = elsewhere / "link.png"
+    link.symlink_to(elsewhere / "v")
+    refused(
+        ["sample", finished, "--n", "4", "--out", link, "--overwrite"],
+        capsys,
+        "link.png is a symbolic link",
+    )
+    assert (elsewhere / "v").read_text() == "the user's file"
+
+
+def test_6_diagnose_and_reproduce_never_write_into_another_run(finished, run_copy, capsys):
+    refused(
+        ["diagnose", finished, "--out", run_copy, "--images", "1", "--quiet"],
+        capsys,
+        "is the folder of another run",
+        watched=run_copy,
+    )
+    refused(
+        ["reproduce", "iwae-table1", "--out", run_copy, "--dataset", "digits", "--epochs", "1"],
+        capsys,
+        "holds a training run",
+        watched=run_copy,
+    )

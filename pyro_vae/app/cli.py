@@ -313,6 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--out", type=Path, help="PNG file (default RUN_DIR/plots/samples-N.png)")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--draw", action="store_true", help="draw x ~ p(x|z) instead of its mean")
+    sample.add_argument(
+        "--overwrite", action="store_true", help="replace the file --out names if it exists"
+    )
 
     reproduce = commands.add_parser(
         "reproduce",
@@ -763,9 +766,17 @@ def _train(args: argparse.Namespace, argv: list[str] | None) -> int:
 
 
 def _train_locked(args, argv, out: Path, prepared, start_over: bool = False) -> int:
-    from pyro_vae.app.runs import check_run_dir, holds_run, move_aside, recover, run_config
+    from pyro_vae.app.runs import (
+        check_no_links,
+        check_run_dir,
+        holds_run,
+        move_aside,
+        recover,
+        run_config,
+    )
     from pyro_vae.training.checkpoint import load_checkpoint
 
+    check_no_links(out)  # (before anything in it is moved, read or written)
     note = recover(out)
     if note:
         print(note, file=sys.stderr)
@@ -1200,9 +1211,21 @@ def _reproduce(args: argparse.Namespace) -> int:
     """Each cell is a ``train --protocol iwae --resume auto`` of its own folder (started,
     continued or left as it is), then the table is gathered from the folders."""
     from pyro_vae.app.reproduce import gather, markdown, select_cells
+    from pyro_vae.app.runs import holds_run
     from pyro_vae.io import atomic_write_json, atomic_write_text
 
     cells = select_cells(args.table, args.cells)
+    if holds_run(args.out):
+        raise UserInputError(
+            f"--out {args.out} holds a training run: reproduce keeps a table of cells, each "
+            f"a run folder of its own, in a folder of its own; choose another --out"
+        )
+    for cell in cells:
+        if (args.out / cell.name).is_symlink():
+            raise UserInputError(
+                f"{args.out / cell.name} is a symbolic link: pyro-vae never writes through a "
+                f"link; remove it, or choose another --out"
+            )
     parser = build_parser()
     options = []
     for flag in ("data_dir", "epochs", "eval_samples", "eval_images", "dataset", "limit", "device"):
@@ -1243,7 +1266,10 @@ def _reproduce(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from pyro_vae.app.runs import load_run
+    import contextlib
+
+    from pyro_vae.app.runs import check_no_links, load_run
+    from pyro_vae.io import atomic_write_bytes, confined, make_folder
 
     if args.n < 1:
         raise UserInputError(f"--n must be >= 1, got {args.n}")
@@ -1252,6 +1278,14 @@ def _sample(args: argparse.Namespace) -> int:
         raise UserInputError(f"--out {out} is a folder: pass a PNG file name")
     if out.suffix.lower() != ".png":
         raise UserInputError(f"--out {out} must end in .png")
+    if args.out is not None and (out.exists() or out.is_symlink()) and not args.overwrite:
+        raise UserInputError(
+            f"--out {out} exists: pass --overwrite to replace it, or another file name"
+        )
+    # the default file is the run's own (RUN/plots): no link there is followed
+    inside = args.out is None
+    if inside:
+        check_no_links(args.run_dir)
     config, vae, _, _ = load_run(args.run_dir, with_data=False)  # sampling needs no data
     from pyro_vae.resources import check_sampling_fits
 
@@ -1266,8 +1300,15 @@ def _sample(args: argparse.Namespace) -> int:
     scale = -(-32 // min(samples.shape[-2:]))  # small images (8x8 digits) scaled up
     if scale > 1:
         samples = torch.nn.functional.interpolate(samples, scale_factor=scale, mode="nearest")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_image(samples.clamp(0, 1), out, nrow=max(1, int(args.n**0.5)), padding=1, pad_value=1.0)
+    import io
+
+    buffer = io.BytesIO()
+    grid = samples.clamp(0, 1)
+    save_image(grid, buffer, format="png", nrow=max(1, int(args.n**0.5)), padding=1, pad_value=1.0)
+    with confined(args.run_dir) if inside else contextlib.nullcontext():
+        make_folder(out.parent)
+        # a file that appeared meanwhile is still not replaced without --overwrite
+        atomic_write_bytes(buffer.getvalue(), out, replace=args.overwrite or inside)
     print(out)
     return 0
 

@@ -10,6 +10,7 @@ atomically.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import platform
@@ -61,6 +62,7 @@ class RunLock:
         self.command = command
         self._descriptor: int | None = None
         self._created = False
+        self._confinement: Any = None
 
     def __enter__(self) -> RunLock:
         self.acquire()
@@ -70,11 +72,18 @@ class RunLock:
         self.release()
 
     def acquire(self) -> None:
+        from pyro_vae.io import LinkError, confined
+
         if self.folder.exists() and not self.folder.is_dir():
             raise UserInputError(f"--out {self.folder} is a file: pass a folder for the run")
         self._created = not self.folder.exists()
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / LOCK
+        if path.is_symlink():  # (O_NOFOLLOW below refuses it too, atomically)
+            raise LinkError(
+                f"{path} is a symbolic link: pyro-vae never writes through a link; remove "
+                f"it (a run folder's .lock is a file of its own)"
+            )
         try:
             import fcntl
         except ImportError:  # pragma: no cover - not POSIX: no lock, say so
@@ -84,11 +93,20 @@ class RunLock:
             return
         while True:
             try:
-                descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+                descriptor = os.open(
+                    path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644
+                )
             except FileNotFoundError:  # the holder removed the folder it had created
                 self._created = True
                 self.folder.mkdir(parents=True, exist_ok=True)
                 continue
+            except OSError as error:
+                if error.errno != errno.ELOOP:
+                    raise
+                raise LinkError(
+                    f"{path} is a symbolic link: pyro-vae never writes through a link; "
+                    f"remove it (a run folder's .lock is a file of its own)"
+                ) from None
             try:
                 fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
@@ -109,6 +127,8 @@ class RunLock:
                 break
             os.close(descriptor)
         self._descriptor = descriptor
+        self._confinement = confined(self.folder)  # no write below it follows a link
+        self._confinement.__enter__()
         try:  # who holds it, for the refusal of a second writer (best effort: disk full)
             os.ftruncate(descriptor, 0)
             os.write(descriptor, f"PID {os.getpid()}: {self.command}".encode()[:4000])
@@ -116,6 +136,9 @@ class RunLock:
             pass
 
     def release(self) -> None:
+        if self._confinement is not None:
+            self._confinement.__exit__(None, None, None)
+            self._confinement = None
         if self._descriptor is None:
             return
         try:  # deleted while still held: see the class docstring
@@ -127,6 +150,25 @@ class RunLock:
         finally:
             os.close(self._descriptor)  # releases the lock
             self._descriptor = None
+
+
+def check_no_links(out: Path) -> None:
+    """Refuse a run folder in which a file or folder this package writes is a link
+    (``RUN/plots -> ~/photos``, ``RUN/checkpoint.pt -> ~/thesis.tex``): one line naming
+    it, before anything is read or written (the writes refuse it too, one by one)."""
+    from pyro_vae.io import check_no_link
+
+    if not out.is_dir():
+        return
+    with os.scandir(out) as entries:
+        for entry in entries:
+            if entry.is_symlink() and (entry.name in RUN_FILES or entry.name.startswith(".")):
+                check_no_link(Path(entry.path))  # (raises: it is a link)
+            elif entry.name in RUN_FILES and entry.is_dir(follow_symlinks=False):
+                with os.scandir(entry.path) as inner:
+                    for item in inner:
+                        if item.is_symlink():
+                            check_no_link(Path(item.path))
 
 
 def holds_run(out: Path) -> bool:
