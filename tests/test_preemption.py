@@ -292,3 +292,86 @@ def test_6_diagnose_and_reproduce_never_write_into_another_run(finished, run_cop
         "holds a training run",
         watched=run_copy,
     )
+
+
+# ---------------------------------------------------------------------- 7-8. records checked
+def test_7_changed_training_data_are_refused_on_resume_and_evaluate_naming_both_digests(
+    tmp_path, capsys
+):
+    import numpy as np
+
+    values = np.random.default_rng(0).random((120, 16)).astype(np.float32)
+    source = tmp_path / "a.npy"
+    np.save(source, values)
+    out = tmp_path / "run"
+    argv = ["train", "--data", source, "--latent-dims", "2", "--hidden", "8", "--quiet"]
+    code, _, err = run_cli([*argv, "--epochs", "1", "--eval-samples", "5", "--out", out], capsys)
+    assert code == 0, err
+    saved = load_checkpoint(out / "checkpoint.pt")["data_digest"]
+    assert set(saved) == {"train", "validation", "test"}
+    values[3, 4] = 0.5 if values[3, 4] != 0.5 else 0.25  # one value of one point
+    np.save(source, values)
+    for command in (
+        [*argv, "--epochs", "2", "--resume", "--out", out],
+        ["evaluate", out, "--samples", "5"],
+    ):
+        err = refused(command, capsys, "data differ from those the run was trained on", watched=out)
+        assert err.count("SHA-256") == 1 and "in the run" in err and "now" in err
+
+
+def _finished_copy(finished: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "copy"
+    shutil.copytree(finished, copy)
+    return copy
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["truncated mid-line", "an extra NaN line", "a changed number", "a missing line"],
+)
+def test_8_a_damaged_metrics_jsonl_is_named_and_rewritten_from_the_checkpoint(
+    damage, finished, tmp_path, capsys
+):
+    run = _finished_copy(finished, tmp_path)
+    path = run / "metrics.jsonl"
+    good = path.read_bytes()
+    if damage == "truncated mid-line":
+        path.write_bytes(good[: len(good) - 17])
+    elif damage == "an extra NaN line":
+        path.write_bytes(good + b'{"epoch": 2, "train_elbo": NaN}\n')
+    elif damage == "a changed number":
+        line = json.loads(good.decode().splitlines()[0])
+        line["test_elbo"] += 1.0
+        path.write_text(json.dumps(line) + "\n")
+    else:
+        path.write_bytes(b"")
+    argv = ["train", *TINY_RUN, "--epochs", "1", "--eval-samples", "20", "--resume", "auto"]
+    code, out, err = run_cli([*argv, "--out", run], capsys)
+    assert code == 0, err
+    assert "nothing to do" in out
+    assert len(err.strip().splitlines()) == 1 and "metrics.jsonl was damaged" in err, err
+    assert path.read_bytes() == good
+
+
+def test_8_a_damaged_evaluation_is_evaluated_again_and_reproduce_reads_records_safely(
+    finished, tmp_path, capsys
+):
+    from pyro_vae.app.reproduce import gather, select_cells
+    from pyro_vae.errors import UserInputError
+
+    run = _finished_copy(finished, tmp_path)
+    evaluation = run / "evaluation.json"
+    good = json.loads(evaluation.read_text())
+    evaluation.write_text(evaluation.read_text()[:40])
+    argv = ["train", *TINY_RUN, "--epochs", "1", "--eval-samples", "20", "--resume", "auto"]
+    code, out, err = run_cli([*argv, "--out", run], capsys)
+    assert code == 0, err
+    assert "evaluated again" in err and "nothing to do" not in out
+    assert json.loads(evaluation.read_text())["test_log_likelihood"] == good["test_log_likelihood"]
+    # the table's reader: one line naming the cell, never a JSONDecodeError
+    cell = select_cells("iwae-table1", "1l-vae-k1")[0]
+    table = tmp_path / "table"
+    shutil.copytree(run, table / cell.name)
+    (table / cell.name / "metrics.jsonl").write_text('{"epoch": 1, "seconds"')
+    with pytest.raises(UserInputError, match="records of cell 1l-vae-k1 .* are damaged"):
+        gather([cell], table)

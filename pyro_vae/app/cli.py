@@ -768,6 +768,7 @@ def _train(args: argparse.Namespace, argv: list[str] | None) -> int:
 def _train_locked(args, argv, out: Path, prepared, start_over: bool = False) -> int:
     from pyro_vae.app.runs import (
         check_no_links,
+        check_run_data,
         check_run_dir,
         holds_run,
         move_aside,
@@ -787,6 +788,7 @@ def _train_locked(args, argv, out: Path, prepared, start_over: bool = False) -> 
         if _nothing_to_add(config, checkpoint, out):
             return 0
         prepared = prepare_run(config)
+        check_run_data(checkpoint, prepared.data, "resume")
         prepared.start_epoch = checkpoint["epoch"]
     replacing = args.overwrite and holds_run(out)
     if replacing:
@@ -852,12 +854,22 @@ def _nothing_to_add(config: RunConfig, checkpoint: dict[str, Any], out: Path) ->
     trained, evaluated and reported, the report written after the checkpoint and the
     evaluation (a run stopped between those, e.g. killed while writing its plots, is
     finished by running it again: its report is refreshed)."""
+    from pyro_vae.app.runs import evaluation_damage, repair_metrics
+
     done = checkpoint["epoch"]
     finished = checkpoint["stopped_early"] or done >= config.train.epochs
     evaluation, report = out / "evaluation.json", out / "report.md"
     evaluated = not config.train.eval_samples or evaluation.exists()
+    if finished and evaluated and evaluation.exists():
+        damage = evaluation_damage(evaluation)
+        if damage is not None:  # evaluated again, written whole
+            print(f"note: {damage}: the run is evaluated again", file=sys.stderr)
+            evaluated = False
     if not (finished and evaluated and report.exists()):
         return False
+    note = repair_metrics(out, checkpoint["history"])
+    if note:
+        print(note, file=sys.stderr)
     written_before = [p for p in (out / "checkpoint.pt", evaluation) if p.exists()]
     if any(report.stat().st_mtime_ns < p.stat().st_mtime_ns for p in written_before):
         return False

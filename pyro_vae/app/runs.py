@@ -311,6 +311,85 @@ def _trained_epochs(path: Path) -> int:
         return 0
 
 
+# ---------------------------------------------------------------------- records checked
+#: what every evaluation.json holds, as finite numbers (the report and tables read them)
+EVALUATION_NUMBERS = ("test_elbo", "test_log_likelihood", "test_nll", "importance_samples")
+
+
+def metrics_damage(out: Path, history: list[dict[str, Any]]) -> str | None:
+    """How ``out/metrics.jsonl`` departs from the checkpoint's ``history`` (each line is
+    ``dumps_json`` of one epoch), or ``None`` when it matches line for line."""
+    from pyro_vae.io import dumps_json
+
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        return "it is missing" if history else None
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        return f"it cannot be read ({error})"
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    else:
+        return "its last line is cut short"
+    for number, line in enumerate(lines, start=1):
+        if number > len(history):
+            return f"it has {len(lines)} lines for the checkpoint's {len(history)} epochs"
+        if line != dumps_json(history[number - 1]):
+            try:
+                json.loads(line)
+            except json.JSONDecodeError:
+                return f"line {number} is not valid JSON"
+            return f"line {number} differs from epoch {number} of the checkpoint"
+    if len(lines) < len(history):
+        return f"it has {len(lines)} lines for the checkpoint's {len(history)} epochs"
+    return None
+
+
+def repair_metrics(out: Path, history: list[dict[str, Any]]) -> str | None:
+    """Rewrite a damaged ``metrics.jsonl`` from the checkpoint's history (the truth,
+    covered by its digest); returns a note saying what was wrong, or ``None``."""
+    from pyro_vae.io import atomic_write_text, dumps_json
+
+    damage = metrics_damage(out, history)
+    if damage is None:
+        return None
+    atomic_write_text("".join(dumps_json(e) + "\n" for e in history), out / "metrics.jsonl")
+    return (
+        f"note: {out / 'metrics.jsonl'} was damaged ({damage}): rewritten from the "
+        f"checkpoint's history"
+    )
+
+
+def evaluation_damage(path: Path) -> str | None:
+    """Why ``evaluation.json`` cannot be used (not JSON, numbers missing or not finite),
+    or ``None`` when it can."""
+    import math
+
+    try:
+        result = read_json(path, "evaluation file")
+    except UserInputError as error:
+        return str(error)
+    if not isinstance(result, dict):
+        return f"{path} does not hold a JSON object"
+    for key in EVALUATION_NUMBERS:
+        value = result.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"{path} has no number {key!r}"
+        if not math.isfinite(value):
+            return f"{path} has a non-finite {key!r}"
+    return None
+
+
+def check_run_data(checkpoint: dict[str, Any], data: Any, action: str) -> None:
+    """Refuse to ``action`` a run on data other than those it was trained on (the
+    checkpoint keeps their SHA-256 by split)."""
+    from pyro_vae.training.trainer import check_data_digest
+
+    check_data_digest(checkpoint.get("data_digest"), data.digests(), action)
+
+
 def config_differences(saved: dict[str, Any], given: dict[str, Any]) -> list[str]:
     """``section.key: saved -> given`` for every setting that differs."""
     differences = []
@@ -391,6 +470,8 @@ def load_run(run_dir: str | Path, device: str = "cpu", best: bool = True, with_d
     if best and checkpoint.get("stopped_early") and (run_dir / "best.pt").exists():
         checkpoint = load_checkpoint(run_dir / "best.pt")
     data = config.data.load(config.train.seed) if with_data else None
+    if data is not None:
+        check_run_data(checkpoint, data, "evaluate")
     shape = data.data_shape if data is not None else data_shape_of(config.data.dataset)
     vae = build_vae(config.model, shape)
     load_parameters(vae, checkpoint["model"], run_dir)
