@@ -195,12 +195,32 @@ def read_json(path: str | Path, what: str) -> Any:
                 f"{what} {path} is nested more than {MAX_JSON_DEPTH} levels deep: a config "
                 f"has two (sections, then keys)"
             )
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as duplicate:
+        raise UserInputError(
+            f"{what} {path} gives the key {duplicate.key!r} twice (JSON keeps only the last, "
+            f"silently): keep one"
+        ) from None
     except UserInputError:
         raise
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
         raise UserInputError(f"{what} {path} is not valid JSON ({reason}): fix it") from None
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads``'s objects, refusing a key given twice in one object."""
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKey(key)
+        result[key] = value
+    return result
 
 
 def _depth(text: str) -> int:

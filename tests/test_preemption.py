@@ -375,3 +375,106 @@ def test_8_a_damaged_evaluation_is_evaluated_again_and_reproduce_reads_records_s
     (table / cell.name / "metrics.jsonl").write_text('{"epoch": 1, "seconds"')
     with pytest.raises(UserInputError, match="records of cell 1l-vae-k1 .* are damaged"):
         gather([cell], table)
+
+
+# ---------------------------------------------------------------------- 9. inputs
+def _image_folder(tmp_path: Path, make) -> Path:
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for index in range(4):
+        make(Image, folder / f"{index}.png", index)
+    return folder
+
+
+def test_9_a_png_whose_header_claims_30000_by_30000_is_refused_before_decoding(tmp_path, capsys):
+    import struct
+    import zlib
+
+    def bomb(Image, path, index):
+        if index:
+            Image.new("L", (8, 8)).save(path)
+            return
+        # a valid PNG header claiming 30000x30000 grey pixels, with almost no data
+        header = struct.pack(">IIBBBBB", 30000, 30000, 8, 0, 0, 0, 0)
+        chunk = b"IHDR" + header
+        ihdr = struct.pack(">I", len(header)) + chunk + struct.pack(">I", zlib.crc32(chunk))
+        data = zlib.compress(b"\0" * 100)
+        idat = struct.pack(">I", len(data)) + b"IDAT" + data
+        idat += struct.pack(">I", zlib.crc32(b"IDAT" + data))
+        end = struct.pack(">I", 0) + b"IEND" + struct.pack(">I", zlib.crc32(b"IEND"))
+        path.write_bytes(b"\x89PNG\r\n\x1a\n" + ihdr + idat + end)
+
+    folder = _image_folder(tmp_path, bomb)
+    out = tmp_path / "run"
+    err = refused(["train", "--data", folder, "--epochs", "1", "--out", out], capsys, "0.png")
+    assert "decompression bomb" in err and "remove it" in err
+    assert not out.exists()
+
+
+def test_9_16_bit_images_are_scaled_by_their_bit_depth_not_clipped(tmp_path):
+    import numpy as np
+
+    from pyro_vae.data import _read_images
+
+    def sixteen(Image, path, index):
+        Image.fromarray(np.array([[60000, 1000], [0, 65535]], dtype=np.uint16)).save(path)
+
+    levels = _read_images(_image_folder(tmp_path, sixteen))[0, 0]
+    assert levels.flatten().tolist() == pytest.approx([60000 / 65535, 1000 / 65535, 0.0, 1.0])
+
+
+def test_9_a_fifo_as_data_is_refused_without_opening_it(tmp_path, capsys):
+    from pyro_vae import load_data
+    from pyro_vae.errors import DataError
+
+    fifo = tmp_path / "a.npy"
+    os.mkfifo(fifo)  # (opening it for reading would wait for a writer for ever)
+    refused(["train", "--data", fifo, "--epochs", "1", "--out", tmp_path / "r"], capsys, "pipe")
+    with pytest.raises(DataError, match="not a regular file"):
+        load_data(fifo)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    os.mkfifo(folder / "0.png")
+    with pytest.raises(DataError, match="not a regular file"):
+        load_data(folder)
+
+
+def test_9_a_npy_header_claiming_more_than_the_file_holds_is_bad_input(tmp_path, capsys):
+    import numpy as np
+
+    path = tmp_path / "a.npy"
+    np.save(path, np.zeros((4, 4), dtype=np.float32))
+    raw = path.read_bytes()
+    # the header now claims (10**7, 10**7) float32 points: 400 TB, in a 200-byte file
+    path.write_bytes(raw.replace(b"(4, 4)", b"(10000000, 10000000)").ljust(200, b"\0")[:200])
+    err = refused(
+        ["train", "--data", path, "--epochs", "1", "--out", tmp_path / "r"], capsys, "header"
+    )
+    assert "out of memory" not in err and "truncated" in err
+
+
+def test_9_a_config_with_a_duplicated_key_is_refused(tmp_path, capsys):
+    config = tmp_path / "c.json"
+    config.write_text('{"train": {"epochs": 1, "epochs": 100000000}}')
+    argv = ["train", *TINY_RUN, "--config", config, "--out", tmp_path / "r"]
+    refused(argv, capsys, "gives the key 'epochs' twice")
+
+
+def test_9_python_arguments_of_the_wrong_type_are_one_line_user_errors(tmp_path):
+    from pyro_vae import TrainConfig, build_vae, fit, load_data
+    from pyro_vae.config import ModelConfig
+    from pyro_vae.errors import UserInputError
+
+    with pytest.raises(UserInputError, match="limit must be a whole number >= 1, got 2.5"):
+        load_data("digits", limit=2.5)
+    with pytest.raises(UserInputError, match="validation_size must be a whole number"):
+        load_data("digits", validation_size="10")
+    data = load_data("digits", limit=50)
+    vae = build_vae(ModelConfig(latent_dims=(2,), hidden=(8,)), data.data_shape)
+    file = tmp_path / "a_file"
+    file.write_text("mine")
+    with pytest.raises(UserInputError, match="is a file: pass a folder"):
+        fit(vae, data, TrainConfig(epochs=1), run_dir=file, progress=False, log=None)
+    assert file.read_text() == "mine"
