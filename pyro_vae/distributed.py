@@ -91,6 +91,59 @@ def init_from_environment(device: str = "cpu") -> bool:
     return True
 
 
+#: the shortest wait for another process in a collective, in seconds (once the step time
+#: is measured: :func:`set_collective_timeout`); ``PYRO_VAE_COLLECTIVE_TIMEOUT`` sets it
+MIN_COLLECTIVE_TIMEOUT = 60.0
+#: a collective waits this many times the measured step time before it gives up
+TIMEOUT_STEPS = 200
+
+
+def collective_timeout(step_seconds: float) -> float:
+    """How long a collective waits for the other processes, from the measured step
+    time: :data:`TIMEOUT_STEPS` steps, at least :data:`MIN_COLLECTIVE_TIMEOUT` seconds
+    (``$PYRO_VAE_COLLECTIVE_TIMEOUT`` where set), instead of the backend's 30 minutes."""
+    floor = float(os.environ.get("PYRO_VAE_COLLECTIVE_TIMEOUT", MIN_COLLECTIVE_TIMEOUT))
+    return max(floor, TIMEOUT_STEPS * step_seconds)
+
+
+def set_collective_timeout(seconds: float) -> None:
+    """Let every later collective of this process wait at most ``seconds`` for the
+    others: a hung process (stopped, swapping, deadlocked) becomes an error."""
+    if available():
+        try:
+            torch.distributed.set_timeout(datetime.timedelta(seconds=seconds))
+        except (RuntimeError, ValueError, AttributeError):  # (a backend without it)
+            pass
+
+
+#: what gloo and NCCL say when a peer is gone or does not answer
+_LOST = ("reset by peer", "closed by peer", "Broken pipe", "Connection refused", "EOF")
+_TIMEOUT = ("Timed out", "timed out", "Timeout", "timeout")
+
+
+def lost_peer(error: BaseException) -> tuple[str, str] | None:
+    """One line for a collective that failed because another process was lost
+    (``"lost"``) or stopped answering (``"timeout"``), under torchrun; ``None`` for any
+    other error."""
+    if not launched_by_torchrun() or not isinstance(error, RuntimeError):
+        return None
+    text = str(error).strip()
+    first = text.splitlines()[0][:160] if text else type(error).__name__
+    if any(marker in text for marker in _TIMEOUT):
+        return (
+            f"another training process stopped answering: a collective operation timed out "
+            f"({first}); the last checkpoint is intact: resume the run (`resume`)",
+            "timeout",
+        )
+    if any(marker in text for marker in _LOST):
+        return (
+            f"another training process was lost ({first}); the last checkpoint is intact: "
+            f"resume the run (`resume`)",
+            "lost",
+        )
+    return None
+
+
 def shutdown() -> None:
     if available():
         torch.distributed.destroy_process_group()

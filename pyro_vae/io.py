@@ -102,9 +102,11 @@ def atomic_write_bytes(data: bytes, path: str | Path, replace: bool = True) -> N
         else:
             os.link(temporary, path)  # (fails with EEXIST if something is there)
             os.unlink(temporary)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
+        if isinstance(error, OSError) and not error.filename:
+            error.filename = str(path)  # (a write on a descriptor names no file: name it)
         raise
     _fsync_directory(path.parent)
 

@@ -983,8 +983,6 @@ def _follow_fit(prepared: PreparedRun, payload: dict[str, Any]) -> None:
 
 def _launch_torchrun(nproc: int, argv: list[str] | None) -> int:
     """``--nproc N``: run this command again under ``torchrun --standalone``."""
-    import subprocess
-
     if nproc < 1:
         raise UserInputError(f"--nproc must be >= 1, got {nproc}")
     args = list(sys.argv[1:] if argv is None else argv)
@@ -996,17 +994,57 @@ def _launch_torchrun(nproc: int, argv: list[str] | None) -> int:
             skip = True
         elif not arg.startswith("--nproc="):
             kept.append(arg)
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        "-m",
-        "pyro_vae",
-        *kept,
-    ]
-    return subprocess.call(command)
+    import logging
+    import os
+
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    # torchrun's agent, in this process: its failure summary (40 lines, with a traceback)
+    # is replaced by one line; the processes print their own errors (the first alone)
+    for name in [*logging.root.manager.loggerDict, "torch.distributed"]:
+        if name.startswith("torch.distributed"):  # (each sets a level of its own)
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    os.environ[LAUNCHED_BY_NPROC] = "1"
+    options = torchrun.get_args_parser().parse_args(
+        ["--standalone", f"--nproc-per-node={nproc}", "-m", "pyro_vae", *kept]
+    )
+    try:
+        torchrun.run(options)
+    except ChildFailedError as failed:
+        return _failed_processes(failed, nproc)
+    except SignalException as stop:  # (the agent passed the signal on to the processes)
+        return 128 + int(stop.sigval)
+    finally:
+        os.environ.pop(LAUNCHED_BY_NPROC, None)
+    return 0
+
+
+#: set for the processes that ``train --nproc`` starts: a lost process is named by the
+#: launcher, which knows which one it was, rather than by the processes that lost it
+LAUNCHED_BY_NPROC = "PYRO_VAE_NPROC"
+
+
+def _failed_processes(failed: Any, nproc: int) -> int:
+    """The exit status of a failed ``--nproc`` run, and one line if a process was lost
+    (killed by a signal) rather than stopped by an error it printed itself."""
+    import signal as signals
+
+    rank, failure = failed.get_first_failure()
+    if failure.exitcode < 0:  # the first to fail was killed: it could not say why
+        try:
+            name = signals.Signals(-failure.exitcode).name
+        except ValueError:
+            name = f"signal {-failure.exitcode}"
+        print(
+            f"pyro-vae train: stopped: training process {rank} (of {nproc}) was "
+            f"lost (killed by {name}); the last checkpoint is intact: run the same command "
+            f"with --resume auto",
+            file=sys.stderr,
+        )
+        return 1
+    return failure.exitcode if failure.exitcode > 0 else 1
 
 
 @dataclasses.dataclass
@@ -1333,6 +1371,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if "torch" not in sys.modules:  # (torch under a low `ulimit -v` aborts, unexplained)
+        from pyro_vae.resources import address_space_problem
+
+        limit = address_space_problem()
+        if limit is not None:
+            _say(f"pyro-vae {args.command}: stopped: {limit}")
+            return 1
     try:
         if args.command == "train":
             return _train(args, argv)
@@ -1364,6 +1409,16 @@ def main(argv: list[str] | None = None) -> int:
         _say(f"pyro-vae {args.command}: interrupted")
         return 130
     except (OSError, MemoryError, RuntimeError, ImportError) as error:
+        from pyro_vae import distributed
+
+        lost = distributed.lost_peer(error)
+        if lost is not None:
+            import os
+
+            # under --nproc the launcher names the lost process (it knows which)
+            if not (lost[1] == "lost" and os.environ.get(LAUNCHED_BY_NPROC)):
+                _say(f"pyro-vae {args.command}: stopped: {_preempted_line(lost[0])}")
+            return 1
         problem = environment_problem(error)
         if problem is None:
             raise
@@ -1422,6 +1477,7 @@ _ENVIRONMENT = {
     errno.EROFS: "read-only file system",
     errno.EIO: "input/output error (failing disk?)",
     errno.ENOMEM: "out of memory",
+    errno.EFBIG: "file size limit exceeded (ulimit -f, or the file system's largest file)",
 }
 
 
@@ -1444,6 +1500,14 @@ def environment_problem(error: BaseException) -> tuple[str, int] | None:
             2,
         )
     text = str(error)
+    if isinstance(error, ImportError):
+        if "failed to map segment" in text or "cannot allocate memory" in text.lower():
+            return (
+                f"stopped: out of memory while loading a library ({text.splitlines()[0][:120]}):"
+                f" raise the memory limit (ulimit -v) or free memory",
+                1,
+            )
+        return None
     if (
         isinstance(error, MemoryError)
         or "can't allocate memory" in text

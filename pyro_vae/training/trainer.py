@@ -59,6 +59,8 @@ METRICS = "metrics.jsonl"
 #: Adam squares every gradient entry into its second moment: entries above this overflow
 #: float32 there (sqrt of float32's largest value), leaving inf in the optimizer state
 GRADIENT_LIMIT = math.sqrt(torch.finfo(torch.float32).max)
+#: under torchrun: steps timed before the collectives' timeout is set from their time
+TIMED_STEPS = 5
 
 
 @dataclass
@@ -292,6 +294,9 @@ class Trainer:
                 self._check_step(loss, grad_max)  # None after an eager step
                 self.optimizer.step()
                 self.step += 1
+                if self.world > 1 and done + 1 - first == TIMED_STEPS:  # the step time known
+                    seconds = (time.perf_counter() - started) / TIMED_STEPS
+                    distributed.set_collective_timeout(distributed.collective_timeout(seconds))
                 total += -reported / self.num_data * size
                 count += size
                 done += 1
