@@ -12,6 +12,9 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -478,3 +481,121 @@ def test_9_python_arguments_of_the_wrong_type_are_one_line_user_errors(tmp_path)
     with pytest.raises(UserInputError, match="is a file: pass a folder"):
         fit(vae, data, TrainConfig(epochs=1), run_dir=file, progress=False, log=None)
     assert file.read_text() == "mine"
+
+
+# ---------------------------------------------------------------------- 10-11. distributed
+REPO = Path(__file__).resolve().parents[1]
+DIGITS_20 = ["--dataset", "digits", "--limit", "400", "--latent-dims", "3", "--hidden", "16"]
+DIGITS_20 += ["--batch-size", "20", "--monitor-images", "20", "--quiet"]
+
+
+def _pyro_vae(argv, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env.update(kwargs.pop("env", {}))
+    command = [sys.executable, "-m", "pyro_vae", *map(str, argv)]
+    return subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _one_line(process: subprocess.Popen, status: int, message: str, timeout: float = 300) -> str:
+    _, err = process.communicate(timeout=timeout)
+    assert process.returncode == status, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert message in err, err
+    return err
+
+
+def test_10_a_bad_option_under_nproc_is_one_line_with_exit_2(tmp_path):
+    out = tmp_path / "run"
+    process = _pyro_vae(["train", *DIGITS_20, "--lr", "-1", "--nproc", "2", "--out", out])
+    _one_line(process, 2, "learning rate must be > 0")
+    assert not out.exists()
+
+
+def test_10_11_a_rank_killed_is_named_and_a_sigterm_resume_equals_the_whole_run(tmp_path):
+    """Two processes: SIGKILL of rank 1 is one line naming it (exit 1); then SIGTERM to
+    the launcher mid-epoch checkpoints and stops (143), and the same command resumes to
+    the uninterrupted run's parameters, metrics (train_elbo included) and evaluation."""
+    argv = ["train", *DIGITS_20, "--epochs", "4", "--eval-samples", "20", "--nproc", "2"]
+    whole = tmp_path / "whole"
+    process = _pyro_vae([*argv, "--out", whole])
+    assert process.wait(timeout=300) == 0, process.stderr.read()
+    process.stderr.close()
+    process.stdout.close()
+
+    def started(run: Path) -> subprocess.Popen:
+        process = _pyro_vae([*argv, "--resume", "auto", "--out", run])
+        deadline = time.time() + 240
+        while not (run / "metrics.jsonl").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        assert process.poll() is None
+        return process
+
+    killed = tmp_path / "killed"
+    process = started(killed)
+    workers = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True)
+    os.kill(int(workers.stdout.split()[-1]), signal.SIGKILL)
+    _one_line(process, 1, "training process 1 (of 2) was lost (killed by SIGKILL)")
+
+    run = tmp_path / "run"
+    process = started(run)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGTERM)
+    _one_line(process, 143, "stopped by SIGTERM")
+    assert not (run / "report.md").exists()
+    process = _pyro_vae([*argv, "--resume", "auto", "--out", run])
+    assert process.wait(timeout=300) == 0, process.stderr.read()
+    process.stderr.close()
+    process.stdout.close()
+    assert_same_run(whole, run)
+
+
+# ---------------------------------------------------------------------- 12. resource limits
+def _limited(limit: int, size: int):
+    def apply() -> None:
+        import resource
+
+        resource.setrlimit(limit, (size, size))
+
+    return apply
+
+
+def test_12_a_low_address_space_limit_is_one_line_with_exit_1(tmp_path):
+    import resource
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    for kilobytes in (1_500_000, 3_000_000):  # (torch's import fails, or aborts in C++)
+        result = subprocess.run(
+            [sys.executable, "-m", "pyro_vae", "train", *TINY_RUN, "--out", tmp_path / "r"],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            preexec_fn=_limited(resource.RLIMIT_AS, kilobytes * 1024),
+            timeout=120,
+        )
+        assert result.returncode == 1, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert f"ulimit -v {kilobytes} KiB" in result.stderr
+        assert not (tmp_path / "r").exists()
+
+
+def test_12_a_file_size_limit_is_an_environment_failure_naming_the_file(tmp_path):
+    import resource
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    out = tmp_path / "r"
+    result = subprocess.run(
+        [sys.executable, "-m", "pyro_vae", "train", *TINY_RUN, "--epochs", "1", "--out", out],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        preexec_fn=_limited(resource.RLIMIT_FSIZE, 20 * 1024),
+        timeout=300,
+    )
+    assert result.returncode == 1, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "file size limit exceeded" in result.stderr and "checkpoint.pt" in result.stderr
