@@ -599,3 +599,37 @@ def test_12_a_file_size_limit_is_an_environment_failure_naming_the_file(tmp_path
     assert result.returncode == 1, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "file size limit exceeded" in result.stderr and "checkpoint.pt" in result.stderr
+
+
+def test_11_a_resumed_run_keeps_the_step_path_it_started_on_so_train_elbo_is_bit_identical(
+    tmp_path, capsys, monkeypatch
+):
+    """The captured graph and the eager ELBO agree in the parameters bit for bit but may
+    round the reported bound differently; with ``compile`` auto a resumed run, having
+    fewer steps left, could take the other path. Here the decision is forced to differ
+    on resume: the run keeps the path recorded in its checkpoint."""
+    monkeypatch.setattr(Trainer, "compiles", lambda self: self.epoch == 0 and self.step == 0)
+    whole, run = tmp_path / "whole", tmp_path / "run"
+    assert run_cli(["train", *RUN, *EPOCHS, "--out", whole], capsys)[0] == 0
+    assert load_checkpoint(whole / "checkpoint.pt")["compiled"] == [True, 3]
+    _signal_at_step(monkeypatch, 14)
+    code, _, err = run_cli(["train", *RUN, *EPOCHS, "--resume", "auto", "--out", run], capsys)
+    assert code == 143, err
+    monkeypatch.setattr(Trainer, "_loss_and_grads", _ORIGINAL_LOSS_AND_GRADS)
+    paths = []
+    original_run = Trainer.run
+
+    def run_and_record(self, *args, **kwargs):
+        try:
+            return original_run(self, *args, **kwargs)
+        finally:
+            paths.append(self.loss.enabled)
+
+    monkeypatch.setattr(Trainer, "run", run_and_record)
+    code, _, err = run_cli(["train", *RUN, *EPOCHS, "--resume", "auto", "--out", run], capsys)
+    assert code == 0, err
+    assert paths == [True]  # (compiles() said False: the recorded path was taken)
+    assert_same_run(whole, run)  # train_elbo included, bit for bit
+
+
+_ORIGINAL_LOSS_AND_GRADS = Trainer._loss_and_grads
