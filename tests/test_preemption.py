@@ -633,3 +633,17 @@ def test_11_a_resumed_run_keeps_the_step_path_it_started_on_so_train_elbo_is_bit
 
 
 _ORIGINAL_LOSS_AND_GRADS = Trainer._loss_and_grads
+
+
+def test_1_reproduce_continues_a_cell_stopped_before_its_first_checkpoint(tmp_path, capsys):
+    table = tmp_path / "table"
+    cell = table / "1l-vae-k1"
+    cell.mkdir(parents=True)
+    (cell / "config.json").write_text("{}")  # (what a SIGTERM before the checkpoint left)
+    (cell / ".lock").write_text("PID 1: pyro-vae train")
+    argv = ["reproduce", "iwae-table1", "--out", table, "--cells", "1l-vae-k1"]
+    argv += ["--dataset", "digits", "--limit", "100", "--epochs", "1", "--eval-samples", "5"]
+    code, out, err = run_cli([*argv, "--quiet"], capsys)
+    assert code == 0, err
+    assert load_checkpoint(cell / "checkpoint.pt")["epoch"] == 1
+    assert (table / "iwae-table1.md").exists()
