@@ -227,9 +227,9 @@ class Trainer:
         # the epoch's permutation, from the data generator's state at the epoch's start
         # (a run resumed mid-epoch draws it again from the state its checkpoint kept)
         position, self.position = self.position, None
+        order: torch.Tensor | None = None  # (None: drawn by the batches, as always)
         if position is None:
             epoch_rng = self.data_generator.get_state()
-            order = torch.randperm(self.num_data, generator=self.data_generator)
             first, total, count, elapsed = 0, 0.0, 0, 0.0
         else:
             epoch_rng = position["epoch_rng"]
@@ -346,7 +346,7 @@ class Trainer:
                 preemption.request()
         return stop
 
-    def _batches(self, order: torch.Tensor, first: int = 0):
+    def _batches(self, order: torch.Tensor | None, first: int = 0):
         """``(batch, global size)`` for each step of an epoch from batch ``first`` of
         permutation ``order`` on: the whole batch in one
         process; under torchrun this process's part of the global batch. Every process
@@ -355,11 +355,16 @@ class Trainer:
         step), so the noise needs no state of its own to resume."""
         config = self.config
         if self.world == 1:
-            batches = self.data.batches(config.batch_size, self.data_generator, order, first)
+            if order is None:  # (the epoch from its start: the data draw the permutation)
+                batches = self.data.batches(config.batch_size, self.data_generator)
+            else:
+                batches = self.data.batches(config.batch_size, self.data_generator, order, first)
             for batch in batches:
                 yield batch, batch.shape[0]
             return
         train = self.data.train.images
+        if order is None:
+            order = torch.randperm(len(train), generator=self.data_generator)
         for index in range(first, self.steps_per_epoch):
             start = index * config.batch_size
             indices = order[start : start + config.batch_size]
