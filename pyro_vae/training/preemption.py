@@ -50,8 +50,9 @@ def _handler(signal_number: int, frame: object) -> None:
 @contextlib.contextmanager
 def watch() -> Iterator[bool]:
     """While active, :data:`SIGNALS` set the stop flag instead of ending the process.
-    Yields whether handlers were installed; the previous handlers come back on exit
-    (a flag set before is kept: the signal still asks to stop)."""
+    Yields whether handlers were installed; the previous handlers come back on exit,
+    and a request the training did not carry out (it stopped with an error first) is
+    forgotten, so that it cannot stop a later run of this process after one step."""
     if threading.current_thread() is not threading.main_thread():
         yield False
         return
@@ -71,6 +72,8 @@ def watch() -> Iterator[bool]:
         _FLAG.depth -= 1
         for number, handler in previous.items():
             signal.signal(number, handler)
+        if _FLAG.depth == 0:
+            clear()
 
 
 def clear() -> None:
