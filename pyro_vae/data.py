@@ -87,6 +87,7 @@ class VAEData:
     #: not copied by ``dataclasses.replace``, whose splits may differ
     checked: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     _evaluation: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    _digests: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def data_dim(self) -> int:
@@ -142,17 +143,45 @@ class VAEData:
         return _assemble(name, shape, binarize, train_split, test_split, validation_size, seed)
 
     def batches(
-        self, batch_size: int, generator: torch.Generator | None = None
+        self,
+        batch_size: int,
+        generator: torch.Generator | None = None,
+        order: torch.Tensor | None = None,
+        first: int = 0,
     ) -> Iterator[torch.Tensor]:
-        """One epoch of shuffled training batches (dynamic binarization drawn here)."""
+        """One epoch of shuffled training batches (dynamic binarization drawn here).
+
+        ``order``: the epoch's permutation when already drawn (else drawn here from
+        ``generator``); ``first``: the batch to start at (a run resumed mid-epoch)."""
         n = len(self.train)
-        order = torch.randperm(n, generator=generator)
+        if order is None:
+            order = torch.randperm(n, generator=generator)
         images = self.train.images
-        for start in range(0, n, batch_size):
+        for start in range(first * batch_size, n, batch_size):
             batch = images[order[start : start + batch_size]]
             if self.binarize == "dynamic":
                 batch = torch.bernoulli(batch, generator=generator)
             yield batch
+
+    def digests(self) -> dict[str, str]:
+        """SHA-256 of each split's images (values, dtype and shape), to tell whether a
+        run is resumed or evaluated on the data it was trained on. Kept until a split's
+        tensor is replaced or changed in place (its version counter moves)."""
+        result = {}
+        for split in ("train", "validation", "test"):
+            images = getattr(self, split).images
+            version = tensor_version(images)
+            cached = self._digests.get(split)
+            if version is not None and cached is not None and cached[0]() is images:
+                if cached[1] == version:
+                    result[split] = cached[2]
+                    continue
+            values = images.detach().cpu().contiguous()
+            hasher = hashlib.sha256(f"{values.dtype}{tuple(values.shape)}".encode())
+            hasher.update(values.view(-1).view(torch.uint8).numpy().data if values.numel() else b"")
+            result[split] = hasher.hexdigest()
+            self._digests[split] = (weakref.ref(images), version, result[split])
+        return result
 
     def evaluation_images(self, split: str = "test") -> torch.Tensor:
         """The images of ``split`` as the model should see them when evaluated.
@@ -200,6 +229,12 @@ def load_data(
     :param test_size: for your own data without a test set: the fraction held out.
     """
     _check_choice(binarize, BINARIZATIONS, "binarization")
+    _check_count(validation_size, "validation_size", minimum=0)
+    _check_count(seed, "seed", minimum=0)
+    if limit is not None:
+        _check_count(limit, "limit", minimum=1)
+    if isinstance(test_size, bool) or not isinstance(test_size, (int, float)):
+        raise DataError(f"test_size must be a number in (0, 1), got {test_size!r}")
     if not isinstance(name, (str, os.PathLike)):
         return VAEData.from_tensors(
             name,
@@ -241,6 +276,58 @@ def load_data(
     data = _assemble(str(name), shape, binarize, train, test, validation_size, seed)
     data.source = source
     return data
+
+
+def _check_count(value, what: str, minimum: int) -> None:
+    """``value`` is a whole number (not a bool, not 2.5) of at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise DataError(f"{what} must be a whole number >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise DataError(f"{what} must be >= {minimum}, got {value}")
+
+
+def _check_regular(path: Path) -> None:
+    """Refuse, before opening it, a path that is not a regular file (a FIFO would hang
+    the read, a device would never end)."""
+    import stat
+
+    try:
+        mode = path.stat().st_mode
+    except OSError as error:
+        raise DataError(f"{path} cannot be read ({error.strerror}): check the path") from None
+    if not stat.S_ISREG(mode):
+        raise DataError(
+            f"{path} is not a regular file (a pipe, socket or device): pass a .npy/.npz file "
+            f"or a folder of images"
+        )
+
+
+def _check_npy_header(path: Path) -> None:
+    """Refuse a ``.npy`` file whose header claims more bytes than the file holds (a
+    truncated or crafted file: numpy would try to allocate what the header claims)."""
+    from numpy.lib import format as npy
+
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as handle:
+            version = npy.read_magic(handle)
+            if version == (1, 0):
+                shape, _, dtype = npy.read_array_header_1_0(handle)
+            else:
+                shape, _, dtype = npy.read_array_header_2_0(handle)
+            offset = handle.tell()
+    except (OSError, ValueError, EOFError) as error:
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise DataError(f"{path} cannot be read as a numpy file ({first}): replace it") from None
+    if dtype.hasobject:
+        return  # (np.load refuses it: allow_pickle=False)
+    claimed = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if offset + claimed != size:
+        raise DataError(
+            f"{path}: its header describes an array of shape {tuple(shape)} ({claimed:,} "
+            f"bytes of {dtype}) but the file holds {size - offset:,} bytes of data: the file "
+            f"is truncated or not what it claims; replace it"
+        )
 
 
 def _check_choice(value, choices, what: str) -> None:
@@ -315,8 +402,10 @@ def _read_own(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
             test = _read_images(parts[1]) if parts[1].is_dir() else None
             return _read_images(parts[0]), test
         return _read_images(path), None
+    _check_regular(path)
     try:
         if path.suffix == ".npy":
+            _check_npy_header(path)
             return np.load(path, allow_pickle=False), None
         if path.suffix == ".npz":
             with np.load(path, allow_pickle=False) as arrays:
@@ -347,20 +436,55 @@ def _read_images(folder: Path) -> np.ndarray:
         raise DataError(
             f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)}): pass a folder of images"
         )
+    import warnings
+
     arrays = []
     for file in files:
+        _check_regular(file)
         try:
-            with Image.open(file) as image:
-                mode = "L" if image.mode in ("1", "L", "I", "I;16", "F", "P") else "RGB"
-                array = np.asarray(image.convert(mode), dtype=np.float32) / 255.0
-        except (OSError, UnidentifiedImageError) as error:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(file) as image:  # (reads the header only)
+                    width, height = image.size
+                    if width * height > MAX_IMAGE_PIXELS:
+                        raise DataError(
+                            f"{file} is {width}x{height} pixels, more than the "
+                            f"{MAX_IMAGE_PIXELS:,} an image may have here (a decompression "
+                            f"bomb, or not a training image): remove it, or resize it"
+                        )
+                    array = _grey_levels(image)
+        except (OSError, UnidentifiedImageError, ValueError) as error:
             raise DataError(f"{file} is not a readable image ({error}): remove it") from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+            raise DataError(
+                f"{file} is refused as a decompression bomb ({error}): remove it, or resize it"
+            ) from None
         arrays.append(array[None] if array.ndim == 2 else array.transpose(2, 0, 1))
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
         sizes = ", ".join(map(str, sorted(shapes)[:3]))
         raise DataError(f"{folder} holds images of {len(shapes)} sizes ({sizes}): resize them")
     return np.stack(arrays)
+
+
+#: the most pixels one image of a folder may have (64 megapixels: far above any image a
+#: VAE here trains on; a header claiming more is refused before anything is decoded)
+MAX_IMAGE_PIXELS = 1 << 26
+
+
+def _grey_levels(image) -> np.ndarray:
+    """An opened image as float32 levels in [0, 1], scaled by its bit depth: 8-bit
+    images by 255, 16-bit ones (PNG, TIFF: modes ``I;16*``, and ``I`` as Pillow opens a
+    16-bit PNG) by 65535, never clipped to 8 bits first."""
+    if image.mode.startswith("I;16") or (image.mode == "I" and image.format == "PNG"):
+        return np.asarray(image, dtype=np.float32) / 65535.0
+    if image.mode == "I":
+        raise DataError(
+            f"{image.filename} holds 32-bit integer pixels, which have no scale to grey "
+            f"levels: save it as an 8- or 16-bit image"
+        )
+    mode = "L" if image.mode in ("1", "L", "F", "P") else "RGB"
+    return np.asarray(image.convert(mode), dtype=np.float32) / 255.0
 
 
 def data_shape_of(dataset: str) -> tuple[int, ...]:

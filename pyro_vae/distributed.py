@@ -91,6 +91,59 @@ def init_from_environment(device: str = "cpu") -> bool:
     return True
 
 
+#: the shortest wait for another process in a collective, in seconds (once the step time
+#: is measured: :func:`set_collective_timeout`); ``PYRO_VAE_COLLECTIVE_TIMEOUT`` sets it
+MIN_COLLECTIVE_TIMEOUT = 60.0
+#: a collective waits this many times the measured step time before it gives up
+TIMEOUT_STEPS = 200
+
+
+def collective_timeout(step_seconds: float) -> float:
+    """How long a collective waits for the other processes, from the measured step
+    time: :data:`TIMEOUT_STEPS` steps, at least :data:`MIN_COLLECTIVE_TIMEOUT` seconds
+    (``$PYRO_VAE_COLLECTIVE_TIMEOUT`` where set), instead of the backend's 30 minutes."""
+    floor = float(os.environ.get("PYRO_VAE_COLLECTIVE_TIMEOUT", MIN_COLLECTIVE_TIMEOUT))
+    return max(floor, TIMEOUT_STEPS * step_seconds)
+
+
+def set_collective_timeout(seconds: float) -> None:
+    """Let every later collective of this process wait at most ``seconds`` for the
+    others: a hung process (stopped, swapping, deadlocked) becomes an error."""
+    if available():
+        try:
+            torch.distributed.set_timeout(datetime.timedelta(seconds=seconds))
+        except (RuntimeError, ValueError, AttributeError):  # (a backend without it)
+            pass
+
+
+#: what gloo and NCCL say when a peer is gone or does not answer
+_LOST = ("reset by peer", "closed by peer", "Broken pipe", "Connection refused", "EOF")
+_TIMEOUT = ("Timed out", "timed out", "Timeout", "timeout")
+
+
+def lost_peer(error: BaseException) -> tuple[str, str] | None:
+    """One line for a collective that failed because another process was lost
+    (``"lost"``) or stopped answering (``"timeout"``), under torchrun; ``None`` for any
+    other error."""
+    if not launched_by_torchrun() or not isinstance(error, RuntimeError):
+        return None
+    text = str(error).strip()
+    first = text.splitlines()[0][:160] if text else type(error).__name__
+    if any(marker in text for marker in _TIMEOUT):
+        return (
+            f"another training process stopped answering: a collective operation timed out "
+            f"({first}); the last checkpoint is intact: resume the run (`resume`)",
+            "timeout",
+        )
+    if any(marker in text for marker in _LOST):
+        return (
+            f"another training process was lost ({first}); the last checkpoint is intact: "
+            f"resume the run (`resume`)",
+            "lost",
+        )
+    return None
+
+
 def shutdown() -> None:
     if available():
         torch.distributed.destroy_process_group()
@@ -171,9 +224,20 @@ def average_step(
     gradient, and the floating-point buffers. A parameter keeps ``grad=None`` only if no
     rank produced a gradient for it (frozen, or unused by the programs). Returns the mean
     loss. With one process, nothing changes."""
+    return average_step_and_flag(loss, parameters, buffers, False)[0]
+
+
+def average_step_and_flag(
+    loss: float,
+    parameters: Sequence[torch.Tensor],
+    buffers: Sequence[torch.Tensor],
+    flag: bool,
+) -> tuple[float, bool]:
+    """:func:`average_step`, and whether ``flag`` is set on any rank (a rank asked to
+    stop: every rank learns it in the same step, in the same all-reduce)."""
     size = world_size()
     if size == 1:
-        return loss
+        return loss, flag
     floats = [b for b in buffers if b.is_floating_point()]
     first = parameters[0] if parameters else torch.zeros(())
     # in the parameters' own dtype: the sum of two float32 gradients is one rounding,
@@ -181,7 +245,7 @@ def average_step(
     dtype, device = first.dtype, first.device
     present = [p.grad is not None for p in parameters]
     pieces = [
-        torch.tensor([loss, *present], dtype=dtype, device=device),
+        torch.tensor([loss, float(flag), *present], dtype=dtype, device=device),
         *[
             (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(dtype)
             for p in parameters
@@ -192,8 +256,9 @@ def average_step(
     torch.distributed.all_reduce(flat)
     flat /= size
     mean_loss = float(flat[0])
-    offset = 1 + len(parameters)
-    got = flat[1:offset]
+    any_flag = float(flat[1]) > 0
+    offset = 2 + len(parameters)
+    got = flat[2:offset]
     for p, seen in zip(parameters, got.tolist()):
         n = p.numel()
         p.grad = flat[offset : offset + n].view(p.shape).to(p.dtype) if seen > 0 else None
@@ -203,4 +268,4 @@ def average_step(
             n = b.numel()
             b.copy_(flat[offset : offset + n].view(b.shape))
             offset += n
-    return mean_loss
+    return mean_loss, any_flag

@@ -305,3 +305,72 @@ def test_a_real_full_disk_is_one_line_and_the_last_checkpoint_stays(finished, ca
             ["train", "--resume", "--epochs", "3", "--quiet", "--out", out], capsys
         )
         assert code == 0, err
+
+
+# ---------------------------------------------------------------------- links, records (#27)
+#: what a hostile user links away in a finished run, and where
+LINKED = [".lock", "plots", "checkpoint.pt", "metrics.jsonl", "config.json", "report.md"]
+LINK_WRITERS = {
+    "train --resume": lambda out: ["train", *TINY_RUN, "--epochs", "2", "--resume", "--out", out],
+    "train --resume auto": lambda out: [
+        "train",
+        *TINY_RUN,
+        "--epochs",
+        "1",
+        "--eval-samples",
+        "5",
+        "--resume",
+        "auto",
+        "--out",
+        out,
+    ],  # fmt: skip
+    "train --overwrite": lambda out: [
+        "train",
+        *TINY_RUN,
+        "--epochs",
+        "1",
+        "--overwrite",
+        "--out",
+        out,
+    ],  # fmt: skip
+    "sample": lambda out: ["sample", out, "--n", "4"],
+}
+
+
+@settings(SETTINGS, max_examples=12)
+@given(
+    name=st.sampled_from(LINKED),
+    writer=st.sampled_from(sorted(LINK_WRITERS)),
+    records=st.sampled_from(["intact", "metrics cut", "metrics extra line", "evaluation cut"]),
+)
+def test_fuzzed_links_and_damaged_records_never_carry_a_write_out_of_the_run(
+    name, writer, records, finished, capsys
+):
+    """A link planted in a finished run, with its records damaged or not: every writer
+    succeeds or answers in one line, and the link's target is never written."""
+    with tempfile.TemporaryDirectory() as scratch:
+        out, elsewhere = Path(scratch) / "run", Path(scratch) / "elsewhere"
+        shutil.copytree(finished, out)
+        elsewhere.mkdir()
+        (elsewhere / "v").write_text("the user's file")
+        (elsewhere / "samples-4.png").write_text("the user's picture")
+        if records == "metrics cut":
+            (out / "metrics.jsonl").write_bytes((out / "metrics.jsonl").read_bytes()[:-9])
+        elif records == "metrics extra line":
+            with open(out / "metrics.jsonl", "a") as handle:
+                handle.write('{"epoch": 2, "train_elbo": NaN}\n')
+        elif records == "evaluation cut":
+            (out / "evaluation.json").write_text((out / "evaluation.json").read_text()[:30])
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+            path.symlink_to(elsewhere, target_is_directory=True)
+        else:
+            path.unlink(missing_ok=True)
+            path.symlink_to(elsewhere / "v")
+        before = digest(elsewhere)
+        code, _, err = run_cli(LINK_WRITERS[writer](out), capsys)
+        assert code in (0, 2), (writer, name, code, err)
+        if code:
+            assert len(err.strip().splitlines()) == 1 and "symbolic link" in err, err
+        assert digest(elsewhere) == before, (writer, name, err)

@@ -36,7 +36,7 @@ from pyro_vae.config import (
     TrainConfig,
     with_protocol,
 )
-from pyro_vae.errors import NonFiniteError, UserInputError
+from pyro_vae.errors import DistributedError, NonFiniteError, Preempted, UserInputError
 from pyro_vae.objectives.registry import ESTIMATORS
 from pyro_vae.resources import check_device
 
@@ -324,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--out", type=Path, help="PNG file (default RUN_DIR/plots/samples-N.png)")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--draw", action="store_true", help="draw x ~ p(x|z) instead of its mean")
+    sample.add_argument(
+        "--overwrite", action="store_true", help="replace the file --out names if it exists"
+    )
 
     reproduce = commands.add_parser(
         "reproduce",
@@ -765,30 +768,42 @@ def _train(args: argparse.Namespace, argv: list[str] | None) -> int:
             raise UserInputError("--resume needs the run folder: pass --out")
         args.out = _timestamped_out()
     out: Path = args.out
+    start_over = args.resume == "auto"
     if args.resume == "auto":  # requeue-safe: continue a run that has a checkpoint, or start it
+        # (a folder stopped before its first checkpoint is started over: nothing was trained)
         args.resume = "always" if (out / "checkpoint.pt").is_file() else None
     prepared = None
     if not args.resume:
         config = resolve_config(args)
         prepared = prepare_run(config)
     with RunLock(out, command_line(argv)):
-        return _train_locked(args, argv, out, prepared)
+        return _train_locked(args, argv, out, prepared, start_over)
 
 
-def _train_locked(args, argv, out: Path, prepared) -> int:
-    from pyro_vae.app.runs import check_run_dir, holds_run, move_aside, recover, run_config
+def _train_locked(args, argv, out: Path, prepared, start_over: bool = False) -> int:
+    from pyro_vae.app.runs import (
+        check_no_links,
+        check_run_data,
+        check_run_dir,
+        holds_run,
+        move_aside,
+        recover,
+        run_config,
+    )
     from pyro_vae.training.checkpoint import load_checkpoint
 
+    check_no_links(out)  # (before anything in it is moved, read or written)
     note = recover(out)
     if note:
         print(note, file=sys.stderr)
-    check_run_dir(out, args.resume, args.overwrite)
+    check_run_dir(out, args.resume, args.overwrite, start_over=start_over)
     if args.resume:
         checkpoint = load_checkpoint(out / "checkpoint.pt")  # verified: digest, structure
         config = _resumed_config(args, out, run_config(out, checkpoint))
         if _nothing_to_add(config, checkpoint, out):
             return 0
         prepared = prepare_run(config)
+        check_run_data(checkpoint, prepared.data, "resume")
         prepared.start_epoch = checkpoint["epoch"]
     replacing = args.overwrite and holds_run(out)
     if replacing:
@@ -796,6 +811,9 @@ def _train_locked(args, argv, out: Path, prepared) -> int:
     transaction = _Transaction(out, replacing)
     try:
         return run_training(prepared, out, args, argv, transaction)
+    except Preempted:
+        transaction.commit()  # the checkpoint holds the position: the run stands
+        raise
     except BaseException:
         transaction.rollback()
         raise
@@ -851,12 +869,22 @@ def _nothing_to_add(config: RunConfig, checkpoint: dict[str, Any], out: Path) ->
     trained, evaluated and reported, the report written after the checkpoint and the
     evaluation (a run stopped between those, e.g. killed while writing its plots, is
     finished by running it again: its report is refreshed)."""
+    from pyro_vae.app.runs import evaluation_damage, repair_metrics
+
     done = checkpoint["epoch"]
     finished = checkpoint["stopped_early"] or done >= config.train.epochs
     evaluation, report = out / "evaluation.json", out / "report.md"
     evaluated = not config.train.eval_samples or evaluation.exists()
+    if finished and evaluated and evaluation.exists():
+        damage = evaluation_damage(evaluation)
+        if damage is not None:  # evaluated again, written whole
+            print(f"note: {damage}: the run is evaluated again", file=sys.stderr)
+            evaluated = False
     if not (finished and evaluated and report.exists()):
         return False
+    note = repair_metrics(out, checkpoint["history"])
+    if note:
+        print(note, file=sys.stderr)
     written_before = [p for p in (out / "checkpoint.pt", evaluation) if p.exists()]
     if any(report.stat().st_mtime_ns < p.stat().st_mtime_ns for p in written_before):
         return False
@@ -944,6 +972,8 @@ def _follow(args: argparse.Namespace) -> int:
         _follow_fit(prepared, payload)
     except NonFiniteError:
         return 1  # all processes stop together; the first says why
+    except Preempted as stop:
+        return stop.status  # (the first process says where the run stopped)
     if config.train.eval_samples:  # its share of the final evaluation
         images = final_evaluation_images(config, prepared.data).to(config.train.device)
         evaluate(prepared.vae, images, config.train.eval_samples)
@@ -968,8 +998,6 @@ def _follow_fit(prepared: PreparedRun, payload: dict[str, Any]) -> None:
 
 def _launch_torchrun(nproc: int, argv: list[str] | None) -> int:
     """``--nproc N``: run this command again under ``torchrun --standalone``."""
-    import subprocess
-
     if nproc < 1:
         raise UserInputError(f"--nproc must be >= 1, got {nproc}")
     args = list(sys.argv[1:] if argv is None else argv)
@@ -981,17 +1009,57 @@ def _launch_torchrun(nproc: int, argv: list[str] | None) -> int:
             skip = True
         elif not arg.startswith("--nproc="):
             kept.append(arg)
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        "-m",
-        "pyro_vae",
-        *kept,
-    ]
-    return subprocess.call(command)
+    import logging
+    import os
+
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    # torchrun's agent, in this process: its failure summary (40 lines, with a traceback)
+    # is replaced by one line; the processes print their own errors (the first alone)
+    for name in [*logging.root.manager.loggerDict, "torch.distributed"]:
+        if name.startswith("torch.distributed"):  # (each sets a level of its own)
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    os.environ[LAUNCHED_BY_NPROC] = "1"
+    options = torchrun.get_args_parser().parse_args(
+        ["--standalone", f"--nproc-per-node={nproc}", "-m", "pyro_vae", *kept]
+    )
+    try:
+        torchrun.run(options)
+    except ChildFailedError as failed:
+        return _failed_processes(failed, nproc)
+    except SignalException as stop:  # (the agent passed the signal on to the processes)
+        return 128 + int(stop.sigval)
+    finally:
+        os.environ.pop(LAUNCHED_BY_NPROC, None)
+    return 0
+
+
+#: set for the processes that ``train --nproc`` starts: a lost process is named by the
+#: launcher, which knows which one it was, rather than by the processes that lost it
+LAUNCHED_BY_NPROC = "PYRO_VAE_NPROC"
+
+
+def _failed_processes(failed: Any, nproc: int) -> int:
+    """The exit status of a failed ``--nproc`` run, and one line if a process was lost
+    (killed by a signal) rather than stopped by an error it printed itself."""
+    import signal as signals
+
+    rank, failure = failed.get_first_failure()
+    if failure.exitcode < 0:  # the first to fail was killed: it could not say why
+        try:
+            name = signals.Signals(-failure.exitcode).name
+        except ValueError:
+            name = f"signal {-failure.exitcode}"
+        print(
+            f"pyro-vae train: stopped: training process {rank} (of {nproc}) was "
+            f"lost (killed by {name}); the last checkpoint is intact: run the same command "
+            f"with --resume auto",
+            file=sys.stderr,
+        )
+        return 1
+    return failure.exitcode if failure.exitcode > 0 else 1
 
 
 @dataclasses.dataclass
@@ -1259,9 +1327,21 @@ def _reproduce(args: argparse.Namespace) -> int:
     """Each cell is a ``train --protocol iwae --resume auto`` of its own folder (started,
     continued or left as it is), then the table is gathered from the folders."""
     from pyro_vae.app.reproduce import gather, markdown, select_cells
+    from pyro_vae.app.runs import holds_run
     from pyro_vae.io import atomic_write_json, atomic_write_text
 
     cells = select_cells(args.table, args.cells)
+    if holds_run(args.out):
+        raise UserInputError(
+            f"--out {args.out} holds a training run: reproduce keeps a table of cells, each "
+            f"a run folder of its own, in a folder of its own; choose another --out"
+        )
+    for cell in cells:
+        if (args.out / cell.name).is_symlink():
+            raise UserInputError(
+                f"{args.out / cell.name} is a symbolic link: pyro-vae never writes through a "
+                f"link; remove it, or choose another --out"
+            )
     parser = build_parser()
     options = []
     for flag in ("data_dir", "epochs", "eval_samples", "eval_images", "dataset", "limit", "device"):
@@ -1302,7 +1382,10 @@ def _reproduce(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from pyro_vae.app.runs import load_run
+    import contextlib
+
+    from pyro_vae.app.runs import check_no_links, load_run
+    from pyro_vae.io import atomic_write_bytes, confined, make_folder
 
     if args.n < 1:
         raise UserInputError(f"--n must be >= 1, got {args.n}")
@@ -1311,6 +1394,14 @@ def _sample(args: argparse.Namespace) -> int:
         raise UserInputError(f"--out {out} is a folder: pass a PNG file name")
     if out.suffix.lower() != ".png":
         raise UserInputError(f"--out {out} must end in .png")
+    if args.out is not None and (out.exists() or out.is_symlink()) and not args.overwrite:
+        raise UserInputError(
+            f"--out {out} exists: pass --overwrite to replace it, or another file name"
+        )
+    # the default file is the run's own (RUN/plots): no link there is followed
+    inside = args.out is None
+    if inside:
+        check_no_links(args.run_dir)
     config, vae, _, _ = load_run(args.run_dir, with_data=False)  # sampling needs no data
     from pyro_vae.resources import check_sampling_fits
 
@@ -1325,8 +1416,15 @@ def _sample(args: argparse.Namespace) -> int:
     scale = -(-32 // min(samples.shape[-2:]))  # small images (8x8 digits) scaled up
     if scale > 1:
         samples = torch.nn.functional.interpolate(samples, scale_factor=scale, mode="nearest")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_image(samples.clamp(0, 1), out, nrow=max(1, int(args.n**0.5)), padding=1, pad_value=1.0)
+    import io
+
+    buffer = io.BytesIO()
+    grid = samples.clamp(0, 1)
+    save_image(grid, buffer, format="png", nrow=max(1, int(args.n**0.5)), padding=1, pad_value=1.0)
+    with confined(args.run_dir) if inside else contextlib.nullcontext():
+        make_folder(out.parent)
+        # a file that appeared meanwhile is still not replaced without --overwrite
+        atomic_write_bytes(buffer.getvalue(), out, replace=args.overwrite or inside)
     print(out)
     return 0
 
@@ -1339,6 +1437,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if "torch" not in sys.modules:  # (torch under a low `ulimit -v` aborts, unexplained)
+        from pyro_vae.resources import address_space_problem
+
+        limit = address_space_problem()
+        if limit is not None:
+            _say(f"pyro-vae {args.command}: stopped: {limit}")
+            return 1
     try:
         if args.command == "train":
             return _train(args, argv)
@@ -1355,22 +1460,56 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "diagnose":
             return _diagnose(args)
     except UserInputError as error:
-        print(f"pyro-vae {args.command}: error: {as_flags(str(error))}", file=sys.stderr)
+        _say(f"pyro-vae {args.command}: error: {as_flags(str(error))}")
         return 2
     except NonFiniteError as error:
-        print(f"pyro-vae {args.command}: stopped: {as_flags(str(error))}", file=sys.stderr)
+        _say(f"pyro-vae {args.command}: stopped: {as_flags(str(error))}")
+        return 1
+    except Preempted as stop:
+        _say(f"pyro-vae {args.command}: {_preempted_line(str(stop))}")
+        return stop.status
+    except DistributedError as error:
+        _say(f"pyro-vae {args.command}: stopped: {as_flags(str(error))}")
         return 1
     except KeyboardInterrupt:
-        print(f"pyro-vae {args.command}: interrupted", file=sys.stderr)
+        _say(f"pyro-vae {args.command}: interrupted")
         return 130
-    except (OSError, MemoryError, RuntimeError) as error:
+    except (OSError, MemoryError, RuntimeError, ImportError) as error:
+        from pyro_vae import distributed
+
+        lost = distributed.lost_peer(error)
+        if lost is not None:
+            import os
+
+            # under --nproc the launcher names the lost process (it knows which)
+            if not (lost[1] == "lost" and os.environ.get(LAUNCHED_BY_NPROC)):
+                _say(f"pyro-vae {args.command}: stopped: {_preempted_line(lost[0])}")
+            return 1
         problem = environment_problem(error)
         if problem is None:
             raise
         message, status = problem
-        print(f"pyro-vae {args.command}: {message}", file=sys.stderr)
+        _say(f"pyro-vae {args.command}: {message}")
         return status
     return 0
+
+
+def _say(line: str) -> None:
+    """An error's one line on stderr: from the only process, or under torchrun from the
+    first alone (the others stop with the same status, quietly)."""
+    import os
+
+    if os.environ.get("RANK", "0") in ("0", "") or "WORLD_SIZE" not in os.environ:
+        print(line, file=sys.stderr)
+
+
+def _preempted_line(message: str) -> str:
+    """The library's stop message in the command line's words: run the same command."""
+    return (
+        as_flags(message)
+        .replace("resume the run (`resume`)", "run the same command with --resume auto")
+        .replace("resume the run", "run the same command with --resume auto")
+    )
 
 
 #: library names of settings that the command line spells differently
@@ -1404,6 +1543,7 @@ _ENVIRONMENT = {
     errno.EROFS: "read-only file system",
     errno.EIO: "input/output error (failing disk?)",
     errno.ENOMEM: "out of memory",
+    errno.EFBIG: "file size limit exceeded (ulimit -f, or the file system's largest file)",
 }
 
 
@@ -1426,6 +1566,14 @@ def environment_problem(error: BaseException) -> tuple[str, int] | None:
             2,
         )
     text = str(error)
+    if isinstance(error, ImportError):
+        if "failed to map segment" in text or "cannot allocate memory" in text.lower():
+            return (
+                f"stopped: out of memory while loading a library ({text.splitlines()[0][:120]}):"
+                f" raise the memory limit (ulimit -v) or free memory",
+                1,
+            )
+        return None
     if (
         isinstance(error, MemoryError)
         or "can't allocate memory" in text

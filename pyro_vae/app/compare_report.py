@@ -37,10 +37,14 @@ def run_line(run: dict[str, Any], eval_samples: int) -> str:
 
 
 def write_csv(path: Path, summary: list[dict[str, Any]]) -> None:
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(summary[0]))
-        writer.writeheader()
-        writer.writerows(summary)
+    """The summary as CSV, written atomically (never through a link at ``path``)."""
+    import io
+
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=list(summary[0]))
+    writer.writeheader()
+    writer.writerows(summary)
+    atomic_write_text(buffer.getvalue(), path)
 
 
 # ------------------------------------------------------------------ markdown

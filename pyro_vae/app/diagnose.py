@@ -42,6 +42,7 @@ def diagnose(
     if out.exists() and not out.is_dir():
         raise UserInputError(f"--out {out} is a file: pass a folder")
     _refuse_to_overwrite(out, overwrite)
+    _refuse_another_run(out, run_dir, overwrite)
     diagnosis = compute_diagnosis(run_dir, **settings)
     write_locked(out, diagnosis, run_dir, overwrite)
     return diagnosis.to_dict()
@@ -113,6 +114,19 @@ def select_images(count: int, images: int, image_ids: Sequence[int] | None) -> l
     return ids
 
 
+def _refuse_another_run(out: Path, run_dir: Path, overwrite: bool) -> None:
+    """Diagnostics never go into another run's folder (its plots/ and files are its
+    own) unless asked to (``overwrite``); nor through a link in the folder."""
+    from pyro_vae.app.runs import check_no_links, holds_run
+
+    if out.is_dir() and holds_run(out) and out.resolve() != run_dir.resolve() and not overwrite:
+        raise UserInputError(
+            f"--out {out} is the folder of another run: diagnostics of {run_dir} go into a "
+            f"folder of their own; choose another --out (or pass --overwrite to write there)"
+        )
+    check_no_links(out)
+
+
 def _refuse_to_overwrite(out: Path, overwrite: bool) -> None:
     if (out / "diagnostics.json").exists() and not overwrite:
         raise UserInputError(
@@ -124,9 +138,11 @@ def write_locked(out: Path, diagnosis: Diagnosis, run_dir: Path, overwrite: bool
     """The diagnosis's files in ``out``, locked; inside the run folder, the run's own lock
     (a ``train --overwrite`` moves that folder)."""
     from pyro_vae.app.runs import RunLock
+    from pyro_vae.io import make_folder
 
     inside = out.resolve().is_relative_to(run_dir.resolve())
     with RunLock(run_dir if inside else out, f"pyro-vae diagnose {run_dir}"):
-        out.mkdir(parents=True, exist_ok=True)
+        make_folder(out)
         _refuse_to_overwrite(out, overwrite)
+        _refuse_another_run(out, run_dir, overwrite)
         write_diagnosis(out, diagnosis)

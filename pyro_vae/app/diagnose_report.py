@@ -29,6 +29,9 @@ def write_diagnosis(out: Path, diagnosis: Diagnosis) -> list[Path]:
 
 def _write_netcdf(idata, path: Path) -> None:
     """ArviZ's netCDF file, written beside ``path`` and renamed over it (atomic)."""
+    from pyro_vae.io import check_no_link
+
+    check_no_link(path)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         idata.to_netcdf(str(temporary))

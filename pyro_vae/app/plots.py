@@ -195,10 +195,10 @@ def _save(fig, path: str | Path) -> Path:
 
     import matplotlib.pyplot as plt
 
-    from pyro_vae.io import atomic_write_bytes
+    from pyro_vae.io import atomic_write_bytes, make_folder
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent)  # (no link in a run folder: see pyro_vae.io)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, dpi=110, format="png")

@@ -100,26 +100,33 @@ def gather(cells: list[Cell], out: Path) -> list[dict[str, Any]]:
             "projected_hours_for_protocol": None,
         }
         metrics = folder / "metrics.jsonl"
-        if metrics.exists():
-            epochs = [json.loads(line) for line in metrics.read_text().splitlines() if line]
-            if epochs:
-                seconds = [e["seconds"] for e in epochs]
-                per_pass = sorted(seconds)[len(seconds) // 2]  # the median pass
+        try:
+            if metrics.exists():
+                epochs = [json.loads(line) for line in metrics.read_text().splitlines() if line]
+                if epochs:
+                    seconds = [e["seconds"] for e in epochs]
+                    per_pass = sorted(seconds)[len(seconds) // 2]  # the median pass
+                    row.update(
+                        passes=len(epochs),
+                        seconds_per_pass=per_pass,
+                        projected_hours_for_protocol=per_pass * IWAE_PASSES / 3600,
+                        last_test_elbo=epochs[-1]["test_elbo"],
+                    )
+            evaluation = folder / "evaluation.json"
+            if evaluation.exists():
+                result = json.loads(evaluation.read_text())
                 row.update(
-                    passes=len(epochs),
-                    seconds_per_pass=per_pass,
-                    projected_hours_for_protocol=per_pass * IWAE_PASSES / 3600,
-                    last_test_elbo=epochs[-1]["test_elbo"],
+                    measured_nll=result["test_nll"],
+                    measured_nll_sem=result["test_log_likelihood_sem"],
+                    importance_samples=result["importance_samples"],
+                    test_images=result["points"],
                 )
-        evaluation = folder / "evaluation.json"
-        if evaluation.exists():
-            result = json.loads(evaluation.read_text())
-            row.update(
-                measured_nll=result["test_nll"],
-                measured_nll_sem=result["test_log_likelihood_sem"],
-                importance_samples=result["importance_samples"],
-                test_images=result["points"],
-            )
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
+            reason = str(error).splitlines()[0][:120] if str(error) else type(error).__name__
+            raise UserInputError(
+                f"the records of cell {cell.name} in {folder} are damaged ({reason}): run the "
+                f"same command again, which rewrites them from the cell's checkpoint"
+            ) from None
         rows.append(row)
     return rows
 

@@ -10,6 +10,7 @@ atomically.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import platform
@@ -62,6 +63,7 @@ class RunLock:
         self.command = command
         self._descriptor: int | None = None
         self._created = False
+        self._confinement: Any = None
 
     def __enter__(self) -> RunLock:
         self.acquire()
@@ -71,11 +73,18 @@ class RunLock:
         self.release()
 
     def acquire(self) -> None:
+        from pyro_vae.io import LinkError, confined
+
         if self.folder.exists() and not self.folder.is_dir():
             raise UserInputError(f"--out {self.folder} is a file: pass a folder for the run")
         self._created = not self.folder.exists()
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / LOCK
+        if path.is_symlink():  # (O_NOFOLLOW below refuses it too, atomically)
+            raise LinkError(
+                f"{path} is a symbolic link: pyro-vae never writes through a link; remove "
+                f"it (a run folder's .lock is a file of its own)"
+            )
         try:
             import fcntl
         except ImportError:  # pragma: no cover - not POSIX: no lock, say so
@@ -85,11 +94,20 @@ class RunLock:
             return
         while True:
             try:
-                descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+                descriptor = os.open(
+                    path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644
+                )
             except FileNotFoundError:  # the holder removed the folder it had created
                 self._created = True
                 self.folder.mkdir(parents=True, exist_ok=True)
                 continue
+            except OSError as error:
+                if error.errno != errno.ELOOP:
+                    raise
+                raise LinkError(
+                    f"{path} is a symbolic link: pyro-vae never writes through a link; "
+                    f"remove it (a run folder's .lock is a file of its own)"
+                ) from None
             try:
                 fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
@@ -110,6 +128,8 @@ class RunLock:
                 break
             os.close(descriptor)
         self._descriptor = descriptor
+        self._confinement = confined(self.folder)  # no write below it follows a link
+        self._confinement.__enter__()
         try:  # who holds it, for the refusal of a second writer (best effort: disk full)
             os.ftruncate(descriptor, 0)
             os.write(descriptor, f"PID {os.getpid()}: {self.command}".encode()[:4000])
@@ -117,6 +137,9 @@ class RunLock:
             pass
 
     def release(self) -> None:
+        if self._confinement is not None:
+            self._confinement.__exit__(None, None, None)
+            self._confinement = None
         if self._descriptor is None:
             return
         try:  # deleted while still held: see the class docstring
@@ -130,6 +153,25 @@ class RunLock:
             self._descriptor = None
 
 
+def check_no_links(out: Path) -> None:
+    """Refuse a run folder in which a file or folder this package writes is a link
+    (``RUN/plots -> ~/photos``, ``RUN/checkpoint.pt -> ~/thesis.tex``): one line naming
+    it, before anything is read or written (the writes refuse it too, one by one)."""
+    from pyro_vae.io import check_no_link
+
+    if not out.is_dir():
+        return
+    with os.scandir(out) as entries:
+        for entry in entries:
+            if entry.is_symlink() and (entry.name in RUN_FILES or entry.name.startswith(".")):
+                check_no_link(Path(entry.path))  # (raises: it is a link)
+            elif entry.name in RUN_FILES and entry.is_dir(follow_symlinks=False):
+                with os.scandir(entry.path) as inner:
+                    for item in inner:
+                        if item.is_symlink():
+                            check_no_link(Path(item.path))
+
+
 def holds_run(out: Path) -> bool:
     """Whether ``out`` holds a run (a checkpoint or a config.json)."""
     return (out / "checkpoint.pt").exists() or (out / "config.json").exists()
@@ -140,9 +182,22 @@ def is_empty(out: Path) -> bool:
     return not out.exists() or all(p.name in _OURS for p in out.iterdir())
 
 
-def check_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
+def never_trained(out: Path) -> bool:
+    """Whether ``out`` holds a run stopped before its first checkpoint: a config.json,
+    no checkpoint.pt or metrics, nothing but this package's files. Nothing was trained,
+    so starting it again loses nothing (``--resume auto`` does)."""
+    if not out.is_dir() or not (out / "config.json").is_file():
+        return False
+    if (out / "checkpoint.pt").exists() or (out / "metrics.jsonl").exists():
+        return False
+    return all(p.name in _OURS or p.name in ("config.json", "tensorboard") for p in out.iterdir())
+
+
+def check_run_dir(out: Path, resume: bool, overwrite: bool, start_over: bool = False) -> None:
     """Refuse to clobber anything: explain what is there and which flag to pass.
 
+    ``start_over``: a folder that :func:`never_trained` may be started again (the
+    ``--resume auto`` of a run stopped before its first checkpoint).
     Called while holding the folder's :class:`RunLock`, after :func:`recover`."""
     if out.exists() and not out.is_dir():
         raise UserInputError(f"--out {out} is a file: pass a folder for the run")
@@ -167,7 +222,7 @@ def check_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
                 f"--resume first"
             )
         return
-    if is_empty(out):
+    if is_empty(out) or (start_over and never_trained(out)):
         return
     if overwrite:
         if holds_run(out):
@@ -257,6 +312,85 @@ def _trained_epochs(path: Path) -> int:
         return 0
 
 
+# ---------------------------------------------------------------------- records checked
+#: what every evaluation.json holds, as finite numbers (the report and tables read them)
+EVALUATION_NUMBERS = ("test_elbo", "test_log_likelihood", "test_nll", "importance_samples")
+
+
+def metrics_damage(out: Path, history: list[dict[str, Any]]) -> str | None:
+    """How ``out/metrics.jsonl`` departs from the checkpoint's ``history`` (each line is
+    ``dumps_json`` of one epoch), or ``None`` when it matches line for line."""
+    from pyro_vae.io import dumps_json
+
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        return "it is missing" if history else None
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        return f"it cannot be read ({error})"
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    else:
+        return "its last line is cut short"
+    for number, line in enumerate(lines, start=1):
+        if number > len(history):
+            return f"it has {len(lines)} lines for the checkpoint's {len(history)} epochs"
+        if line != dumps_json(history[number - 1]):
+            try:
+                json.loads(line)
+            except json.JSONDecodeError:
+                return f"line {number} is not valid JSON"
+            return f"line {number} differs from epoch {number} of the checkpoint"
+    if len(lines) < len(history):
+        return f"it has {len(lines)} lines for the checkpoint's {len(history)} epochs"
+    return None
+
+
+def repair_metrics(out: Path, history: list[dict[str, Any]]) -> str | None:
+    """Rewrite a damaged ``metrics.jsonl`` from the checkpoint's history (the truth,
+    covered by its digest); returns a note saying what was wrong, or ``None``."""
+    from pyro_vae.io import atomic_write_text, dumps_json
+
+    damage = metrics_damage(out, history)
+    if damage is None:
+        return None
+    atomic_write_text("".join(dumps_json(e) + "\n" for e in history), out / "metrics.jsonl")
+    return (
+        f"note: {out / 'metrics.jsonl'} was damaged ({damage}): rewritten from the "
+        f"checkpoint's history"
+    )
+
+
+def evaluation_damage(path: Path) -> str | None:
+    """Why ``evaluation.json`` cannot be used (not JSON, numbers missing or not finite),
+    or ``None`` when it can."""
+    import math
+
+    try:
+        result = read_json(path, "evaluation file")
+    except UserInputError as error:
+        return str(error)
+    if not isinstance(result, dict):
+        return f"{path} does not hold a JSON object"
+    for key in EVALUATION_NUMBERS:
+        value = result.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"{path} has no number {key!r}"
+        if not math.isfinite(value):
+            return f"{path} has a non-finite {key!r}"
+    return None
+
+
+def check_run_data(checkpoint: dict[str, Any], data: Any, action: str) -> None:
+    """Refuse to ``action`` a run on data other than those it was trained on (the
+    checkpoint keeps their SHA-256 by split)."""
+    from pyro_vae.training.trainer import check_data_digest
+
+    check_data_digest(checkpoint.get("data_digest"), data.digests(), action)
+
+
 def config_differences(saved: dict[str, Any], given: dict[str, Any]) -> list[str]:
     """``section.key: saved -> given`` for every setting that differs."""
     differences = []
@@ -337,6 +471,8 @@ def load_run(run_dir: str | Path, device: str = "cpu", best: bool = True, with_d
     if best and checkpoint.get("stopped_early") and (run_dir / "best.pt").exists():
         checkpoint = load_checkpoint(run_dir / "best.pt")
     data = config.data.load(config.train.seed) if with_data else None
+    if data is not None:
+        check_run_data(checkpoint, data, "evaluate")
     shape = data.data_shape if data is not None else data_shape_of(config.data.dataset)
     vae = build_vae(config.model, shape)
     load_parameters(vae, checkpoint["model"], run_dir)

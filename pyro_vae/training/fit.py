@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import weakref
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -109,6 +110,10 @@ def fit(
         raise UserInputError("the training set is empty: pass data with at least one point")
     check_data_once(vae, data)
     if run_dir is not None:
+        if not isinstance(run_dir, (str, os.PathLike)):
+            raise UserInputError(f"run_dir must be a folder's path, got {type(run_dir).__name__}")
+        if Path(run_dir).exists() and not Path(run_dir).is_dir():
+            raise UserInputError(f"run_dir {run_dir} is a file: pass a folder for the run")
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         if saved_config is None and not resume:
             described = described_run(vae, data, config)

@@ -19,6 +19,7 @@ model and guide skip ``pyro.module`` while training (see
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -35,13 +36,14 @@ from pyro_vae import distributed
 from pyro_vae.analysis.evaluation import active_units, evaluate_elbo, evaluation_mode, fixed_subset
 from pyro_vae.config import TrainConfig
 from pyro_vae.data import VAEData
-from pyro_vae.errors import CheckpointError, NonFiniteError
+from pyro_vae.errors import CheckpointError, NonFiniteError, Preempted, UserInputError
 from pyro_vae.io import atomic_write_text, dumps_json
 from pyro_vae.models.protocol import forked_rng, plate_nesting, private_param_store, scaled
 from pyro_vae.models.vae import param_store_registration
 from pyro_vae.objectives.capture import CompiledLoss, capture_pays, largest
 from pyro_vae.objectives.free_bits import FreeBitsELBO
 from pyro_vae.objectives.registry import Objective, check_estimator_fits, make_elbo
+from pyro_vae.training import preemption
 from pyro_vae.training.checkpoint import (
     load_checkpoint,
     non_finite,
@@ -57,6 +59,8 @@ METRICS = "metrics.jsonl"
 #: Adam squares every gradient entry into its second moment: entries above this overflow
 #: float32 there (sqrt of float32's largest value), leaving inf in the optimizer state
 GRADIENT_LIMIT = math.sqrt(torch.finfo(torch.float32).max)
+#: under torchrun: steps timed before the collectives' timeout is set from their time
+TIMED_STEPS = 5
 
 
 @dataclass
@@ -136,6 +140,15 @@ class Trainer:
         self.best_elbo = -math.inf
         self.epochs_since_best = 0
         self.finished = False
+        #: where a run stopped inside an epoch (a preempted run): steps done in the epoch,
+        #: the partial sums of its bound, and the data generator's state before the
+        #: epoch's permutation was drawn (the permutation is drawn again from it)
+        self.position: dict[str, Any] | None = None
+        #: the step-path decision (captured graph or eager) of the run as started, kept so
+        #: that a resumed run takes the same path (the two agree in the parameters bit for
+        #: bit but may round the reported bound differently)
+        self._compiled: tuple[bool, int] | None = None
+        self.data_digest = data.digests()
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -152,6 +165,9 @@ class Trainer:
             "best_elbo": self.best_elbo,
             "epochs_since_best": self.epochs_since_best,
             "finished": self.finished,
+            "position": self.position,
+            "data_digest": self.data_digest,
+            **({"compiled": list(self._compiled)} if self._compiled is not None else {}),
             # every process's RNGs (the data order is shared; the noise is each rank's)
             **(
                 {"rng_ranks": distributed.gather_objects(rng_state(self.data_generator))}
@@ -178,11 +194,15 @@ class Trainer:
             self.best_elbo = float(state["best_elbo"])
             self.epochs_since_best = int(state["epochs_since_best"])
             self.finished = bool(state["finished"])
+            self.position = _checked_position(state.get("position"), self.steps_per_epoch)
+            compiled = state.get("compiled")
+            self._compiled = (bool(compiled[0]), int(compiled[1])) if compiled else None
         except (KeyError, RuntimeError, ValueError, TypeError) as error:
             raise CheckpointError(
                 f"the checkpoint does not fit this model or version ({str(error).splitlines()[0]}):"
                 f" resume with the run's own config.json, or start over (`overwrite`)"
             ) from None
+        check_data_digest(state.get("data_digest"), self.data_digest, "resume")
 
     def save(self, path: Path | None = None) -> None:
         """Checkpoint the run: every process takes part (the RNG states are gathered),
@@ -209,6 +229,20 @@ class Trainer:
         config, vae = self.config, self.vae
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(config, self.epoch)
+        # the epoch's permutation, from the data generator's state at the epoch's start
+        # (a run resumed mid-epoch draws it again from the state its checkpoint kept)
+        position, self.position = self.position, None
+        order: torch.Tensor | None = None  # (None: drawn by the batches, as always)
+        if position is None:
+            epoch_rng = self.data_generator.get_state()
+            first, total, count, elapsed = 0, 0.0, 0, 0.0
+        else:
+            epoch_rng = position["epoch_rng"]
+            replay = torch.Generator().set_state(epoch_rng)
+            order = torch.randperm(self.num_data, generator=replay)
+            first, total, count = position["steps"], position["total"], position["count"]
+            elapsed = position["seconds"]
+        started, done = time.perf_counter(), first
         # what a failed epoch goes back to (a few MB, once per epoch)
         self._epoch_start = (
             copy.deepcopy(vae.state_dict()),
@@ -216,9 +250,9 @@ class Trainer:
             self.step,
         )
         self.loss.refresh()  # the networks as they are now (a callback may have changed them)
-        total, count = 0.0, 0
         bar = tqdm(
             total=self.steps_per_epoch,
+            initial=first,
             desc=f"epoch {self.epoch + 1}/{config.epochs}",
             leave=False,
             disable=None if progress else True,
@@ -233,7 +267,7 @@ class Trainer:
         ):
             # a NaN is reported by _check_finite, with the epoch and step
             warnings.filterwarnings("ignore", message="Encountered (NaN|[+-]inf)")
-            for batch, size in self._batches():
+            for batch, size in self._batches(order, first):
                 batch = batch.to(config.device, non_blocking=True)
                 # this process's part of a global batch of `size` points, scaled so that
                 # the mean over the processes is the global batch's bound for the data set
@@ -252,8 +286,11 @@ class Trainer:
                 else:
                     loss = reported = self._loss_and_grads(batch, scale)
                 grad_max = self.loss.grad_max if batch.shape[0] else None
+                stop = preemption.requested() is not None
                 if self.world > 1:  # the same averaged step on every process
-                    mean = distributed.average_step(loss, self.parameters, self.buffers)
+                    mean, stop = distributed.average_step_and_flag(
+                        loss, self.parameters, self.buffers, stop
+                    )
                     if factor < 1.0:
                         reported = distributed.all_sum([reported])[0] / self.world
                     else:
@@ -262,27 +299,79 @@ class Trainer:
                 self._check_step(loss, grad_max)  # None after an eager step
                 self.optimizer.step()
                 self.step += 1
+                if self.world > 1 and done + 1 - first == TIMED_STEPS:  # the step time known
+                    seconds = (time.perf_counter() - started) / TIMED_STEPS
+                    distributed.set_collective_timeout(distributed.collective_timeout(seconds))
                 total += -reported / self.num_data * size
                 count += size
+                done += 1
                 bar.update()
                 if bar.n % 10 == 0 or bar.n == self.steps_per_epoch:
                     bar.set_postfix_str(f"elbo {total / count:.2f}", refresh=False)
+                if stop and done < self.steps_per_epoch:
+                    self.position = {
+                        "steps": done,
+                        "total": total,
+                        "count": count,
+                        "epoch_rng": epoch_rng,
+                        "seconds": elapsed + time.perf_counter() - started,
+                    }
+                    self.save()
+                    raise self._preempted(done)
+        self._epoch_seconds = elapsed + time.perf_counter() - started
         return total / count
 
-    def _batches(self):
-        """``(batch, global size)`` for each step of an epoch: the whole batch in one
+    _epoch_seconds = 0.0
+
+    def _preempted(self, steps: int | None = None) -> Preempted:
+        """The stop a signal asked for, once the checkpoint holds the position."""
+        number = preemption.requested() or 15
+        preemption.clear()
+        if steps is None:
+            where = f"after epoch {self.epoch}"
+        else:
+            where = f"in epoch {self.epoch + 1} after step {steps} of {self.steps_per_epoch}"
+        saved = (
+            f"the checkpoint ({self.run_dir / CHECKPOINT}) holds the run {where}"
+            if self.run_dir is not None
+            else f"stopped {where}"
+        )
+        return Preempted(
+            f"stopped by {preemption.signal_name(number)}: {saved}; resume the run "
+            f"(`resume`) to continue it from there, bit for bit",
+            number,
+        )
+
+    def _stop_requested(self) -> bool:
+        """Whether any process was asked to stop (all agree: the same answer everywhere)."""
+        stop = preemption.requested() is not None
+        if self.world > 1:
+            stop = distributed.all_sum([float(stop)])[0] > 0
+            if stop and preemption.requested() is None:
+                preemption.request()
+        return stop
+
+    def _batches(self, order: torch.Tensor | None, first: int = 0):
+        """``(batch, global size)`` for each step of an epoch from batch ``first`` of
+        permutation ``order`` on: the whole batch in one
         process; under torchrun this process's part of the global batch. Every process
         draws the same permutation (the data generator is seeded alike and advances
         alike); each binarizes its part with noise of its own, seeded by (seed, rank,
         step), so the noise needs no state of its own to resume."""
         config = self.config
         if self.world == 1:
-            for batch in self.data.batches(config.batch_size, self.data_generator):
+            if order is None:  # (the epoch from its start: the data draw the permutation)
+                batches = self.data.batches(config.batch_size, self.data_generator)
+            else:
+                batches = self.data.batches(config.batch_size, self.data_generator, order, first)
+            for batch in batches:
                 yield batch, batch.shape[0]
             return
         train = self.data.train.images
-        order = torch.randperm(len(train), generator=self.data_generator)
-        for index, start in enumerate(range(0, len(train), config.batch_size)):
+        if order is None:
+            order = torch.randperm(len(train), generator=self.data_generator)
+        for index in range(first, self.steps_per_epoch):
+            start = index * config.batch_size
             indices = order[start : start + config.batch_size]
             batch = train[distributed.batch_part(indices)]
             if self.data.binarize == "dynamic":
@@ -420,16 +509,28 @@ class Trainer:
         log: Callable | None = print,
     ) -> History:
         config = self.config
-        self.loss.enabled = self.compiles()
+        if self._compiled is not None and self._compiled[1] == config.epochs:
+            self.loss.enabled = self._compiled[0]  # resumed: the path the run started on
+        else:
+            self.loss.enabled = self.compiles()
+            self._compiled = (self.loss.enabled, config.epochs)
+        # a run folder keeps the position on SIGTERM/SIGUSR1: they stop it after the step
+        watching = preemption.watch() if self.run_dir is not None else contextlib.nullcontext(False)
+        with watching:
+            return self._run(callbacks, progress, log)
+
+    def _run(self, callbacks: Iterable[Callback], progress: bool, log: Callable | None) -> History:
+        config = self.config
         if self.epoch == 0 and self.step == 0:
             self.save()  # a good checkpoint exists from the start
         elif self.history.epochs:
             self._write_metrics()  # resumed: metrics.jsonl matches the checkpoint again
         while self.epoch < config.epochs and not self.finished:
-            started = time.perf_counter()
+            if self.run_dir is not None and self._stop_requested():
+                raise self._preempted()
             train_elbo = self.train_epoch(progress)
             self._check_epoch()
-            seconds = time.perf_counter() - started
+            seconds = self._epoch_seconds
             self.epoch += 1
             eval_started = time.perf_counter()
             metrics = {
@@ -453,6 +554,8 @@ class Trainer:
                 log(format_epoch(metrics, config.epochs))
             for callback in callbacks:
                 callback(metrics)
+        if self.run_dir is not None and self._stop_requested():
+            raise self._preempted()  # (trained: the command's evaluation is left to the resume)
         if self.history.stopped_early and self.run_dir is not None:
             self.vae.load_state_dict(load_checkpoint(self.run_dir / BEST_CHECKPOINT)["model"])
         elif self.history.stopped_early and self._best_state is not None:
@@ -520,3 +623,38 @@ def rank_seed(seed: int, rank: int, step: int) -> int:
     every triple in practice; 63 bits)."""
     mixed = (seed * 1_000_003 + rank) * 2_654_435_761 + step * 40_503
     return mixed % (2**63 - 1)
+
+
+def _checked_position(position: Any, steps_per_epoch: int) -> dict[str, Any] | None:
+    """A checkpoint's mid-epoch position, checked (``None``: at an epoch's end)."""
+    if position is None:
+        return None
+    if not isinstance(position, dict):
+        raise TypeError("its mid-epoch position is not a dictionary")
+    steps, count = position.get("steps"), position.get("count")
+    if not (isinstance(steps, int) and isinstance(count, int) and 0 < steps < steps_per_epoch):
+        raise ValueError(
+            f"its mid-epoch position ({steps!r} steps) is not inside an epoch of "
+            f"{steps_per_epoch} steps"
+        )
+    if not isinstance(position.get("total"), float) or not torch.is_tensor(
+        position.get("epoch_rng")
+    ):
+        raise TypeError("its mid-epoch position lacks the epoch's sums or data order")
+    return {**position, "seconds": float(position.get("seconds", 0.0))}
+
+
+def check_data_digest(saved: Any, current: dict[str, str], action: str) -> None:
+    """Refuse to ``action`` a run on data other than it was trained on: ``saved`` is the
+    run's record of its data's SHA-256 by split (none in runs written before it was
+    kept: nothing to compare), ``current`` that of the data loaded now."""
+    if not isinstance(saved, dict):
+        return
+    for split in ("train", "validation", "test"):
+        before, now = saved.get(split), current.get(split)
+        if isinstance(before, str) and now is not None and before != now:
+            raise UserInputError(
+                f"the {split} data differ from those the run was trained on (SHA-256 "
+                f"{before[:16]}... in the run, {now[:16]}... now): restore the data the run "
+                f"was trained on to {action} it, or start a new run"
+            )
