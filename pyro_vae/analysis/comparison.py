@@ -49,6 +49,9 @@ class Comparison:
     runs: list[dict[str, Any]]
     #: T of the AIS log p(x) beside IS (``None``: not measured)
     ais_steps: int | None = None
+    #: numbers that cannot be right (:func:`~pyro_vae.analysis.sanity.comparison_flags`),
+    #: each as :meth:`~pyro_vae.analysis.sanity.Flag.to_dict`
+    flags: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON of ``comparison.json`` (the fields, in this order)."""

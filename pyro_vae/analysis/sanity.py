@@ -57,13 +57,17 @@ class Flag:
         return asdict(self)
 
 
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
+def _number(value: Any) -> float | None:
+    """``value`` as a float where it is a finite number, else ``None`` (not measured)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
 
 
 def _positive_bound(where: str, quantity: str, value: Any) -> list[Flag]:
-    if _finite(value) and value > 0:
-        return [Flag(where, quantity, float(value), "above 0 on binary data, where p(x) <= 1")]
+    number = _number(value)
+    if number is not None and number > 0:
+        return [Flag(where, quantity, number, "above 0 on binary data, where p(x) <= 1")]
     return []
 
 
@@ -86,10 +90,10 @@ def history_flags(
             flags += _positive_bound(where, "test_elbo", metrics.get("test_elbo"))
         if previous is not None:
             for quantity, sign in (("test_kl", 1.0), ("train_elbo", -1.0)):
-                before, now = previous.get(quantity), metrics.get(quantity)
-                if not (_finite(before) and _finite(now)):
+                old, new = _number(previous.get(quantity)), _number(metrics.get(quantity))
+                if old is None or new is None:
                     continue
-                before, now = sign * float(before), sign * float(now)
+                before, now = sign * old, sign * new
                 if abs(now) > JUMP_FACTOR * abs(before) and abs(now - before) > JUMP_NATS:
                     name = "KL" if quantity == "test_kl" else "training loss"
                     flags.append(
@@ -123,28 +127,29 @@ def evaluation_flags(
     if binary:
         for quantity in ("test_elbo", "test_log_likelihood", "ais_log_likelihood"):
             flags += _positive_bound("evaluation", quantity, evaluation.get(quantity))
-    log_px = evaluation.get("test_log_likelihood")
-    elbo = evaluation.get("test_elbo")
-    if _finite(elbo) and _finite(log_px) and elbo - log_px > ABOVE_LOG_LIKELIHOOD:
+    log_px = _number(evaluation.get("test_log_likelihood"))
+    elbo = _number(evaluation.get("test_elbo"))
+    if log_px is None:
+        return flags
+    if elbo is not None and elbo - log_px > ABOVE_LOG_LIKELIHOOD:
         flags.append(
             Flag(
                 "evaluation",
                 "test_elbo",
-                float(elbo),
+                elbo,
                 f"{elbo - log_px:.2f} nats above the model's own log p(x) ({log_px:.3f})",
             )
         )
-    if is_bound and _finite(objective) and _finite(log_px):
-        assert objective is not None and log_px is not None
-        if objective - log_px > ABOVE_LOG_LIKELIHOOD:
-            flags.append(
-                Flag(
-                    "evaluation",
-                    "objective",
-                    float(objective),
-                    f"a bound {objective - log_px:.2f} nats above its model's log p(x)",
-                )
+    own = _number(objective)
+    if is_bound and own is not None and own - log_px > ABOVE_LOG_LIKELIHOOD:
+        flags.append(
+            Flag(
+                "evaluation",
+                "objective",
+                own,
+                f"a bound {own - log_px:.2f} nats above its model's log p(x)",
             )
+        )
     return flags
 
 
@@ -164,32 +169,28 @@ def comparison_flags(
         if binary:
             for quantity in ("test_elbo", "test_log_likelihood"):
                 flags += _positive_bound(where, quantity, row.get(quantity))
-        above = row.get("objective_minus_log_likelihood")
-        if row["estimator"] in bounds and _finite(above) and above > ABOVE_LOG_LIKELIHOOD:
+        above = _number(row.get("objective_minus_log_likelihood"))
+        if row["estimator"] in bounds and above is not None and above > ABOVE_LOG_LIKELIHOOD:
             flags.append(
                 Flag(
                     where,
                     "objective_minus_log_likelihood",
-                    float(above),
+                    above,
                     "a bound above its own model's log p(x)",
                 )
             )
-    values = [
-        float(row["test_log_likelihood"])
-        for row in summary
-        if _finite(row.get("test_log_likelihood"))
-    ]
+    numbers = {row["estimator"]: _number(row.get("test_log_likelihood")) for row in summary}
+    values = {name: value for name, value in numbers.items() if value is not None}
     if len(values) >= 2:
-        median = statistics.median(values)
+        median = statistics.median(values.values())
         margin = max(FAR_SHARE * abs(median), FAR_NATS)
-        for row in summary:
-            value = row.get("test_log_likelihood")
-            if _finite(value) and value < median - margin:
+        for name, value in values.items():
+            if value < median - margin:
                 flags.append(
                     Flag(
-                        f"estimator {row['estimator']}",
+                        f"estimator {name}",
                         "test_log_likelihood",
-                        float(value),
+                        value,
                         f"{median - value:.1f} nats below the comparison's median "
                         f"({median:.2f}): check that it trained the objective it claims",
                     )

@@ -38,6 +38,7 @@ from pyro_vae.analysis.comparison import (
     summarise,
 )
 from pyro_vae.analysis.gradients import snr_versus_particles
+from pyro_vae.analysis.sanity import comparison_flags
 from pyro_vae.app.compare_report import markdown_table, run_line, write_comparison
 from pyro_vae.errors import UserInputError
 from pyro_vae.objectives.registry import ESTIMATORS, check_estimator_fits, make_elbo
@@ -171,6 +172,15 @@ def run_comparison(
     snr = _snr_section(trained, estimators, grad_images, snr_particles, grad_draws, config, log)
     bound_images = test_images[:bound_points]
     bounds = _bounds_section(trained, bound_images, bound_particles, eval_samples, config, log)
+    summary = summarise(runs, estimators)
+    flags = comparison_flags(
+        summary,
+        binary=config.model.likelihood == "bernoulli",
+        bounds=[name for name in estimators if ESTIMATORS[name].is_bound],
+    )
+    if log is not None:
+        for flag in flags:
+            log(f"warning: {flag.message()}")
     return Comparison(
         command=command,
         config=config.to_dict(),
@@ -183,11 +193,12 @@ def run_comparison(
         grad_batch=int(len(grad_images)),
         executor=executor.name,
         runs_wall_seconds=runs_wall_seconds,
-        summary=summarise(runs, estimators),
+        summary=summary,
         snr_versus_particles=snr,
         bounds_versus_particles=bounds,
         runs=runs,
         ais_steps=ais_steps,
+        flags=[flag.to_dict() for flag in flags],
     )
 
 

@@ -56,10 +56,14 @@ def _pm(row: dict[str, Any], field: str, digits: int = 2) -> str:
 
 
 def markdown_table(
-    summary: list[dict[str, Any]], eval_samples: int | None = None, ais_steps: int | None = None
+    summary: list[dict[str, Any]],
+    eval_samples: int | None = None,
+    ais_steps: int | None = None,
+    flagged: set[str] = frozenset(),  # type: ignore[assignment]
 ) -> str:
     """The summary as a markdown table (rendering only); ``eval_samples`` is the K of its
-    log p(x), named in the header; with ``ais_steps``, the AIS log p(x) beside it."""
+    log p(x), named in the header; with ``ais_steps``, the AIS log p(x) beside it; the
+    estimators in ``flagged`` (with a number that cannot be right) are marked ⚠."""
     k = f", K={eval_samples}" if eval_samples else ""
     ais = f" AIS log p(x), T={ais_steps} |" if ais_steps else ""
     lines = [
@@ -71,7 +75,8 @@ def markdown_table(
     for row in summary:
         ais_cell = f" {_pm(row, 'ais_log_likelihood')} |" if ais_steps else ""
         lines.append(
-            f"| {row['estimator']} | {_pm(row, 'test_elbo')} | {_pm(row, 'test_log_likelihood')} |"
+            f"| {row['estimator']}{' ⚠' if row['estimator'] in flagged else ''} | "
+            f"{_pm(row, 'test_elbo')} | {_pm(row, 'test_log_likelihood')} |"
             f"{ais_cell} "
             f"{_pm(row, 'objective_minus_log_likelihood')} | {_pm(row, 'encoder_snr', 3)} | "
             f"{_pm(row, 'decoder_snr', 3)} | {row['encoder_variance']:.3g} | "
@@ -128,6 +133,20 @@ def _bounds_section(c: Comparison) -> list[str]:
     return [*lines, ""]
 
 
+def _flagged(c: Comparison) -> set[str]:
+    return {f["where"].removeprefix("estimator ") for f in c.flags}
+
+
+def _warnings(c: Comparison) -> list[str]:
+    """The comparison's flags (numbers that cannot be right), before the table."""
+    if not c.flags:
+        return []
+    lines = ["**Warnings: numbers that cannot be right** (marked ⚠ in the table)", ""]
+    for f in c.flags:
+        lines.append(f"- **{f['where']}: {f['quantity']} = {f['value']:.3f}: {f['reason']}**")
+    return [*lines, ""]
+
+
 def comparison_markdown(c: Comparison, plots: list[Path]) -> str:
     """``comparison.md``: the budget, the summary table, the bounds, plots, the command."""
     lines = [
@@ -135,7 +154,8 @@ def comparison_markdown(c: Comparison, plots: list[Path]) -> str:
         "",
         _budget_paragraph(c),
         "",
-        markdown_table(c.summary, c.eval_samples, c.ais_steps),
+        *_warnings(c),
+        markdown_table(c.summary, c.eval_samples, c.ais_steps, _flagged(c)),
         "",
         *_bounds_section(c),
         "## Plots",
