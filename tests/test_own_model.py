@@ -302,3 +302,31 @@ def test_diagnostics_take_the_tutorial_vae():
 def test_fit_refuses_an_object_that_is_not_a_module(digits):
     with pytest.raises(ModelError, match="torch.nn.Module"):
         pyro_vae.fit(LinearGaussian(data_dim=64), digits, tiny_config(), progress=False, log=None)
+
+
+def test_diagnose_model_leaves_out_the_image_grid_of_a_model_without_data_shape(tmp_path):
+    # Pyro's tutorial VAE says nothing of its data's shape: the whole diagnosis runs,
+    # and only the grid of worst images (which needs the shape) is left out
+    from pyro_vae.analysis.diagnostics import diagnose_model
+    from pyro_vae.app.diagnose_report import write_plots
+
+    torch.manual_seed(0)
+    vae, test = TutorialVAE(z_dim=2), torch.rand(6, 64).bernoulli()
+    diagnosis = diagnose_model(
+        vae,
+        test,
+        [0, 1],
+        chains=1,
+        warmup=10,
+        samples=10,
+        is_samples=20,
+        local_steps=5,
+        khat_images=6,
+        khat_samples=50,
+        jit=False,
+        progress=False,
+        log=None,
+    )
+    assert diagnosis.worst_images is None and len(diagnosis.khat_values) == 6
+    names = {path.name for path in write_plots(tmp_path, diagnosis)}
+    assert "khat.png" in names and "worst_khat_images.png" not in names

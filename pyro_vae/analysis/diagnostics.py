@@ -468,7 +468,7 @@ class Diagnosis:
     guide_draws: Any = dataclasses.field(repr=False)
     khat_values: np.ndarray = dataclasses.field(repr=False)
     worst: np.ndarray = dataclasses.field(repr=False)
-    worst_images: torch.Tensor = dataclasses.field(repr=False)
+    worst_images: torch.Tensor | None = dataclasses.field(repr=False)
 
     _JSON_FIELDS = ("run_dir", "image_ids", "nuts", "guide_vs_nuts", "gaps", "khat", "seconds")
 
@@ -578,7 +578,13 @@ def khat_report(khat: np.ndarray, num_samples: int) -> tuple[dict[str, Any], np.
     return result, worst
 
 
-def _grid_images(vae, test: torch.Tensor, indices: np.ndarray) -> torch.Tensor:
-    """``test[indices]`` as images (channels, height, width) for a grid."""
-    shape = vae.data_shape if len(vae.data_shape) == 3 else (1, 1, vae.data_dim)
-    return test[torch.as_tensor(indices, dtype=torch.long)].reshape(-1, *shape).cpu()
+def _grid_images(vae, test: torch.Tensor, indices: np.ndarray) -> torch.Tensor | None:
+    """``test[indices]`` as images (channels, height, width) for a grid; ``None`` for a
+    model that does not say its data's shape (``data_shape``, optional in the protocol)
+    and data that are not images already: that grid is then left out."""
+    chosen = test[torch.as_tensor(indices, dtype=torch.long)]
+    shape = getattr(vae, "data_shape", None)
+    if shape is None:
+        return chosen.cpu() if chosen.dim() == 4 else None
+    shape = tuple(shape) if len(shape) == 3 else (1, 1, math.prod(shape))
+    return chosen.reshape(-1, *shape).cpu()

@@ -141,7 +141,9 @@ def write_plots(folder: Path, d: Diagnosis) -> list[Path]:
     plt = _pyplot()
     paths = [_marginals(folder, d)]
     if len(d.worst):  # too few importance samples for any Pareto fit: no k-hat plots
-        paths += [_khat_histogram(plt, folder, d), _worst_khat_images(plt, folder, d)]
+        paths.append(_khat_histogram(plt, folder, d))
+        if d.worst_images is not None:  # (a model that does not say its data's shape)
+            paths.append(_worst_khat_images(plt, folder, d))
     if "skipped" not in d.gaps:
         paths.append(_gaps(plt, folder, d.gaps, d.image_ids))
     return paths
@@ -203,6 +205,7 @@ def _worst_khat_images(plt, folder: Path, d: Diagnosis) -> Path:
     from pyro_vae.app.plots import _grid, _save
 
     worst, khat = d.worst, d.khat_values
+    assert d.worst_images is not None
     fig, ax = plt.subplots(figsize=(8, 1.3))
     ax.imshow(_grid(d.worst_images, len(worst)), cmap="gray", interpolation="nearest")
     ax.set_title(
