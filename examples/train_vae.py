@@ -16,10 +16,23 @@ import copy
 
 import pyro
 import torch
+from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 from pyro.optim import Adam
 
 from pyro_vae import ModelConfig, build_vae, elbo_terms, load_data
+
+
+def scaled(program, num_data: int):
+    """``program`` with every log-density times ``num_data / batch``: a mini-batch's loss
+    then estimates -ELBO of the whole training set (what ``pyro_vae.fit`` does; the
+    programs themselves take only the batch)."""
+
+    def run(x):
+        with poutine.scale(scale=num_data / x.shape[0]):
+            return program(x)
+
+    return run
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -42,14 +55,14 @@ def main(argv: list[str] | None = None) -> None:
         pyro.clear_param_store()  # pyro.module registers the networks' parameters here
         pyro.set_rng_seed(0)
         vae = copy.deepcopy(initial)
-        svi = SVI(vae.model, vae.guide, Adam({"lr": 1e-3}), loss=elbo)
         num_data = len(data.train)
+        model, guide = scaled(vae.model, num_data), scaled(vae.guide, num_data)
+        svi = SVI(model, guide, Adam({"lr": 1e-3}), loss=elbo)
         generator = torch.Generator().manual_seed(0)
         for epoch in range(1, args.epochs + 1):
             total_loss = 0.0
             for x in data.batches(args.batch_size, generator):  # shuffled, binarized afresh
-                # num_data scales the mini-batch to the data set: loss estimates -ELBO(all)
-                total_loss += svi.step(x, num_data=num_data) * x.shape[0] / num_data
+                total_loss += svi.step(x) * x.shape[0] / num_data
             train_elbo = -total_loss / num_data
             with torch.no_grad():
                 terms = elbo_terms(vae, test_x, kl="analytic", num_samples=1)
