@@ -1,4 +1,12 @@
-"""Every test starts with an empty param store, Pyro validation on and fixed seeds."""
+"""Every test starts with an empty param store, Pyro validation on, fixed seeds and the
+session's torch thread count.
+
+``PYRO_VAE_TEST_THREADS=N`` runs the suite with N torch intra-op threads, here and in
+every process it starts (through ``OMP_NUM_THREADS``, which torch reads at start-up;
+torchrun workers and Ray tasks set their own). Unset: torch's default, as a user gets.
+Running the suite once with 1 and once with 2 shows a test that only passes where the
+kernels happen not to split the work over threads.
+"""
 
 from __future__ import annotations
 
@@ -12,10 +20,36 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 #: Environment variable naming the folder of MNIST IDX files (.ci/run sets it).
 MNIST_ENV = "PYRO_VAE_MNIST_DIR"
+#: Environment variable: the torch threads of the tests (unset: torch's default).
+THREADS_ENV = "PYRO_VAE_TEST_THREADS"
+
+
+#: the torch threads every test starts with, so that a test which changes them cannot
+#: leak its count into the next (set once the session is configured)
+THREADS = torch.get_num_threads()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global THREADS
+    value = os.environ.get(THREADS_ENV, "").strip()
+    if value:
+        if not value.isdigit() or int(value) < 1:
+            raise pytest.UsageError(f"{THREADS_ENV} must be an integer >= 1, got {value!r}")
+        os.environ["OMP_NUM_THREADS"] = value  # the CLI processes the tests start
+        torch.set_num_threads(int(value))
+    THREADS = torch.get_num_threads()
+
+
+def pytest_report_header() -> str:
+    return (
+        f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+        f"torch threads {THREADS} ({THREADS_ENV}={os.environ.get(THREADS_ENV, 'unset')})"
+    )
 
 
 @pytest.fixture(autouse=True)
 def fresh_pyro():
+    torch.set_num_threads(THREADS)
     pyro.clear_param_store()
     pyro.enable_validation(True)
     pyro.set_rng_seed(0)

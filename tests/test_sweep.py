@@ -1,8 +1,11 @@
 """`pyro-vae sweep` and `compare` on the serial and the Ray executor: same runs, same numbers.
 
 Ray is started once for the module (2 CPUs). Each comparison is run by run: the same
-seeds give bit-identical parameters on CPU wherever a run trains, also when its worker
-is killed mid-run and the retried task resumes from the run's checkpoint.
+seeds give bit-identical parameters and evaluations on CPU wherever a run trains, also
+when its worker is killed mid-run and the retried task resumes from the run's
+checkpoint. That holds on any CPU because both executors run each task with the same
+torch thread count (a float32 sum split over another number of threads may differ in
+its last bits, as AVX-512 kernels do): the test right below checks that first.
 """
 
 from __future__ import annotations
@@ -51,6 +54,27 @@ def ray_cluster():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+def _threads(_: object) -> int:
+    return torch.get_num_threads()
+
+
+def test_each_executor_runs_a_task_with_the_threads_of_its_cpus_per_run(ray_cluster):
+    ray_cluster.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    caller = 2 if torch.get_num_threads() == 1 else 1  # not the count the runs get
+    before = torch.get_num_threads()
+    torch.set_num_threads(caller)
+    try:
+        for cpus, threads in [(None, 1), (2, 2)]:
+            with make_executor("ray", cpus_per_run=cpus) as ray_executor:
+                assert ray_executor.map(_threads, [0, 1]) == [threads, threads]
+            with make_executor("serial", cpus_per_run=cpus) as serial_executor:
+                assert serial_executor.map(_threads, [0, 1]) == [threads, threads]
+            assert torch.get_num_threads() == caller  # the serial executor gave it back
+        assert SerialExecutor(threads=None).map(_threads, [0]) == [caller]
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -499,8 +499,8 @@ def _executor_flags(parser: argparse.ArgumentParser, gpus: bool = False) -> None
         "--cpus-per-run",
         type=int,
         metavar="N",
-        help="CPUs each Ray task asks for and its torch threads (default 1); serial: torch "
-        "threads per run (default: torch's own)",
+        help="CPUs each Ray task asks for; on either executor, the torch threads of each "
+        "run (default 1), so that serial and Ray runs give the same numbers bit for bit",
     )
     if gpus:
         parser.add_argument(
@@ -1364,7 +1364,7 @@ def _reproduce(args: argparse.Namespace) -> int:
     if executor.name == "serial":
         for number, (cell, argv) in enumerate(zip(cells, commands), start=1):
             print(f"cell {number}/{len(cells)}: {cell.name} (paper NLL {cell.paper_nll:.2f})")
-            executor.map(_train_cell, [argv])  # with --cpus-per-run torch threads, if given
+            executor.map(_train_cell, [argv])  # with the torch threads of a Ray task
     else:  # one Ray task per cell; a retried task resumes its cell (--resume auto)
         # the data once here first: a download (no --data-dir) must not race in N tasks
         first = resolve_config(parser.parse_args(commands[0]))

@@ -103,8 +103,9 @@ def compare_estimators(
 
     Each (estimator, repeat) is one call of :func:`train_compare_run`, which trains into
     its own folder ``out_dir/runs/ESTIMATOR-seedSEED`` with checkpoints; ``executor``
-    (:mod:`pyro_vae.executors`; default: serial, in this process) decides where the calls
-    run. The results, tables and plots do not depend on it.
+    (:mod:`pyro_vae.executors`; default: serial, in this process, one torch thread per
+    run as on a default Ray task) decides where the calls run. The results, tables and
+    plots do not depend on it, bit for bit on CPU.
 
     ``settings`` are those of :func:`run_comparison` (repeats, eval_samples, grad_draws,
     particles of the SNR and bound studies, progress, log, command, executor), which

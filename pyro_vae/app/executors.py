@@ -2,10 +2,16 @@
 
 An executor maps a top-level function over a list of plain-data items (dicts of
 strings, numbers and lists) and returns the results in the items' order. The function
-is the same for both, so a run's result does not depend on where it ran: on CPU the same
-seeds give bit-identical parameters.
+is the same for both, and so is the number of torch intra-op threads each call runs
+with (:func:`threads_per_run` of ``cpus_per_run``, 1 by default), so a run's result does
+not depend on where it ran: on CPU the same seeds give bit-identical parameters and
+evaluations. The thread count matters beyond speed: a float32 matrix product or sum
+split over another number of threads adds in another order, and on some CPUs (AVX-512
+kernels, for one) its result then differs in the last bits.
 
-- :class:`SerialExecutor` calls the function in this process.
+- :class:`SerialExecutor` calls the function in this process, with the torch threads a
+  Ray task of the same ``cpus_per_run`` gets, and restores the caller's thread count
+  after each call.
 - :class:`RayExecutor` submits each call as a Ray task that requests ``cpus_per_run``
   CPUs (and ``gpus_per_run`` GPUs), sets ``torch.set_num_threads`` to its CPUs, and is
   retried up to ``max_retries`` times when its worker dies (a killed process, a lost
@@ -25,6 +31,8 @@ from typing import Any
 from pyro_vae.errors import NonFiniteError, UserInputError
 
 EXECUTOR_NAMES = ("serial", "ray")
+#: CPUs a Ray task asks for, and so the torch threads of every run on either executor
+DEFAULT_CPUS_PER_RUN = 1
 
 
 def available_cpus() -> int:
@@ -33,6 +41,12 @@ def available_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
         return os.cpu_count() or 1
+
+
+def threads_per_run(cpus_per_run: float) -> int:
+    """The torch intra-op threads of a run given ``cpus_per_run`` CPUs: one per whole CPU,
+    at least one. Both executors use it, so that their runs sum in the same order."""
+    return max(1, int(cpus_per_run))
 
 
 def _with_threads(function: Callable[[Any], Any], threads: int | None, item: Any) -> Any:
@@ -50,12 +64,15 @@ def _with_threads(function: Callable[[Any], Any], threads: int | None, item: Any
 
 
 class SerialExecutor:
-    """Runs each item in this process, in order. ``threads``: torch threads per run
-    (``None`` leaves torch's setting alone)."""
+    """Runs each item in this process, in order. ``threads``: torch threads per run,
+    restored to the caller's after each (default: those of a Ray task with the default
+    CPUs per run, so that serial and Ray results are equal bit for bit; ``None`` leaves
+    torch's setting alone, and then the results may differ from Ray's in their last
+    bits)."""
 
     name = "serial"
 
-    def __init__(self, threads: int | None = None) -> None:
+    def __init__(self, threads: int | None = threads_per_run(DEFAULT_CPUS_PER_RUN)) -> None:
         if threads is not None and threads < 1:
             raise UserInputError(f"threads per run must be >= 1, got {threads}")
         self.threads = threads
@@ -95,7 +112,7 @@ class RayExecutor:
     def __init__(
         self,
         address: str | None = None,
-        cpus_per_run: float = 1,
+        cpus_per_run: float = DEFAULT_CPUS_PER_RUN,
         gpus_per_run: float = 0,
         max_retries: int = 3,
     ) -> None:
@@ -158,7 +175,7 @@ class RayExecutor:
                 f"GPU(s) but the Ray cluster has {total.get('CPU', 0):g} and "
                 f"{total.get('GPU', 0):g}: ask for less per run"
             )
-        threads = max(1, int(self.cpus_per_run))
+        threads = threads_per_run(self.cpus_per_run)
         task = ray.remote(
             num_cpus=self.cpus_per_run, num_gpus=self.gpus_per_run, max_retries=self.max_retries
         )(_with_threads)
@@ -207,15 +224,14 @@ def make_executor(
     gpus_per_run: float = 0,
     max_retries: int = 3,
 ) -> SerialExecutor | RayExecutor:
-    """An executor by name: ``serial`` or ``ray``. ``cpus_per_run`` is the CPUs each Ray
-    task asks for (default 1) and, for ``serial``, the torch threads of each run
-    (default: leave torch's setting)."""
+    """An executor by name: ``serial`` or ``ray``. ``cpus_per_run`` (default 1) is the
+    CPUs each Ray task asks for and, on either executor, sets the torch threads of each
+    run (:func:`threads_per_run`), so that the two give the same results bit for bit."""
+    cpus = DEFAULT_CPUS_PER_RUN if cpus_per_run is None else cpus_per_run
     if name == "serial":
         if address is not None:
             raise UserInputError("a Ray address needs the Ray executor")
-        return SerialExecutor(None if cpus_per_run is None else max(1, int(cpus_per_run)))
+        return SerialExecutor(threads_per_run(cpus))
     if name == "ray":
-        return RayExecutor(
-            address, 1 if cpus_per_run is None else cpus_per_run, gpus_per_run, max_retries
-        )
+        return RayExecutor(address, cpus, gpus_per_run, max_retries)
     raise UserInputError(f"unknown executor {name!r}: choose one of {', '.join(EXECUTOR_NAMES)}")

@@ -244,10 +244,10 @@ def run_sweep(
     grid: dict[str, Any] | None = None,
     run_function: Callable[[dict[str, Any]], dict[str, Any]] = sweep_run,
 ) -> dict[str, Any]:
-    """Run every point of a sweep with ``executor`` (default serial) and write
-    ``sweep.json`` and ``sweep.md`` into ``out_dir``; each run's folder is
-    ``out_dir/NAME``. ``run_function`` is what each run calls (:func:`sweep_run`; a
-    test passes a wrapper that kills its own process)."""
+    """Run every point of a sweep with ``executor`` (default serial, one torch thread
+    per run as on a default Ray task) and write ``sweep.json`` and ``sweep.md`` into
+    ``out_dir``; each run's folder is ``out_dir/NAME``. ``run_function`` is what each run
+    calls (:func:`sweep_run`; a test passes a wrapper that kills its own process)."""
     from pyro_vae.app.executors import SerialExecutor
 
     executor = executor or SerialExecutor()
