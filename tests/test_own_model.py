@@ -330,3 +330,32 @@ def test_diagnose_model_leaves_out_the_image_grid_of_a_model_without_data_shape(
     assert diagnosis.worst_images is None and len(diagnosis.khat_values) == 6
     names = {path.name for path in write_plots(tmp_path, diagnosis)}
     assert "khat.png" in names and "worst_khat_images.png" not in names
+
+
+class BatchNormVAE(TutorialVAE):
+    """The tutorial VAE with a BatchNorm1d in its decoder: it takes (batch, z_dim) only."""
+
+    def __init__(self, z_dim: int = 4, hidden_dim: int = 32):
+        super().__init__(z_dim, hidden_dim)
+        self.decoder = nn.Sequential(
+            nn.Linear(z_dim, hidden_dim),
+            nn.BatchNorm1d(hidden_dim),
+            nn.Softplus(),
+            nn.Linear(hidden_dim, 64),
+            nn.Sigmoid(),
+        )
+
+
+def test_a_batchnorm_network_trains_and_is_evaluated_with_the_shapes_it_takes(digits):
+    # one particle: training and the per-epoch evaluation pass (batch, z_dim), as Pyro's
+    # Trace_ELBO does; several samples of z: one line naming the model, the shape and the fix
+    torch.manual_seed(0)
+    vae = BatchNormVAE()
+    history = pyro_vae.fit(vae, digits, tiny_config(epochs=1), progress=False, log=None)
+    assert math.isfinite(history.last["test_elbo"])
+    with pytest.raises(UserInputError) as caught:
+        pyro_vae.log_likelihood(vae, digits.evaluation_images("test")[:20], num_samples=10)
+    message = str(caught.value)
+    assert "\n" not in message and "BatchNormVAE" in message
+    assert re.search(r"inputs of shape \(10, \d+, \.\.\.\)", message)
+    assert "leading sample dimensions" in message

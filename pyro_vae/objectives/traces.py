@@ -371,10 +371,30 @@ class ParticleELBO(ELBO):
 def vectorized_traces(
     model: Callable, guide: Callable, x: torch.Tensor, num_samples: int, **kwargs
 ) -> tuple[poutine.Trace, poutine.Trace]:
-    """Run the guide with ``num_samples`` vectorized draws and the model replayed on them."""
-    plate = particle_plate(num_samples)
-    guide_trace = poutine.trace(plate(guide)).get_trace(x, **kwargs)
-    model_trace = poutine.trace(poutine.replay(plate(model), trace=guide_trace)).get_trace(
-        x, **kwargs
-    )
+    """Run the guide with ``num_samples`` vectorized draws and the model replayed on them.
+
+    With one draw no particle plate is added: the networks see the batch's own shapes, as
+    in training with one particle. With several, every network receives inputs with a
+    leading sample dimension ``(num_samples, batch, ...)``; a network that cannot take
+    them (``BatchNorm1d``, a hand-written ``view(batch, -1)``) gets one line saying so.
+    """
+    plate = particles(num_samples, 1)
+    try:
+        guide_trace = poutine.trace(plate(guide)).get_trace(x, **kwargs)
+        model_trace = poutine.trace(poutine.replay(plate(model), trace=guide_trace)).get_trace(
+            x, **kwargs
+        )
+    except RuntimeError as error:
+        if num_samples == 1:
+            raise
+        owner = getattr(inspect.unwrap(model), "__self__", None)
+        name = type(owner).__name__ if owner is not None else "the model"
+        first = (str(error).splitlines() or [""])[0]
+        raise UserInputError(
+            f"{name}'s networks failed on {num_samples} samples of z per data point, inputs "
+            f"of shape ({num_samples}, {x.shape[0]}, ...) ({type(error).__name__}: {first}): "
+            f"networks must accept leading sample dimensions (flatten them with "
+            f"z.reshape(-1, z.shape[-1]) and reshape the output back; BatchNorm1d needs "
+            f"this), or use one sample"
+        ) from None
     return model_trace, guide_trace
