@@ -359,3 +359,27 @@ def test_a_batchnorm_network_trains_and_is_evaluated_with_the_shapes_it_takes(di
     assert "\n" not in message and "BatchNormVAE" in message
     assert re.search(r"inputs of shape \(10, \d+, \.\.\.\)", message)
     assert "leading sample dimensions" in message
+
+
+def test_a_false_claim_that_the_closed_form_kl_is_exact_is_refused():
+    # a bottom-up guide draws z2 from z1, while z1's prior depends on z2: its closed-form
+    # KL is biased whatever the model declares
+    from pyro_vae.models.hierarchical import HierarchicalVAE
+
+    config = pyro_vae.ModelConfig(latent_dims=(3, 2), hidden=(8,), guide="bottom-up")
+    vae = pyro_vae.build_vae(config, (10,))
+    assert isinstance(vae, HierarchicalVAE)
+
+    class Claims(type(vae)):
+        analytic_kl_is_exact = True
+
+    vae.__class__ = Claims
+    x = torch.bernoulli(torch.full((4, 10), 0.5))
+    with pytest.raises(
+        ModelError, match="declares analytic_kl_is_exact = True, but the prior of 'z1'"
+    ):
+        pyro_vae.elbo_terms(vae, x, kl="analytic")
+    top_down = pyro_vae.build_vae(
+        pyro_vae.ModelConfig(latent_dims=(3, 2), hidden=(8,), guide="top-down"), (10,)
+    )
+    assert math.isfinite(float(pyro_vae.elbo_terms(top_down, x, kl="analytic").elbo.sum().detach()))

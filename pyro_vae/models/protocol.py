@@ -292,6 +292,14 @@ def analytic_kl_is_exact(model: Any, x: torch.Tensor | None = None) -> bool:
     ``analytic_kl_is_exact``, else true for a single latent site (its prior depends on no
     other latent) and false for several (a conditional prior's KL is not closed-form)."""
     known = getattr(model, "analytic_kl_is_exact", None)
+    if known is True and x is not None:
+        reason = closed_form_kl_bias(model, x)
+        if reason is not None:
+            raise ModelError(
+                f"{type(model).__name__} declares analytic_kl_is_exact = True, but {reason}: "
+                f"the closed-form KL of that site is not its KL; declare it False (or use "
+                f"a guide that draws the parents first)"
+            )
     if isinstance(known, bool):
         return known
     if x is None:
@@ -300,6 +308,49 @@ def analytic_kl_is_exact(model: Any, x: torch.Tensor | None = None) -> bool:
             f"(analytic_kl_is_exact): pass data so that its latent sites can be counted"
         )
     return len(model_sites(model, x).latent) == 1
+
+
+def closed_form_kl_bias(model: Any, x: torch.Tensor) -> str | None:
+    """Why the closed-form KL of some latent site is not that site's KL, read from the
+    programs' dependencies, or ``None`` where it is.
+
+    ``TraceMeanField_ELBO`` replaces each site's ``log q - log p`` by ``KL(q || p)`` with
+    ``p`` the prior at the parents' sampled values; that is unbiased only when no model
+    parent of a latent is drawn, in the guide, *after* it and from it (a guide
+    descendant): a top-down guide passes, a bottom-up one does not. The dependencies come
+    from Pyro's provenance tracking (``pyro.infer.inspect.get_dependencies``) on two
+    points of ``x``; where that cannot trace the programs, the model's word is taken.
+    """
+    from pyro.infer.inspect import get_dependencies
+
+    x = on_model_device(model, x[:2])
+    try:
+        with torch.no_grad(), forked_rng(), evaluation_mode(model):
+            prior = get_dependencies(model.model, (x,))["prior_dependencies"]
+            guide = get_dependencies(model.guide, (x,))["prior_dependencies"]
+    except Exception:  # the user's program, under provenance tracking: not checkable
+        return None
+    descendants: dict[str, set[str]] = {name: set() for name in guide}
+    for site, upstream in guide.items():
+        for parent in upstream:
+            if parent != site and parent in descendants:
+                descendants[parent].add(site)
+    changed = True
+    while changed:  # the transitive closure (a few latent sites)
+        changed = False
+        for site, below in descendants.items():
+            wider = set().union(*(descendants.get(b, set()) for b in below)) | below
+            if wider != below:
+                descendants[site], changed = wider, True
+    for site, upstream in prior.items():
+        parents = {p for p in upstream if p != site and p in guide}
+        late = sorted(parents & descendants.get(site, set()))
+        if late:
+            return (
+                f"the prior of {site!r} depends on {', '.join(map(repr, late))}, which the "
+                f"guide draws after {site!r} and from it"
+            )
+    return None
 
 
 def check_data(model: Any, x: torch.Tensor, what: str = "data") -> None:
