@@ -324,10 +324,12 @@ def closed_form_kl_bias(model: Any, x: torch.Tensor) -> str | None:
     from pyro.infer.inspect import get_dependencies
 
     x = on_model_device(model, x[:2])
+    prior: dict[str, dict[str, Any]]
+    guide: dict[str, dict[str, Any]]
     try:
         with torch.no_grad(), forked_rng(), evaluation_mode(model):
-            prior = get_dependencies(model.model, (x,))["prior_dependencies"]
-            guide = get_dependencies(model.guide, (x,))["prior_dependencies"]
+            prior = get_dependencies(model.model, (x,))["prior_dependencies"]  # type: ignore[assignment]
+            guide = get_dependencies(model.guide, (x,))["prior_dependencies"]  # type: ignore[assignment]
     except Exception:  # the user's program, under provenance tracking: not checkable
         return None
     descendants: dict[str, set[str]] = {name: set() for name in guide}
