@@ -11,6 +11,8 @@
   guides, inference gaps, PSIS, ArviZ ``InferenceData``; :class:`Diagnosis`, their result
 - :mod:`~pyro_vae.analysis.comparison`: :class:`Comparison` (what ``pyro-vae compare``
   measures) and its measurements of trained models and run records
+- :mod:`~pyro_vae.analysis.sanity`: numbers that cannot be right (a bound above 0 on
+  binary data, above its own log p(x), a tenfold jump), as :class:`Flag` s for reports
 
 Rendering (tables, plots, markdown) lives in :mod:`pyro_vae.app`.
 """

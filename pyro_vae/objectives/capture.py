@@ -632,6 +632,7 @@ class CompiledLoss(_Captured):
 
     def loss_and_grads(self, *args, **kwargs) -> float:
         self._count()
+        self._find_plate_nesting(args, kwargs)
         result = self._outputs(args, kwargs) if self.loss_fn is not None else None
         if result is None:
             return self._eager(args, kwargs)
@@ -645,6 +646,21 @@ class CompiledLoss(_Captured):
                 param.grad.add_(grad)
         self.grad_max = outputs[1].item()
         return outputs[0].item()
+
+    def _find_plate_nesting(self, args: tuple, kwargs: dict) -> None:
+        """Find the ELBO's plate nesting eagerly, before any graph is captured: found
+        during a capture, its run of the programs would land in the graph (and its key
+        would change once it is known)."""
+        elbo = self.elbo
+        if getattr(elbo, "max_plate_nesting", 0) != math.inf or elbo.num_particles == 1:
+            return
+        find = getattr(elbo, "_guess_max_plate_nesting", None)
+        if find is None:  # pragma: no cover - every Pyro ELBO has it
+            return
+        kwargs = dict(kwargs)
+        scale = kwargs.pop("scale", 1.0)
+        model, guide = (scaled(getattr(self.owner, name), scale) for name in self.names)
+        find(model, guide, args, kwargs)
 
     def _eager(self, args, kwargs) -> float:
         self.grad_max = None
