@@ -251,15 +251,22 @@ def model_sites(model: Any, x: torch.Tensor) -> ModelSites:
     )
 
 
-def plate_nesting(model: Any, x: torch.Tensor) -> int:
+def plate_nesting(model: Any, x: torch.Tensor) -> int | None:
     """How many plates the model's sites sit in at most: the model's own
     ``max_plate_nesting`` where it has one, else read from one trace of the guide and the
     model on (two points of) ``x`` (eval mode, a forked random stream, no gradients), so
-    that the estimators can place their particle plate left of every model plate."""
+    that the estimators can place their particle plate left of every model plate;
+    ``None`` for a model with lazy (uninitialized) layers."""
     known = getattr(model, "max_plate_nesting", None)
     if isinstance(known, int):
         return known
     check_protocol(model)
+    from torch.nn.parameter import is_lazy
+
+    if any(is_lazy(p) for module in modules_of(model) for p in module.parameters()):
+        # a probe would initialize lazy layers from a stream of its own: leave them to
+        # the first step, and the nesting to the estimator (found when it needs it)
+        return None
     x = on_model_device(model, x[:2])
     with (
         torch.no_grad(),
