@@ -51,3 +51,20 @@ def test_trained_numbers_stay_in_their_seed_band(estimator):
         if not expected[name]["low"] <= value <= expected[name]["high"]
     }
     assert not outside, f"{estimator}: outside the seed band (value, low, high): {outside}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("estimator", ["mc", "iwae", "stl", "dreg"])
+def test_a_short_mnist_run_stays_in_its_golden_band(estimator, mnist_dir):
+    # the IWAE paper's network, 3 epochs on 10,000 MNIST images (tests/reference/mnist.json,
+    # made by `python benchmarks/reference_runs.py --mnist DIR`); `pytest -m slow`
+    reference = json.loads((REPO / "tests" / "reference" / "mnist.json").read_text())
+    runs = _reference_runs()
+    run = runs.train_once(estimator, reference["check_seed"], reference["settings"], mnist_dir)
+    expected = reference["estimators"][estimator]
+    outside = {
+        name: (value, expected[name]["low"], expected[name]["high"])
+        for name, value in run.metrics.items()
+        if not expected[name]["low"] <= value <= expected[name]["high"]
+    }
+    assert not outside, f"{estimator} on MNIST: outside the golden band: {outside}"
