@@ -200,7 +200,8 @@ class TrainConfig:
     free_bits: float = 0.0  # nats: a layer's batch-mean KL below this gets no gradient
     early_stopping_patience: int = 0  # stop after this many epochs without a better validation ELBO
     eval_particles: int = 1  # samples of z for the per-epoch test ELBO
-    eval_samples: int = 5000  # K of the final importance-sampled log p(x) (IWAE paper); 0: none
+    # K of the final log p(x) a run folder gets (pyro-vae train); fit does not evaluate it
+    eval_samples: int = 5000  # (call pyro_vae.evaluate); 0: none
     eval_images: int | None = None  # test images for it, a fixed random subset; None: all
     monitor_images: int | None = 2000  # test images evaluated after each epoch; None: all
     seed: int = 0  # seeds torch, numpy, python and the data order
