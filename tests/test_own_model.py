@@ -383,3 +383,36 @@ def test_a_false_claim_that_the_closed_form_kl_is_exact_is_refused():
         pyro_vae.ModelConfig(latent_dims=(3, 2), hidden=(8,), guide="top-down"), (10,)
     )
     assert math.isfinite(float(pyro_vae.elbo_terms(top_down, x, kl="analytic").elbo.sum().detach()))
+
+
+def test_a_data_plate_without_a_size_is_refused_alike_by_every_tool():
+    # one check of the protocol, made by the ELBO's terms under either KL, the gradient
+    # statistics and NUTS alike (it once held for the closed-form KL and fit only)
+    from pyro_vae.analysis.diagnostics import nuts_posterior
+    from pyro_vae.analysis.gradients import estimator_gradient_statistics
+
+    class Unsized(TutorialVAE):
+        def model(self, x):
+            pyro.module("decoder", self.decoder)
+            with pyro.plate("data", dim=-1):
+                z = pyro.sample("latent", dist.Normal(x.new_zeros(x.shape[0], 2), 1.0).to_event(1))
+                pyro.sample(
+                    "obs", dist.Bernoulli(self.decoder(z), validate_args=False).to_event(1), obs=x
+                )
+
+        def guide(self, x):
+            pyro.module("encoder", self.encoder)
+            with pyro.plate("data", dim=-1):
+                pyro.sample("latent", dist.Normal(*self.encoder(x)).to_event(1))
+
+    vae, x = Unsized(z_dim=2), torch.rand(4, 64).bernoulli()
+    calls = {
+        "elbo_terms mc": lambda: pyro_vae.elbo_terms(vae, x, kl="mc"),
+        "elbo_terms analytic": lambda: pyro_vae.elbo_terms(vae, x, kl="analytic"),
+        "gradients": lambda: estimator_gradient_statistics(vae, x, "mc", 1, 3),
+        "nuts": lambda: nuts_posterior(vae, x, chains=1, warmup=2, samples=2, jit=False),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ModelError, match="not inside a plate over the data points"):
+            call()
+            pytest.fail(f"{name} accepted a data plate without a size")

@@ -99,6 +99,7 @@ def nuts_posterior(
     if chains < 1 or warmup < 1 or samples < 1:
         raise UserInputError("chains, warmup and samples must each be >= 1")
     x = as_batch(vae, x)
+    model_sites(vae, x)  # the protocol's checks, as every tool makes them
     draws: dict[str, list[np.ndarray]] = {}
     diverging, step_size = [], []
     started = time.perf_counter()

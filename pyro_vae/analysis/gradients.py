@@ -19,7 +19,9 @@ from pyro import poutine
 
 from pyro_vae.errors import UserInputError
 from pyro_vae.models.protocol import (
+    as_batch,
     forked_rng,
+    model_sites,
     on_model_device,
     parameters_of,
     private_param_store,
@@ -150,6 +152,7 @@ def estimator_gradient_statistics(
     alpha: float = 0.5,
 ) -> dict[str, dict[str, float]]:
     """:func:`gradient_statistics` of one estimator, per parameter group."""
+    model_sites(vae, as_batch(vae, x))  # the protocol's checks, as every tool makes them
     elbo = make_elbo(estimator, num_particles, alpha=alpha)
     draws = gradient_draws(vae, x, elbo, num_draws)
     return {

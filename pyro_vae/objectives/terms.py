@@ -9,7 +9,7 @@ import torch
 from torch.distributions import kl_divergence
 
 from pyro_vae.errors import UserInputError
-from pyro_vae.models.protocol import as_batch, check_protocol
+from pyro_vae.models.protocol import as_batch, check_protocol, model_sites
 from pyro_vae.objectives.registry import check_estimator_fits
 from pyro_vae.objectives.traces import (
     Site,
@@ -50,6 +50,7 @@ def elbo_terms(vae, x: torch.Tensor, kl: str = "analytic", num_samples: int = 1)
     if kl == "analytic":
         check_estimator_fits("analytic", vae, x)
     x = as_batch(vae, x)
+    model_sites(vae, x)  # the protocol's checks (a data plate at dim -1), for either kl
     model_trace, guide_trace = vectorized_traces(vae.model, vae.guide, x, num_samples)
     log_likelihood: torch.Tensor | float = 0.0
     kl_by_site: dict[str, torch.Tensor] = {}
