@@ -53,6 +53,19 @@ def run_cli(argv, capsys) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
+def refused(argv, capsys, message: str, status: int = 2, watched: Path | None = None) -> str:
+    """Run ``pyro-vae ARGV``: it must exit ``status`` with one line on stderr holding
+    ``message``, no traceback, and leave ``watched`` (a folder) as it was."""
+    before = digest(watched) if watched is not None else None
+    code, out, err = run_cli(argv, capsys)
+    assert code == status, (code, out, err)
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert message in err, err
+    if watched is not None:
+        assert digest(watched) == before
+    return err
+
+
 def digest(folder: Path) -> dict[str, str]:
     """SHA-256 of every file under ``folder`` by relative path ({} if it does not exist):
     equal before and after a command exactly when it left the folder as it was."""

@@ -25,22 +25,11 @@ from pyro_vae.training import preemption
 from pyro_vae.training.checkpoint import load_checkpoint
 from pyro_vae.training.trainer import Trainer
 
-from .helpers import TINY_RUN, digest, run_cli
+from .helpers import TINY_RUN, digest, refused, run_cli
 
 #: 200 training digits in batches of 20: 10 steps per epoch (the IWAE protocol's batch)
 RUN = [*TINY_RUN, "--batch-size", "20", "--monitor-images", "20", "--eval-samples", "20"]
 EPOCHS = ["--epochs", "3"]
-
-
-def refused(argv, capsys, message: str, status: int = 2, watched: Path | None = None) -> str:
-    before = digest(watched) if watched is not None else None
-    code, out, err = run_cli(argv, capsys)
-    assert code == status, (code, out, err)
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-    assert message in err, err
-    if watched is not None:
-        assert digest(watched) == before
-    return err
 
 
 def _numbers(run: Path) -> list[dict]:

@@ -35,6 +35,15 @@ def _reference_runs():
     return module
 
 
+def _outside(metrics, bands) -> dict:
+    """The metrics outside their bands: name -> (value, low, high)."""
+    return {
+        name: (value, bands[name]["low"], bands[name]["high"])
+        for name, value in metrics.items()
+        if not bands[name]["low"] <= value <= bands[name]["high"]
+    }
+
+
 def test_every_registered_estimator_has_reference_results():
     # a new estimator gets its reference numbers (run benchmarks/reference_runs.py)
     assert set(REFERENCE["estimators"]) == set(ESTIMATORS)
@@ -44,12 +53,7 @@ def test_every_registered_estimator_has_reference_results():
 def test_trained_numbers_stay_in_their_seed_band(estimator):
     runs = _reference_runs()
     run = runs.train_once(estimator, REFERENCE["check_seed"], REFERENCE["settings"])
-    expected = REFERENCE["estimators"][estimator]
-    outside = {
-        name: (value, expected[name]["low"], expected[name]["high"])
-        for name, value in run.metrics.items()
-        if not expected[name]["low"] <= value <= expected[name]["high"]
-    }
+    outside = _outside(run.metrics, REFERENCE["estimators"][estimator])
     assert not outside, f"{estimator}: outside the seed band (value, low, high): {outside}"
 
 
@@ -61,10 +65,5 @@ def test_a_short_mnist_run_stays_in_its_golden_band(estimator, mnist_dir):
     reference = json.loads((REPO / "tests" / "reference" / "mnist.json").read_text())
     runs = _reference_runs()
     run = runs.train_once(estimator, reference["check_seed"], reference["settings"], mnist_dir)
-    expected = reference["estimators"][estimator]
-    outside = {
-        name: (value, expected[name]["low"], expected[name]["high"])
-        for name, value in run.metrics.items()
-        if not expected[name]["low"] <= value <= expected[name]["high"]
-    }
+    outside = _outside(run.metrics, reference["estimators"][estimator])
     assert not outside, f"{estimator} on MNIST: outside the golden band: {outside}"

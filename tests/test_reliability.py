@@ -22,20 +22,9 @@ from pyro_vae.app.cli import main
 from pyro_vae.io import dumps_json
 from pyro_vae.training.checkpoint import FORMAT, encode_checkpoint, load_checkpoint
 
-from .helpers import TINY_RUN, digest, run_cli
+from .helpers import TINY_RUN, digest, refused, run_cli
 
 TINY = [*TINY_RUN, "--monitor-images", "50"]
-
-
-def refused(argv, capsys, message: str, status: int = 2, watched: Path | None = None) -> str:
-    before = digest(watched) if watched is not None else None
-    code, out, err = run_cli(argv, capsys)
-    assert code == status, (code, out, err)
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-    assert message in err, err
-    if watched is not None:
-        assert digest(watched) == before
-    return err
 
 
 @pytest.fixture(scope="module")

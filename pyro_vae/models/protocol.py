@@ -174,6 +174,36 @@ def forked_rng() -> contextlib.AbstractContextManager[Any]:
     return torch.random.fork_rng(devices=devices)
 
 
+@contextmanager
+def probing(model: Any) -> Iterator[None]:
+    """How the tools run a model to find something out: eval mode (no BatchNorm update),
+    a forked random stream, no gradients, Pyro's validation off."""
+    with torch.no_grad(), forked_rng(), pyro.validation_enabled(False), evaluation_mode(model):
+        yield
+
+
+def probe_traces(model: Any, x: torch.Tensor) -> tuple[poutine.Trace, poutine.Trace]:
+    """One trace of ``model.guide`` on ``x`` and of ``model.model`` replayed on it,
+    :func:`probing`."""
+    with probing(model):
+        guide_trace = poutine.trace(model.guide).get_trace(x)
+        model_trace = poutine.trace(poutine.replay(model.model, guide_trace)).get_trace(x)
+    return guide_trace, model_trace
+
+
+def deepest_plate(*traces: poutine.Trace) -> int:
+    """How many plates the sample sites of ``traces`` sit in at most (the deepest
+    vectorized plate dimension), 0 for none."""
+    dims = [
+        -frame.dim
+        for trace in traces
+        for site in _sample_sites(trace).values()
+        for frame in site["cond_indep_stack"]
+        if frame.vectorized and frame.dim is not None
+    ]
+    return max(dims, default=0)
+
+
 def _sample_sites(trace: poutine.Trace) -> dict[str, Message[Any, Any]]:
     """The sample sites of ``trace`` (subsample sites left out) by name, in trace order."""
     return {
@@ -195,15 +225,7 @@ def model_sites(model: Any, x: torch.Tensor) -> ModelSites:
     batch = x.shape[0]
     name = type(model).__name__
     try:
-        # a probe: eval mode (no BatchNorm update), its own RNG stream, no gradients
-        with (
-            torch.no_grad(),
-            forked_rng(),
-            pyro.validation_enabled(False),
-            evaluation_mode(model),
-        ):
-            guide_trace = poutine.trace(model.guide).get_trace(x)
-            model_trace = poutine.trace(poutine.replay(model.model, guide_trace)).get_trace(x)
+        guide_trace, model_trace = probe_traces(model, x)
     except (ModelError, DataError):
         raise
     except Exception as error:  # the user's program: any error is its own
@@ -267,23 +289,7 @@ def plate_nesting(model: Any, x: torch.Tensor) -> int | None:
         # a probe would initialize lazy layers from a stream of its own: leave them to
         # the first step, and the nesting to the estimator (found when it needs it)
         return None
-    x = on_model_device(model, x[:2])
-    with (
-        torch.no_grad(),
-        forked_rng(),
-        pyro.validation_enabled(False),
-        evaluation_mode(model),
-    ):
-        guide_trace = poutine.trace(model.guide).get_trace(x)
-        model_trace = poutine.trace(poutine.replay(model.model, guide_trace)).get_trace(x)
-    dims = [
-        -frame.dim
-        for trace in (guide_trace, model_trace)
-        for site in _sample_sites(trace).values()
-        for frame in site["cond_indep_stack"]
-        if frame.vectorized and frame.dim is not None
-    ]
-    return max(dims, default=0)
+    return deepest_plate(*probe_traces(model, on_model_device(model, x[:2])))
 
 
 def latent_sites(model: Any, x: torch.Tensor) -> tuple[str, ...]:
@@ -334,7 +340,7 @@ def closed_form_kl_bias(model: Any, x: torch.Tensor) -> str | None:
     prior: dict[str, dict[str, Any]]
     guide: dict[str, dict[str, Any]]
     try:
-        with torch.no_grad(), forked_rng(), evaluation_mode(model):
+        with probing(model):
             prior = get_dependencies(model.model, (x,))["prior_dependencies"]  # type: ignore[assignment]
             guide = get_dependencies(model.guide, (x,))["prior_dependencies"]  # type: ignore[assignment]
     except Exception:  # the user's program, under provenance tracking: not checkable

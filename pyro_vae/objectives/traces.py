@@ -24,7 +24,7 @@ from pyro.poutine.util import site_is_subsample
 from torch import nn
 
 from pyro_vae.errors import UserInputError
-from pyro_vae.models.protocol import forked_rng
+from pyro_vae.models.protocol import deepest_plate, forked_rng
 
 PARTICLE_PLATE = "num_particles_vectorized"
 
@@ -288,15 +288,7 @@ def find_plate_nesting(model: Callable, guide: Callable, args: tuple, kwargs: di
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
             *args, **kwargs
         )
-    dims = [
-        -frame.dim
-        for trace in (model_trace, guide_trace)
-        for site in trace.nodes.values()
-        if site["type"] == "sample"
-        for frame in site["cond_indep_stack"]
-        if frame.vectorized and frame.dim is not None
-    ]
-    return max(dims, default=0)
+    return deepest_plate(model_trace, guide_trace)
 
 
 class ParticleELBO(ELBO):
