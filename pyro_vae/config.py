@@ -16,8 +16,9 @@ from typing import Any
 
 from pyro_vae import choices
 from pyro_vae.errors import UserInputError
+from pyro_vae.imports import is_import_path
 from pyro_vae.io import read_json
-from pyro_vae.objectives.registry import ESTIMATORS
+from pyro_vae.objectives.registry import estimator_key, estimator_spec, instance_options
 
 
 def _choice(value: Any, choices: Iterable[str], what: str) -> None:
@@ -105,8 +106,15 @@ class ModelConfig:
     # layers in use without warm-up, where top-down loses one) or "top-down" (ladder);
     # one layer has no inference order: None
     guide: str | None = None
+    # your own model: the import path package.module:factory of a callable that takes the
+    # data's shape (a tuple) and returns a model the protocol accepts (model and guide);
+    # the settings above then do not apply
+    factory: str | None = None
+    factory_options: dict[str, Any] = field(default_factory=dict)  # the factory's keywords
 
     def __post_init__(self) -> None:
+        if self.factory is not None:
+            self._check_factory()
         object.__setattr__(self, "latent_dims", _integers(self.latent_dims, "latent dims"))
         object.__setattr__(self, "hidden", _integers(self.hidden, "hidden sizes", True))
         _choice(self.activation, choices.ACTIVATIONS, "activation")
@@ -122,6 +130,31 @@ class ModelConfig:
             object.__setattr__(self, "guide", None)
         elif self.guide is None:
             object.__setattr__(self, "guide", "bottom-up")
+
+    def _check_factory(self) -> None:
+        if not is_import_path(self.factory):
+            raise UserInputError(
+                f"model factory {self.factory!r} is not an import path: write it as "
+                f"package.module:function"
+            )
+        if not isinstance(self.factory_options, dict):
+            raise UserInputError(
+                f"factory_options must be a mapping of keywords to values, got "
+                f"{self.factory_options!r}"
+            )
+        defaults = ModelConfig()
+        changed = [
+            f.name
+            for f in fields(self)
+            if f.name not in ("factory", "factory_options", "guide")
+            and getattr(self, f.name) != getattr(defaults, f.name)
+        ]
+        if changed:
+            raise UserInputError(
+                f"the model settings {', '.join(changed)} do not apply to a model factory "
+                f"({self.factory}): pass what the factory needs as factory_options"
+            )
+        object.__setattr__(self, "factory_options", dict(self.factory_options))
 
 
 @dataclass(frozen=True)
@@ -185,9 +218,13 @@ class TrainConfig:
         config = TrainConfig(estimator="iwae", particles=5, epochs=20, lr_schedule="cosine")
     """
 
-    estimator: str = "mc"  # mc (Trace_ELBO), analytic (TraceMeanField_ELBO), iwae, renyi, stl, ...
+    # a name (mc: Trace_ELBO, analytic: TraceMeanField_ELBO, iwae, renyi, stl, ...), an
+    # import path package.module:Name of your own (or of pyro.infer:RenyiELBO), or, from
+    # Python, an Estimator or ELBO object (config.json records its class's import path)
+    estimator: Any = "mc"
     particles: int = 1  # samples of z per data point and step (K)
-    alpha: float = 0.5  # order of the Renyi bound (estimator "renyi" only)
+    # the estimator's options, e.g. {"alpha": 0.3} for renyi (see its Estimator.options)
+    estimator_options: dict[str, Any] = field(default_factory=dict)
     epochs: int = 10  # passes over the training set
     batch_size: int = 128  # data points per gradient step
     lr: float = 1e-3  # Adam learning rate
@@ -211,7 +248,19 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not (isinstance(self.compile, bool) or self.compile == "auto"):
             raise UserInputError(f'compile must be true, false or "auto", got {self.compile!r}')
-        _choice(self.estimator, ESTIMATORS, "estimator")
+        if not isinstance(self.estimator_options, dict):
+            raise UserInputError(
+                f"estimator_options must be a mapping of option names to values, got "
+                f"{self.estimator_options!r}"
+            )
+        spec = estimator_spec(self.estimator)
+        if isinstance(self.estimator, str) and self.estimator != spec.key:
+            object.__setattr__(self, "estimator", spec.key)
+        if spec.instance is not None:  # an ELBO object carries its own settings
+            self._take_instance_settings(spec)
+        # only the options given are kept (a default that changes reaches old configs)
+        spec.resolve_options(self.estimator_options)
+        object.__setattr__(self, "estimator_options", dict(self.estimator_options))
         _choice(self.optimizer, choices.OPTIMIZERS, "optimizer")
         _choice(self.lr_schedule, choices.LR_SCHEDULES, "learning-rate schedule")
         _choice(self.device, ("cpu", "cuda"), "device")
@@ -228,16 +277,40 @@ class TrainConfig:
         _number(self.clip_norm, "clip_norm", positive=True)
         _number(self.lr_gamma, "lr_gamma", positive=True)
         _number(self.adam_epsilon, "adam_epsilon", positive=True)
-        _number(self.alpha, "alpha")
         _number(self.kl_warmup_epochs, "kl_warmup_epochs", minimum=0)
         _number(self.free_bits, "free_bits", minimum=0)
-        if self.estimator == "renyi" and self.alpha == 1:
-            raise UserInputError("renyi with alpha = 1 is the ELBO: use `estimator='mc'`")
-        if self.free_bits and self.estimator not in ("mc", "analytic"):
+        if self.free_bits and spec.key not in ("mc", "analytic"):
             raise UserInputError(
                 f"free bits apply to the KL of the ELBO: use them with `estimator='mc'` or "
-                f"analytic, not {self.estimator}"
+                f"analytic, not {spec.name}"
             )
+
+    def _take_instance_settings(self, spec: Any) -> None:
+        if self.estimator_options:
+            raise UserInputError(
+                f"the estimator is an ELBO object, which carries its own settings: pass "
+                f"no estimator_options ({', '.join(self.estimator_options)})"
+            )
+        have = getattr(spec.instance, "num_particles", 1)
+        if self.particles not in (1, have):
+            raise UserInputError(
+                f"the estimator object has num_particles={have} and `particles` is "
+                f"{self.particles}: set one of them"
+            )
+        object.__setattr__(self, "particles", have)
+
+    @property
+    def estimator_key(self) -> str:
+        """What ``config.json`` records for the estimator: a name or an import path."""
+        return estimator_key(self.estimator)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as JSON values: the estimator as :attr:`estimator_key`."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        spec = estimator_spec(self.estimator)
+        values["estimator"] = spec.key
+        values["estimator_options"] = dict(self.estimator_options) or instance_options(spec)
+        return values
 
 
 #: learning-rate schedules (per epoch; see pyro_vae.training.schedules.learning_rate)
@@ -275,11 +348,31 @@ def with_protocol(config: RunConfig, name: str) -> RunConfig:
     if name not in PROTOCOLS:
         raise UserInputError(f"unknown protocol {name!r}: choose one of {', '.join(PROTOCOLS)}")
     protocol = PROTOCOLS[name]
+    # a model of your own keeps its own networks: the protocol sets data and training
+    model = config.model if config.model.factory else replace(config.model, **protocol["model"])
     return RunConfig(
-        model=replace(config.model, **protocol.get("model", {})),
+        model=model,
         data=replace(config.data, **protocol.get("data", {})),
         train=replace(config.train, **protocol.get("train", {})),
     )
+
+
+#: settings of earlier versions' ``config.json``, read into today's
+LEGACY_TRAIN_KEYS = ("alpha",)
+
+
+def legacy_train_section(section: dict[str, Any]) -> dict[str, Any]:
+    """A train section of an earlier version: ``alpha`` (renyi's order) is now
+    ``estimator_options["alpha"]``, kept only where the estimator reads it."""
+    if "alpha" not in section:
+        return section
+    section = dict(section)
+    alpha = section.pop("alpha")
+    if section.get("estimator") == "renyi":
+        options = dict(section.get("estimator_options") or {})
+        options.setdefault("alpha", alpha)
+        section["estimator_options"] = options
+    return section
 
 
 @dataclass(frozen=True)
@@ -295,7 +388,16 @@ class RunConfig:
             raise UserInputError("early stopping needs a validation set: set `validation_size`")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The three sections as JSON values (what ``config.json`` holds)."""
+        return {
+            "model": asdict(self.model),
+            "data": asdict(self.data),
+            "train": self.train.to_dict(),
+        }
+
+    def section(self, name: str) -> dict[str, Any]:
+        """One section (``"model"``, ``"data"``, ``"train"``) as JSON values."""
+        return self.to_dict()[name]
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> RunConfig:
@@ -314,13 +416,17 @@ class RunConfig:
             section = values.get(name, {})
             if not isinstance(section, dict):
                 raise UserInputError(f"{source}: section {name!r} must be a JSON object")
-            known = {f.name for f in fields(section_class)}
+            known = {f.name for f in fields(section_class)} | (
+                set(LEGACY_TRAIN_KEYS) if name == "train" else set()
+            )
             unknown = set(section) - known
             if unknown:
                 raise UserInputError(
                     f"{source}: unknown key(s) {', '.join(sorted(unknown))} in section {name!r}; "
                     f"known keys: {', '.join(sorted(known))}"
                 )
+            if name == "train":
+                section = legacy_train_section(section)
             try:
                 built[name] = section_class(**section)
             except UserInputError as error:

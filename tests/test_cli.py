@@ -161,7 +161,6 @@ def _argparse_refusal(argv, capsys, message):
 @pytest.mark.parametrize(
     "flags,message",
     [
-        (["--estimator", "elbo2"], "invalid choice: 'elbo2'"),
         (["--dataset", "cifar"], "invalid choice: 'cifar'"),
         (["--epochs", "ten"], "invalid int value: 'ten'"),
         (["--latent-dims", "a,b"], "expected integers separated by commas"),
@@ -169,6 +168,25 @@ def _argparse_refusal(argv, capsys, message):
 )
 def test_unknown_choices_are_one_line_errors(flags, message, capsys, tmp_path):
     _argparse_refusal(["train", *flags, "--out", tmp_path / "r"], capsys, message)
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--estimator", "elbo2"], "unknown estimator 'elbo2': choose one of mc, analytic"),
+        (["--estimator", "nosuchpkg.mod:ELBO"], "module 'nosuchpkg' is not importable"),
+        (["--estimator", "pyro.infer:NoSuchELBO"], "pyro.infer has no 'NoSuchELBO'"),
+        (["--estimator", "renyi", "--alpha", "1"], "alpha = 1 is the ELBO"),
+        (["--estimator", "mc", "--estimator-option", "alpha=0.3"], "mc has no option 'alpha'"),
+        (["--estimator", "renyi", "--estimator-option", "alpha=x"], "must be a float, got 'x'"),
+        (["--estimator", "renyi", "--estimator-option", "alpha"], "is not NAME=VALUE"),
+        (["--model", "nosuchpkg.models:make"], "module 'nosuchpkg' is not importable"),
+        (["--model", "pyro_vae:nope"], "pyro_vae has no 'nope'"),
+    ],
+)
+def test_unknown_estimators_and_models_are_one_line_errors(flags, message, capsys, tmp_path):
+    _expect_refusal(["train", *flags, "--out", tmp_path / "r"], capsys, message)
     assert not (tmp_path / "r").exists()
 
 
@@ -290,7 +308,7 @@ def test_resume_refuses_changed_options(finished_run, capsys):
         ('{"model": {"latent_dims": [2.7]}}', "latent dims must be an integer"),
         ('{"data": {"limit": 2.5}}', "limit must be an integer"),
         ('{"model": {"prior_loc": "x"}}', "prior_loc must be a finite number"),
-        ('{"train": {"alpha": "x"}}', "alpha must be a finite number"),
+        ('{"train": {"estimator": "renyi", "alpha": "x"}}', "renyi's option alpha must be a float"),
         ('{"train": {"lr": Infinity}}', "learning rate must be a finite number"),
         ('{"train": {"kl_warmup_epochs": NaN}}', "kl_warmup_epochs must be a finite number"),
         ('{"data": {"data_dir": 5}}', "data_dir must be a folder name"),

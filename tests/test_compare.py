@@ -141,9 +141,9 @@ class _GammaVAE(nn.Module):
 
 def test_an_estimator_that_cannot_run_is_named():
     vae = _GammaVAE()
-    check_estimators_run(vae, torch.ones(4), ["mc", "iwae"], 2, 0.5)
+    check_estimators_run(vae, torch.ones(4), ["mc", "iwae"], 2)
     with pytest.raises(UserInputError, match="estimator stl cannot run with this model"):
-        check_estimators_run(vae, torch.ones(4), ["mc", "stl"], 2, 0.5)
+        check_estimators_run(vae, torch.ones(4), ["mc", "stl"], 2)
 
 
 TINY = TINY_COMPARE
@@ -218,7 +218,9 @@ def test_compare_refuses_a_folder_that_holds_something_else(tmp_path, capsys):
 @pytest.mark.parametrize(
     "flags,message",
     [
-        (["--estimators", "mc,foo"], "unknown estimator(s) foo"),
+        (["--estimators", "mc,foo"], "unknown estimator 'foo'"),
+        (["--estimators", "mc,mc"], "an estimator is listed twice"),
+        (["--estimators", "mc,iwae", "--alpha", "0.3"], "no estimator compared takes the option"),
         (["--eval-points", "-3"], "--eval-points must be >= 1"),
         (["--particles", "0"], "--particles must be >= 1"),
         (["--grad-draws", "1"], "--grad-draws must be >= 2"),

@@ -11,7 +11,7 @@ import torch
 
 from pyro_vae.models.protocol import as_batch
 from pyro_vae.objectives.penalty import PenaltyObjective
-from pyro_vae.objectives.registry import make_elbo
+from pyro_vae.objectives.registry import estimator_spec, make_elbo
 from pyro_vae.objectives.terms import log_importance_weights
 
 
@@ -23,8 +23,16 @@ def bound_tightness(
     particles: Sequence[int] = (1, 5, 50, 500),
     num_samples: int = 5000,
     penalty_particles: int = 10,
+    estimators: Sequence[Any] = (),
+    estimator_particles: int = 1,
 ) -> dict[str, Any]:
     """L_1 <= L_K <= log p(x), per data point, and the penalty objective beside them.
+
+    ``estimators`` (names, import paths, :class:`~pyro_vae.objectives.registry.Estimator`
+    or ELBO objects) add each one's own value with ``estimator_particles`` samples, as
+    ``estimator_objectives[key]`` (nats per data point, the batch's mean; ``None`` for an
+    estimator without a value) with ``estimator_minus_log_likelihood[key]``: above 0 for
+    an estimator that claims to be a bound is a number that cannot be right.
 
     Returns means over the data points (nats per data point) and the per-point values:
     ``bounds[K]`` (one draw of L_K per point), ``log_likelihood`` (L with
@@ -66,7 +74,27 @@ def bound_tightness(
             **{f"L_{k}": per_point[k].tolist() for k in particles},
         },
     }
+    if estimators:
+        result["estimator_objectives"], result["estimator_minus_log_likelihood"] = {}, {}
+        for estimator in estimators:
+            key, value_of = _objective(vae, x, estimator, estimator_particles)
+            result["estimator_objectives"][key] = value_of
+            result["estimator_minus_log_likelihood"][key] = (
+                None if value_of is None else value_of - result["log_likelihood"]
+            )
     if hasattr(vae, "log_marginal") and hasattr(vae, "exact_elbo"):
         result["exact_log_marginal"] = float(vae.log_marginal(x).mean())
         result["exact_elbo"] = float(vae.exact_elbo(x).mean())
     return result
+
+
+def _objective(vae, x: torch.Tensor, estimator: Any, particles: int) -> tuple[str, float | None]:
+    """An estimator's own value on ``x`` per data point (``None`` if it has none)."""
+    from pyro_vae.analysis.evaluation import evaluation_mode
+
+    spec = estimator_spec(estimator)
+    if not spec.has_value:
+        return spec.key, None
+    elbo = spec.build(particles)
+    with pyro.validation_enabled(False), evaluation_mode(vae), torch.no_grad():
+        return spec.key, -elbo.loss(vae.model, vae.guide, x) / len(x)

@@ -19,7 +19,7 @@ from pyro_vae.analysis.bounds import bound_tightness
 from pyro_vae.analysis.evaluation import evaluation_mode
 from pyro_vae.analysis.gradients import estimator_gradient_statistics
 from pyro_vae.models.protocol import forked_rng, on_model_device
-from pyro_vae.objectives.registry import make_elbo
+from pyro_vae.objectives.registry import estimator_spec
 
 
 @dataclasses.dataclass
@@ -123,22 +123,25 @@ def own_objective_and_gradients(
     vae,
     x: torch.Tensor,
     grad_x: torch.Tensor,
-    estimator: str,
+    estimator: Any,
     particles: int,
     grad_draws: int,
-    alpha: float,
+    options: Mapping[str, Any] | None,
     seed: int,
 ) -> tuple[float, dict[str, Any]]:
     """A trained model's own objective per data point on ``x`` and its estimator's
-    gradient statistics on ``grad_x``: eval mode, seeded, the global RNG untouched."""
+    gradient statistics on ``grad_x``: eval mode, seeded, the global RNG untouched. For
+    an estimator without a value (a surrogate only) the objective is the Monte Carlo
+    ELBO with the same K (:attr:`~pyro_vae.objectives.registry.Estimator.has_value`)."""
     x = on_model_device(vae, x)
+    spec = estimator_spec(estimator)
+    valued = spec if spec.has_value else estimator_spec("mc")
     with forked_rng(), evaluation_mode(vae):
         torch.manual_seed(seed)
-        objective = -make_elbo(estimator, particles, alpha=alpha).loss(
-            vae.model, vae.guide, x
-        ) / len(x)
+        elbo = valued.build(particles, options=options if spec.has_value else None)
+        objective = -elbo.loss(vae.model, vae.guide, x) / len(x)
         gradients = estimator_gradient_statistics(
-            vae, grad_x, estimator, particles, grad_draws, alpha=alpha
+            vae, grad_x, spec, particles, grad_draws, options=options
         )
     return objective, gradients
 

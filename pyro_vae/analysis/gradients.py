@@ -10,7 +10,7 @@ reference gradient, the bias.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pyro
@@ -145,15 +145,22 @@ def gradient_statistics(
 def estimator_gradient_statistics(
     vae,
     x: torch.Tensor,
-    estimator: str,
+    estimator: Any,
     num_particles: int,
     num_draws: int,
     reference: dict[str, torch.Tensor] | None = None,
-    alpha: float = 0.5,
+    options: Mapping[str, Any] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """:func:`gradient_statistics` of one estimator, per parameter group."""
+    """:func:`gradient_statistics` of one estimator, per parameter group.
+
+    :param estimator: a name, an import path ``package.module:Name``, an
+        :class:`~pyro_vae.objectives.registry.Estimator` or an ELBO object (any Pyro ELBO:
+        one without ``differentiable_loss`` is measured through
+        :class:`~pyro_vae.objectives.adapters.LossAndGradsAdapter`).
+    :param options: the estimator's options (``{"alpha": 0.3}`` for renyi).
+    """
     model_sites(vae, as_batch(vae, x))  # the protocol's checks, as every tool makes them
-    elbo = make_elbo(estimator, num_particles, alpha=alpha)
+    elbo = make_elbo(estimator, num_particles, options=options)
     draws = gradient_draws(vae, x, elbo, num_draws)
     return {
         group: gradient_statistics(values, None if reference is None else reference.get(group))

@@ -34,6 +34,7 @@ from pyro_vae.config import (
     ModelConfig,
     RunConfig,
     TrainConfig,
+    legacy_train_section,
     with_protocol,
 )
 from pyro_vae.errors import DistributedError, NonFiniteError, Preempted, UserInputError
@@ -76,6 +77,42 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _estimator_option_flags(parser: argparse.ArgumentParser) -> None:
+    """``--estimator-option NAME=VALUE`` (repeatable) and its shorthand ``--alpha``."""
+    parser.add_argument(
+        "--estimator-option",
+        action="append",
+        metavar="NAME=VALUE",
+        help="an option of the estimator, e.g. alpha=0.3 for renyi (`pyro-vae estimators` "
+        "lists each one's); repeatable",
+    )
+    parser.add_argument("--alpha", type=float, help="renyi's order: --estimator-option alpha=ALPHA")
+
+
+def estimator_options(args: argparse.Namespace) -> list[str]:
+    """The ``NAME=VALUE`` pairs of ``--estimator-option`` and its shorthands."""
+    pairs = list(getattr(args, "estimator_option", None) or [])
+    if getattr(args, "alpha", None) is not None:
+        pairs.append(f"alpha={args.alpha!r}")
+    return pairs
+
+
+def model_options(pairs: list[str] | None) -> dict[str, Any]:
+    """``--model-option NAME=VALUE`` pairs as keywords (VALUE as JSON, else a string)."""
+    import json
+
+    values: dict[str, Any] = {}
+    for pair in pairs or []:
+        name, sep, text = pair.partition("=")
+        if not sep or not name.strip().isidentifier():
+            raise UserInputError(f"--model-option {pair!r} is not NAME=VALUE: write e.g. width=64")
+        try:
+            values[name.strip()] = json.loads(text)
+        except json.JSONDecodeError:
+            values[name.strip()] = text
+    return values
+
+
 def _int_list(text: str) -> tuple[int, ...]:
     """``"100,50"`` -> ``(100, 50)``; an empty item (``"5,,3"``, ``"5,"``) is an error."""
     parts = [part.strip() for part in text.split(",")]
@@ -102,7 +139,6 @@ _TRAIN_FLAGS = {
     "free_bits": ("train", "free_bits"),
     "estimator": ("train", "estimator"),
     "particles": ("train", "particles"),
-    "alpha": ("train", "alpha"),
     "epochs": ("train", "epochs"),
     "batch_size": ("train", "batch_size"),
     "lr": ("train", "lr"),
@@ -204,9 +240,27 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data-dir", help="folder of IDX files for mnist/fashion-mnist/kmnist")
     train.add_argument("--likelihood", choices=LIKELIHOODS, help="decoder likelihood")
     train.add_argument("--binarize", choices=BINARIZATIONS, help="binarization of images")
-    train.add_argument("--estimator", choices=ESTIMATORS, help="mc is Trace_ELBO")
+    train.add_argument(
+        "--estimator",
+        metavar="NAME|PATH",
+        help=f"one of {', '.join(ESTIMATORS)} (mc is Trace_ELBO; see `pyro-vae estimators`), "
+        f"or the import path package.module:Name of your own estimator or of a Pyro ELBO "
+        f"class (pyro.infer:RenyiELBO)",
+    )
     train.add_argument("--particles", type=int, help="samples of z per data point (K)")
-    train.add_argument("--alpha", type=float, help="order of the renyi bound")
+    _estimator_option_flags(train)
+    train.add_argument(
+        "--model",
+        metavar="PATH",
+        help="your own model: the import path package.module:factory of a callable that "
+        "takes the data shape and returns model and guide (the model flags then do not apply)",
+    )
+    train.add_argument(
+        "--model-option",
+        action="append",
+        metavar="NAME=VALUE",
+        help="a keyword for --model's factory (VALUE read as JSON, else as a string); repeatable",
+    )
     train.add_argument(
         "--latent-dims", type=_int_list, help="latent size, e.g. 50; several layers: 100,50"
     )
@@ -365,10 +419,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.add_argument(
         "--estimators",
-        help="comma-separated (default: mc,analytic,iwae,stl,dreg,penalty; without analytic "
-        "for several latent layers under the bottom-up guide, where its KL is biased)",
+        help="comma-separated names or import paths package.module:Name (default: "
+        "mc,analytic,iwae,stl,dreg,penalty; without analytic for several latent layers under "
+        "the bottom-up guide, where its KL is biased)",
     )
     compare.add_argument("--particles", type=int, default=5, help="K for every estimator")
+    _estimator_option_flags(compare)
+    compare.add_argument(
+        "--model",
+        metavar="PATH",
+        help="your own model: package.module:factory, a callable taking the data shape "
+        "(the model flags then do not apply)",
+    )
+    compare.add_argument(
+        "--model-option", action="append", metavar="NAME=VALUE", help="a keyword for --model"
+    )
     compare.add_argument("--dataset", choices=DATASETS, default="digits")
     compare.add_argument("--data-dir", help="folder of IDX files for the MNIST family")
     compare.add_argument("--binarize", choices=BINARIZATIONS, default="dynamic")
@@ -448,7 +513,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the model runs: NUTS, local SVI, importance weights",
     )
     _compile_flag(diagnose, "the importance weights")
+    estimators = commands.add_parser(
+        "estimators",
+        help="list the estimators: what each is, its options, what it claims",
+        description="Each registered estimator (or the one an import path names) with its "
+        "summary, paper, options (type and default) and claims: a lower bound, a value, "
+        "the closed-form KL, how its loss is captured.",
+    )
+    estimators.add_argument(
+        "estimator", nargs="?", metavar="NAME|PATH", help="one estimator (default: all)"
+    )
     return parser
+
+
+def _estimators(args: argparse.Namespace) -> int:
+    """``pyro-vae estimators``: the registry, or one estimator, as text."""
+    from pyro_vae.objectives.registry import describe_estimator, estimator_spec
+
+    specs = [estimator_spec(args.estimator)] if args.estimator else list(ESTIMATORS.values())
+    print("\n\n".join(describe_estimator(spec) for spec in specs))
+    return 0
 
 
 def _diagnose(args: argparse.Namespace) -> int:
@@ -604,6 +688,25 @@ def _default_estimators(args: argparse.Namespace) -> list[str]:
     return list(COMPARE_ESTIMATORS)
 
 
+def comparison_options(estimators: list[str], pairs: list[str]) -> dict[str, Any]:
+    """``NAME=VALUE`` pairs as the options of a comparison: each parsed by the first
+    estimator compared that takes it (each estimator then gets those it takes)."""
+    from pyro_vae.objectives.registry import estimator_spec
+
+    values: dict[str, Any] = {}
+    specs = [estimator_spec(name) for name in estimators]
+    for pair in pairs:
+        name = pair.partition("=")[0].strip()
+        owner = next((s for s in specs if any(o.name == name for o in s.options)), None)
+        if owner is None:
+            raise UserInputError(
+                f"no estimator compared takes the option {name!r}: `pyro-vae estimators` "
+                f"lists each estimator's options"
+            )
+        values.update(owner.parse_options([pair]))
+    return values
+
+
 def _compare(args: argparse.Namespace, argv: list[str] | None) -> int:
 
     from pyro_vae.app.compare import markdown_table, parse_estimators
@@ -630,6 +733,9 @@ def _compare(args: argparse.Namespace, argv: list[str] | None) -> int:
         model["latent_dims"] = args.latent_dims
     if args.hidden:
         model["hidden"] = args.hidden
+    if args.model:
+        model["factory"] = args.model
+        model["factory_options"] = model_options(args.model_option)
     config = RunConfig(
         model=ModelConfig(**model),
         data=DataConfig(
@@ -637,6 +743,7 @@ def _compare(args: argparse.Namespace, argv: list[str] | None) -> int:
         ),
         train=TrainConfig(
             particles=args.particles,
+            estimator_options=comparison_options(estimators, estimator_options(args)),
             epochs=args.epochs,
             batch_size=args.batch_size,
             lr=args.lr,
@@ -697,6 +804,20 @@ def resolve_config(args: argparse.Namespace, base: RunConfig | None = None) -> R
         value = getattr(args, flag)
         if value is not None:
             sections[section][name] = value
+    pairs = estimator_options(args)
+    if pairs:
+        from pyro_vae.objectives.registry import estimator_spec
+
+        chosen = sections["train"].get("estimator", config.train.estimator)
+        given = estimator_spec(chosen).parse_options(pairs)
+        kept = config.train.estimator_options if chosen == config.train.estimator else {}
+        sections["train"]["estimator_options"] = {**kept, **given}
+    elif sections["train"].get("estimator", config.train.estimator) != config.train.estimator:
+        sections["train"]["estimator_options"] = {}  # (the options of the one replaced)
+    if getattr(args, "model", None) is not None:
+        sections["model"]["factory"] = args.model
+    if getattr(args, "model_option", None):
+        sections["model"]["factory_options"] = model_options(args.model_option)
     own = getattr(args, "data", None)
     if own is not None:
         if args.dataset is not None:
@@ -726,7 +847,7 @@ def _overlay(config: RunConfig, path: Path) -> RunConfig:
     return RunConfig(
         model=dataclasses.replace(config.model, **values.get("model", {})),
         data=dataclasses.replace(config.data, **values.get("data", {})),
-        train=dataclasses.replace(config.train, **values.get("train", {})),
+        train=dataclasses.replace(config.train, **legacy_train_section(values.get("train", {}))),
     )
 
 
@@ -854,8 +975,7 @@ def _flag_differences(saved: RunConfig, given: RunConfig) -> list[str]:
 
     result = []
     for section in ("data", "model", "train"):
-        old = dataclasses.asdict(getattr(saved, section))
-        new = dataclasses.asdict(getattr(given, section))
+        old, new = saved.section(section), given.section(section)
         for name in old:
             if old[name] != new[name]:
                 flag = names.get((section, name))
@@ -1095,7 +1215,9 @@ def prepare_run(config: RunConfig, quiet: bool = False) -> PreparedRun:
     check_data_once(vae, data)
     check_estimator_fits(config.train.estimator, vae)
     # build the estimator once here so that a bad combination fails before any file is written
-    make_elbo(config.train.estimator, config.train.particles, alpha=config.train.alpha)
+    make_elbo(
+        config.train.estimator, config.train.particles, options=config.train.estimator_options
+    )
     seconds = 0.0
     if config.train.eval_samples and not quiet:  # (the other torchrun processes: no estimate)
         from pyro_vae.analysis.evaluation import announce_evaluation
@@ -1215,8 +1337,8 @@ def reproduce_command(config: RunConfig, out: Path) -> str:
     flags = {value: flag for flag, value in _TRAIN_FLAGS.items()}
     argv = ["train", "--dataset", config.data.dataset]  # (named even when the default)
     for section in ("data", "model", "train"):
-        for name, value in dataclasses.asdict(getattr(config, section)).items():
-            if value == dataclasses.asdict(getattr(defaults, section))[name] or name == "dataset":
+        for name, value in config.section(section).items():
+            if value == defaults.section(section)[name] or name == "dataset":
                 continue
             flag = flags.get((section, name))
             if flag is None or value is None:
@@ -1459,6 +1581,8 @@ def main(argv: list[str] | None = None) -> int:
             return _sweep(args, argv)
         if args.command == "diagnose":
             return _diagnose(args)
+        if args.command == "estimators":
+            return _estimators(args)
     except UserInputError as error:
         _say(f"pyro-vae {args.command}: error: {as_flags(str(error))}")
         return 2

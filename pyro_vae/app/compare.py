@@ -22,9 +22,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import re
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +42,19 @@ from pyro_vae.analysis.gradients import snr_versus_particles
 from pyro_vae.analysis.sanity import comparison_flags
 from pyro_vae.app.compare_report import markdown_table, run_line, write_comparison
 from pyro_vae.errors import UserInputError
-from pyro_vae.objectives.registry import ESTIMATORS, check_estimator_fits, make_elbo
+from pyro_vae.imports import import_path_of, is_import_path
+from pyro_vae.objectives.registry import (
+    BUILT_IN,
+    ESTIMATORS,
+    check_estimator_fits,
+    estimator_spec,
+    instance_options,
+)
 from pyro_vae.resources import check_device
 
 __all__ = [
     "Comparison",
+    "as_run_config",
     "check_estimators_run",
     "checkpoint_epoch",
     "compare_estimators",
@@ -57,42 +66,126 @@ __all__ = [
 
 
 # ------------------------------------------------------------------ equal-budget training
-def parse_estimators(text: str | Sequence[str]) -> list[str]:
-    """Estimator names from ``"mc,analytic"`` or a list, each known to the registry and
-    given once; an unknown or repeated name is refused in one line."""
-    names = [n.strip() for n in text.split(",")] if isinstance(text, str) else list(text)
-    names = [n for n in names if n]
-    unknown = [n for n in names if n not in ESTIMATORS]
-    if unknown or not names:
+def parse_estimators(text: str | Sequence[Any]) -> list[str]:
+    """The keys (names or import paths) of the estimators in ``"mc,pkg.mod:Name"`` or a
+    list of names, import paths, :class:`~pyro_vae.objectives.registry.Estimator` or
+    ELBO objects, each given once; an unknown or repeated one is refused in one line.
+
+    An object that no import path names (a class defined in a notebook) is registered
+    under its name in this process, so that a serial comparison runs it; another
+    process cannot rebuild it (see :func:`check_executor_reaches`).
+    """
+    items = [n.strip() for n in text.split(",")] if isinstance(text, str) else list(text)
+    items = [n for n in items if not (isinstance(n, str) and not n)]
+    if not items:
         raise UserInputError(
-            f"unknown estimator(s) {', '.join(unknown) or '(none given)'}: choose from "
-            f"{', '.join(ESTIMATORS)}"
+            f"no estimator given: choose from {', '.join(ESTIMATORS)} or give import paths"
         )
-    if len(set(names)) != len(names):
-        raise UserInputError(f"an estimator is listed twice in {', '.join(names)}")
-    return names
+    keys = []
+    for item in items:
+        spec = estimator_spec(item)
+        if spec.path is None and ESTIMATORS.get(spec.name) is not spec:
+            if spec.name in ESTIMATORS:
+                raise UserInputError(
+                    f"estimator {spec.name!r} is a Python object whose name is taken: give it "
+                    f"another name (Estimator(name=...)) or an import path"
+                )
+            ESTIMATORS[spec.name] = spec  # (this process only)
+        keys.append(spec.key)
+    if len(set(keys)) != len(keys):
+        raise UserInputError(f"an estimator is listed twice in {', '.join(keys)}")
+    return keys
+
+
+def check_executor_reaches(estimators: Sequence[str], executor) -> None:
+    """Refuse, in one line, an estimator only this process knows when the runs train
+    elsewhere (Ray workers import estimators by name or import path)."""
+    if executor is None or executor.name == "serial":
+        return
+    local = [k for k in estimators if k not in BUILT_IN and not is_import_path(k)]
+    if local:
+        raise UserInputError(
+            f"estimator(s) {', '.join(local)} exist only in this process, and the "
+            f"{executor.name} executor trains in others: give each as an import path "
+            f"package.module:Name"
+        )
+
+
+def estimator_options_for(key: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The options of ``options`` that estimator ``key`` has (a comparison's options apply
+    to each estimator that takes them), with an ELBO object's own settings."""
+    spec = estimator_spec(key)
+    names = {o.name for o in spec.options}
+    return {**instance_options(spec), **{k: v for k, v in options.items() if k in names}}
+
+
+def _check_options_used(estimators: Sequence[str], options: Mapping[str, Any]) -> None:
+    taken = {o.name for key in estimators for o in estimator_spec(key).options}
+    unused = sorted(set(options) - taken)
+    if unused:
+        raise UserInputError(
+            f"no estimator compared takes the option(s) {', '.join(unused)}: "
+            f"`pyro-vae estimators` lists each estimator's options"
+        )
 
 
 def check_estimators_run(
-    vae, x: torch.Tensor, estimators: Sequence[str], particles: int, alpha: float
+    vae,
+    x: torch.Tensor,
+    estimators: Sequence[Any],
+    particles: int,
+    options: Mapping[str, Any] | None = None,
 ) -> None:
     """Run each estimator once on a small batch: a clear error now, not mid-comparison."""
-    for name in estimators:
+    for estimator in estimators:
+        spec = estimator_spec(estimator)
         model = copy.deepcopy(vae)
         try:
-            check_estimator_fits(name, model)
-            make_elbo(name, particles, alpha=alpha).loss_and_grads(model.model, model.guide, x)
+            check_estimator_fits(spec, model)
+            elbo = spec.build(particles, options=estimator_options_for(spec.key, options or {}))
+            elbo.differentiable_loss(model.model, model.guide, x).backward()
         except UserInputError as error:
-            raise UserInputError(f"estimator {name} cannot run with this model: {error}") from None
-        except (ValueError, NotImplementedError, RuntimeError) as error:
+            raise UserInputError(
+                f"estimator {spec.key} cannot run with this model: {error}"
+            ) from None
+        except (ValueError, NotImplementedError, RuntimeError, AttributeError) as error:
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error)
-            raise UserInputError(f"estimator {name} cannot run with this model: {reason}") from None
+            raise UserInputError(
+                f"estimator {spec.key} cannot run with this model: {reason}"
+            ) from None
+
+
+def as_run_config(config: Any):
+    """A :class:`~pyro_vae.config.RunConfig`, or a model factory (a callable taking the
+    data shape, or its import path) made into the default one with that model."""
+    from pyro_vae.config import ModelConfig, RunConfig
+
+    if isinstance(config, RunConfig):
+        return config
+    if isinstance(config, str) or callable(config):
+        path = config if isinstance(config, str) else import_path_of(config)
+        if path is None:
+            raise UserInputError(
+                f"model factory {getattr(config, '__qualname__', config)!r} has no import path "
+                f"(defined in __main__ or inside a function): define it in a module, so that "
+                f"every run (and its run folder) can rebuild it"
+            )
+        return RunConfig(model=ModelConfig(factory=path))
+    raise UserInputError(
+        f"compare takes a RunConfig or a model factory, got {type(config).__name__}"
+    )
 
 
 def compare_estimators(
-    config, estimators: Sequence[str], out_dir: str | Path, **settings: Any
+    config, estimators: Sequence[Any], out_dir: str | Path, **settings: Any
 ) -> dict[str, Any]:
     """Train one model per estimator and repeat, on an equal budget, and compare them.
+
+    ``config`` is a :class:`~pyro_vae.config.RunConfig` or a model factory (a callable
+    taking the data shape and returning a model the protocol accepts, or its import
+    path): each seed builds the model once, and every estimator starts from a copy of
+    its parameters. ``estimators`` are names, import paths, :class:`Estimator` or ELBO
+    objects; ``config.train.estimator_options`` apply to each estimator that has them.
 
     Every estimator starts from the same initial parameters (per repeat), sees the data
     in the same order, and takes the same number of gradient steps with the same number
@@ -120,7 +213,7 @@ def compare_estimators(
 
 def run_comparison(
     config,
-    estimators: Sequence[str],
+    estimators: Sequence[Any],
     out_dir: str | Path,
     repeats: int = 1,
     eval_samples: int = 1000,
@@ -141,7 +234,10 @@ def run_comparison(
     and returns the :class:`~pyro_vae.analysis.comparison.Comparison`; no report.
     ``ais_steps``: also log p(x) by AIS with that many steps (16 chains, 5 leapfrog steps)
     on the same test points, beside the importance-sampled one."""
+    config = as_run_config(config)
     estimators = parse_estimators(estimators)
+    _check_options_used(estimators, config.train.estimator_options)
+    check_executor_reaches(estimators, executor)
     if ais_steps is not None and ais_steps < 1:
         raise UserInputError(f"--ais-steps must be >= 1, got {ais_steps}")
     _check_options(config, repeats, eval_samples, grad_draws, snr_particles, bound_particles)
@@ -166,6 +262,7 @@ def run_comparison(
         repeats,
         measurements,
         progress=progress and executor.name == "serial",
+        data_shape=data.data_shape,
     )
     runs, runs_wall_seconds = _train_runs(executor, specs, labels, log, eval_samples)
     trained = _first_repeat_models(runs, config, data.data_shape)  # on config.train.device
@@ -177,7 +274,7 @@ def run_comparison(
     flags = comparison_flags(
         summary,
         binary=config.model.likelihood == "bernoulli",
-        bounds=[name for name in estimators if ESTIMATORS[name].is_bound],
+        bounds=[name for name in estimators if estimator_spec(name).is_bound],
     )
     if log is not None:
         for flag in flags:
@@ -261,12 +358,33 @@ def _test_images(config, eval_points: int | None):
 def _check_model(config, data, test_images: torch.Tensor, estimators: Sequence[str]) -> None:
     """The model takes the data and every estimator runs on it: before any training."""
     from pyro_vae.models.build import build_vae
+    from pyro_vae.models.protocol import check_data
 
     torch.manual_seed(config.train.seed)
     probe = build_vae(config.model, data.data_shape)
-    probe.check_data(test_images, "the test set")
+    check_data(probe, test_images, "the test set")
     train = config.train
-    check_estimators_run(probe, test_images[:8], estimators, train.particles, train.alpha)
+    check_estimators_run(
+        probe, test_images[:8], estimators, train.particles, train.estimator_options
+    )
+
+
+def folder_name(key: str) -> str:
+    """An estimator's key as part of a folder's name (an import path's ``:`` and any
+    character a file system may refuse become ``_``)."""
+    return re.sub(r"[^\w.-]", "_", key)
+
+
+def initial_parameters(config, data_shape, seed: int) -> dict[str, torch.Tensor]:
+    """The model's parameters as built from ``seed``: one build per seed, a copy for each
+    estimator, so that all start alike whatever the factory does with random numbers."""
+    from pyro_vae.models.build import build_vae
+    from pyro_vae.models.protocol import forked_rng
+
+    with forked_rng():
+        torch.manual_seed(seed)
+        vae = build_vae(config.model, data_shape)
+    return {k: v.detach().clone() for k, v in vae.state_dict().items()}
 
 
 def _run_specs(
@@ -276,22 +394,29 @@ def _run_specs(
     repeats: int,
     measurements: dict[str, Any],
     progress: bool,
+    data_shape: Sequence[int] = (),
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """One :func:`train_compare_run` spec per (repeat, estimator), and its label."""
     train = config.train
     specs, labels = [], []
     for repeat in range(repeats):
         seed = train.seed + repeat
+        initial = initial_parameters(config, data_shape, seed)
         for name in estimators:
+            options = estimator_options_for(name, train.estimator_options)
             run_config = dataclasses.replace(
-                config, train=dataclasses.replace(train, estimator=name, seed=seed)
+                config,
+                train=dataclasses.replace(
+                    train, estimator=name, estimator_options=options, seed=seed
+                ),
             )
             specs.append(
                 {
                     "config": run_config.to_dict(),
                     "data_seed": train.seed,
                     "repeat": repeat,
-                    "run_dir": str(runs_dir / f"{name}-seed{seed}"),
+                    "run_dir": str(runs_dir / f"{folder_name(name)}-seed{seed}"),
+                    "initial_state": initial,
                     **measurements,
                     "keep_parameters": repeat == 0,
                     "progress": progress,
@@ -388,7 +513,13 @@ def train_compare_run(spec: dict[str, Any]) -> dict[str, Any]:
     config = RunConfig.from_dict(spec["config"])
     train = config.train
     data, test_images = _spec_data(config, spec)
-    vae, history, timing = train_in_folder(config, data, Path(spec["run_dir"]), spec["progress"])
+    vae, history, timing = train_in_folder(
+        config,
+        data,
+        Path(spec["run_dir"]),
+        spec["progress"],
+        initial_state=spec.get("initial_state"),
+    )
     evaluation = evaluate(
         vae,
         test_images,
@@ -410,7 +541,7 @@ def train_compare_run(spec: dict[str, Any]) -> dict[str, Any]:
         train.estimator,
         train.particles,
         spec["grad_draws"],
-        train.alpha,
+        train.estimator_options,
         train.seed,
     )
     run = {
@@ -450,11 +581,20 @@ def _spec_data(config, spec: dict[str, Any]):
     return data, test_images
 
 
-def train_in_folder(config, data, run_dir: Path, progress: bool, callbacks=()):
+def train_in_folder(
+    config,
+    data,
+    run_dir: Path,
+    progress: bool,
+    callbacks=(),
+    initial_state: dict[str, torch.Tensor] | None = None,
+):
     """Train (or resume) one run in ``run_dir``, from the run's seed: the model, its
     history, and the timing fields of its record (wall and CPU time; CPU time beside wall
     time, since wall time swings with the load of other processes). ``compare`` and
-    ``sweep`` train each of their runs through this."""
+    ``sweep`` train each of their runs through this. ``initial_state``: the parameters
+    to start from (a comparison's, shared by its estimators) instead of the fresh
+    model's."""
     from pyro_vae.models.build import build_vae
     from pyro_vae.training.fit import fit
     from pyro_vae.training.trainer import CHECKPOINT
@@ -462,6 +602,8 @@ def train_in_folder(config, data, run_dir: Path, progress: bool, callbacks=()):
     resumed_at = checkpoint_epoch(run_dir / CHECKPOINT, config)
     torch.manual_seed(config.train.seed)
     vae = build_vae(config.model, data.data_shape)
+    if initial_state is not None:
+        vae.load_state_dict(initial_state)
     started, cpu_started = time.perf_counter(), time.process_time()
     history = fit(
         vae,

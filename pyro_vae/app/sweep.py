@@ -154,7 +154,11 @@ def check_runs(runs: Sequence[SweepRun], check_device: bool = True) -> None:
                 vae = build_vae(config.model, data.data_shape)
             check_data_once(vae, data)
             check_estimator_fits(config.train.estimator, vae)
-            make_elbo(config.train.estimator, config.train.particles, alpha=config.train.alpha)
+            make_elbo(
+                config.train.estimator,
+                config.train.particles,
+                options=config.train.estimator_options,
+            )
         except UserInputError as error:
             raise UserInputError(f"run {run.name}: {error}") from None
 

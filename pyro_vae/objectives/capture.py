@@ -240,26 +240,97 @@ def reparameterized_trace_elbo(model_trace, guide_trace) -> torch.Tensor:
     return site_total(value)
 
 
-def traceable_loss(elbo: Objective) -> Callable | None:
-    """``(model, guide, *args, **kwargs) -> loss``: the ELBO's differentiable loss as
-    tensor operations only, or ``None`` for an estimator not known to be static."""
+#: the methods that make up a Trace_ELBO-family loss: a subclass that overrides one of
+#: them computes something else, and is not captured as its base class
+_TRACE_ELBO_METHODS = (
+    "differentiable_loss",
+    "loss",
+    "loss_and_grads",
+    "_differentiable_loss_particle",
+    "_get_trace",
+    "_get_traces",
+    "_get_vectorized_trace",
+    "differentiable_elbo_particle",
+)
+#: this project's estimators whose differentiable_loss is tensor operations only
+_STATIC_PARTICLE_ELBOS = (
+    ImportanceWeightedELBO,
+    StickingTheLandingELBO,
+    DReGELBO,
+    PenaltyObjective,
+)
+#: the methods a ParticleELBO subclass defines its loss with
+_PARTICLE_METHODS = (
+    "differentiable_loss",
+    "value_and_surrogate",
+    "_elbo_and_surrogate",
+    "bound",
+    "_get_trace",
+    "_get_traces",
+    "_plate",
+)
+
+
+def _overridden(elbo: Any, base: type, methods: tuple[str, ...]) -> list[str]:
+    """The methods of ``methods`` that ``type(elbo)`` defines differently from ``base``."""
     kind = type(elbo)
-    if kind in (Trace_ELBO, TraceELBO, ClosedFormKL_ELBO):
-        if isinstance(elbo, ClosedFormKL_ELBO):  # (kind is ClosedFormKL_ELBO)
-            particle = elbo.differentiable_elbo_particle
-        else:
-            particle = reparameterized_trace_elbo
+    return [m for m in methods if getattr(kind, m, None) is not getattr(base, m, None)]
 
-        def loss(model, guide, *args, **kwargs):
-            total: torch.Tensor | float = 0.0
-            for model_trace, guide_trace in compat.elbo_traces(elbo, model, guide, args, kwargs):
-                total = total - particle(model_trace, guide_trace) / elbo.num_particles
-            return total
 
-        return loss
-    if kind in (ImportanceWeightedELBO, StickingTheLandingELBO, DReGELBO, PenaltyObjective):
-        return elbo.differentiable_loss  # (a ParticleELBO's)
-    return None
+def traceable_loss(elbo: Objective, capture: str = "auto") -> tuple[Callable | None, str | None]:
+    """``(loss, None)``: the ELBO's differentiable loss ``(model, guide, *args, **kwargs)
+    -> loss`` as tensor operations only; or ``(None, why)`` for an estimator not known to
+    be static, which then runs eagerly.
+
+    :param capture: the estimator's policy (see
+        :data:`~pyro_vae.objectives.registry.CAPTURE_POLICIES`): ``"auto"`` decides by
+        class (a subclass of a known estimator is captured as its base when it overrides
+        none of the methods its loss is made of); ``"differentiable_loss"`` captures the
+        ELBO's own ``differentiable_loss`` (checked against the eager loss when the graph
+        is built); ``"never"`` is always eager.
+    """
+    if capture == "never":
+        return None, f"{type(elbo).__name__} asks never to be captured"
+    if capture == "differentiable_loss":
+        return elbo.differentiable_loss, None
+    base: type
+    for base in (TraceELBO, ClosedFormKL_ELBO, Trace_ELBO):
+        if type(elbo) is base or (
+            isinstance(elbo, base) and not _overridden(elbo, base, _TRACE_ELBO_METHODS)
+        ):
+            return _trace_elbo_loss(elbo), None
+    for base in _STATIC_PARTICLE_ELBOS:
+        if type(elbo) is base or (
+            isinstance(elbo, base) and not _overridden(elbo, base, _PARTICLE_METHODS)
+        ):
+            return elbo.differentiable_loss, None  # (a ParticleELBO's)
+    kind = type(elbo).__name__
+    for base in (Trace_ELBO, *_STATIC_PARTICLE_ELBOS):
+        if isinstance(elbo, base):
+            changed = _overridden(elbo, base, _TRACE_ELBO_METHODS + _PARTICLE_METHODS)
+            return None, (
+                f"{kind} overrides {', '.join(changed)} of {base.__name__}; if its loss is "
+                f"tensor operations only, register it with capture='differentiable_loss'"
+            )
+    return None, (
+        f"{kind} is not an estimator known to be static; if its differentiable_loss is "
+        f"tensor operations only, register it with capture='differentiable_loss'"
+    )
+
+
+def _trace_elbo_loss(elbo: Any) -> Callable:
+    if isinstance(elbo, ClosedFormKL_ELBO):
+        particle = elbo.differentiable_elbo_particle
+    else:
+        particle = reparameterized_trace_elbo
+
+    def loss(model, guide, *args, **kwargs):
+        total: torch.Tensor | float = 0.0
+        for model_trace, guide_trace in compat.elbo_traces(elbo, model, guide, args, kwargs):
+            total = total - particle(model_trace, guide_trace) / elbo.num_particles
+        return total
+
+    return loss
 
 
 # ---------------------------------------------------------------------- graphs
@@ -614,11 +685,12 @@ class CompiledLoss(_Captured):
         guide: str = "guide",
         enabled: bool = True,
         refresh_every_call: bool = True,
+        capture: str = "auto",
     ) -> None:
         super().__init__(owner, enabled, refresh_every_call)
         self.elbo = elbo
         self.names = (model, guide)
-        self.loss_fn = traceable_loss(elbo)
+        self.loss_fn, self.eager_reason = traceable_loss(elbo, capture)
 
     #: the largest magnitude of any gradient entry the last graph replay added (NaN if
     #: any entry is NaN), computed as each gradient is produced, while it is still in

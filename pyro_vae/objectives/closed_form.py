@@ -92,7 +92,7 @@ def _nesting(max_plate_nesting: float | None) -> float:
     return float("inf") if max_plate_nesting is None else max_plate_nesting
 
 
-def trace_elbo(num_particles: int, alpha: float, max_plate_nesting: float | None) -> Trace_ELBO:
+def trace_elbo(num_particles: int, *, max_plate_nesting: float | None = None) -> Trace_ELBO:
     """``mc``: Pyro's Trace_ELBO, particles vectorized."""
     return TraceELBO(
         num_particles=num_particles,
@@ -101,7 +101,7 @@ def trace_elbo(num_particles: int, alpha: float, max_plate_nesting: float | None
     )
 
 
-def closed_form_elbo(num_particles: int, alpha: float, max_plate_nesting: float | None) -> ELBO:
+def closed_form_elbo(num_particles: int, *, max_plate_nesting: float | None = None) -> ELBO:
     """``analytic``: :class:`ClosedFormKL_ELBO`, particles vectorized."""
     return ClosedFormKL_ELBO(
         num_particles=num_particles,

@@ -136,15 +136,13 @@ class DReGELBO(ImportanceWeightedELBO):
         return value, surrogate, scale
 
 
-def iwae(
-    num_particles: int, alpha: float, max_plate_nesting: float | None
-) -> ImportanceWeightedELBO:
+def iwae(num_particles: int, *, max_plate_nesting: float | None = None) -> ImportanceWeightedELBO:
     """``iwae``: L_K."""
     return ImportanceWeightedELBO(num_particles, alpha=0.0, max_plate_nesting=max_plate_nesting)
 
 
 def renyi(
-    num_particles: int, alpha: float, max_plate_nesting: float | None
+    num_particles: int, *, max_plate_nesting: float | None = None, alpha: float = 0.5
 ) -> ImportanceWeightedELBO:
     """``renyi``: the VR bound of order ``alpha`` (1 is the ELBO: refused)."""
     if alpha == 1:
@@ -152,6 +150,6 @@ def renyi(
     return ImportanceWeightedELBO(num_particles, alpha=alpha, max_plate_nesting=max_plate_nesting)
 
 
-def dreg(num_particles: int, alpha: float, max_plate_nesting: float | None) -> DReGELBO:
+def dreg(num_particles: int, *, max_plate_nesting: float | None = None) -> DReGELBO:
     """``dreg``: L_K with the doubly reparameterized gradient."""
     return DReGELBO(num_particles, max_plate_nesting)

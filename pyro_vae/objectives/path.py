@@ -41,8 +41,6 @@ class StickingTheLandingELBO(ParticleELBO):
         return log_w.detach().mean(0), path_log_w.mean(0), scale
 
 
-def stl(
-    num_particles: int, alpha: float, max_plate_nesting: float | None
-) -> StickingTheLandingELBO:
+def stl(num_particles: int, *, max_plate_nesting: float | None = None) -> StickingTheLandingELBO:
     """``stl``: the ELBO with the path-derivative gradient."""
     return StickingTheLandingELBO(num_particles, max_plate_nesting)

@@ -54,6 +54,6 @@ class PenaltyObjective(ParticleELBO):
         return objective.detach().mean(0), objective.mean(0), scale
 
 
-def penalty(num_particles: int, alpha: float, max_plate_nesting: float | None) -> PenaltyObjective:
+def penalty(num_particles: int, *, max_plate_nesting: float | None = None) -> PenaltyObjective:
     """``penalty``: the objective that is not a bound."""
     return PenaltyObjective(num_particles, max_plate_nesting)

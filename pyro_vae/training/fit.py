@@ -17,6 +17,7 @@ from pyro_vae.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from pyro_vae.data import VAEData
 from pyro_vae.errors import UserInputError
 from pyro_vae.models.protocol import ModelError, check_data, check_protocol
+from pyro_vae.objectives.registry import estimator_spec
 from pyro_vae.resources import check_device
 from pyro_vae.training.checkpoint import (
     load_checkpoint,
@@ -58,6 +59,9 @@ def described_run(vae, data: VAEData, config: TrainConfig) -> RunConfig | None:
     if not isinstance(model_config, ModelConfig) or data.source is None:
         return None
     if data.seed != config.seed:  # the data would not reload the same (held-out split)
+        return None
+    spec = estimator_spec(config.estimator)
+    if spec.instance is not None and spec.path is None:  # (no import path rebuilds it)
         return None
     return RunConfig(model=model_config, data=DataConfig(**data.source), train=config)
 

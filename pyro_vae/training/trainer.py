@@ -25,7 +25,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,12 @@ from pyro_vae.models.protocol import forked_rng, plate_nesting, private_param_st
 from pyro_vae.models.vae import param_store_registration
 from pyro_vae.objectives.capture import CompiledLoss, capture_pays, largest
 from pyro_vae.objectives.free_bits import FreeBitsELBO
-from pyro_vae.objectives.registry import Objective, check_estimator_fits, make_elbo
+from pyro_vae.objectives.registry import (
+    Objective,
+    check_estimator_fits,
+    estimator_spec,
+    make_elbo,
+)
 from pyro_vae.training import preemption
 from pyro_vae.training.checkpoint import (
     load_checkpoint,
@@ -100,22 +105,33 @@ class Trainer:
         self.data = data
         self.config = config
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.saved_config = saved_config if saved_config is not None else {"train": asdict(config)}
-        check_estimator_fits(config.estimator, vae, data.train.images[:2])
+        self.saved_config = (
+            saved_config if saved_config is not None else {"train": config.to_dict()}
+        )
+        #: the estimator's spec: what it is and what may be assumed of it
+        self.estimator = spec = estimator_spec(config.estimator)
+        check_estimator_fits(spec, vae, data.train.images[:2])
         self.elbo: Objective
         # the particle plate's place is known before the first step: no estimator has to
         # find it while the fast path captures its graph
         nesting = plate_nesting(self.vae, data.train.images[:2])
         if config.free_bits:
-            kl = "analytic" if config.estimator == "analytic" else "mc"
+            kl = "analytic" if spec.name == "analytic" else "mc"
             self.elbo = FreeBitsELBO(config.particles, config.free_bits, kl, nesting)
         else:
-            self.elbo = make_elbo(
-                config.estimator, config.particles, alpha=config.alpha, max_plate_nesting=nesting
+            self.elbo = spec.build(
+                config.particles, max_plate_nesting=nesting, options=config.estimator_options
             )
+        # the value the history records: the estimator's own, or for one without a value
+        # (a surrogate only) the Monte Carlo ELBO of the same batch
+        self.value_elbo: Objective = (
+            self.elbo if spec.has_value else make_elbo("mc", max_plate_nesting=nesting)
+        )
         # the step's loss and gradients: the ELBO's, replayed from a captured graph; the
         # trainer refreshes the graph's view of the networks at the start of each epoch
-        self.loss = CompiledLoss(self.elbo, self.vae, refresh_every_call=False)
+        self.loss = CompiledLoss(
+            self.elbo, self.vae, refresh_every_call=False, capture=spec.capture
+        )
         # every parameter: frozen ones get no gradient and are skipped by the step, and a
         # callback may unfreeze them between epochs
         self.parameters = list(vae.parameters())
@@ -276,11 +292,11 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 if batch.shape[0] == 0:  # (a last batch smaller than the processes)
                     loss = reported = 0.0
-                elif factor < 1.0:
+                elif factor < 1.0 or self.value_elbo is not self.elbo:
                     with LatentScale(factor):
                         loss = self._loss_and_grads(batch, scale)
                     with torch.no_grad():  # the bound itself, unannealed, for the record
-                        reported = self.elbo.loss(
+                        reported = self.value_elbo.loss(
                             scaled(vae.model, scale), scaled(vae.guide, scale), batch
                         )
                 else:
@@ -291,12 +307,14 @@ class Trainer:
                     mean, stop = distributed.average_step_and_flag(
                         loss, self.parameters, self.buffers, stop
                     )
-                    if factor < 1.0:
+                    if factor < 1.0 or self.value_elbo is not self.elbo:
                         reported = distributed.all_sum([reported])[0] / self.world
                     else:
                         reported = mean
                     loss, grad_max = mean, None
-                self._check_step(loss, grad_max)  # None after an eager step
+                # (a surrogate without a value is checked through the value recorded)
+                checked = loss if self.value_elbo is self.elbo else -reported
+                self._check_step(checked, grad_max)  # None after an eager step
                 self.optimizer.step()
                 self.step += 1
                 if self.world > 1 and done + 1 - first == TIMED_STEPS:  # the step time known
@@ -514,6 +532,10 @@ class Trainer:
         else:
             self.loss.enabled = self.compiles()
             self._compiled = (self.loss.enabled, config.epochs)
+        if self.loss.enabled and self.loss.loss_fn is None:
+            warnings.warn(
+                f"pyro-vae: the loss runs eagerly: {self.loss.eager_reason}", stacklevel=2
+            )
         # a run folder keeps the position on SIGTERM/SIGUSR1: they stop it after the step
         watching = preemption.watch() if self.run_dir is not None else contextlib.nullcontext(False)
         with watching:
