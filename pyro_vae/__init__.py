@@ -44,6 +44,10 @@ _EXPORTS = {
     "gaussian_kl": "pyro_vae.models.kl",
     "make_elbo": "pyro_vae.objectives.registry",
     "ESTIMATORS": "pyro_vae.objectives.registry",
+    "Estimator": "pyro_vae.objectives.registry",
+    "Option": "pyro_vae.objectives.registry",
+    "register_estimator": "pyro_vae.objectives.registry",
+    "estimator_spec": "pyro_vae.objectives.registry",
     "ImportanceWeightedELBO": "pyro_vae.objectives.importance",
     "elbo_terms": "pyro_vae.objectives.terms",
     "ElboTerms": "pyro_vae.objectives.terms",
@@ -107,7 +111,14 @@ if TYPE_CHECKING:
     from pyro_vae.models.protocol import ModelSites, PyroModel, model_sites
     from pyro_vae.models.vae import DATA_PLATE, LATENT_SITE, OBSERVED_SITE, VAE
     from pyro_vae.objectives.importance import ImportanceWeightedELBO
-    from pyro_vae.objectives.registry import ESTIMATORS, make_elbo
+    from pyro_vae.objectives.registry import (
+        ESTIMATORS,
+        Estimator,
+        Option,
+        estimator_spec,
+        make_elbo,
+        register_estimator,
+    )
     from pyro_vae.objectives.terms import (
         ElboTerms,
         elbo_terms,

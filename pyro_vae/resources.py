@@ -60,10 +60,24 @@ def _mlp(sizes: Sequence[int]) -> tuple[int, int]:
     return parameters, sum(sizes[1:])
 
 
+#: activation values per data point of a model of your own, as a multiple of the data's
+#: size: an estimate (its networks are not known before they run), not a measurement
+OWN_MODEL_VALUES_PER_INPUT = 16
+
+
+def _factory_sizes(model, data_shape: Sequence[int]) -> tuple[int, int]:
+    """A model of your own (``factory``): no parameters counted (its networks are built
+    by your code, after this check, which the base layer cannot import), its
+    activations estimated as :data:`OWN_MODEL_VALUES_PER_INPUT` times the data's size."""
+    return 0, OWN_MODEL_VALUES_PER_INPUT * math.prod(data_shape)
+
+
 def network_sizes(model, data_shape: Sequence[int]) -> tuple[int, int]:
     """(parameters, activation values per data point and particle) of the VAE that
     :func:`pyro_vae.models.build.build_vae` builds from ``model`` (a ModelConfig)."""
     data_dim = math.prod(data_shape)
+    if getattr(model, "factory", None):
+        return _factory_sizes(model, data_shape)
     latent = list(model.latent_dims)
     hidden = list(model.hidden)
     if len(latent) == 1 and model.network == "conv":

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import errno
 import json
+import math
 import re
 import shutil
 import sys
@@ -1527,14 +1528,18 @@ def _sample(args: argparse.Namespace) -> int:
     config, vae, _, _ = load_run(args.run_dir, with_data=False)  # sampling needs no data
     from pyro_vae.resources import check_sampling_fits
 
-    check_sampling_fits(config.model, vae.data_shape, args.n)
     import torch
     from torchvision.utils import save_image
 
+    from pyro_vae.data import data_shape_of
+    from pyro_vae.models.protocol import image_shape, prior_samples
+
+    shape = tuple(getattr(vae, "data_shape", None) or data_shape_of(config.data.dataset))
+    check_sampling_fits(config.model, shape, args.n)
     torch.manual_seed(args.seed)
-    samples = vae.sample(args.n, mean=not args.draw)
-    if len(vae.data_shape) != 3:
-        samples = samples.reshape(args.n, 1, 1, -1)
+    example = torch.zeros(1, math.prod(shape))  # (the data reach a model flattened)
+    samples = prior_samples(vae, args.n, example, mean=not args.draw)
+    samples = samples.reshape(args.n, *image_shape(vae, example))
     scale = -(-32 // min(samples.shape[-2:]))  # small images (8x8 digits) scaled up
     if scale > 1:
         samples = torch.nn.functional.interpolate(samples, scale_factor=scale, mode="nearest")

@@ -12,7 +12,16 @@ from typing import Any
 
 import torch
 
-from pyro_vae.models.protocol import as_batch, forked_rng, on_model_device
+from pyro_vae.models.protocol import (
+    as_batch,
+    forked_rng,
+    image_shape,
+    model_sites,
+    on_model_device,
+    prior_samples,
+    probing,
+    reconstruct,
+)
 
 
 def _pyplot():
@@ -39,15 +48,14 @@ def _show(ax, images: torch.Tensor, nrow: int, title: str) -> None:
 
 
 def _displayable(vae, x: torch.Tensor) -> torch.Tensor:
-    shape = vae.data_shape if len(vae.data_shape) == 3 else (1, 1, vae.data_dim)
-    return x.reshape(-1, *shape)
+    return x.reshape(-1, *image_shape(vae, x))
 
 
 def plot_reconstructions(vae, images: torch.Tensor, path: str | Path, n: int = 16) -> Path:
     """Inputs (top) next to the means of p(x | z = E_q[z]) (bottom)."""
     plt = _pyplot()
     x = on_model_device(vae, images[:n])
-    reconstruction = vae.reconstruct(x)
+    reconstruction = reconstruct(vae, x)
     fig, axes = plt.subplots(2, 1, figsize=(max(4, n * 0.5), 2.6))
     _show(axes[0], _displayable(vae, x), n, "data")
     _show(
@@ -56,12 +64,15 @@ def plot_reconstructions(vae, images: torch.Tensor, path: str | Path, n: int = 1
     return _save(fig, path)
 
 
-def plot_samples(vae, path: str | Path, n: int = 64, seed: int = 0) -> Path:
-    """Means of p(x | z) for z drawn from the prior."""
+def plot_samples(
+    vae, path: str | Path, n: int = 64, seed: int = 0, example: torch.Tensor | None = None
+) -> Path:
+    """Means of p(x | z) for z drawn from the prior (``example``: a data point, for a
+    model without its own ``sample``)."""
     plt = _pyplot()
     with forked_rng():
         torch.manual_seed(seed)
-        samples = vae.sample(n).cpu()
+        samples = _prior_samples(vae, n, example).cpu()
     nrow = int(n**0.5)
     fig, ax = plt.subplots(figsize=(4.5, 4.8))
     _show(ax, _displayable(vae, samples), nrow, f"{n} samples from the prior (means of p(x|z))")
@@ -82,7 +93,8 @@ def plot_latent_space(vae, images: torch.Tensor, labels: torch.Tensor, path: str
             else _top_means(vae, images)
         )
     dims = loc.shape[1]
-    manifold = dims == 2 and len(vae.data_shape) == 3 and hasattr(vae, "decoder")
+    shape = tuple(getattr(vae, "data_shape", ()))
+    manifold = dims == 2 and len(shape) == 3 and hasattr(vae, "decoder") and hasattr(vae, "encode")
     fig, axes = plt.subplots(1, 2 if manifold else 1, figsize=(10 if manifold else 5.5, 4.8))
     ax = axes[0] if manifold else axes
     if dims > 2 and loc.shape[0] < 3:  # too few points for a PCA: the first two units
@@ -129,8 +141,19 @@ def plot_latent_space(vae, images: torch.Tensor, labels: torch.Tensor, path: str
 def _top_means(vae, images):
     from pyro import poutine
 
-    trace = poutine.trace(vae.guide).get_trace(as_batch(vae, images))
-    return trace.nodes[vae.latent_sites[-1]]["fn"].mean.cpu()
+    x = on_model_device(vae, as_batch(vae, images))
+    names = getattr(vae, "latent_sites", None) or model_sites(vae, x[:1]).latent
+    with probing(vae):
+        trace = poutine.trace(vae.guide).get_trace(x)
+    return trace.nodes[names[-1]]["fn"].mean.reshape(len(x), -1).cpu()
+
+
+def _prior_samples(vae, n: int, example: torch.Tensor | None) -> torch.Tensor:
+    if example is None and not callable(getattr(vae, "sample", None)):
+        raise ValueError("a model without its own sample() needs an example data point")
+    if example is None:
+        return vae.sample(n)
+    return prior_samples(vae, n, on_model_device(vae, example[:1]))
 
 
 def plot_learning_curves(epochs: Sequence[dict[str, Any]], path: str | Path) -> Path:

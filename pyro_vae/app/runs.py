@@ -533,7 +533,7 @@ def write_plots(run_dir: Path, vae, data, epochs: list[dict[str, Any]]) -> list[
     return extra + [
         plots.plot_learning_curves(epochs, folder / "learning_curves.png"),
         plots.plot_reconstructions(vae, images, folder / "reconstructions.png"),
-        plots.plot_samples(vae, folder / "samples.png"),
+        plots.plot_samples(vae, folder / "samples.png", example=images[:1]),
         plots.plot_latent_space(vae, images[:2000], data.test.labels[:2000], folder / "latent.png"),
     ]
 

@@ -18,7 +18,13 @@ from typing import Any
 import torch
 
 from pyro_vae.errors import UserInputError
-from pyro_vae.models.protocol import forked_rng, on_model_device
+from pyro_vae.models.protocol import (
+    forked_rng,
+    image_shape,
+    on_model_device,
+    prior_samples,
+    reconstruct,
+)
 
 
 def _writer(log_dir: Path, purge_step: int | None):
@@ -69,12 +75,12 @@ class TensorBoardLogger:
 
     def log_images(self, vae, images: torch.Tensor, epoch: int, n: int = 16) -> None:
         """Reconstructions (data above, means of p(x|z) below) and prior samples."""
-        shape = vae.data_shape if len(vae.data_shape) == 3 else (1, 1, vae.data_dim)
         x = on_model_device(vae, images[:n])
+        shape = image_shape(vae, x)
         with torch.no_grad(), forked_rng():
             torch.manual_seed(0)
-            reconstruction = vae.reconstruct(x).cpu()
-            samples = vae.sample(n).cpu()
+            reconstruction = reconstruct(vae, x).cpu()
+            samples = prior_samples(vae, n, x[:1]).cpu()
         x = x.cpu()
         pairs = torch.cat([x.reshape(-1, *shape), reconstruction.reshape(-1, *shape)])
         self.writer.add_image("reconstructions", _grid(pairs, n), epoch, dataformats="CHW")

@@ -382,3 +382,67 @@ def check_data(model: Any, x: torch.Tensor, what: str = "data") -> None:
         raise DataError(f"{what} holds NaN or infinite values: clean or drop those points")
     if x.shape[0]:
         model_sites(model, x)
+
+
+# ------------------------------------------------------------------ pictures of any model
+def _observed_mean(model: Any, x: torch.Tensor, latents: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The mean of the first observed site of ``model.model(x)`` with the latents fixed."""
+    trace = poutine.trace(poutine.condition(model.model, data=latents)).get_trace(x)
+    for site in trace.nodes.values():
+        if site["type"] != "sample" or site["name"] in latents or site_is_subsample(site):
+            continue
+        if site["is_observed"]:
+            return site["fn"].mean
+    raise ModelError(f"{type(model).__name__}.model has no observed site")
+
+
+def reconstruct(model: Any, x: torch.Tensor) -> torch.Tensor:
+    """The mean of p(x | z) at z = the guide's means, shaped like ``x``: the model's own
+    ``reconstruct`` where it has one, else from the traces (each latent site of the
+    guide, in order, at the mean of its distribution given the ones before)."""
+    own = getattr(model, "reconstruct", None)
+    if callable(own):
+        return own(x)
+    means: dict[str, torch.Tensor] = {}
+    with torch.no_grad(), probing(model):
+        for _ in range(64):  # one more latent fixed per pass (nested guides)
+            trace = poutine.trace(poutine.condition(model.guide, data=means)).get_trace(x)
+            free = [s for n, s in _sample_sites(trace).items() if n not in means]
+            if not free:
+                break
+            means[free[0]["name"]] = free[0]["fn"].mean
+        return _observed_mean(model, x, means).reshape(x.shape)
+
+
+def prior_samples(
+    model: Any, num_samples: int, example: torch.Tensor, mean: bool = True
+) -> torch.Tensor:
+    """``num_samples`` draws from the model's prior, decoded: the likelihood's mean (or,
+    ``mean=False``, a draw of x), shaped ``(num_samples, *example.shape[1:])``. The
+    model's own ``sample`` where it has one; else the model run unconditioned on a batch
+    shaped like ``example`` (one data point is enough)."""
+    own = getattr(model, "sample", None)
+    if callable(own):
+        try:
+            return own(num_samples, mean=mean).reshape(num_samples, *example.shape[1:])
+        except TypeError:  # a sample(num_samples) without `mean`
+            if mean:
+                return own(num_samples).reshape(num_samples, *example.shape[1:])
+    x = example.new_zeros(num_samples, *example.shape[1:])
+    with torch.no_grad(), probing(model):
+        trace = poutine.trace(poutine.uncondition(model.model)).get_trace(x)
+        observed = model_sites(model, example[:1]).observed
+        site = trace.nodes[observed[0]]
+        return (site["fn"].mean if mean else site["value"]).reshape(x.shape)
+
+
+def image_shape(model: Any, x: torch.Tensor) -> tuple[int, ...]:
+    """``(C, H, W)`` to show a model's data ``x`` as images: its ``data_shape`` where it
+    has one of three dimensions; else a square grey image where ``x``'s size is a
+    square number, or one row of pixels."""
+    shape = tuple(getattr(model, "data_shape", ()) or ())
+    if len(shape) == 3:
+        return shape
+    size = int(torch.Size(x.shape[1:]).numel())
+    side = int(round(size**0.5))
+    return (1, side, side) if side * side == size else (1, 1, size)
