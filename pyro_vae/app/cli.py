@@ -1526,13 +1526,12 @@ def _sample(args: argparse.Namespace) -> int:
     if inside:
         check_no_links(args.run_dir)
     config, vae, _, _ = load_run(args.run_dir, with_data=False)  # sampling needs no data
-    from pyro_vae.resources import check_sampling_fits
-
     import torch
     from torchvision.utils import save_image
 
     from pyro_vae.data import data_shape_of
     from pyro_vae.models.protocol import image_shape, prior_samples
+    from pyro_vae.resources import check_sampling_fits
 
     shape = tuple(getattr(vae, "data_shape", None) or data_shape_of(config.data.dataset))
     check_sampling_fits(config.model, shape, args.n)

@@ -392,7 +392,9 @@ def _observed_mean(model: Any, x: torch.Tensor, latents: dict[str, torch.Tensor]
         if site["type"] != "sample" or site["name"] in latents or site_is_subsample(site):
             continue
         if site["is_observed"]:
-            return site["fn"].mean
+            fn: Any = site["fn"]
+            mean: torch.Tensor = fn.mean
+            return mean
     raise ModelError(f"{type(model).__name__}.model has no observed site")
 
 
@@ -402,15 +404,17 @@ def reconstruct(model: Any, x: torch.Tensor) -> torch.Tensor:
     guide, in order, at the mean of its distribution given the ones before)."""
     own = getattr(model, "reconstruct", None)
     if callable(own):
-        return own(x)
-    means: dict[str, torch.Tensor] = {}
+        result: torch.Tensor = own(x)
+        return result
+    means: dict[str, Any] = {}
     with torch.no_grad(), probing(model):
         for _ in range(64):  # one more latent fixed per pass (nested guides)
             trace = poutine.trace(poutine.condition(model.guide, data=means)).get_trace(x)
             free = [s for n, s in _sample_sites(trace).items() if n not in means]
             if not free:
                 break
-            means[free[0]["name"]] = free[0]["fn"].mean
+            first: Any = free[0]
+            means[first["name"]] = first["fn"].mean
         return _observed_mean(model, x, means).reshape(x.shape)
 
 
@@ -421,19 +425,23 @@ def prior_samples(
     ``mean=False``, a draw of x), shaped ``(num_samples, *example.shape[1:])``. The
     model's own ``sample`` where it has one; else the model run unconditioned on a batch
     shaped like ``example`` (one data point is enough)."""
-    own = getattr(model, "sample", None)
+    own: Any = getattr(model, "sample", None)
     if callable(own):
+        drawn: torch.Tensor
         try:
-            return own(num_samples, mean=mean).reshape(num_samples, *example.shape[1:])
+            drawn = own(num_samples, mean=mean)
+            return drawn.reshape(num_samples, *example.shape[1:])
         except TypeError:  # a sample(num_samples) without `mean`
             if mean:
-                return own(num_samples).reshape(num_samples, *example.shape[1:])
+                drawn = own(num_samples)
+                return drawn.reshape(num_samples, *example.shape[1:])
     x = example.new_zeros(num_samples, *example.shape[1:])
     with torch.no_grad(), probing(model):
         trace = poutine.trace(poutine.uncondition(model.model)).get_trace(x)
         observed = model_sites(model, example[:1]).observed
-        site = trace.nodes[observed[0]]
-        return (site["fn"].mean if mean else site["value"]).reshape(x.shape)
+        site: Any = trace.nodes[observed[0]]
+        values: torch.Tensor = site["fn"].mean if mean else site["value"]
+        return values.reshape(x.shape)
 
 
 def image_shape(model: Any, x: torch.Tensor) -> tuple[int, ...]:
