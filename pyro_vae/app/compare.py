@@ -43,6 +43,7 @@ from pyro_vae.analysis.sanity import comparison_flags
 from pyro_vae.app.compare_report import markdown_table, run_line, write_comparison
 from pyro_vae.errors import UserInputError
 from pyro_vae.imports import import_path_of, is_import_path
+from pyro_vae.models.protocol import private_param_store
 from pyro_vae.objectives.registry import (
     BUILT_IN,
     ESTIMATORS,
@@ -141,9 +142,8 @@ def check_estimators_run(
         spec = estimator_spec(estimator)
         model = copy.deepcopy(vae)
         try:
-            check_estimator_fits(spec, model)
-            elbo = spec.build(particles, options=estimator_options_for(spec.key, options or {}))
-            elbo.differentiable_loss(model.model, model.guide, x).backward()
+            with private_param_store():
+                _run_once(spec, model, x, particles, options or {})
         except UserInputError as error:
             raise UserInputError(
                 f"estimator {spec.key} cannot run with this model: {error}"
@@ -153,6 +153,12 @@ def check_estimators_run(
             raise UserInputError(
                 f"estimator {spec.key} cannot run with this model: {reason}"
             ) from None
+
+
+def _run_once(spec, model, x: torch.Tensor, particles: int, options: Mapping[str, Any]) -> None:
+    check_estimator_fits(spec, model)
+    elbo = spec.build(particles, options=estimator_options_for(spec.key, options))
+    elbo.differentiable_loss(model.model, model.guide, x).backward()
 
 
 def as_run_config(config: Any):
@@ -600,6 +606,9 @@ def train_in_folder(
     from pyro_vae.training.trainer import CHECKPOINT
 
     resumed_at = checkpoint_epoch(run_dir / CHECKPOINT, config)
+    # a run folder like any other: evaluate, sample and diagnose read its config.json
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config.save(run_dir / "config.json")
     torch.manual_seed(config.train.seed)
     vae = build_vae(config.model, data.data_shape)
     if initial_state is not None:

@@ -205,8 +205,6 @@ def sweep_run(spec: dict[str, Any], callbacks: Sequence[Callable] = ()) -> dict[
     config = RunConfig.from_dict(spec["config"])
     run_dir = Path(spec["run_dir"])
     data = _cached_data(config.data, config.train.seed)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config.save(run_dir / "config.json")
     vae, history, timing = train_in_folder(config, data, run_dir, spec["progress"], callbacks)
     images = data.evaluation_images("test").to(config.train.device)
     with forked_rng():

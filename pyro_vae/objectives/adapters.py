@@ -7,7 +7,8 @@ gradient. Pyro's ``RenyiELBO``, ``TraceGraph_ELBO`` and ``ReweightedWakeSleep`` 
 :class:`LossAndGradsAdapter` gives them the missing method: it runs ``loss_and_grads``,
 takes the gradient it left on each parameter the programs registered (``pyro.param``,
 ``pyro.module``: the parameters Pyro's own ``SVI`` would step), puts back what was there
-before, and returns the surrogate
+before, and returns the surrogate (in a private param store, as every tool runs the
+programs, so that ``pyro.module`` hands out the module's own tensors)
 
     loss + sum_theta <theta - stop_gradient(theta), g_theta>,
 
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 from pyro.poutine.messenger import Messenger
 
+from pyro_vae.models.protocol import private_param_store
 from pyro_vae.models.vae import param_store_registration
 
 __all__ = ["LossAndGradsAdapter", "as_objective"]
@@ -72,12 +74,12 @@ class LossAndGradsAdapter:
 
     def loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
         """The ELBO's loss (its first member, for a pair)."""
-        with param_store_registration(True):
+        with param_store_registration(True), private_param_store():
             return _value(self.elbo.loss(model, guide, *args, **kwargs))
 
     def loss_and_grads(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
         """The ELBO's ``loss_and_grads``: gradients accumulate into the parameters."""
-        with param_store_registration(True):
+        with param_store_registration(True), private_param_store():
             return _value(self.elbo.loss_and_grads(model, guide, *args, **kwargs))
 
     def differentiable_loss(
@@ -87,7 +89,7 @@ class LossAndGradsAdapter:
         the ELBO's gradient (for the parameters the programs register)."""
         fresh = _FreshGrads()
         try:
-            with param_store_registration(True), fresh:
+            with param_store_registration(True), private_param_store(), fresh:
                 loss = self.elbo.loss_and_grads(model, guide, *args, **kwargs)
         except BaseException:
             for tensor, grad in fresh.saved.values():

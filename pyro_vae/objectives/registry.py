@@ -278,9 +278,17 @@ class Estimator:
         make = self.builder
         if isinstance(make, str):
             make = import_object(make, f"estimator {self.name}'s builder")
-        objective: Objective = as_objective(
-            make(num_particles, max_plate_nesting=max_plate_nesting, **values), self.name
-        )
+        try:
+            elbo = make(num_particles, max_plate_nesting=max_plate_nesting, **values)
+        except (AssertionError, TypeError, ValueError) as error:  # the builder's refusal
+            if isinstance(error, UserInputError):
+                raise
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error)
+            raise UserInputError(
+                f"estimator {self.name} cannot be built with {num_particles} particle(s)"
+                f"{' and options ' + str(values) if values else ''}: {reason}"
+            ) from None
+        objective: Objective = as_objective(elbo, self.name)
         return objective
 
     def describe(self) -> str:
