@@ -61,7 +61,13 @@ def _python_blocks(page: Path) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    "name", ["getting-started.md", "guide/own-model.md", "guide/configuration.md"]
+    "name",
+    [
+        "getting-started.md",
+        "guide/own-model.md",
+        "guide/own-estimator.md",
+        "guide/configuration.md",
+    ],
 )
 def test_the_python_examples_of_the_docs_run(name, capsys):
     for block in _python_blocks(DOCS / name):
