@@ -340,3 +340,29 @@ def test_a_model_flag_with_model_settings_is_refused(own_code, tmp_path, capsys)
     )
     assert code == 2 and "do not apply to a model factory" in err, err
     assert not (tmp_path / "r").exists()
+
+
+def _built_in_a_worker(key: str) -> tuple[str, float]:
+    """What a Ray worker rebuilds from a run's recorded import path."""
+    from pyro_vae.objectives.registry import estimator_spec as spec_of
+
+    spec = spec_of(key)
+    elbo = spec.build(1, options={"beta": 2.0})
+    return spec.key, float(elbo.beta)
+
+
+def test_a_ray_worker_rebuilds_an_estimator_from_its_import_path(own_code):
+    """Ray workers import user code as the driver does: here its folder on PYTHONPATH
+    (which a local Ray passes on to its workers)."""
+    ray = pytest.importorskip("ray")
+    from pyro_vae.app.executors import make_executor
+
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        ray.cloudpickle.register_pickle_by_value(__import__(__name__, fromlist=["_"]))
+        with make_executor("ray", cpus_per_run=1) as executor:
+            assert executor.map(_built_in_a_worker, ["own_code:BETA_ELBO"]) == [
+                ("own_code:BETA_ELBO", 2.0)
+            ]
+    finally:
+        ray.shutdown()
