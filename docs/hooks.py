@@ -6,7 +6,9 @@ comment written beside the field in the source); ``<!-- cli-reference -->`` beco
 ``--help`` of ``pyro-vae`` and of each of its commands, from
 ``pyro_vae.app.cli.build_parser``. Nothing is copied by hand, so the page cannot drift
 from the code. ``<!-- public-names -->`` becomes the table of ``pyro_vae``'s public
-names (``pyro_vae._EXPORTS``), each linked to its API page.
+names (``pyro_vae._EXPORTS``), each linked to its API page. In
+``docs/guide/own-estimator.md``, ``<!-- estimator-reference -->`` becomes the table of
+the registry's estimators, from their specs.
 """
 
 from __future__ import annotations
@@ -135,7 +137,30 @@ def public_names() -> str:
     return "\n".join(rows)
 
 
+def estimator_reference() -> str:
+    """The table of the registry's estimators: what each is, its options, its claims."""
+    from pyro_vae.objectives.registry import ESTIMATORS
+
+    rows = [
+        "| name | what it is | options | a bound | a value | captured | paper |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for spec in ESTIMATORS.values():
+        options = "; ".join(
+            f"`{o.name}` ({o.type.__name__}, default `{o.default!r}`): {o.help}"
+            for o in spec.options
+        )
+        rows.append(
+            f"| `{spec.name}` | {_cell(spec.summary)} | {_cell(options) or '-'} | "
+            f"{'yes' if spec.is_bound else 'no'} | {'yes' if spec.has_value else 'no'} | "
+            f"`{spec.capture}` | {_cell(spec.reference) or '-'} |"
+        )
+    return "\n".join(rows)
+
+
 def on_page_markdown(markdown, page, config, files):  # noqa: ARG001 (MkDocs hook signature)
+    if "<!-- estimator-reference -->" in markdown:
+        markdown = markdown.replace("<!-- estimator-reference -->", estimator_reference())
     if "<!-- config-reference -->" in markdown:
         markdown = markdown.replace("<!-- config-reference -->", config_reference())
     if "<!-- cli-reference -->" in markdown:
