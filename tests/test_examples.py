@@ -71,3 +71,27 @@ def test_hierarchical_vae_script(capsys, monkeypatch):
     )
     assert "2 layers, bottom-up" in out and "2 layers, top-down" in out
     assert "z1: KL" in out and "z2: KL" in out
+
+
+def test_own_code_module(monkeypatch):
+    """own_code.py is a module named by import path (its CLI use is tested in
+    test_own_estimator.py): its factory builds a model the protocol accepts, and its
+    beta-ELBO at beta = 1 is the ELBO for the same noise."""
+    import pyro
+    import torch
+
+    import pyro_vae as pv
+
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    import own_code
+
+    torch.manual_seed(0)
+    model = own_code.conv_vae((1, 8, 8), width=4)
+    x = torch.bernoulli(pv.DataConfig(dataset="digits", limit=20).load().train.images)
+    assert pv.model_sites(model, x).latent == ("z",)
+    values = []
+    for name in ("own_code:BETA_ELBO", "mc"):
+        pyro.set_rng_seed(1)
+        with pv.models.protocol.private_param_store():
+            values.append(pv.make_elbo(name).loss(model.model, model.guide, x))
+    assert values[0] == pytest.approx(values[1], rel=1e-5)

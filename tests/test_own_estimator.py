@@ -355,8 +355,12 @@ def test_a_ray_worker_rebuilds_an_estimator_from_its_import_path(own_code):
     """Ray workers import user code as the driver does: here its folder on PYTHONPATH
     (which a local Ray passes on to its workers)."""
     ray = pytest.importorskip("ray")
+    import signal
+
     from pyro_vae.app.executors import make_executor
 
+    # ray.init installs its own SIGTERM/SIGINT handlers in this process: put them back
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
         ray.cloudpickle.register_pickle_by_value(__import__(__name__, fromlist=["_"]))
@@ -366,3 +370,5 @@ def test_a_ray_worker_rebuilds_an_estimator_from_its_import_path(own_code):
             ]
     finally:
         ray.shutdown()
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
