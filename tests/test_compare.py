@@ -302,6 +302,6 @@ def test_the_default_estimators_leave_analytic_out_only_where_its_kl_is_biased(c
     # what is left runs on that model; analytic itself would be refused
     vae = build_vae(ModelConfig(latent_dims=(4, 2), hidden=(8,)), (1, 8, 8))
     x = torch.rand(4, 1, 8, 8).bernoulli()
-    check_estimators_run(vae, x, parse_estimators(several), 2, 0.5)
+    check_estimators_run(vae, x, parse_estimators(several), 2, {"alpha": 0.5})
     with pytest.raises(UserInputError, match="estimator analytic cannot run"):
-        check_estimators_run(vae, x, ["analytic"], 2, 0.5)
+        check_estimators_run(vae, x, ["analytic"], 2, {"alpha": 0.5})
