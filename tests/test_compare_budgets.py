@@ -334,3 +334,23 @@ def test_library_budget_bad_input(tmp_path):
     ):
         with pytest.raises(UserInputError, match=message):
             run_comparison(_config(), ["mc"], tmp_path, **{**SMALL, **settings})
+
+
+def test_fit_stops_at_max_steps_inside_an_epoch_and_a_resume_stays_stopped(tmp_path):
+    from pyro_vae.config import ModelConfig, TrainConfig
+    from pyro_vae.data import load_data
+    from pyro_vae.models.build import build_vae
+    from pyro_vae.training.fit import fit
+
+    data = load_data("digits", None, "dynamic", 0, seed=0, limit=200)  # 4 batches of 50
+    torch.manual_seed(0)
+    vae = build_vae(ModelConfig(latent_dims=(2,), hidden=(8,)), data.data_shape)
+    config = TrainConfig(epochs=3, batch_size=50, max_steps=5, compile=False)
+    history = fit(vae, data, config, run_dir=tmp_path, progress=False, log=None)
+    assert [(e["epoch"], e["step"]) for e in history.epochs] == [(1, 4), (2, 5)]
+    again = fit(vae, data, config, run_dir=tmp_path, resume=True, progress=False, log=None)
+    assert [e["step"] for e in again.epochs] == [4, 5]  # spent: no step more
+    with pytest.raises(UserInputError, match="max_steps must be an integer >= 1"):
+        TrainConfig(max_steps=0)
+    with pytest.raises(UserInputError, match="max_seconds must be > 0"):
+        TrainConfig(max_seconds=0.0)
