@@ -417,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train every estimator from the same initial parameters and data order "
         "on an equal budget (gradient steps, samples of z per data point, or seconds), with K "
         "particles each; evaluate all with the same K for log p(x); measure gradient variance "
-        "and SNR, and the SNR's slopes against K and M; give 95%% t-intervals over the seeds "
+        "and SNR, and the SNR's slopes against K and M; give 95% t-intervals over the seeds "
         "and paired differences against a baseline; write comparison.json/.csv/.md and plots.",
     )
     compare.add_argument(
