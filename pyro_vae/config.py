@@ -244,6 +244,11 @@ class TrainConfig:
     seed: int = 0  # seeds torch, numpy, python and the data order
     device: str = "cpu"  # cpu | cuda
     compile: bool | str = "auto"  # replay steps from a captured graph; auto: if the run repays it
+    # budgets inside `epochs` (compare --budget samples|seconds): stop after this many
+    # gradient steps in all, or once the training steps (evaluations not counted) have
+    # taken this many wall-clock seconds; None: the epochs alone decide
+    max_steps: int | None = None
+    max_seconds: float | None = None
 
     def __post_init__(self) -> None:
         if not (isinstance(self.compile, bool) or self.compile == "auto"):
@@ -271,6 +276,10 @@ class TrainConfig:
         if self.monitor_images is not None:
             _integer(self.monitor_images, "monitor_images", 1)
         _integer(self.eval_samples, "eval_samples", 0)
+        if self.max_steps is not None:
+            _integer(self.max_steps, "max_steps", 1)
+        if self.max_seconds is not None:
+            _number(self.max_seconds, "max_seconds", positive=True)
         if self.eval_images is not None:
             _integer(self.eval_images, "eval_images", 1)
         _number(self.lr, "learning rate", positive=True)

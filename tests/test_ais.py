@@ -250,8 +250,10 @@ def test_compare_shows_the_ais_column_beside_is_and_refuses_a_bad_t(tmp_path, ca
     fields += ["seconds_per_epoch", "cpu_seconds_per_epoch"]
     row: dict = {"estimator": "mc", "repeats": 2}
     for field in fields:
-        row |= {field: -48.0, f"{field}_std": 0.0}
-    row |= {"ais_log_likelihood": -47.25, "ais_log_likelihood_std": 0.5}
+        row |= {field: -48.0, f"{field}_std": 0.0, f"{field}_ci": 0.0}
+    # (± is the 95% t-interval's half-width, `_ci`, since issue 25; no longer the std)
+    row |= {"ais_log_likelihood": -47.25, "ais_log_likelihood_std": 0.1}
+    row |= {"ais_log_likelihood_ci": 0.5}
     header, rule, line = markdown_table([row], 20, ais_steps=7).splitlines()
     assert "| test log p(x), K=20 | AIS log p(x), T=7 |" in header
     assert "| -48.00 ± 0.00 | -47.25 ± 0.50 |" in line

@@ -199,8 +199,10 @@ def test_compare_on_ray_equals_serial(ray_cluster, tmp_path, capsys):
     for ray_run, serial_run in zip(ray["runs"], serial["runs"]):
         assert _stable(ray_run) == _stable(serial_run)
         assert Path(ray_run["run_dir"]).name == f"{ray_run['estimator']}-seed{ray_run['seed']}"
-    for key in ("summary", "snr_versus_particles", "bounds_versus_particles"):
-        assert _stable(ray[key]) == _stable(serial[key])
+    tables = ("summary", "snr_versus_particles", "bounds_versus_particles")
+    for key in (*tables, "paired_differences", "snr_slopes", "budget"):
+        assert _stable(ray[key]) == _stable(serial[key]), key
+    assert ray["paired_differences"] and ray["snr_slopes"]  # (not equal by being empty)
     # the same files, tables and plots
     assert (tmp_path / "ray" / "comparison.csv").exists()
     assert (tmp_path / "ray" / "plots" / "learning_curves.png").exists()

@@ -175,18 +175,49 @@ def snr_versus_particles(
     particles: Sequence[int] = (1, 3, 10, 30),
     num_draws: int = 100,
     seed: int = 0,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """Encoder and decoder SNR (and variance) of each estimator for each K; each from
-    ``seed``, the caller's torch streams untouched."""
+    ``seed``, the caller's torch streams untouched. ``options``: per estimator, its
+    options (an outer-sample option M stays at its value while K varies)."""
     rows = []
     for estimator in estimators:
         for k in particles:
-            with forked_rng():
-                torch.manual_seed(seed)
-                stats = estimator_gradient_statistics(vae, x, estimator, k, num_draws)
-            row = {"estimator": estimator, "particles": k}
-            for group, values in stats.items():
-                row[f"{group}_snr"] = values["snr_mean"]
-                row[f"{group}_variance"] = values["variance"]
-            rows.append(row)
+            rows.append(
+                _snr_row(vae, x, estimator, k, num_draws, seed, (options or {}).get(estimator))
+            )
     return rows
+
+
+def snr_versus_outer(
+    vae,
+    x: torch.Tensor,
+    estimator: str,
+    option: str,
+    outer: Sequence[int] = (1, 2, 4, 8),
+    particles: int = 5,
+    num_draws: int = 100,
+    seed: int = 0,
+    options: Mapping[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Encoder and decoder SNR of one estimator for each value M of its outer-sample
+    option ``option`` (MIWAE(M, K)'s M) at ``particles`` = K; rows as
+    :func:`snr_versus_particles`'s, with ``varied`` "M" and ``outer``."""
+    rows = []
+    for m in outer:
+        row = _snr_row(
+            vae, x, estimator, particles, num_draws, seed, {**(options or {}), option: m}
+        )
+        rows.append({**row, "varied": "M", "outer": m})
+    return rows
+
+
+def _snr_row(vae, x, estimator, k, num_draws, seed, options) -> dict[str, Any]:
+    with forked_rng():
+        torch.manual_seed(seed)
+        stats = estimator_gradient_statistics(vae, x, estimator, k, num_draws, options=options)
+    row: dict[str, Any] = {"estimator": estimator, "particles": k}
+    for group, values in stats.items():
+        row[f"{group}_snr"] = values["snr_mean"]
+        row[f"{group}_variance"] = values["variance"]
+    return row

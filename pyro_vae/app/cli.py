@@ -414,9 +414,11 @@ def build_parser() -> argparse.ArgumentParser:
     compare = commands.add_parser(
         "compare",
         help="train one model per estimator on an equal budget and compare them",
-        description="Train every estimator from the same initial parameters, data order and "
-        "number of gradient steps, with K particles each; evaluate all with the same K for "
-        "log p(x); measure gradient variance and SNR; write comparison.json/.csv/.md and plots.",
+        description="Train every estimator from the same initial parameters and data order "
+        "on an equal budget (gradient steps, samples of z per data point, or seconds), with K "
+        "particles each; evaluate all with the same K for log p(x); measure gradient variance "
+        "and SNR, and the SNR's slopes against K and M; give 95% t-intervals over the seeds "
+        "and paired differences against a baseline; write comparison.json/.csv/.md and plots.",
     )
     compare.add_argument(
         "--estimators",
@@ -451,6 +453,23 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--limit", type=int, help="use only this many train/test points")
     compare.add_argument("--seed", type=int, default=0)
     compare.add_argument("--repeats", type=int, default=1, help="seeds per estimator")
+    compare.add_argument(
+        "--budget",
+        choices=("steps", "samples", "seconds"),
+        default="steps",
+        help="what every estimator gets alike: steps (the same gradient steps, --epochs "
+        "epochs), samples (the same samples of z per data point, --epochs x K: one drawing "
+        "M x K per step takes 1/M of the steps) or seconds (--seconds of training each, "
+        "--epochs then a cap)",
+    )
+    compare.add_argument(
+        "--seconds", type=float, metavar="S", help="with --budget seconds: training seconds per run"
+    )
+    compare.add_argument(
+        "--baseline",
+        metavar="NAME",
+        help="the estimator the paired differences are taken against (default: the first)",
+    )
     compare.add_argument("--eval-samples", type=int, default=1000, help="K for log p(x)")
     compare.add_argument("--eval-points", type=int, help="test points evaluated (default: all)")
     compare.add_argument(
@@ -458,6 +477,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.add_argument("--grad-draws", type=int, default=100, help="gradient draws")
     compare.add_argument("--snr-particles", type=_int_list, default=(1, 3, 10, 30))
+    compare.add_argument(
+        "--snr-outer",
+        type=_int_list,
+        default=(1, 2, 4, 8),
+        help="values of M at which the SNR of an estimator with outer samples is measured",
+    )
     compare.add_argument("--bound-particles", type=_int_list, default=(1, 5, 50, 500))
     compare.add_argument("--out", type=Path, default=Path("runs/compare"))
     compare.add_argument("--overwrite", action="store_true", help="replace --out's comparison")
@@ -711,7 +736,9 @@ def comparison_options(estimators: list[str], pairs: list[str]) -> dict[str, Any
 def _compare(args: argparse.Namespace, argv: list[str] | None) -> int:
 
     from pyro_vae.app.compare import markdown_table, parse_estimators
+    from pyro_vae.app.compare_report import interval_note
     from pyro_vae.app.runs import RunLock, command_line, is_empty
+    from pyro_vae.objectives.registry import estimator_spec
 
     estimators = parse_estimators(args.estimators or _default_estimators(args))
     executor = _executor(args, gpus_per_run=1.0 if args.device == "cuda" else 0.0)
@@ -729,6 +756,21 @@ def _compare(args: argparse.Namespace, argv: list[str] | None) -> int:
         raise UserInputError(f"--out {args.out} is a file: pass a folder")
     if args.eval_points is not None and args.eval_points < 1:
         raise UserInputError(f"--eval-points must be >= 1, got {args.eval_points}")
+    if args.budget == "seconds" and args.seconds is None:
+        raise UserInputError("--budget seconds needs --seconds S, the training seconds per run")
+    if args.seconds is not None and args.budget != "seconds":
+        raise UserInputError(f"--seconds applies to --budget seconds, not --budget {args.budget}")
+    if args.seconds is not None and not (math.isfinite(args.seconds) and args.seconds > 0):
+        raise UserInputError(f"--seconds must be > 0, got {args.seconds}")
+    if args.baseline is not None:
+        baseline = estimator_spec(args.baseline).key
+        if baseline not in estimators:
+            raise UserInputError(
+                f"--baseline {args.baseline} is not among the estimators compared "
+                f"({', '.join(estimators)})"
+            )
+    if min(args.snr_outer) < 1:
+        raise UserInputError("every M in --snr-outer must be >= 1")
     model: dict[str, Any] = {} if args.guide is None else {"guide": args.guide}
     if args.latent_dims:
         model["latent_dims"] = args.latent_dims
@@ -744,7 +786,6 @@ def _compare(args: argparse.Namespace, argv: list[str] | None) -> int:
         ),
         train=TrainConfig(
             particles=args.particles,
-            estimator_options=comparison_options(estimators, estimator_options(args)),
             epochs=args.epochs,
             batch_size=args.batch_size,
             lr=args.lr,
@@ -753,6 +794,8 @@ def _compare(args: argparse.Namespace, argv: list[str] | None) -> int:
             compile="auto" if args.compile is None else args.compile,
         ),
     )
+    # (the options of several estimators: no one TrainConfig takes them all)
+    options = comparison_options(estimators, estimator_options(args))
     with RunLock(args.out, command_line(argv)):
         if not is_empty(args.out):
             # runs/ without comparison.json: a comparison that was interrupted
@@ -766,13 +809,21 @@ def _compare(args: argparse.Namespace, argv: list[str] | None) -> int:
                     f"--out"
                 )
         with executor:
-            result = _run_compare(args, argv, config, estimators, executor)
-    print(markdown_table(result["summary"], result["eval_samples"], result.get("ais_steps")))
+            result = _run_compare(args, argv, config, estimators, executor, options)
+    print(
+        markdown_table(
+            result["summary"],
+            result["eval_samples"],
+            result.get("ais_steps"),
+            budget=result["budget"]["kind"],
+        )
+    )
+    print(interval_note(result["repeats"], result["ci_level"]))
     print(f"comparison: {args.out / 'comparison.md'}")
     return 0
 
 
-def _run_compare(args, argv, config, estimators, executor=None):
+def _run_compare(args, argv, config, estimators, executor=None, options=None):
     from pyro_vae.app.compare import compare_estimators
     from pyro_vae.app.runs import command_line
 
@@ -790,6 +841,11 @@ def _run_compare(args, argv, config, estimators, executor=None):
         command=command_line(argv),
         executor=executor,
         ais_steps=args.ais_steps,
+        budget=args.budget,
+        budget_seconds=args.seconds,
+        baseline=args.baseline,
+        snr_outer=args.snr_outer,
+        estimator_options=options,
     )
 
 

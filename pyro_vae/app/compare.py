@@ -8,8 +8,11 @@
 - :func:`bound_tightness`: per data point L_1 (the ELBO), L_K for several K, the
   importance-sampled log p(x), their gaps, and the penalty objective next to them.
 - :func:`compare_estimators`: trains one model per estimator from the same initial
-  parameters, data order and number of steps, evaluates all with the same K, and
-  writes ``comparison.json``, ``.csv``, ``.md`` and plots.
+  parameters and data order on an equal budget (gradient steps, samples of z per data
+  point, or wall-clock seconds), evaluates all with the same K, and writes
+  ``comparison.json``, ``.csv``, ``.md`` and plots: means with 95% t-intervals over the
+  seeds, paired differences against a baseline estimator, and the SNR's slopes against
+  K and M beside Rainforth et al.'s predictions.
 
 This module orchestrates: :func:`run_comparison` trains the runs (through an executor,
 each in its own run folder) and returns a :class:`~pyro_vae.analysis.comparison.Comparison`
@@ -22,6 +25,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import math
 import re
 import shutil
 import time
@@ -33,12 +37,18 @@ import numpy as np
 import torch
 
 from pyro_vae.analysis.comparison import (
+    BUDGETS,
     Comparison,
     bounds_versus_particles,
+    outer_option,
     own_objective_and_gradients,
+    paired_differences,
+    samples_budget_steps,
+    samples_per_step,
+    snr_slopes,
     summarise,
 )
-from pyro_vae.analysis.gradients import snr_versus_particles
+from pyro_vae.analysis.gradients import snr_versus_outer, snr_versus_particles
 from pyro_vae.analysis.sanity import comparison_flags
 from pyro_vae.app.compare_report import markdown_table, run_line, write_comparison
 from pyro_vae.errors import UserInputError
@@ -191,14 +201,27 @@ def compare_estimators(
     taking the data shape and returning a model the protocol accepts, or its import
     path): each seed builds the model once, and every estimator starts from a copy of
     its parameters. ``estimators`` are names, import paths, :class:`Estimator` or ELBO
-    objects; ``config.train.estimator_options`` apply to each estimator that has them.
+    objects; ``config.train.estimator_options``, and ``estimator_options`` given to
+    :func:`run_comparison` (options of several estimators, which no one ``TrainConfig``
+    takes), apply to each estimator that has them.
 
-    Every estimator starts from the same initial parameters (per repeat), sees the data
-    in the same order, and takes the same number of gradient steps with the same number
-    of particles K (``config.train.particles``) per data point; wall time is recorded so
-    that equal-time comparisons can be read off too. Each trained model is evaluated
-    with the same K (``eval_samples``) for log p(x), and its own gradient estimator is
-    measured at its final parameters on a fixed mini-batch.
+    Every estimator starts from the same initial parameters (per repeat) and sees the
+    data in the same order, with the same number of particles K
+    (``config.train.particles``); ``budget`` says what else they share:
+
+    - ``"steps"`` (the default): the same number of gradient steps, ``config.train.epochs``
+      epochs each;
+    - ``"samples"``: the same number of samples of z per data point over the run,
+      ``epochs x K``. An estimator drawing ``s`` samples per data point and step (K, or
+      M x K for one with an outer-sample option M, as MIWAE(M, K)) takes
+      ``floor(steps x K / s)`` steps (:func:`~pyro_vae.analysis.comparison.samples_per_step`);
+    - ``"seconds"``: the same wall-clock training time, ``budget_seconds`` per run (the
+      per-epoch evaluations not counted; ``config.train.epochs`` is then a cap). The
+      steps each run reached are recorded, with its CPU time: wall time depends on the
+      machine's load, so such a comparison is only as fair as the machine was quiet.
+
+    Each trained model is evaluated with the same K (``eval_samples``) for log p(x), and
+    its own gradient estimator is measured at its final parameters on a fixed mini-batch.
 
     Each (estimator, repeat) is one call of :func:`train_compare_run`, which trains into
     its own folder ``out_dir/runs/ESTIMATOR-seedSEED`` with checkpoints; ``executor``
@@ -206,8 +229,14 @@ def compare_estimators(
     run as on a default Ray task) decides where the calls run. The results, tables and
     plots do not depend on it, bit for bit on CPU.
 
-    ``settings`` are those of :func:`run_comparison` (repeats, eval_samples, grad_draws,
-    particles of the SNR and bound studies, progress, log, command, executor), which
+    Every table gives the mean over the seeds with its 95% Student-t interval (n - 1
+    degrees of freedom; none with one seed); the differences of each metric against
+    ``baseline`` (default: the first estimator) are taken seed by seed, between runs
+    from the same initial parameters, and given with their own interval.
+
+    ``settings`` are those of :func:`run_comparison` (repeats, budget, budget_seconds,
+    baseline, eval_samples, grad_draws, particles and outer samples of the SNR study and
+    particles of the bound study, progress, log, command, executor), which
     trains and measures (returning a :class:`~pyro_vae.analysis.comparison.Comparison`);
     :func:`~pyro_vae.app.compare_report.write_comparison` writes ``comparison.json``,
     ``.csv``, ``.md`` and the plots; this returns the JSON's dict.
@@ -234,15 +263,30 @@ def run_comparison(
     command: str = "",
     executor=None,
     ais_steps: int | None = None,
+    budget: str = "steps",
+    budget_seconds: float | None = None,
+    baseline: Any = None,
+    snr_outer: Sequence[int] = (1, 2, 4, 8),
+    estimator_options: Mapping[str, Any] | None = None,
 ) -> Comparison:
     """The comparison of :func:`compare_estimators` as data: trains the runs into
     ``out_dir/runs`` (their run folders are all it writes), measures the trained models
     and returns the :class:`~pyro_vae.analysis.comparison.Comparison`; no report.
     ``ais_steps``: also log p(x) by AIS with that many steps (16 chains, 5 leapfrog steps)
-    on the same test points, beside the importance-sampled one."""
+    on the same test points, beside the importance-sampled one. ``budget``,
+    ``budget_seconds``, ``baseline``: see :func:`compare_estimators`. ``snr_outer``: the
+    values of M at which the SNR of an estimator with an outer-sample option is measured
+    (K fixed at ``config.train.particles``), beside ``snr_particles``, the values of K.
+    ``estimator_options``: options over ``config.train.estimator_options``, each applied
+    to the estimators that take it (``{"alpha": 0.3, "outer": 8}`` for renyi and miwae)."""
     config = as_run_config(config)
     estimators = parse_estimators(estimators)
-    _check_options_used(estimators, config.train.estimator_options)
+    _check_budget(budget, budget_seconds)
+    baseline = _baseline_key(baseline, estimators)
+    if not snr_outer or min(snr_outer) < 1:
+        raise UserInputError(f"every M in snr_outer must be >= 1, got {list(snr_outer)}")
+    pool = {**config.train.estimator_options, **(estimator_options or {})}
+    _check_options_used(estimators, pool)
     check_executor_reaches(estimators, executor)
     if ais_steps is not None and ais_steps < 1:
         raise UserInputError(f"--ais-steps must be >= 1, got {ais_steps}")
@@ -251,7 +295,7 @@ def run_comparison(
     # the SNR and bound studies run in this process whatever the executor: a GPU must be here
     check_device(config.train.device)
     data, test_images = _test_images(config, eval_points)
-    _check_model(config, data, test_images, estimators)
+    _check_model(config, data, test_images, estimators, pool)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     measurements = {
         "eval_samples": eval_samples,
@@ -261,6 +305,7 @@ def run_comparison(
         "compile_evaluation": _compile_evaluation(config),
         "ais_steps": ais_steps,
     }
+    shared = budget_of(config, estimators, budget, budget_seconds, len(data.train), pool)
     specs, labels = _run_specs(
         config,
         estimators,
@@ -269,11 +314,18 @@ def run_comparison(
         measurements,
         progress=progress and executor.name == "serial",
         data_shape=data.data_shape,
+        budget=shared,
+        options=pool,
     )
     runs, runs_wall_seconds = _train_runs(executor, specs, labels, log, eval_samples)
+    if log is not None:
+        for line in _unspent_time(runs, shared):
+            log(f"warning: {line}")
     trained = _first_repeat_models(runs, config, data.data_shape)  # on config.train.device
     grad_images = test_images[: min(grad_batch, len(test_images))]
-    snr = _snr_section(trained, estimators, grad_images, snr_particles, grad_draws, config, log)
+    snr = _snr_section(
+        trained, estimators, grad_images, snr_particles, snr_outer, grad_draws, config, log, pool
+    )
     bound_images = test_images[:bound_points]
     bounds = _bounds_section(trained, bound_images, bound_particles, eval_samples, config, log)
     summary = summarise(runs, estimators)
@@ -287,7 +339,8 @@ def run_comparison(
             log(f"warning: {flag.message()}")
     return Comparison(
         command=command,
-        config=config.to_dict(),
+        # (with the options of the estimators compared, which no one TrainConfig holds)
+        config=_with_options(config.to_dict(), pool),
         estimators=estimators,
         repeats=repeats,
         eval_samples=eval_samples,
@@ -303,7 +356,93 @@ def run_comparison(
         runs=runs,
         ais_steps=ais_steps,
         flags=[flag.to_dict() for flag in flags],
+        budget=shared,
+        baseline=baseline,
+        paired_differences=paired_differences(runs, estimators, baseline),
+        snr_slopes=snr_slopes(snr["rows"]),
     )
+
+
+def _with_options(config: dict[str, Any], options: Mapping[str, Any]) -> dict[str, Any]:
+    config["train"]["estimator_options"] = dict(options)
+    return config
+
+
+def _check_budget(budget: str, budget_seconds: float | None) -> None:
+    if budget not in BUDGETS:
+        raise UserInputError(f"budget must be one of {', '.join(BUDGETS)}, got {budget!r}")
+    if budget == "seconds":
+        if budget_seconds is None or not isinstance(budget_seconds, (int, float)):
+            raise UserInputError("budget 'seconds' needs budget_seconds, the seconds per run")
+        if not (math.isfinite(budget_seconds) and budget_seconds > 0):
+            raise UserInputError(f"budget_seconds must be > 0, got {budget_seconds}")
+    elif budget_seconds is not None:
+        raise UserInputError(
+            f"budget_seconds applies to the budget 'seconds', not {budget!r}: leave it out"
+        )
+
+
+def _baseline_key(baseline: Any, estimators: Sequence[str]) -> str:
+    """The key of the baseline estimator (the first compared when ``None``), which
+    must be one of those compared."""
+    if baseline is None:
+        return estimators[0]
+    key = estimator_spec(baseline).key
+    if key not in estimators:
+        raise UserInputError(
+            f"the baseline estimator {key} is not among those compared ({', '.join(estimators)})"
+        )
+    return key
+
+
+def budget_of(
+    config,
+    estimators: Sequence[str],
+    budget: str,
+    seconds: float | None,
+    num_train: int,
+    options: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """What the estimators share, and what each one gets: the reference of ``epochs``
+    epochs of K samples per data point and step, and per estimator its samples per step
+    and (under the samples budget) its epochs and step cap."""
+    train = config.train
+    steps_per_epoch = math.ceil(num_train / train.batch_size)
+    steps = train.epochs * steps_per_epoch
+    each = {}
+    for name in estimators:
+        samples = samples_per_step(
+            estimator_spec(name),
+            train.particles,
+            estimator_options_for(name, train.estimator_options if options is None else options),
+        )
+        epochs, cap = train.epochs, None
+        if budget == "samples":
+            epochs, cap = samples_budget_steps(steps, train.particles, samples, steps_per_epoch)
+        each[name] = {"samples_per_step": samples, "epochs": epochs, "max_steps": cap}
+    return {
+        "kind": budget,
+        "epochs": train.epochs,
+        "steps_per_epoch": steps_per_epoch,
+        "steps": steps,
+        "particles": train.particles,
+        "samples_per_point": train.epochs * train.particles,
+        "seconds": seconds,
+        "estimators": each,
+    }
+
+
+def _unspent_time(runs: Sequence[dict[str, Any]], budget: dict[str, Any]) -> list[str]:
+    """Under the seconds budget, the runs that ended at their epochs with time left."""
+    if budget["kind"] != "seconds":
+        return []
+    return [
+        f"{run['estimator']} (seed {run['seed']}) trained all {run['epochs']} epochs in "
+        f"{sum(e['seconds'] for e in run['history']):.1f} s, short of the "
+        f"{budget['seconds']:g}-second budget: raise epochs (the cap) for an equal-time run"
+        for run in runs
+        if run.get("stopped_by") == "epochs"
+    ]
 
 
 def _serial_unless(executor):
@@ -361,7 +500,9 @@ def _test_images(config, eval_points: int | None):
     return data, test_images
 
 
-def _check_model(config, data, test_images: torch.Tensor, estimators: Sequence[str]) -> None:
+def _check_model(
+    config, data, test_images: torch.Tensor, estimators: Sequence[str], options=None
+) -> None:
     """The model takes the data and every estimator runs on it: before any training."""
     from pyro_vae.models.build import build_vae
     from pyro_vae.models.protocol import check_data
@@ -371,7 +512,11 @@ def _check_model(config, data, test_images: torch.Tensor, estimators: Sequence[s
     check_data(probe, test_images, "the test set")
     train = config.train
     check_estimators_run(
-        probe, test_images[:8], estimators, train.particles, train.estimator_options
+        probe,
+        test_images[:8],
+        estimators,
+        train.particles,
+        train.estimator_options if options is None else options,
     )
 
 
@@ -401,19 +546,30 @@ def _run_specs(
     measurements: dict[str, Any],
     progress: bool,
     data_shape: Sequence[int] = (),
+    budget: dict[str, Any] | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> tuple[list[dict[str, Any]], list[str]]:
-    """One :func:`train_compare_run` spec per (repeat, estimator), and its label."""
+    """One :func:`train_compare_run` spec per (repeat, estimator), and its label; under
+    a samples or seconds ``budget`` (:func:`budget_of`) each run's epochs and cap."""
     train = config.train
     specs, labels = [], []
     for repeat in range(repeats):
         seed = train.seed + repeat
         initial = initial_parameters(config, data_shape, seed)
         for name in estimators:
-            options = estimator_options_for(name, train.estimator_options)
+            options_of = estimator_options_for(
+                name, train.estimator_options if options is None else options
+            )
+            limits: dict[str, Any] = {}
+            mine = budget["estimators"][name] if budget else {}
+            if budget and budget["kind"] == "samples":
+                limits = {"epochs": mine["epochs"], "max_steps": mine["max_steps"]}
+            elif budget and budget["kind"] == "seconds":
+                limits = {"max_seconds": float(budget["seconds"])}
             run_config = dataclasses.replace(
                 config,
                 train=dataclasses.replace(
-                    train, estimator=name, estimator_options=options, seed=seed
+                    train, estimator=name, estimator_options=options_of, seed=seed, **limits
                 ),
             )
             specs.append(
@@ -426,6 +582,7 @@ def _run_specs(
                     **measurements,
                     "keep_parameters": repeat == 0,
                     "progress": progress,
+                    "samples_per_step": mine.get("samples_per_step", train.particles),
                 }
             )
             labels.append(f"{name}, repeat {repeat + 1}/{repeats} (K={train.particles})")
@@ -466,20 +623,62 @@ def _first_repeat_models(runs: list[dict[str, Any]], config, data_shape) -> dict
     return trained
 
 
-def _snr_section(trained, estimators, grad_images, snr_particles, grad_draws, config, log):
-    """SNR against K at the parameters of one first-repeat model (IWAE's if trained)."""
+#: the estimators whose SNR against K (and M) a comparison measures, where compared
+#: (with any that has an outer-sample option); iwae and dreg where none of them is
+SNR_STUDIED = ("iwae", "dreg", "miwae", "ciwae", "piwae")
+
+
+def snr_estimators(estimators: Sequence[str]) -> list[str]:
+    """The compared estimators of the SNR study (:data:`SNR_STUDIED`, or with an
+    outer-sample option), else iwae and dreg."""
+    studied = [
+        name
+        for name in estimators
+        if estimator_spec(name).name in SNR_STUDIED or outer_option(estimator_spec(name))
+    ]
+    return studied or ["iwae", "dreg"]
+
+
+def _snr_section(
+    trained, estimators, grad_images, snr_particles, snr_outer, grad_draws, config, log, pool=None
+):
+    """SNR against K (and M, for an estimator with an outer-sample option) at the
+    parameters of one first-repeat model (IWAE's if trained)."""
     reference_name = next((n for n in ("iwae", "dreg", "mc") if n in trained), estimators[0])
-    snr_estimators = [n for n in ("iwae", "dreg") if n in estimators] or ["iwae", "dreg"]
+    names = snr_estimators(estimators)
+    pool = config.train.estimator_options if pool is None else pool
+    options = {n: estimator_options_for(n, pool) for n in names}
     if log is not None:
         log(f"SNR against K at the {reference_name}-trained parameters ...")
+    vae = trained[reference_name]
+    seed = config.train.seed
     rows = snr_versus_particles(
-        trained[reference_name],
-        grad_images,
-        snr_estimators,
-        snr_particles,
-        grad_draws,
-        seed=config.train.seed,
+        vae, grad_images, names, snr_particles, grad_draws, seed=seed, options=options
     )
+    for row in rows:
+        row["varied"] = "K"
+        outer = outer_option(estimator_spec(row["estimator"]))
+        if outer is not None:
+            row["outer"] = estimator_spec(row["estimator"]).resolve_options(
+                options[row["estimator"]]
+            )[outer.name]
+    for name in names:
+        outer = outer_option(estimator_spec(name))
+        if outer is None:
+            continue
+        if log is not None:
+            log(f"SNR of {name} against M ({outer.name}) at K={config.train.particles} ...")
+        rows += snr_versus_outer(
+            vae,
+            grad_images,
+            name,
+            outer.name,
+            snr_outer,
+            config.train.particles,
+            grad_draws,
+            seed=seed,
+            options=options[name],
+        )
     return {"parameters_of": reference_name, "rows": rows}
 
 
@@ -550,6 +749,8 @@ def train_compare_run(spec: dict[str, Any]) -> dict[str, Any]:
         train.estimator_options,
         train.seed,
     )
+    steps_per_epoch = math.ceil(len(data.train) / train.batch_size)
+    samples = spec.get("samples_per_step", train.particles)
     run = {
         "estimator": train.estimator,
         "repeat": spec["repeat"],
@@ -557,7 +758,14 @@ def train_compare_run(spec: dict[str, Any]) -> dict[str, Any]:
         "particles": train.particles,
         "epochs": len(history),
         "steps": history.last["step"],
-        "seconds_per_epoch": float(np.median(history["seconds"])),
+        "epochs_trained": history.last["step"] / steps_per_epoch,
+        "samples_per_step": samples,
+        "samples_per_point": history.last["step"] / steps_per_epoch * samples,
+        "stopped_by": _stopped_by(train, history),
+        # (a run cut inside an epoch: its training time over the epochs it trained)
+        "seconds_per_epoch": float(np.median(history["seconds"]))
+        if history.last["step"] % steps_per_epoch == 0
+        else sum(history["seconds"]) / (history.last["step"] / steps_per_epoch),
         **timing,
         "run_dir": spec["run_dir"],
         "history": history.epochs,
@@ -569,6 +777,16 @@ def train_compare_run(spec: dict[str, Any]) -> dict[str, Any]:
     if spec["keep_parameters"]:
         run["parameters"] = {k: v.detach().cpu() for k, v in vae.state_dict().items()}
     return run
+
+
+def _stopped_by(train, history) -> str:
+    """What ended a run: ``"seconds"`` (its time budget), ``"max_steps"`` (its step
+    cap), else ``"epochs"``."""
+    if train.max_seconds is not None and sum(history["seconds"]) >= train.max_seconds:
+        return "seconds"
+    if train.max_steps is not None and history.last["step"] >= train.max_steps:
+        return "max_steps"
+    return "epochs"
 
 
 def _spec_data(config, spec: dict[str, Any]):

@@ -212,8 +212,8 @@ def plot_kl_per_layer(epochs: Sequence[dict[str, Any]], path: str | Path) -> Pat
     return _save(fig, path)
 
 
-def _save(fig, path: str | Path) -> Path:
-    """Save ``fig`` as a PNG, atomically (a reader never sees half an image)."""
+def _save(fig, path: str | Path, dpi: int = 110) -> Path:
+    """Save ``fig`` as a PNG at ``dpi``, atomically (a reader never sees half an image)."""
     import io
 
     import matplotlib.pyplot as plt
@@ -224,7 +224,7 @@ def _save(fig, path: str | Path) -> Path:
     make_folder(path.parent)  # (no link in a run folder: see pyro_vae.io)
     fig.tight_layout()
     buffer = io.BytesIO()
-    fig.savefig(buffer, dpi=110, format="png")
+    fig.savefig(buffer, dpi=dpi, format="png")
     plt.close(fig)
     atomic_write_bytes(buffer.getvalue(), path)
     return path

@@ -326,6 +326,8 @@ class Trainer:
                 bar.update()
                 if bar.n % 10 == 0 or bar.n == self.steps_per_epoch:
                     bar.set_postfix_str(f"elbo {total / count:.2f}", refresh=False)
+                if self.budget_spent(elapsed + time.perf_counter() - started):
+                    break  # (max_steps or max_seconds: the epoch ends here, its record kept)
                 if stop and done < self.steps_per_epoch:
                     self.position = {
                         "steps": done,
@@ -340,6 +342,16 @@ class Trainer:
         return total / count
 
     _epoch_seconds = 0.0
+
+    def budget_spent(self, epoch_seconds: float = 0.0) -> bool:
+        """Whether ``max_steps`` steps are taken, or the training steps of the finished
+        epochs (their ``seconds``) and ``epoch_seconds`` of this one reach ``max_seconds``."""
+        config = self.config
+        if config.max_steps is not None and self.step >= config.max_steps:
+            return True
+        if config.max_seconds is None:
+            return False
+        return sum(self.history["seconds"]) + epoch_seconds >= config.max_seconds
 
     def _preempted(self, steps: int | None = None) -> Preempted:
         """The stop a signal asked for, once the checkpoint holds the position."""
@@ -547,7 +559,7 @@ class Trainer:
             self.save()  # a good checkpoint exists from the start
         elif self.history.epochs:
             self._write_metrics()  # resumed: metrics.jsonl matches the checkpoint again
-        while self.epoch < config.epochs and not self.finished:
+        while self.epoch < config.epochs and not self.finished and not self.budget_spent():
             if self.run_dir is not None and self._stop_requested():
                 raise self._preempted()
             train_elbo = self.train_epoch(progress)
@@ -567,7 +579,7 @@ class Trainer:
             }
             self.history.epochs.append(metrics)
             stop = self._early_stopping(metrics)
-            self.finished = stop or self.epoch >= config.epochs
+            self.finished = stop or self.epoch >= config.epochs or self.budget_spent()
             # metrics first: a kill between the two leaves metrics one epoch ahead of the
             # checkpoint, which the resumed run rewrites (the other order loses a line)
             self._write_metrics()
