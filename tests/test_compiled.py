@@ -348,3 +348,36 @@ def test_identities_are_dropped_but_outputs_stay_distinct_tensors():
     got = replay_function(module)(a)
     assert torch.equal(got[0], 2 * a)
     assert all(value is not a for value in got)  # what the graph returns is its own tensor
+
+
+def test_a_returned_value_is_replaced_only_by_memory_no_other_returned_value_shares():
+    from pyro_vae.objectives.capture import drop_identities, replay_function
+
+    def function(a):
+        own = (a * 2.0).t().t()  # becomes the product itself
+        shared = a * 3.0
+        return own, shared.t().t(), shared.t()  # the second keeps its transposes
+
+    a = torch.randn(3, 4)
+    module = _traced(function, a)
+    drop_identities(module.graph)
+    module.recompile()
+    outputs = list(module.graph.nodes)[-1].args[0]
+    assert outputs[0].target is torch.ops.aten.mul.Tensor
+    assert outputs[1].target is torch.ops.aten.t.default
+    got = replay_function(module)(a)
+    assert all(torch.equal(x, y) for x, y in zip(got, function(a)))
+    assert got[1].data_ptr() == got[2].data_ptr()  # as recorded: the two share memory
+
+
+def test_the_largest_entry_of_all_gradients_is_each_ones_largest():
+    from pyro_vae.objectives.capture import _largest_of_all, largest
+
+    tensors = [torch.randn(5, 3), -7 * torch.rand(4), torch.randn(2, 2)]
+    assert torch.equal(_largest_of_all(tensors), torch.stack([largest(t) for t in tensors]).amax())
+    assert float(_largest_of_all(tensors)) == max(float(t.abs().max()) for t in tensors)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        broken = [t.clone() for t in tensors]
+        broken[1][2] = bad
+        got = float(_largest_of_all(broken))
+        assert got == abs(bad) or (bad != bad and got != got)

@@ -217,6 +217,17 @@ def largest(tensor: torch.Tensor) -> torch.Tensor:
     return torch.maximum(high, -low)
 
 
+def _largest_of_all(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``max |t|`` over all ``tensors`` (NaN if any holds a NaN), the same number as the
+    largest of their :func:`largest`: one ``aminmax`` pass over each, then one reduction
+    of all the minima and one of all the maxima (four operations in all, not three per
+    tensor: the graph replays each operation on every step)."""
+    extremes = [torch.aminmax(t) for t in tensors]
+    low = torch.stack([low for low, _ in extremes]).amin()
+    high = torch.stack([high for _, high in extremes]).amax()
+    return torch.maximum(high, -low)
+
+
 def _autocast_enabled() -> bool:
     return any(torch.is_autocast_enabled(device) for device in ("cpu", "cuda"))
 
@@ -327,20 +338,51 @@ def drop_identities(graph: torch.fx.Graph) -> int:
 
     Eager autograd runs these too (Pyro's ``poutine.scale`` by 1, the ELBO's sum divided
     by one particle, the transposes of ``mm``'s backward); each costs a dispatch of a
-    few microseconds per step and, for the arithmetic ones, a pass over its tensor. A
-    value the graph returns is left alone (two outputs must never share a tensor: each
-    becomes a parameter's ``.grad``)."""
+    few microseconds per step and, for the arithmetic ones, a pass over its tensor. What
+    the graph returns keeps memory of its own: a returned value is replaced only by a
+    fresh result of the graph that no other returned value shares (each becomes a
+    parameter's ``.grad``, never an input's memory or another gradient's)."""
+    output = next(node for node in graph.nodes if node.op == "output")
     dropped = 0
     for node in list(graph.nodes):
-        if node.op != "call_function" or any(user.op == "output" for user in node.users):
+        if node.op != "call_function":
             continue
         source = _identity_source(node)
         if source is None or _layout(source) is None or _layout(source) != _layout(node):
+            continue
+        if node in output.all_input_nodes and not _may_return(source, node, output):
             continue
         node.replace_all_uses_with(source)
         dropped += 1
     graph.eliminate_dead_code()
     return dropped
+
+
+def _aliases(node: torch.fx.Node) -> bool:
+    """Whether ``node``'s value may share memory with one of its operands."""
+    if node.target is operator.getitem:
+        return True
+    schema = getattr(node.target, "_schema", None)
+    return schema is None or any(ret.alias_info is not None for ret in schema.returns)
+
+
+def _memory(node: torch.fx.Node) -> torch.fx.Node:
+    """The node whose memory ``node``'s value lives in (through views and aliases)."""
+    while node.op == "call_function" and _aliases(node):
+        first = next((a for a in node.args if isinstance(a, torch.fx.Node)), None)
+        if first is None:
+            break
+        node = first
+    return node
+
+
+def _may_return(source: torch.fx.Node, node: torch.fx.Node, output: torch.fx.Node) -> bool:
+    """Whether the graph may return ``source`` in place of ``node``: a fresh result of an
+    operation, whose memory no other returned value shares."""
+    if source.op != "call_function" or _aliases(source):
+        return False
+    others = [other for other in output.all_input_nodes if other is not node]
+    return all(_memory(other) is not source for other in others)
 
 
 def _node_args(args: Any, kwargs: dict) -> list[torch.fx.Node]:
@@ -837,7 +879,7 @@ class CompiledLoss(_Captured):
         grads = torch.autograd.grad(loss, trainable, allow_unused=True)
         grad_index[:] = [i for i, g in enumerate(grads) if g is not None]
         used = [grads[i] for i in grad_index]
-        grad_max = torch.stack([largest(g) for g in used]).amax() if used else loss.new_zeros(())
+        grad_max = _largest_of_all(used) if used else loss.new_zeros(())
         return (loss.detach(), grad_max, *used)
 
     def _schedule(self, module: torch.fx.GraphModule) -> None:
