@@ -11,7 +11,12 @@ Every comparison is measured in this one process and run, with A and B interleav
   configuration;
 - evaluation: ``pyro_vae.log_likelihood`` (K = 5000) against a plain batched PyTorch
   implementation, with peak memory of each measured in a fresh subprocess;
+- small batches: the IWAE protocol's network (784-200-200-50 tanh) at batch 20, one
+  thread, per step for mc and IWAE K=5 and K=50, at fresh and at trained parameters;
 - scaling: time per step against batch size and against K.
+
+Every row records the torch threads it ran with and the CPU capability torch dispatched
+to (``torch.backends.cpu.get_cpu_capability()``).
 
     python benchmarks/run.py --quick            # under 5 minutes on 2 cores
     python benchmarks/run.py --out benchmarks/results.json
@@ -56,6 +61,21 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MNIST = ROOT.parent / "shared" / "data" / "mnist"
 #: the network of the issue's prototype and of Pyro's example: 784-400 softplus-50
 NETWORK = ModelConfig(latent_dims=(50,), hidden=(400,), activation="softplus")
+#: the IWAE paper's one-layer network (Burda et al. 2016): 784-200-200-50 tanh
+IWAE_NETWORK = ModelConfig(latent_dims=(50,), hidden=(200, 200), activation="tanh")
+
+
+def host() -> dict[str, Any]:
+    """What a timing depends on besides the code: torch's threads and the CPU kernels'
+    instruction set (AVX2, AVX512, ...)."""
+    return {"threads": torch.get_num_threads(), "cpu_capability": cpu_capability()}
+
+
+def cpu_capability() -> str:
+    try:
+        return str(torch.backends.cpu.get_cpu_capability())
+    except AttributeError:  # pragma: no cover - older torch
+        return "unknown"
 
 
 # ------------------------------------------------------------------------ data
@@ -73,6 +93,13 @@ def subset(data: VAEData, images: int, binarize: str = "dynamic") -> VAEData:
     train = Split(data.train.images[:images], data.train.labels[:images])
     test = Split(data.test.images[:10], data.test.labels[:10])
     return dataclasses.replace(data, train=train, test=test, binarize=binarize)
+
+
+def train_subset(data: VAEData, images: int) -> VAEData:
+    """The first ``images`` training points, the test set whole (what a whole ``fit``
+    call evaluates after its epoch)."""
+    train = Split(data.train.images[:images], data.train.labels[:images])
+    return dataclasses.replace(data, train=train)
 
 
 # ------------------------------------------------------------------------ the floor
@@ -132,10 +159,10 @@ def fit_epoch(vae, data: VAEData, estimator: str, k: int, batch_size: int, seed:
     return history.last["seconds"]
 
 
-def fit_call(vae, data: VAEData, estimator: str, batch_size: int) -> float:
+def fit_call(vae, data: VAEData, estimator: str, batch_size: int, k: int = 1) -> float:
     """A whole one-epoch ``fit`` call with its defaults, as a user pays it: the data check,
     building the trainer, the epoch, the per-epoch test evaluation."""
-    config = TrainConfig(estimator=estimator, epochs=1, batch_size=batch_size)
+    config = TrainConfig(estimator=estimator, particles=k, epochs=1, batch_size=batch_size)
     return _timed(lambda: fit(vae, data, config, progress=False, log=None))
 
 
@@ -144,25 +171,31 @@ def whole_calls(data: VAEData, args) -> list[dict[str, Any]]:
     plain loop, alternating, on the same two models throughout (as a user calling ``fit``
     in a loop). The first calls are reported apart: the first trains eagerly (one epoch
     does not repay a capture on its own), the second captures the graphs, the later ones
-    replay them."""
+    replay them. IWAE K=50 (ten times the arithmetic of a step) trains on the first
+    ``iwae_call_images`` training images, with the whole test set as always."""
     rows = []
+    full = data
     if args.call_images:
         data = subset(data, args.call_images)
-    for estimator, batch in (("mc", 128), ("mc", 256), ("analytic", 128), ("analytic", 256)):
+    cells = (("mc", 1, 128), ("mc", 1, 256), ("analytic", 1, 128), ("analytic", 1, 256))
+    for estimator, k, batch in cells + (("iwae", 50, 128),):
+        if k == 50:
+            data = train_subset(full, min(args.iwae_call_images, args.call_images or 60000))
         torch.manual_seed(0)
         ours_vae = build_vae(NETWORK, data.data_shape)
         floor_vae = build_vae(NETWORK, data.data_shape)
         floor_vae.load_state_dict(ours_vae.state_dict())
-        first = [fit_call(ours_vae, data, estimator, batch) for _ in range(2)]
+        first = [fit_call(ours_vae, data, estimator, batch, k) for _ in range(2)]
         times = interleaved(
             {
-                "pyro_vae.fit": partial(fit_call, ours_vae, data, estimator, batch),
-                "pytorch floor": partial(floor_epoch, floor_vae, data, estimator, 1, batch, 0),
+                "pyro_vae.fit": partial(fit_call, ours_vae, data, estimator, batch, k),
+                "pytorch floor": partial(floor_epoch, floor_vae, data, estimator, k, batch, 0),
             },
             args.call_repeats,
         )
         row = {
             "estimator": estimator,
+            "particles": k,
             "batch": batch,
             "images": len(data.train),
             "first_calls_seconds": first,
@@ -170,11 +203,13 @@ def whole_calls(data: VAEData, args) -> list[dict[str, Any]]:
             "floor_seconds": statistics.median(times["pytorch floor"]),
             **compared(times["pyro_vae.fit"], times["pytorch floor"]),
             "target": 1.05,
+            **host(),
         }
         rows.append(row)
         low, high = row["ratio_of_pairs_quartiles"]
         print(
-            f"  {estimator:8} B={batch:<4} one-epoch fit call {row['ours_seconds']:6.2f} s, "
+            f"  {estimator:8} K={k:<3} B={batch:<4} {len(data.train)} images: one-epoch fit "
+            f"call {row['ours_seconds']:6.2f} s, "
             f"plain epoch {row['floor_seconds']:6.2f} s, ratio {row['ratio']:.3f} (quartiles "
             f"{low:.3f}..{high:.3f}; {_target(1.05)}); first two calls "
             f"{first[0]:.2f} s (eager), {first[1]:.2f} s (captures)",
@@ -290,7 +325,8 @@ def training(data: VAEData, args) -> list[dict[str, Any]]:
             "floor_images_per_s": batch / floor,
             **compared(times["pyro_vae.fit"], times["pytorch floor"]),
             # the issue's targets: mc/analytic at batch 128 and 256, iwae at K=50 (K=5 has none)
-            "target": {"mc": 1.05, "analytic": 1.05}.get(estimator, 1.10 if k == 50 else None),
+            "target": {"mc": 1.05, "analytic": 1.05}.get(estimator, 1.05 if k == 50 else None),
+            **host(),
         }
         rows.append(row)
         low, high = row["ratio_of_pairs_quartiles"]
@@ -309,61 +345,111 @@ def trained_state(data: VAEData, args) -> dict[str, Any]:
     denormal floats appear only after training): the network is trained with IWAE K=50
     for ``trained_steps`` steps, then ours and the floor are timed, alternating, at the
     fresh and at the trained parameters, for IWAE K=50 and mc."""
+    training = TrainConfig(estimator="iwae", particles=50, epochs=1, batch_size=128, compile=True)
+    cells = [("iwae", 50, max(5, args.steps // 5)), ("mc", 1, args.steps)]
+    return fresh_and_trained(
+        data, NETWORK, training, args.trained_steps, cells, args.trained_repeats, target=1.05
+    )
+
+
+def small_batches(data: VAEData, args) -> dict[str, Any]:
+    """The IWAE protocol's small steps: 784-200-200-50 tanh at batch 20, on one thread
+    (a step of a few milliseconds: per-step overhead is a large share of it, and a second
+    thread mostly waits), mc and IWAE K=5 and K=50, at fresh parameters and after
+    ``4 * trained_steps`` steps of IWAE K=5 training. Target: ours / floor <= 1.05."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        training = TrainConfig(estimator="iwae", particles=5, epochs=1, batch_size=20, compile=True)
+        cells = [
+            ("mc", 1, 3 * args.steps),
+            ("iwae", 5, 3 * args.steps),
+            ("iwae", 50, max(5, args.steps // 2)),
+        ]
+        return fresh_and_trained(
+            data, IWAE_NETWORK, training, 4 * args.trained_steps, cells, args.repeats, 1.05
+        )
+    finally:
+        torch.set_num_threads(threads)
+
+
+def fresh_and_trained(
+    data: VAEData,
+    network: ModelConfig,
+    training: TrainConfig,
+    trained_steps: int,
+    cells: list[tuple[str, int, int]],
+    repeats: int,
+    target: float | None,
+) -> dict[str, Any]:
+    """Train a copy of a fresh ``network`` for ``trained_steps`` steps of ``training``, then
+    time ours and the floor alternately at the fresh and the trained parameters, for each
+    ``(estimator, K, steps per timed epoch)`` of ``cells`` at ``training``'s batch size."""
     torch.manual_seed(0)
-    fresh = build_vae(NETWORK, data.data_shape)
-    trained = build_vae(NETWORK, data.data_shape)
+    fresh = build_vae(network, data.data_shape)
+    trained = build_vae(network, data.data_shape)
     trained.load_state_dict(fresh.state_dict())
-    batch = 128
-    part = subset(data, args.trained_steps * batch)
+    batch = training.batch_size
+    part = subset(data, trained_steps * batch)
     started = time.perf_counter()
-    config = TrainConfig(estimator="iwae", particles=50, epochs=1, batch_size=batch, compile=True)
-    fit(trained, part, config, progress=False, log=None)
+    fit(trained, part, training, progress=False, log=None)
     train_seconds = time.perf_counter() - started
     rows = []
-    for estimator, k in (("iwae", 50), ("mc", 1)):
-        steps = max(5, args.steps // 5) if k == 50 else args.steps
+    for estimator, k, steps in cells:
         timed = subset(data, steps * batch)
         models = {}
         for state_name, source in (("fresh", fresh), ("trained", trained)):
             for side in ("ours", "floor"):
-                model = build_vae(NETWORK, data.data_shape)
+                model = build_vae(network, data.data_shape)
                 model.load_state_dict(source.state_dict())
                 models[f"{side}, {state_name}"] = model
         functions = {
             name: partial(_epoch_from, model, copy_state(model), name, timed, estimator, k, batch)
             for name, model in models.items()
         }
-        times = interleaved(functions, args.trained_repeats)
-        per_step = {name: statistics.median(v) / steps * 1e3 for name, v in times.items()}
-        row = {
-            "estimator": estimator,
-            "particles": k,
-            "batch": batch,
-            "ms_per_step": per_step,
-            "ours_over_floor_fresh": compared(times["ours, fresh"], times["floor, fresh"])["ratio"],
-            "ours_over_floor_trained": compared(times["ours, trained"], times["floor, trained"])[
-                "ratio"
-            ],
-            "trained_over_fresh_ours": compared(times["ours, trained"], times["ours, fresh"])[
-                "ratio"
-            ],
-            "trained_over_fresh_floor": compared(times["floor, trained"], times["floor, fresh"])[
-                "ratio"
-            ],
+        times = interleaved(functions, repeats)
+        others = {
             "others_cpu_median": statistics.median(OTHERS) if OTHERS else None,
             "others_cpu_max": max(OTHERS) if OTHERS else None,
         }
+        per_step = {name: statistics.median(v) / steps * 1e3 for name, v in times.items()}
+        pairs = {
+            "ours_over_floor_fresh": ("ours, fresh", "floor, fresh"),
+            "ours_over_floor_trained": ("ours, trained", "floor, trained"),
+            "trained_over_fresh_ours": ("ours, trained", "ours, fresh"),
+            "trained_over_fresh_floor": ("floor, trained", "floor, fresh"),
+        }
+        row: dict[str, Any] = {
+            "estimator": estimator,
+            "particles": k,
+            "batch": batch,
+            "steps": steps,
+            "ms_per_step": per_step,
+        }
+        for key, (a, b) in pairs.items():
+            ratio = compared(times[a], times[b])
+            row[key] = ratio["ratio"]
+            row[key + "_quartiles"] = ratio["ratio_of_pairs_quartiles"]
+        row.update(others, rounds=repeats, target=target, **host())
         rows.append(row)
+        fresh_q, trained_q = (row[f"ours_over_floor_{s}_quartiles"] for s in ("fresh", "trained"))
         print(
-            f"  {estimator:5} K={k:<3} ms/step: "
-            + ", ".join(f"{name} {value:.1f}" for name, value in per_step.items())
-            + f"; ours/floor fresh {row['ours_over_floor_fresh']:.3f}, trained "
-            f"{row['ours_over_floor_trained']:.3f}; trained/fresh ours "
-            f"{row['trained_over_fresh_ours']:.3f}, floor {row['trained_over_fresh_floor']:.3f}"
-            f" (other processes: median {row['others_cpu_median'] or 0:.2f} CPUs)",
+            f"  {estimator:5} K={k:<3} B={batch:<4} ms/step: "
+            + ", ".join(f"{name} {value:.2f}" for name, value in per_step.items())
+            + f"; ours/floor fresh {row['ours_over_floor_fresh']:.3f} ({fresh_q[0]:.3f}.."
+            f"{fresh_q[1]:.3f}), trained {row['ours_over_floor_trained']:.3f} ({trained_q[0]:.3f}"
+            f"..{trained_q[1]:.3f}); trained/fresh ours {row['trained_over_fresh_ours']:.3f}, "
+            f"floor {row['trained_over_fresh_floor']:.3f} ({torch.get_num_threads()} threads; "
+            f"other processes: median {row['others_cpu_median'] or 0:.2f} CPUs; "
+            f"{_target(target)})",
             flush=True,
         )
-    return {"trained_steps": args.trained_steps, "train_seconds": train_seconds, "rows": rows}
+    return {
+        "trained_steps": trained_steps,
+        "trained_with": f"{training.estimator} K={training.particles} batch {batch}",
+        "train_seconds": train_seconds,
+        "rows": rows,
+    }
 
 
 def _epoch_from(model, state, name, data, estimator, k, batch) -> float:
@@ -459,12 +545,15 @@ def example_epoch(vae: ExampleVAE, loader) -> float:
     return time.perf_counter() - started
 
 
-def pyro_example(data: VAEData, args) -> dict[str, Any]:
-    images = args.example_images
+def pyro_example(data: VAEData, args, batch: int = 256, images: int | None = None):
+    """Pyro's example against ``fit`` and the floor on its network, at its batch size
+    (256) or a smaller one, where Pyro's per-step bookkeeping is a larger share of a
+    step: there the target is ours / example <= 0.5 (at 256, the floor's arithmetic)."""
+    images = images or args.example_images
     grey = subset(data, images, binarize="none")
     loader = torch.utils.data.DataLoader(
         CachedMNIST(grey.train.images, grey.train.labels),
-        batch_size=256,
+        batch_size=batch,
         shuffle=True,
         num_workers=0,
         pin_memory=False,
@@ -474,32 +563,45 @@ def pyro_example(data: VAEData, args) -> dict[str, Any]:
     ours = build_vae(NETWORK, data.data_shape)
     floor_vae = build_vae(NETWORK, data.data_shape)
     pyro.enable_validation(True)  # the example runs with Pyro's default validation
-    times = interleaved(
-        {
-            "pyro example": lambda: example_epoch(theirs, loader),
-            "pyro_vae.fit": partial(fit_epoch, ours, grey, "mc", 1, 256, 0),
-            "pytorch floor": partial(floor_epoch, floor_vae, grey, "mc", 1, 256, 0),
-        },
-        min(args.repeats, 7),  # whole epochs: long enough to average the noise within
-    )
+    try:
+        times = interleaved(
+            {
+                "pyro example": lambda: example_epoch(theirs, loader),
+                "pyro_vae.fit": partial(fit_epoch, ours, grey, "mc", 1, batch, 0),
+                "pytorch floor": partial(floor_epoch, floor_vae, grey, "mc", 1, batch, 0),
+            },
+            min(args.repeats, 7),  # whole epochs: long enough to average the noise within
+        )
+    finally:
+        pyro.enable_validation(False)
     medians = {name: statistics.median(values) for name, values in times.items()}
     scale = 60000 / images
+    against_example = compared(times["pyro_vae.fit"], times["pyro example"])
     result = {
+        "batch": batch,
         "images": images,
         "seconds_per_60000_images": {name: value * scale for name, value in medians.items()},
-        "ours_over_example": compared(times["pyro_vae.fit"], times["pyro example"])["ratio"],
+        "ours_over_example": against_example["ratio"],
+        "ours_over_example_quartiles": against_example["ratio_of_pairs_quartiles"],
         "ours_over_floor": compared(times["pyro_vae.fit"], times["pytorch floor"])["ratio"],
         "example_over_floor": compared(times["pyro example"], times["pytorch floor"])["ratio"],
+        "rounds": against_example["rounds"],
+        "others_cpu_median": against_example["others_cpu_median"],
+        "target": None if batch > 32 else 0.5,
         "mirrors": "pyro examples/vae/vae.py: 784-400 softplus-50, exp scale, Bernoulli(probs) "
-        "on grey levels, batch 256, pyro.optim.Adam 1e-3, Trace_ELBO, SVI.step, DataLoader "
-        "(shuffle, num_workers=0) over in-memory float images, Pyro validation on",
+        f"on grey levels, batch {batch} (the example's: 256), pyro.optim.Adam 1e-3, "
+        "Trace_ELBO, SVI.step, DataLoader (shuffle, num_workers=0) over in-memory float "
+        "images, Pyro validation on",
+        **host(),
     }
     per_epoch = result["seconds_per_60000_images"]
+    low, high = result["ours_over_example_quartiles"]
     print(
-        f"  per epoch (60,000 images): example {per_epoch['pyro example']:.2f} s, "
-        f"pyro_vae.fit {per_epoch['pyro_vae.fit']:.2f} s, floor {per_epoch['pytorch floor']:.2f}"
-        f" s; ours / example {result['ours_over_example']:.3f}, ours / floor "
-        f"{result['ours_over_floor']:.3f}",
+        f"  batch {batch}, per epoch (60,000 images, timed on {images}): example "
+        f"{per_epoch['pyro example']:.2f} s, pyro_vae.fit {per_epoch['pyro_vae.fit']:.2f} s, "
+        f"floor {per_epoch['pytorch floor']:.2f} s; ours / example "
+        f"{result['ours_over_example']:.3f} ({low:.3f}..{high:.3f}; "
+        f"{_target(result['target'])}), ours / floor {result['ours_over_floor']:.3f}",
         flush=True,
     )
     return result
@@ -738,19 +840,78 @@ def scaling(data: VAEData, args) -> dict[str, Any]:
 # ------------------------------------------------------------------------ main
 def environment() -> dict[str, Any]:
     """The runs' own environment record, plus the processor."""
-    return {**run_environment(), "processor": platform.processor() or platform.machine()}
+    return {
+        **run_environment(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_capability": cpu_capability(),
+    }
 
 
 def markdown(result: dict[str, Any]) -> str:
+    """Every cell with a target (and the per-step training table), as the performance
+    page shows them: medians over rounds of each round's ratio, with the quartiles."""
+
+    def ratio(value: float, quartiles: list[float] | None) -> str:
+        return f"{value:.3f}" + (f" ({quartiles[0]:.3f}-{quartiles[1]:.3f})" if quartiles else "")
+
     lines = [
-        "| estimator | K | batch | pyro_vae.fit ms/step | PyTorch floor ms/step | ratio | target |",
+        "| cell | ours | reference | ratio (quartiles) | target | threads | CPU |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for r in result.get("training", []):
-        target = _target(r["target"], r["ratio"])
+
+    def add(cell, ours, reference, value, quartiles, target, row):
         lines.append(
-            f"| {r['estimator']} | {r['particles']} | {r['batch']} | {r['ours_ms_per_step']:.2f} | "
-            f"{r['floor_ms_per_step']:.2f} | {r['ratio']:.3f} | {target} |"
+            f"| {cell} | {ours} | {reference} | {ratio(value, quartiles)} | "
+            f"{_target(target, value)} | {row.get('threads', '?')} | "
+            f"{row.get('cpu_capability', '?')} |"
+        )
+
+    for r in result.get("training", []):
+        add(
+            f"step: {r['estimator']} K={r['particles']}, batch {r['batch']}",
+            f"{r['ours_ms_per_step']:.2f} ms",
+            f"floor {r['floor_ms_per_step']:.2f} ms",
+            r["ratio"],
+            r["ratio_of_pairs_quartiles"],
+            r["target"],
+            r,
+        )
+    for r in result.get("whole_calls", []):
+        add(
+            f"whole fit call: {r['estimator']} K={r.get('particles', 1)}, batch {r['batch']}, "
+            f"{r['images']} images",
+            f"{r['ours_seconds']:.2f} s",
+            f"floor {r['floor_seconds']:.2f} s",
+            r["ratio"],
+            r["ratio_of_pairs_quartiles"],
+            r["target"],
+            r,
+        )
+    for section in ("small_batches", "trained_state"):
+        for r in result.get(section, {}).get("rows", []):
+            for state in ("fresh", "trained"):
+                ms = r["ms_per_step"]
+                add(
+                    f"step, {state}: {r['estimator']} K={r['particles']}, batch {r['batch']}"
+                    + (" (784-200-200-50 tanh)" if section == "small_batches" else ""),
+                    f"{ms[f'ours, {state}']:.2f} ms",
+                    f"floor {ms[f'floor, {state}']:.2f} ms",
+                    r[f"ours_over_floor_{state}"],
+                    r.get(f"ours_over_floor_{state}_quartiles"),
+                    r.get("target"),
+                    r,
+                )
+    examples = [result["pyro_example"]] if "pyro_example" in result else []
+    for r in examples + result.get("pyro_example_small", []):
+        per_epoch = r["seconds_per_60000_images"]
+        add(
+            f"Pyro's example, batch {r.get('batch', 256)} (per 60,000 images)",
+            f"{per_epoch['pyro_vae.fit']:.2f} s",
+            f"example {per_epoch['pyro example']:.2f} s",
+            r["ours_over_example"],
+            r.get("ours_over_example_quartiles"),
+            r.get("target"),
+            r,
         )
     return "\n".join(lines)
 
@@ -770,7 +931,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results.json")
     parser.add_argument(
         "--sections",
-        default="training,whole-calls,trained-state,pyro-example,evaluation,scaling",
+        default="training,whole-calls,small-batches,trained-state,pyro-example,evaluation,scaling",
     )
     parser.add_argument("--trained-steps", type=int, help="IWAE-50 steps before timing")
     parser.add_argument("--trained-repeats", type=int, help="rounds at trained parameters")
@@ -783,6 +944,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-points", type=int, help="test points for log p(x)")
     parser.add_argument("--example-images", type=int, help="images per example epoch")
     parser.add_argument(
+        "--example-small-images", type=int, help="images per example epoch at batch 32 and 20"
+    )
+    parser.add_argument(
+        "--iwae-call-images", type=int, help="training images for whole IWAE K=50 calls"
+    )
+    parser.add_argument(
         "--memory-probe", choices=("ours", "floor", "capture-machinery"), help=argparse.SUPPRESS
     )
     args = parser.parse_args(argv)
@@ -794,6 +961,8 @@ def main(argv: list[str] | None = None) -> None:
     args.trained_repeats = args.trained_repeats or (3 if quick else 7)
     args.eval_points = args.eval_points or (20 if quick else 200)
     args.example_images = args.example_images or (15360 if quick else 60000)
+    args.example_small_images = args.example_small_images or (2560 if quick else 10240)
+    args.iwae_call_images = args.iwae_call_images or (2560 if quick else 10240)
     args.batches = (32, 128, 512) if quick else (32, 64, 128, 256, 512, 1024)
     args.particles = (1, 10, 50) if quick else (1, 5, 10, 50, 100)
     if args.memory_probe:
@@ -817,13 +986,18 @@ def main(argv: list[str] | None = None) -> None:
     if "whole-calls" in sections:
         print("whole one-epoch fit calls against whole plain epochs (full training set):")
         result["whole_calls"] = whole_calls(data, args)
+    if "small-batches" in sections:
+        print("small batches: the IWAE protocol's 784-200-200-50 tanh at batch 20, one thread:")
+        result["small_batches"] = small_batches(data, args)
     if "trained-state" in sections:
         print("fresh against trained parameters (IWAE K=50 training first):")
         result["trained_state"] = trained_state(data, args)
     if "pyro-example" in sections:
         print("against Pyro's examples/vae/vae.py configuration:")
         result["pyro_example"] = pyro_example(data, args)
-        pyro.enable_validation(False)
+        result["pyro_example_small"] = [
+            pyro_example(data, args, batch, args.example_small_images) for batch in (32, 20)
+        ]
     if "evaluation" in sections:
         print("evaluation throughput:")
         result["evaluation"] = evaluation(args)

@@ -26,6 +26,10 @@ def test_benchmark_script_runs(tmp_path, mnist_dir):
         "512",
         "--call-images",
         "512",
+        "--example-small-images",
+        "256",
+        "--iwae-call-images",
+        "256",
         "--call-repeats",
         "1",
         "--trained-steps",
@@ -42,12 +46,22 @@ def test_benchmark_script_runs(tmp_path, mnist_dir):
     data = json.loads(out.read_text())
     assert {r["estimator"] for r in data["training"]} == {"mc", "analytic", "iwae"}
     assert all(r["ratio"] > 0 for r in data["training"])
-    assert [r["estimator"] for r in data["whole_calls"]] == ["mc", "mc", "analytic", "analytic"]
+    calls = [(r["estimator"], r["particles"]) for r in data["whole_calls"]]
+    assert calls == [("mc", 1), ("mc", 1), ("analytic", 1), ("analytic", 1), ("iwae", 50)]
     assert all(r["ratio"] > 0 and len(r["first_calls_seconds"]) == 2 for r in data["whole_calls"])
     trained = data["trained_state"]["rows"]
     assert [r["estimator"] for r in trained] == ["iwae", "mc"]
     assert all(r["trained_over_fresh_ours"] > 0 for r in trained)
     assert data["pyro_example"]["ours_over_example"] > 0
+    assert [r["batch"] for r in data["pyro_example_small"]] == [32, 20]
+    small = data["small_batches"]["rows"]
+    assert [(r["estimator"], r["particles"], r["batch"]) for r in small] == [
+        ("mc", 1, 20),
+        ("iwae", 5, 20),
+        ("iwae", 50, 20),
+    ]
+    assert all(r["threads"] == 1 and r["cpu_capability"] for r in small)
+    assert data["environment"]["cpu_capability"] and data["training"][0]["threads"] >= 1
     assert data["evaluation"]["peak_memory_mb"]["ours"] >= 0
     assert data["capture"]["capture_seconds"] > 0 and data["capture"]["machinery_load_mb"] >= 0
-    assert "| estimator | K | batch |" in result.stdout
+    assert "| cell | ours | reference |" in result.stdout

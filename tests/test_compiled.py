@@ -262,3 +262,122 @@ def test_the_graph_reports_its_largest_gradient_entry_for_the_finite_check(eager
     assert compiled.grad_max == largest
     compiled._eager((_batch(),), {"num_data": NUM_DATA})
     assert compiled.grad_max is None  # an eager step leaves the check to the trainer
+
+
+# ---------------------------------------------------------------------- the graph passes
+def _captured_numbers(case: str, monkeypatch, passes: bool):
+    """Loss and gradients of a fresh capture of ``case`` (with or without the passes that
+    drop repeated values and reuse dead buffers), twice, from fixed noise."""
+    from pyro_vae.objectives import capture
+
+    with monkeypatch.context() as patched:
+        if not passes:
+            patched.setattr(capture, "drop_identities", lambda graph: 0)
+            patched.setattr(capture, "reuse_buffers", lambda graph: 0)
+        config, estimator, particles = CASES[case]
+        torch.manual_seed(0)
+        vae = build_vae(config, (1, 8, 8))
+        compiled = CompiledLoss(make_elbo(estimator, particles), vae)
+        x = _batch()
+        first = _loss_and_grads(compiled, x, 5)
+        second = _loss_and_grads(compiled, _batch(seed=2), 9)  # replayed, not the check
+        graph = next(g for g in compiled._graphs.values() if g is not None)
+        return first, second, str(graph.module.code)
+
+
+@pytest.mark.parametrize("case", ["mc", "analytic", "iwae K=5", "stl", "dreg", "conv"])
+def test_graph_passes_change_no_number(case, eager_pyro, monkeypatch):
+    """Dropping repeated values and computing in place where a buffer is dead leave every
+    loss and gradient identical, bit for bit, to the graph as recorded."""
+    *with_passes, code = _captured_numbers(case, monkeypatch, passes=True)
+    *without, plain_code = _captured_numbers(case, monkeypatch, passes=False)
+    for (loss_a, grads_a), (loss_b, grads_b) in zip(with_passes, without):
+        assert loss_a == loss_b
+        for a, b in zip(grads_a, grads_b):
+            assert (a is None) == (b is None)
+            assert a is None or torch.equal(a, b)
+    assert "_.Tensor(" in code and "_.Tensor(" not in plain_code  # in place somewhere
+    assert code.count("torch.ops.aten.") < plain_code.count("torch.ops.aten.")
+
+
+def _traced(function, *inputs):
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    return make_fx(function, tracing_mode="fake")(*inputs)
+
+
+def test_buffers_are_reused_only_when_nothing_reads_them_afterwards():
+    from pyro_vae.objectives.capture import drop_identities, replay_function, reuse_buffers
+
+    def function(a, b):
+        fresh = a * 2.0  # fresh memory, but a view of it is returned: kept
+        view = fresh.t()
+        dead = torch.sigmoid(a)  # fresh and dead after the subtraction: reused
+        chained = (dead - b) * b
+        kept = a + b  # its operand is an input: never written
+        return fresh + 1.0, view, chained, kept, (b * 1.0).sum()
+
+    a, b = torch.randn(3, 3), torch.randn(3, 3)
+    module = _traced(function, a, b)
+    drop_identities(module.graph)
+    assert reuse_buffers(module.graph) == 2  # the subtraction and the product after it
+    module.recompile()
+    code = str(module.code)
+    assert "sub_.Tensor(sigmoid" in code and "mul_.Tensor(sub" in code
+    assert "add.Tensor(a_1" in code and "add_.Tensor(mul" not in code
+    before = [t.clone() for t in (a, b)]
+    got = replay_function(module)(a, b)
+    for value, expected in zip(got, function(a, b)):
+        assert torch.equal(value, expected)
+    assert all(torch.equal(t, u) for t, u in zip((a, b), before))  # inputs untouched
+
+
+def test_identities_are_dropped_but_outputs_stay_distinct_tensors():
+    from pyro_vae.objectives.capture import drop_identities, replay_function
+
+    def function(a):
+        same = (a * 1).t().t() / 1
+        return same + torch.neg(torch.neg(a)), a.view(3, 3), torch.ops.aten.alias(a)
+
+    a = torch.randn(3, 3)
+    module = _traced(function, a)
+    assert drop_identities(module.graph) >= 4
+    module.recompile()
+    code = str(module.code)
+    assert "mul" not in code and "div" not in code and "neg" not in code
+    got = replay_function(module)(a)
+    assert torch.equal(got[0], 2 * a)
+    assert all(value is not a for value in got)  # what the graph returns is its own tensor
+
+
+def test_a_returned_value_is_replaced_only_by_memory_no_other_returned_value_shares():
+    from pyro_vae.objectives.capture import drop_identities, replay_function
+
+    def function(a):
+        own = (a * 2.0).t().t()  # becomes the product itself
+        shared = a * 3.0
+        return own, shared.t().t(), shared.t()  # the second keeps its transposes
+
+    a = torch.randn(3, 4)
+    module = _traced(function, a)
+    drop_identities(module.graph)
+    module.recompile()
+    outputs = list(module.graph.nodes)[-1].args[0]
+    assert outputs[0].target is torch.ops.aten.mul.Tensor
+    assert outputs[1].target is torch.ops.aten.t.default
+    got = replay_function(module)(a)
+    assert all(torch.equal(x, y) for x, y in zip(got, function(a)))
+    assert got[1].data_ptr() == got[2].data_ptr()  # as recorded: the two share memory
+
+
+def test_the_largest_entry_of_all_gradients_is_each_ones_largest():
+    from pyro_vae.objectives.capture import _largest_of_all, largest
+
+    tensors = [torch.randn(5, 3), -7 * torch.rand(4), torch.randn(2, 2)]
+    assert torch.equal(_largest_of_all(tensors), torch.stack([largest(t) for t in tensors]).amax())
+    assert float(_largest_of_all(tensors)) == max(float(t.abs().max()) for t in tensors)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        broken = [t.clone() for t in tensors]
+        broken[1][2] = bad
+        got = float(_largest_of_all(broken))
+        assert got == abs(bad) or (bad != bad and got != got)
