@@ -10,6 +10,7 @@ one.
 
     python benchmarks/reference_runs.py                 # writes tests/reference/estimators.json
     python benchmarks/reference_runs.py --check         # one seed each, against the file
+    python benchmarks/reference_runs.py --only a,b      # add or remake these, keep the rest
     python benchmarks/reference_runs.py --mnist DIR     # the MNIST golden band (slow test)
 
 The runs use one torch thread, so that the numbers do not depend on the machine's core
@@ -127,6 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="one seed each, against the file")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument(
+        "--only",
+        default=None,
+        help="comma-separated estimators to run, merged into the file (the others' "
+        "entries are kept as they are)",
+    )
+    parser.add_argument(
         "--mnist", type=Path, default=None, help="MNIST IDX folder: the golden band"
     )
     args = parser.parse_args(argv)
@@ -149,6 +156,17 @@ def main(argv: list[str] | None = None) -> int:
                     f"[{limits['low']:.3f}, {limits['high']:.3f}]  {'ok' if inside else 'OUT'}"
                 )
         return 1 if failures else 0
+    if args.only:
+        only = tuple(name.strip() for name in args.only.split(",") if name.strip())
+        unknown = [name for name in only if name not in ESTIMATORS]
+        if unknown:
+            parser.error(f"unknown estimators {unknown}: choose from {', '.join(ESTIMATORS)}")
+        kept = json.loads(args.out.read_text())
+        if kept["settings"] != SETTINGS or kept["seeds"] != list(SEEDS):
+            parser.error(f"{args.out} was made with other settings: remake it whole")
+        return write_bands(
+            only, SETTINGS, SEEDS, args.out, keep=kept["estimators"], what=kept.get("what")
+        )
     return write_bands(tuple(ESTIMATORS), SETTINGS, SEEDS, args.out)
 
 
@@ -158,9 +176,14 @@ def write_bands(
     seeds: tuple[int, ...],
     out: Path,
     data_dir: Any = None,
+    keep: dict[str, Any] | None = None,
+    what: str | None = None,
 ) -> int:
-    """Train each estimator from each seed, print the spread, write the bands to ``out``."""
-    results: dict[str, Any] = {}
+    """Train each estimator from each seed, print the spread, write the bands to ``out``
+    (after the entries of ``keep``, other estimators' bands kept as they are)."""
+    results: dict[str, Any] = {
+        name: entry for name, entry in (keep or {}).items() if name not in estimators
+    }
     for estimator in estimators:
         runs = [train_once(estimator, seed, settings, data_dir) for seed in seeds]
         results[estimator] = {
@@ -177,7 +200,8 @@ def write_bands(
         )
         print(f"{estimator:9s} {spread}  ({seconds:.1f} s a run)", flush=True)
     payload = {
-        "what": "short end-to-end runs per estimator; band = mean +- "
+        "what": what
+        or "short end-to-end runs per estimator; band = mean +- "
         f"max({SIGMAS} sd, {FLOOR}) over the seeds; made by benchmarks/reference_runs.py",
         "settings": settings,
         "seeds": list(seeds),

@@ -171,9 +171,11 @@ def test_every_estimator_answers_or_refuses_in_one_line(kind, name, num_particle
         return
     assert math.isfinite(loss)
     ours = list(model.shapes)
-    # the shapes the user's program saw are those of Pyro's own Trace_ELBO, same K
+    # the shapes the user's program saw are those of Pyro's own Trace_ELBO with as many
+    # draws per data point (K; M * K for miwae and piwae, whose K is num_particles)
     model.shapes.clear()
-    reference = Trace_ELBO(num_particles=num_particles, vectorize_particles=num_particles > 1)
+    draws = elbo.num_particles
+    reference = Trace_ELBO(num_particles=draws, vectorize_particles=draws > 1)
     with pyro.get_param_store().scope():
         reference.loss(model.model, model.guide, x)
     assert ours[-1] == model.shapes[-1], (ours, model.shapes)

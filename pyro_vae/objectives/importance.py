@@ -18,8 +18,14 @@ from pyro_vae.objectives.traces import (
     guide_log_prob_detached,
     log_weights,
     sample_sites,
-    site_log_density,
+    site_total,
+    trace_log_density,
 )
+
+
+def log_mean_exp(values: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """``log (1/K) sum_k exp(values_k)`` over ``dim`` (of size K): L_K from log-weights."""
+    return torch.logsumexp(values, dim) - math.log(values.shape[dim])
 
 
 class ImportanceWeightedELBO(ParticleELBO):
@@ -55,8 +61,7 @@ class ImportanceWeightedELBO(ParticleELBO):
 
     def bound(self, log_w: torch.Tensor) -> torch.Tensor:
         """The bound per data point from log-weights ``(K, batch)``."""
-        scaled = (1.0 - self.alpha) * log_w
-        return (torch.logsumexp(scaled, 0) - math.log(self.num_particles)) / (1.0 - self.alpha)
+        return log_mean_exp((1.0 - self.alpha) * log_w) / (1.0 - self.alpha)
 
     def value_and_surrogate(self, model, guide, args, kwargs):
         model_trace, guide_trace = self._get_trace(model, guide, args, kwargs)
@@ -105,9 +110,7 @@ class DReGELBO(ImportanceWeightedELBO):
         model_trace.compute_log_prob()
         # the data scale of the model's trace, shared by the guide's terms
         scale = data_scale(model_trace)
-        log_p: torch.Tensor | float = 0.0
-        for site in sample_sites(model_trace):
-            log_p = log_p + site_log_density(site, scale, self.num_particles)
+        log_p = site_total(trace_log_density(model_trace, scale, self.num_particles))
         log_q = guide_log_prob_detached(
             guide,
             guide_trace,

@@ -163,18 +163,101 @@ def check_reparameterized(guide_trace: poutine.Trace, estimator: str) -> None:
             )
 
 
+def trace_log_density(
+    trace: poutine.Trace, scale: Scale | None, num_particles: int
+) -> torch.Tensor | float:
+    """The sum of a trace's sample sites' log-densities per particle and data point
+    ``(K, batch)`` (:func:`site_log_density`; ``0.0`` for a trace without sample sites).
+
+    ``scale`` is the model's data scale: each site keeps its scale relative to it (KL
+    warm-up tempers the latent sites). ``None`` takes each site at its own scale, i.e.
+    untempered: the density the draws came from, whose gradient is a score function.
+    """
+    log_density: torch.Tensor | float = 0.0
+    for site in sample_sites(trace):
+        reference = site["scale"] if scale is None else scale
+        log_density = log_density + site_log_density(site, reference, num_particles)
+    return log_density
+
+
+def log_densities(
+    model_trace: poutine.Trace, guide_trace: poutine.Trace, num_particles: int
+) -> tuple[torch.Tensor, torch.Tensor | float, Scale]:
+    """Per-particle, per-data-point ``log p(x, z)`` and ``log q(z|x)`` ``(K, batch)`` (one
+    data point's share, tempered only by KL warm-up), and the data scale that multiplies
+    them (read from the model's trace, :func:`data_scale`)."""
+    scale = data_scale(model_trace)
+    log_p = trace_log_density(model_trace, scale, num_particles)
+    log_q = trace_log_density(guide_trace, scale, num_particles)
+    return site_total(log_p), log_q, scale
+
+
 def log_weights(
     model_trace: poutine.Trace, guide_trace: poutine.Trace, num_particles: int
 ) -> tuple[torch.Tensor, Scale]:
     """Per-particle, per-data-point ``log p(x, z) - log q(z|x)`` ``(K, batch)`` (one data
     point's share, tempered only by KL warm-up), and the data scale that multiplies it."""
-    scale = data_scale(model_trace)
-    log_w: torch.Tensor | float = 0.0
-    for site in sample_sites(model_trace):
-        log_w = log_w + site_log_density(site, scale, num_particles)
-    for site in sample_sites(guide_trace):
-        log_w = log_w - site_log_density(site, scale, num_particles)
-    return site_total(log_w), scale
+    log_p, log_q, scale = log_densities(model_trace, guide_trace, num_particles)
+    return site_total(log_p - log_q), scale
+
+
+def score_log_density(guide_trace: poutine.Trace, num_particles: int) -> torch.Tensor:
+    """``log q_phi(z | x)`` per particle and data point ``(K, batch)``, untempered, at the
+    guide's draws: under :class:`DetachedDraws` the draws carry no gradient, so the
+    gradient of this is the score ``grad_phi log q_phi(z)`` of the score-function
+    estimators (the draws came from q itself, not from KL warm-up's tempered density)."""
+    return site_total(trace_log_density(guide_trace, None, num_particles))
+
+
+# --------------------------------------------------------------------- detached draws
+_NO_SHAPE = torch.Size()
+
+
+class _DetachedDraw(dist.TorchDistribution):
+    """A guide site's distribution whose draws carry no gradient (``has_rsample`` is
+    False), with its density unchanged. It draws with the base's ``rsample`` where it has
+    one (under ``no_grad``), so that it takes the same noise as the reparameterized
+    estimators for the same seed: same draws, different gradient."""
+
+    arg_constraints: dict = {}
+    has_rsample = False
+
+    def __init__(self, base: torch.distributions.Distribution) -> None:
+        self.base_dist = base
+        super().__init__(base.batch_shape, base.event_shape, validate_args=False)
+
+    @property
+    def support(self) -> Any:
+        return self.base_dist.support
+
+    def expand(self, batch_shape, _instance=None) -> _DetachedDraw:
+        return _DetachedDraw(self.base_dist.expand(batch_shape))
+
+    def sample(
+        self, sample_shape: torch.Size | list[int] | tuple[int, ...] = _NO_SHAPE
+    ) -> torch.Tensor:
+        sample_shape = torch.Size(sample_shape)
+        with torch.no_grad():
+            if self.base_dist.has_rsample:
+                return self.base_dist.rsample(sample_shape)
+            return self.base_dist.sample(sample_shape)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        return self.base_dist.log_prob(value)
+
+
+class DetachedDraws(Messenger):
+    """Every latent sample site of the program it wraps draws without a gradient path
+    (its distribution's ``has_rsample`` reads False): the guide's sites treated as not
+    reparameterized, by the estimator, whatever the guide. The density ``log q_phi(z|x)``
+    keeps its dependence on phi, which is what the score-function estimators
+    differentiate (``score``, ``vimco``, ``rws``, ``tracegraph``)."""
+
+    def _pyro_sample(self, msg: Any) -> None:
+        fn = msg["fn"]
+        if msg["is_observed"] or isinstance(fn, _DetachedDraw) or site_is_subsample(msg):
+            return
+        msg["fn"] = _DetachedDraw(fn)
 
 
 def detach_distribution(fn: dist.Distribution, site_name: str = "") -> dist.Distribution:
@@ -307,6 +390,9 @@ class ParticleELBO(ELBO):
 
     #: name used in error messages
     estimator = "this estimator"
+    #: the guide's draws carry no gradient (:class:`DetachedDraws`): score-function
+    #: estimators, which then accept any guide; the others need a reparameterized one
+    detached_draws = False
 
     def __init__(self, num_particles: int = 1, max_plate_nesting: float | None = None) -> None:
         nesting = float("inf") if max_plate_nesting is None else max_plate_nesting
@@ -323,10 +409,14 @@ class ParticleELBO(ELBO):
     def _get_trace(self, model, guide, args, kwargs):
         plate = self._plate(model, guide, args, kwargs)
         nesting = self.max_plate_nesting + (self.num_particles > 1)
+        guide_program = plate(guide)
+        if self.detached_draws:
+            guide_program = DetachedDraws()(guide_program)
         model_trace, guide_trace = get_importance_trace(
-            "flat", nesting, plate(model), plate(guide), args, kwargs
+            "flat", nesting, plate(model), guide_program, args, kwargs
         )
-        check_reparameterized(guide_trace, self.estimator)
+        if not self.detached_draws:
+            check_reparameterized(guide_trace, self.estimator)
         return model_trace, guide_trace
 
     def _get_traces(self, model, guide, args, kwargs):
