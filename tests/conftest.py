@@ -69,3 +69,17 @@ def mnist_dir() -> Path:
     ):
         pytest.skip(f"MNIST IDX files not found: set {MNIST_ENV} to their folder")
     return path
+
+
+@pytest.fixture(autouse=True)
+def _registry_as_collected():
+    """Registrations are per process: one a test makes (register_estimator, or compare
+    registering an object without an import path) is taken back after it, so that no
+    later test sees another test's estimator."""
+    from pyro_vae.objectives.registry import ESTIMATORS
+
+    before = dict(ESTIMATORS)
+    yield
+    if ESTIMATORS != before:
+        ESTIMATORS.clear()
+        ESTIMATORS.update(before)
