@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import torch
 
-from pyro_vae.objectives.importance import log_mean_exp
-from pyro_vae.objectives.traces import ParticleELBO, log_weights
+from pyro_vae.objectives.importance import LogWeightBound, log_mean_exp
 
 
-class CombinationIWAE(ParticleELBO):
+class CombinationIWAE(LogWeightBound):
     """CIWAE(beta) with its reparameterized gradient (see the module's docstring)."""
 
     estimator = "ciwae"
@@ -36,11 +35,6 @@ class CombinationIWAE(ParticleELBO):
     def bound(self, log_w: torch.Tensor) -> torch.Tensor:
         """CIWAE per data point from log-weights ``(K, batch)``."""
         return self.beta * log_w.mean(0) + (1.0 - self.beta) * log_mean_exp(log_w)
-
-    def value_and_surrogate(self, model, guide, args, kwargs):
-        model_trace, guide_trace = self._get_trace(model, guide, args, kwargs)
-        log_w, scale = log_weights(model_trace, guide_trace, self.num_particles)
-        return self.bound(log_w.detach()), self.bound(log_w), scale
 
 
 def ciwae(

@@ -28,7 +28,23 @@ def log_mean_exp(values: torch.Tensor, dim: int = 0) -> torch.Tensor:
     return torch.logsumexp(values, dim) - math.log(values.shape[dim])
 
 
-class ImportanceWeightedELBO(ParticleELBO):
+class LogWeightBound(ParticleELBO):
+    """An objective that is a function of each data point's K log-weights
+    (:meth:`bound`), with that function's reparameterised gradient: the value and the
+    surrogate are the bound of the detached and of the live log-weights. IWAE, Renyi,
+    MIWAE and CIWAE differ only in :meth:`bound`."""
+
+    def bound(self, log_w: torch.Tensor) -> torch.Tensor:
+        """The objective per data point from log-weights ``(K, batch)``."""
+        raise NotImplementedError
+
+    def value_and_surrogate(self, model, guide, args, kwargs):
+        model_trace, guide_trace = self._get_trace(model, guide, args, kwargs)
+        log_w, scale = log_weights(model_trace, guide_trace, self.num_particles)
+        return self.bound(log_w.detach()), self.bound(log_w), scale
+
+
+class ImportanceWeightedELBO(LogWeightBound):
     r"""Importance-weighted (alpha = 0) and Renyi bounds, per data point.
 
     With log-weights ``log w_k = log p(x, z_k) - log q(z_k | x)`` for K draws from the
@@ -62,11 +78,6 @@ class ImportanceWeightedELBO(ParticleELBO):
     def bound(self, log_w: torch.Tensor) -> torch.Tensor:
         """The bound per data point from log-weights ``(K, batch)``."""
         return log_mean_exp((1.0 - self.alpha) * log_w) / (1.0 - self.alpha)
-
-    def value_and_surrogate(self, model, guide, args, kwargs):
-        model_trace, guide_trace = self._get_trace(model, guide, args, kwargs)
-        log_w, scale = log_weights(model_trace, guide_trace, self.num_particles)
-        return self.bound(log_w.detach()), self.bound(log_w), scale
 
 
 class DReGELBO(ImportanceWeightedELBO):

@@ -22,11 +22,10 @@ from __future__ import annotations
 
 import torch
 
-from pyro_vae.objectives.importance import log_mean_exp
-from pyro_vae.objectives.traces import ParticleELBO, log_weights
+from pyro_vae.objectives.importance import LogWeightBound, log_mean_exp
 
 
-class MultipleIWAE(ParticleELBO):
+class MultipleIWAE(LogWeightBound):
     """MIWAE(M, K) with its reparameterized gradient (see the module's docstring).
 
     :param inner: K, the draws in each IWAE bound.
@@ -46,11 +45,6 @@ class MultipleIWAE(ParticleELBO):
     def bound(self, log_w: torch.Tensor) -> torch.Tensor:
         """MIWAE(M, K) per data point from log-weights ``(M * K, batch)``."""
         return log_mean_exp(self.groups(log_w), 1).mean(0)
-
-    def value_and_surrogate(self, model, guide, args, kwargs):
-        model_trace, guide_trace = self._get_trace(model, guide, args, kwargs)
-        log_w, scale = log_weights(model_trace, guide_trace, self.num_particles)
-        return self.bound(log_w.detach()), self.bound(log_w), scale
 
 
 def miwae(
