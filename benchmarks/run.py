@@ -57,6 +57,9 @@ from pyro_vae.objectives.registry import make_elbo
 from pyro_vae.training.fit import fit
 from pyro_vae.training.schedules import make_adam
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tables import _target, markdown  # noqa: E402 (beside this script)
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MNIST = ROOT.parent / "shared" / "data" / "mnist"
 #: the network of the issue's prototype and of Pyro's example: 784-400 softplus-50
@@ -184,14 +187,15 @@ def whole_calls(data: VAEData, args) -> list[dict[str, Any]]:
         torch.manual_seed(0)
         ours_vae = build_vae(NETWORK, data.data_shape)
         floor_vae = build_vae(NETWORK, data.data_shape)
-        floor_vae.load_state_dict(ours_vae.state_dict())
         first = [fit_call(ours_vae, data, estimator, batch, k) for _ in range(2)]
+        same = SameStart(ours_vae, floor_vae)
         times = interleaved(
             {
                 "pyro_vae.fit": partial(fit_call, ours_vae, data, estimator, batch, k),
-                "pytorch floor": partial(floor_epoch, floor_vae, data, estimator, k, batch, 0),
+                "pytorch floor": same.then(floor_epoch, data, estimator, k, batch, 0),
             },
             args.call_repeats,
+            before_round=same.snapshot,
         )
         row = {
             "estimator": estimator,
@@ -246,19 +250,26 @@ def _watched(function) -> float:
     return result
 
 
-def interleaved(functions: dict[str, Any], repeats: int) -> dict[str, list[float]]:
+def interleaved(
+    functions: dict[str, Any], repeats: int, before_round: Any = None
+) -> dict[str, list[float]]:
     """Run each function once per round, in turn, for ``repeats`` rounds (after a warm-up).
 
     The order alternates between rounds (A B, B A, ...), so neither side always runs
-    first after the other's caches and allocations. :data:`OTHERS` collects the load
-    other processes put on the machine during the timed calls.
+    first after the other's caches and allocations. ``before_round``, if given, runs
+    (untimed) at the start of the warm-up and of every round. :data:`OTHERS` collects the
+    load other processes put on the machine during the timed calls.
     """
+    if before_round is not None:
+        before_round()
     for function in functions.values():
         function()
     OTHERS.clear()
     times: dict[str, list[float]] = {name: [] for name in functions}
     names = list(functions)
     for round_ in range(repeats):
+        if before_round is not None:
+            before_round()
         for name in names if round_ % 2 == 0 else reversed(names):
             times[name].append(_watched(functions[name]))
     return times
@@ -303,13 +314,14 @@ def training(data: VAEData, args) -> list[dict[str, Any]]:
         torch.manual_seed(0)
         ours_vae = build_vae(NETWORK, data.data_shape)
         floor_vae = build_vae(NETWORK, data.data_shape)
-        floor_vae.load_state_dict(ours_vae.state_dict())
+        same = SameStart(ours_vae, floor_vae)
         times = interleaved(
             {
                 "pyro_vae.fit": partial(fit_epoch, ours_vae, part, estimator, k, batch, 0),
-                "pytorch floor": partial(floor_epoch, floor_vae, part, estimator, k, batch, 0),
+                "pytorch floor": same.then(floor_epoch, part, estimator, k, batch, 0),
             },
             args.repeats,
+            before_round=same.snapshot,
         )
         ours, floor = (
             statistics.median(times[n]) / steps for n in ("pyro_vae.fit", "pytorch floor")
@@ -461,6 +473,31 @@ def _epoch_from(model, state, name, data, estimator, k, batch) -> float:
 
 def copy_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: value.clone() for name, value in model.state_dict().items()}
+
+
+class SameStart:
+    """Both sides of a round start from the same parameters: ours trains on across the
+    rounds (so later rounds time trained parameters), and the floor's model is reset to
+    ours' parameters at the start of each round before it runs. Without this the two
+    models drift apart, and where a step's cost depends on the parameters the rounds
+    compare different work: IWAE K=50's steps at batch 128 slow from about 70 ms to about
+    200 ms as training goes on, on both sides (denormal floats in the gradients of
+    particles with negligible weight make the matrix products slower), so the ratio of
+    drifting models spread over 0.97-1.94."""
+
+    def __init__(self, ours: nn.Module, floor: nn.Module) -> None:
+        self.ours, self.floor = ours, floor
+        self.state = copy_state(ours)
+
+    def snapshot(self) -> None:
+        self.state = copy_state(self.ours)
+
+    def then(self, epoch: Any, *args: Any) -> Any:
+        def run() -> float:
+            self.floor.load_state_dict(self.state)
+            return epoch(self.floor, *args)
+
+        return run
 
 
 # ------------------------------------------------------------------------ Pyro's example
@@ -811,27 +848,29 @@ def scaling(data: VAEData, args) -> dict[str, Any]:
         torch.manual_seed(0)
         ours_vae = build_vae(NETWORK, data.data_shape)
         floor_vae = build_vae(NETWORK, data.data_shape)
+        same = SameStart(ours_vae, floor_vae)
         times = interleaved(
             {
                 "ours": partial(fit_epoch, ours_vae, part, estimator, k, batch, 0),
-                "floor": partial(floor_epoch, floor_vae, part, estimator, k, batch, 0),
+                "floor": same.then(floor_epoch, part, estimator, k, batch, 0),
             },
             max(1, args.repeats // 2),
+            before_round=same.snapshot,
         )
         ours, floor = (statistics.median(times[n]) / steps * 1e3 for n in ("ours", "floor"))
-        rows.append(
-            {
-                "estimator": estimator,
-                "particles": k,
-                "batch": batch,
-                "ours_ms_per_step": ours,
-                "floor_ms_per_step": floor,
-                "ratio": ours / floor,
-            }
-        )
+        row = {
+            "estimator": estimator,
+            "particles": k,
+            "batch": batch,
+            "ours_ms_per_step": ours,
+            "floor_ms_per_step": floor,
+            **compared(times["ours"], times["floor"]),
+            **host(),
+        }
+        rows.append(row)
         print(
             f"  {estimator:5} K={k:<4} B={batch:<5} ours {ours:8.2f} ms  floor {floor:8.2f} ms  "
-            f"ratio {ours / floor:.3f}",
+            f"ratio {row['ratio']:.3f}",
             flush=True,
         )
     return {"rows": rows}
@@ -845,83 +884,6 @@ def environment() -> dict[str, Any]:
         "processor": platform.processor() or platform.machine(),
         "cpu_capability": cpu_capability(),
     }
-
-
-def markdown(result: dict[str, Any]) -> str:
-    """Every cell with a target (and the per-step training table), as the performance
-    page shows them: medians over rounds of each round's ratio, with the quartiles."""
-
-    def ratio(value: float, quartiles: list[float] | None) -> str:
-        return f"{value:.3f}" + (f" ({quartiles[0]:.3f}-{quartiles[1]:.3f})" if quartiles else "")
-
-    lines = [
-        "| cell | ours | reference | ratio (quartiles) | target | threads | CPU |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-    ]
-
-    def add(cell, ours, reference, value, quartiles, target, row):
-        lines.append(
-            f"| {cell} | {ours} | {reference} | {ratio(value, quartiles)} | "
-            f"{_target(target, value)} | {row.get('threads', '?')} | "
-            f"{row.get('cpu_capability', '?')} |"
-        )
-
-    for r in result.get("training", []):
-        add(
-            f"step: {r['estimator']} K={r['particles']}, batch {r['batch']}",
-            f"{r['ours_ms_per_step']:.2f} ms",
-            f"floor {r['floor_ms_per_step']:.2f} ms",
-            r["ratio"],
-            r["ratio_of_pairs_quartiles"],
-            r["target"],
-            r,
-        )
-    for r in result.get("whole_calls", []):
-        add(
-            f"whole fit call: {r['estimator']} K={r.get('particles', 1)}, batch {r['batch']}, "
-            f"{r['images']} images",
-            f"{r['ours_seconds']:.2f} s",
-            f"floor {r['floor_seconds']:.2f} s",
-            r["ratio"],
-            r["ratio_of_pairs_quartiles"],
-            r["target"],
-            r,
-        )
-    for section in ("small_batches", "trained_state"):
-        for r in result.get(section, {}).get("rows", []):
-            for state in ("fresh", "trained"):
-                ms = r["ms_per_step"]
-                add(
-                    f"step, {state}: {r['estimator']} K={r['particles']}, batch {r['batch']}"
-                    + (" (784-200-200-50 tanh)" if section == "small_batches" else ""),
-                    f"{ms[f'ours, {state}']:.2f} ms",
-                    f"floor {ms[f'floor, {state}']:.2f} ms",
-                    r[f"ours_over_floor_{state}"],
-                    r.get(f"ours_over_floor_{state}_quartiles"),
-                    r.get("target"),
-                    r,
-                )
-    examples = [result["pyro_example"]] if "pyro_example" in result else []
-    for r in examples + result.get("pyro_example_small", []):
-        per_epoch = r["seconds_per_60000_images"]
-        add(
-            f"Pyro's example, batch {r.get('batch', 256)} (per 60,000 images)",
-            f"{per_epoch['pyro_vae.fit']:.2f} s",
-            f"example {per_epoch['pyro example']:.2f} s",
-            r["ours_over_example"],
-            r.get("ours_over_example_quartiles"),
-            r.get("target"),
-            r,
-        )
-    return "\n".join(lines)
-
-
-def _target(target: float | None, ratio: float | None = None) -> str:
-    if target is None:
-        return "no target"
-    if ratio is None:
-        return f"target <= {target}"
-    return f"<= {target} ({'holds' if ratio <= target else 'missed'})"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -65,3 +65,14 @@ def test_benchmark_script_runs(tmp_path, mnist_dir):
     assert data["evaluation"]["peak_memory_mb"]["ours"] >= 0
     assert data["capture"]["capture_seconds"] > 0 and data["capture"]["machinery_load_mb"] >= 0
     assert "| cell | ours | reference |" in result.stdout
+
+
+def test_denormal_script_runs(mnist_dir):
+    """benchmarks/denormals.py, which the performance page cites, runs end to end."""
+    argv = [sys.executable, str(ROOT / "benchmarks" / "denormals.py"), "--data-dir"]
+    argv += [str(mnist_dir), "--steps", "2", "--timed-steps", "1", "--rounds", "1"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    cells = json.loads(done.stdout.splitlines()[-1])["cells"]
+    assert set(cells) == {"fresh", "trained"}
+    assert all(0.0 <= c["denormal_share_of_logit_gradient"] <= 1.0 for c in cells.values())

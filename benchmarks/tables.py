@@ -1,0 +1,181 @@
+"""The tables of ``benchmarks/results.json`` in Markdown: what ``run.py`` prints at the
+end of a run and what the performance page of the docs shows (``docs/hooks.py`` renders
+``<!-- benchmark-tables -->`` with :func:`page`). Plain Python, no torch: the docs build
+reads the committed results without measuring anything."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results.json"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """Every cell with a target (and the per-step training table), as the performance
+    page shows them: medians over rounds of each round's ratio, with the quartiles."""
+
+    def ratio(value: float, quartiles: list[float] | None) -> str:
+        return f"{value:.3f}" + (f" ({quartiles[0]:.3f}-{quartiles[1]:.3f})" if quartiles else "")
+
+    lines = [
+        "| cell | ours | reference | ratio (quartiles) | target | threads | CPU |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+
+    def add(cell, ours, reference, value, quartiles, target, row):
+        lines.append(
+            f"| {cell} | {ours} | {reference} | {ratio(value, quartiles)} | "
+            f"{_target(target, value)} | {row.get('threads', '?')} | "
+            f"{row.get('cpu_capability', '?')} |"
+        )
+
+    for r in result.get("training", []):
+        add(
+            f"step: {r['estimator']} K={r['particles']}, batch {r['batch']}",
+            f"{r['ours_ms_per_step']:.2f} ms",
+            f"floor {r['floor_ms_per_step']:.2f} ms",
+            r["ratio"],
+            r["ratio_of_pairs_quartiles"],
+            r["target"],
+            r,
+        )
+    for r in result.get("whole_calls", []):
+        add(
+            f"whole fit call: {r['estimator']} K={r.get('particles', 1)}, batch {r['batch']}, "
+            f"{r['images']} images",
+            f"{r['ours_seconds']:.2f} s",
+            f"floor {r['floor_seconds']:.2f} s",
+            r["ratio"],
+            r["ratio_of_pairs_quartiles"],
+            r["target"],
+            r,
+        )
+    for section in ("small_batches", "trained_state"):
+        for r in result.get(section, {}).get("rows", []):
+            for state in ("fresh", "trained"):
+                ms = r["ms_per_step"]
+                add(
+                    f"step, {state}: {r['estimator']} K={r['particles']}, batch {r['batch']}"
+                    + (" (784-200-200-50 tanh)" if section == "small_batches" else ""),
+                    f"{ms[f'ours, {state}']:.2f} ms",
+                    f"floor {ms[f'floor, {state}']:.2f} ms",
+                    r[f"ours_over_floor_{state}"],
+                    r.get(f"ours_over_floor_{state}_quartiles"),
+                    r.get("target"),
+                    r,
+                )
+    examples = [result["pyro_example"]] if "pyro_example" in result else []
+    for r in examples + result.get("pyro_example_small", []):
+        per_epoch = r["seconds_per_60000_images"]
+        add(
+            f"Pyro's example, batch {r.get('batch', 256)} (per 60,000 images)",
+            f"{per_epoch['pyro_vae.fit']:.2f} s",
+            f"example {per_epoch['pyro example']:.2f} s",
+            r["ours_over_example"],
+            r.get("ours_over_example_quartiles"),
+            r.get("target"),
+            r,
+        )
+    return "\n".join(lines)
+
+
+def _target(target: float | None, ratio: float | None = None) -> str:
+    if target is None:
+        return "no target"
+    if ratio is None:
+        return f"target <= {target}"
+    return f"<= {target} ({'holds' if ratio <= target else 'missed'})"
+
+
+def environment_line(result: dict[str, Any]) -> str:
+    env = result["environment"]
+    return (
+        f"Measured by `python benchmarks/run.py` ({'quick' if result.get('quick') else 'full'} "
+        f"run, {result.get('seconds', 0) / 60:.0f} minutes) on {env['cpus']} CPU cores "
+        f"({env['machine']}, torch CPU capability {env.get('cpu_capability', '?')}), "
+        f"{env['threads']} torch threads unless a row says otherwise, Python {env['python']}, "
+        f"torch {env['torch']}, pyro-ppl {env['pyro']}. Other processes used a median of "
+        f"{_others(result):.2f} CPUs during the timed calls."
+    )
+
+
+def _others(result: dict[str, Any]) -> float:
+    values = []
+    for section in result.values():
+        rows = section.get("rows", []) if isinstance(section, dict) else section
+        if isinstance(section, dict) and "others_cpu_median" in section:
+            rows = [section, *rows]
+        if isinstance(rows, list):
+            values += [
+                r["others_cpu_median"]
+                for r in rows
+                if isinstance(r, dict) and r.get("others_cpu_median") is not None
+            ]
+    return sorted(values)[len(values) // 2] if values else float("nan")
+
+
+def capture_line(result: dict[str, Any]) -> str:
+    c = result.get("capture")
+    if not c:
+        return ""
+    return (
+        f"Capture: loading torch's tracing stack {c['machinery_load_seconds']:.2f} s and "
+        f"{c['machinery_load_mb']:.0f} MB (once per process, measured in a fresh one); "
+        f"capturing and checking the mc graph at batch 128 {c['capture_seconds']:.3f} s, "
+        f"against {1e3 * c['replayed_step_seconds']:.2f} ms for a replayed step."
+    )
+
+
+def scaling_table(result: dict[str, Any]) -> str:
+    lines = [
+        "| estimator | K | batch | ours ms / step | floor ms / step | ratio (quartiles) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in result.get("scaling", {}).get("rows", []):
+        quartiles = r.get("ratio_of_pairs_quartiles")
+        spread = f" ({quartiles[0]:.3f}-{quartiles[1]:.3f})" if quartiles else ""
+        lines.append(
+            f"| {r['estimator']} | {r['particles']} | {r['batch']} | "
+            f"{r['ours_ms_per_step']:.2f} | {r['floor_ms_per_step']:.2f} | "
+            f"{r['ratio']:.3f}{spread} |"
+        )
+    return "\n".join(lines)
+
+
+def evaluation_table(result: dict[str, Any]) -> str:
+    e = result.get("evaluation")
+    if not e:
+        return ""
+    seconds, memory = e["seconds_per_1000_points"], e.get("peak_memory_mb", {})
+    q = e["ratio_of_pairs_quartiles"]
+    return "\n".join(
+        [
+            f"| log p(x), K = {e['samples']}, chunks of {e['chunk']} samples | seconds per "
+            "1000 points | peak memory added |",
+            "| --- | --- | --- |",
+            f"| `pyro_vae.log_likelihood` | {seconds['pyro_vae.log_likelihood']:.1f} | "
+            f"{memory.get('ours', float('nan')):.0f} MB |",
+            f"| plain batched PyTorch | {seconds['pytorch floor']:.1f} | "
+            f"{memory.get('floor', float('nan')):.0f} MB |",
+            f"| ratio (quartiles) | {e['ratio']:.3f} ({q[0]:.3f}-{q[1]:.3f}); "
+            f"{_target(e.get('target'), e['ratio'])} | |",
+        ]
+    )
+
+
+def page(path: Path = RESULTS) -> str:
+    """The performance page's generated part, from the committed results."""
+    result = json.loads(path.read_text())
+    return "\n\n".join(
+        [
+            environment_line(result),
+            markdown(result),
+            capture_line(result),
+            "Log p(x):",
+            evaluation_table(result),
+            "Time per step against batch size (mc) and against K (iwae, batch 128):",
+            scaling_table(result),
+        ]
+    )
