@@ -8,7 +8,10 @@ comment written beside the field in the source); ``<!-- cli-reference -->`` beco
 from the code. ``<!-- public-names -->`` becomes the table of ``pyro_vae``'s public
 names (``pyro_vae._EXPORTS``), each linked to its API page. In
 ``docs/guide/own-estimator.md``, ``<!-- estimator-reference -->`` becomes the table of
-the registry's estimators, from their specs.
+the registry's estimators, from their specs. In ``docs/performance.md``,
+``<!-- benchmark-tables -->`` becomes the tables of the committed
+``benchmarks/results.json`` (``benchmarks/tables.py``, as ``benchmarks/run.py`` prints
+them).
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ import tokenize
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-for _path in (ROOT, ROOT / "docs"):  # the package, and the modules beside this hook
+for _path in (ROOT, ROOT / "docs", ROOT / "benchmarks"):  # the package, this hook's
+    # modules, and the benchmarks' tables
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
@@ -165,6 +169,10 @@ def on_page_markdown(markdown, page, config, files):  # noqa: ARG001 (MkDocs hoo
         markdown = markdown.replace("<!-- config-reference -->", config_reference())
     if "<!-- cli-reference -->" in markdown:
         markdown = markdown.replace("<!-- cli-reference -->", cli_reference())
+    if "<!-- benchmark-tables -->" in markdown:
+        import tables  # benchmarks/tables.py: plain Python, reads results.json
+
+        markdown = markdown.replace("<!-- benchmark-tables -->", tables.page())
     if "<!-- public-names -->" in markdown:
         markdown = markdown.replace("<!-- public-names -->", public_names())
     return markdown
