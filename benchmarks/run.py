@@ -883,7 +883,45 @@ def environment() -> dict[str, Any]:
         **run_environment(),
         "processor": platform.processor() or platform.machine(),
         "cpu_capability": cpu_capability(),
+        "commit": _commit(),
     }
+
+
+def _commit() -> str | None:
+    """The checkout's commit, with ``+changes`` when its tracked files differ from it."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=ROOT).returncode != 0
+    except OSError:
+        return None
+    return (head + ("+changes" if dirty else "")) or None
+
+
+#: the keys of results.json each section writes
+SECTION_KEYS = {
+    "training": ("training", "capture"),
+    "whole-calls": ("whole_calls",),
+    "small-batches": ("small_batches",),
+    "trained-state": ("trained_state",),
+    "pyro-example": ("pyro_example", "pyro_example_small"),
+    "evaluation": ("evaluation",),
+    "scaling": ("scaling",),
+}
+
+
+def updated(path: Path, result: dict[str, Any], sections: list[str]) -> dict[str, Any]:
+    """The results in ``path`` with the keys of ``sections`` replaced by this run's; each
+    replaced section records the environment (commit included) it was measured in."""
+    merged = json.loads(path.read_text())
+    runs = merged.setdefault("section_runs", {})
+    for section in sections:
+        for key in SECTION_KEYS[section]:
+            if key in result:
+                merged[key] = result[key]
+        runs[section] = {**result["environment"], "seconds": result["seconds"]}
+    return merged
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -891,6 +929,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer steps and repeats (< 5 min)")
     parser.add_argument("--data-dir", type=Path, help="MNIST IDX folder (default ../shared)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results.json")
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="replace only the sections run in --out, keeping the others",
+    )
     parser.add_argument(
         "--sections",
         default="training,whole-calls,small-batches,trained-state,pyro-example,evaluation,scaling",
@@ -967,6 +1010,8 @@ def main(argv: list[str] | None = None) -> None:
         print("scaling (time per step against batch size, then against K):")
         result["scaling"] = scaling(data, args)
     result["seconds"] = time.perf_counter() - started
+    if args.update:
+        result = updated(args.out, result, sections)
     print(markdown(result))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

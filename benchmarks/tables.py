@@ -93,11 +93,19 @@ def environment_line(result: dict[str, Any]) -> str:
     env = result["environment"]
     return (
         f"Measured by `python benchmarks/run.py` ({'quick' if result.get('quick') else 'full'} "
-        f"run, {result.get('seconds', 0) / 60:.0f} minutes) on {env['cpus']} CPU cores "
+        f"run, {result.get('seconds', 0) / 60:.0f} minutes"
+        + (f", commit {env['commit']}" if env.get("commit") else "")
+        + f") on {env['cpus']} CPU cores "
         f"({env['machine']}, torch CPU capability {env.get('cpu_capability', '?')}), "
         f"{env['threads']} torch threads unless a row says otherwise, Python {env['python']}, "
         f"torch {env['torch']}, pyro-ppl {env['pyro']}. Other processes used a median of "
         f"{_others(result):.2f} CPUs during the timed calls."
+        + "".join(
+            f" Section {name} measured again later ({run.get('seconds', 0) / 60:.0f} minutes"
+            + (f", commit {run['commit']}" if run.get("commit") else "")
+            + ")."
+            for name, run in result.get("section_runs", {}).items()
+        )
     )
 
 

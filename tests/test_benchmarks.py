@@ -76,3 +76,46 @@ def test_denormal_script_runs(mnist_dir):
     cells = json.loads(done.stdout.splitlines()[-1])["cells"]
     assert set(cells) == {"fresh", "trained"}
     assert all(0.0 <= c["denormal_share_of_logit_gradient"] <= 1.0 for c in cells.values())
+
+
+def test_update_replaces_only_the_sections_run(tmp_path):
+    """``run.py --update`` keeps the sections it did not run, and records the run of each
+    section it replaced (the page then names it)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import run
+        import tables
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    path = tmp_path / "results.json"
+    path.write_text(
+        json.dumps(
+            {
+                "environment": {"commit": "old"},
+                "scaling": {"rows": [1]},
+                "whole_calls": [{"old": True}],
+            }
+        )
+    )
+    new = {"environment": {"commit": "new"}, "seconds": 60.0, "scaling": {"rows": [2]}}
+    merged = run.updated(path, new, ["scaling"])
+    assert merged["scaling"] == {"rows": [2]}
+    assert merged["whole_calls"] == [{"old": True}]
+    assert merged["environment"] == {"commit": "old"}
+    assert merged["section_runs"]["scaling"]["commit"] == "new"
+    assert "Section scaling measured again later (1 minutes, commit new)" in (
+        tables.environment_line(
+            {
+                **merged,
+                "environment": {
+                    "cpus": 2,
+                    "machine": "x86_64",
+                    "threads": 2,
+                    "python": "3",
+                    "torch": "t",
+                    "pyro": "p",
+                    "commit": "old",
+                },
+            }
+        )
+    )
