@@ -19,6 +19,7 @@ from pyro_vae.analysis.ais_chains import Chains, Densities, annealing, chunk_siz
 from pyro_vae.analysis.evaluation import MAX_EVALUATION_SECONDS, _synchronize
 from pyro_vae.errors import UserInputError
 from pyro_vae.models.protocol import PyroModel, as_batch, model_sites
+from pyro_vae.resources import human_seconds
 
 
 def ais_seconds(
@@ -64,8 +65,6 @@ def announce_ais(
 ) -> float:
     """Estimate the time of AIS (and of BDMC, twice as many chains' runs) before it starts:
     say it when it is long (over 10 s), refuse it when it is absurd (over 30 days)."""
-    from pyro_vae.resources import human_seconds
-
     seconds = ais_seconds(model, x, steps, chains, leapfrog, start)
     what = f"AIS with T={steps:,}, {chains} chains, {leapfrog} leapfrog steps on {len(x):,} images"
     if bdmc:
