@@ -36,6 +36,7 @@ import torch
 from pyro import poutine
 from torch import nn
 
+from pyro_vae.analysis.comparison import t_quantile
 from pyro_vae.analysis.draws import compare_moments as _compare_moments
 from pyro_vae.analysis.draws import inference_data as _inference_data
 from pyro_vae.analysis.draws import load_arviz as _arviz  # noqa: F401 (app and tests read it here)
@@ -279,13 +280,11 @@ def optimize_local_guides(
 # ------------------------------------------------------------------ gaps
 def _interval(values: np.ndarray) -> dict[str, float]:
     """Mean with a 95% Student-t interval over images."""
-    from scipy import stats
-
     n = len(values)
     mean = float(np.mean(values))
     if n < 2:
         return {"mean": mean, "ci95_low": mean, "ci95_high": mean}
-    half = float(stats.t.ppf(0.975, n - 1) * np.std(values, ddof=1) / math.sqrt(n))
+    half = float(t_quantile(0.95, n - 1) * np.std(values, ddof=1) / math.sqrt(n))
     return {"mean": mean, "ci95_low": mean - half, "ci95_high": mean + half}
 
 

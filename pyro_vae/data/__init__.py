@@ -70,7 +70,7 @@ class VAEData:
     #: ``binarize``, ``validation_size``, ``limit``): written to a run's config.json;
     #: ``None`` for tensors built in memory, which a run folder cannot reload
     source: dict | None = None
-    #: checks already passed, by split and model kind (see ``training.check_data_once``);
+    #: checks already passed, by split and model kind (the training checks the data once);
     #: not copied by ``dataclasses.replace``, whose splits may differ
     checked: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     _evaluation: dict = field(default_factory=dict, init=False, repr=False, compare=False)
