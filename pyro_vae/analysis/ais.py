@@ -56,6 +56,7 @@ from typing import Any
 import pyro
 import torch
 from pyro import poutine
+from tqdm.auto import tqdm
 
 from pyro_vae.analysis.ais_chains import ADAPTATION_GAIN as ADAPTATION_GAIN
 from pyro_vae.analysis.ais_chains import (
@@ -251,8 +252,6 @@ class _Settings:
 
 
 def _progress(total: int, label: str, enabled: bool):
-    from tqdm.auto import tqdm
-
     return tqdm(
         total=total, desc=label, unit="step", leave=False, disable=None if enabled else True
     )
