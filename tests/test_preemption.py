@@ -408,7 +408,7 @@ def test_9_a_png_whose_header_claims_30000_by_30000_is_refused_before_decoding(t
 def test_9_16_bit_images_are_scaled_by_their_bit_depth_not_clipped(tmp_path):
     import numpy as np
 
-    from pyro_vae.data import _read_images
+    from pyro_vae.data.files import read_images as _read_images
 
     def sixteen(Image, path, index):
         Image.fromarray(np.array([[60000, 1000], [0, 65535]], dtype=np.uint16)).save(path)

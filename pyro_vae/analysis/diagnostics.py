@@ -36,11 +36,20 @@ import torch
 from pyro import poutine
 from torch import nn
 
+from pyro_vae.analysis.comparison import t_quantile
+from pyro_vae.analysis.draws import compare_moments as _compare_moments
+from pyro_vae.analysis.draws import inference_data as _inference_data
+from pyro_vae.analysis.draws import load_arviz as _arviz  # noqa: F401 (app and tests read it here)
+from pyro_vae.analysis.draws import nuts_summary as nuts_summary
 from pyro_vae.analysis.evaluation import evaluation_mode
+from pyro_vae.analysis.khat import importance_summary as importance_summary
+from pyro_vae.analysis.khat import khat_of_images as khat_of_images
+from pyro_vae.analysis.khat import khat_report as khat_report
 from pyro_vae.errors import UserInputError
 from pyro_vae.models.networks import positive_scale
 from pyro_vae.models.protocol import (
     ModelSites,
+    PyroModel,
     as_batch,
     forked_rng,
     latent_sites,
@@ -50,13 +59,6 @@ from pyro_vae.models.protocol import (
 from pyro_vae.models.vae import param_store_registration
 from pyro_vae.objectives.registry import make_elbo
 from pyro_vae.objectives.traces import sample_sites, vectorized_traces
-
-
-def _arviz():
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*ArviZ is undergoing", category=FutureWarning)
-        import arviz as az
-    return az
 
 
 @contextlib.contextmanager
@@ -75,7 +77,7 @@ def frozen(owner: Any) -> Iterator[None]:
 
 # ------------------------------------------------------------------ NUTS and the guide
 def nuts_posterior(
-    vae,
+    vae: PyroModel,
     x: torch.Tensor,
     chains: int = 4,
     warmup: int = 300,
@@ -145,19 +147,9 @@ def nuts_posterior(
     )
 
 
-def _inference_data(posterior: dict[str, np.ndarray], image_ids, **groups):
-    """ArviZ InferenceData with dims ``(chain, draw, image, <site>_dim)`` per site."""
-    return _arviz().from_dict(
-        posterior=posterior,
-        coords={"image": list(image_ids)},
-        dims={name: ["image", f"{name}_dim"] for name in posterior},
-        **groups,
-    )
-
-
 @torch.no_grad()
 def guide_draws(
-    vae,
+    vae: PyroModel,
     x: torch.Tensor,
     chains: int,
     samples: int,
@@ -178,32 +170,6 @@ def guide_draws(
         image_ids if image_ids is not None else range(x.shape[0]),
         attrs={"sampler": "the guide q(z|x), independent draws"},
     )
-
-
-def nuts_summary(idata) -> dict[str, Any]:
-    """Worst r-hat, smallest bulk and tail ESS, and divergences of a NUTS run."""
-    az = _arviz()
-    rhat = az.rhat(idata)
-    ess_bulk = az.ess(idata, method="bulk")
-    ess_tail = az.ess(idata, method="tail")
-    names = list(idata.posterior.data_vars)
-    chains, draws = idata.posterior.sizes["chain"], idata.posterior.sizes["draw"]
-    return {
-        "chains": int(chains),
-        "draws_per_chain": int(draws),
-        "rhat_max": float(max(float(rhat[n].max()) for n in names)),
-        "rhat_share_above_1.01": float(
-            np.mean(np.concatenate([rhat[n].values.ravel() > 1.01 for n in names]))
-        ),
-        "ess_bulk_min": float(min(float(ess_bulk[n].min()) for n in names)),
-        "ess_bulk_median": float(
-            np.median(np.concatenate([ess_bulk[n].values.ravel() for n in names]))
-        ),
-        "ess_tail_min": float(min(float(ess_tail[n].min()) for n in names)),
-        "divergences": int(idata.sample_stats["diverging"].values.sum()),
-        "step_size": json.loads(idata.attrs.get("step_size", "[]")),
-        "seconds": float(idata.attrs.get("seconds", float("nan"))),
-    }
 
 
 # ------------------------------------------------------------------ local SVI
@@ -242,7 +208,7 @@ class _WithGuide:
 
     analytic_kl_is_exact = True
 
-    def __init__(self, vae, guide: LocalGaussianGuide, sites: ModelSites):
+    def __init__(self, vae: PyroModel, guide: LocalGaussianGuide, sites: ModelSites):
         self.vae, self.local = vae, guide
         self.model, self.guide = vae.model, guide.guide
         self.latent_sites = sites.latent
@@ -253,7 +219,7 @@ class _WithGuide:
 
 
 def optimize_local_guides(
-    vae,
+    vae: PyroModel,
     x: torch.Tensor,
     steps: int = 1000,
     lr: float = 0.02,
@@ -314,46 +280,12 @@ def optimize_local_guides(
 # ------------------------------------------------------------------ gaps
 def _interval(values: np.ndarray) -> dict[str, float]:
     """Mean with a 95% Student-t interval over images."""
-    from scipy import stats
-
     n = len(values)
     mean = float(np.mean(values))
     if n < 2:
         return {"mean": mean, "ci95_low": mean, "ci95_high": mean}
-    half = float(stats.t.ppf(0.975, n - 1) * np.std(values, ddof=1) / math.sqrt(n))
+    half = float(t_quantile(0.95, n - 1) * np.std(values, ddof=1) / math.sqrt(n))
     return {"mean": mean, "ci95_low": mean - half, "ci95_high": mean + half}
-
-
-def importance_summary(
-    vae, x: torch.Tensor, num_samples: int, compile: bool | None = None
-) -> dict[str, torch.Tensor]:
-    """From K draws of the guide, per image: the ELBO (mean log-weight) with its standard
-    error, the importance-sampled log p(x), and PSIS k-hat: one set of weights for all.
-
-    The ELBO here uses ``log p(x, z) - log q(z|x)`` at each draw (Monte Carlo KL): near
-    the posterior that is almost constant in z, so its estimate is far more precise than
-    the closed-form-KL one, whose reconstruction term alone keeps its variance.
-    """
-    from pyro_vae.analysis.evaluation import (
-        _sizes,
-        _weight_chunks,
-        evaluation_mode,
-        importance_weights,
-        psis_khat,
-    )
-
-    x = as_batch(vae, x)
-    n = x.shape[0]
-    chunk, _ = _sizes(x, num_samples, None, n)
-    with torch.no_grad(), pyro.validation_enabled(False), evaluation_mode(vae):
-        weights = importance_weights(vae, n, num_samples, chunk, n, compile)
-        log_w = torch.cat(list(_weight_chunks(weights, x, num_samples, chunk)))
-    return {
-        "elbo": log_w.mean(0),
-        "elbo_se": log_w.std(0) / math.sqrt(num_samples),
-        "log_likelihood": torch.logsumexp(log_w, 0) - math.log(num_samples),
-        "khat": torch.as_tensor(psis_khat(log_w)),
-    }
 
 
 GAPS_SKIPPED = (
@@ -364,7 +296,7 @@ GAPS_SKIPPED = (
 
 
 def inference_gaps(
-    vae,
+    vae: PyroModel,
     x: torch.Tensor,
     is_samples: int = 5000,
     local_steps: int = 1000,
@@ -421,30 +353,6 @@ def inference_gaps(
     }
 
 
-def _compare_moments(nuts, guide, informed_sd: float = 0.5) -> dict[str, float]:
-    """How far the guide's means and standard deviations are from NUTS's (in NUTS sds),
-    over all coordinates and over the informed ones (NUTS posterior sd below
-    ``informed_sd``: the prior's is 1, and uninformed units match it trivially)."""
-    result = {}
-    for name in nuts.posterior.data_vars:
-        n = nuts.posterior[name].values.reshape(-1, *nuts.posterior[name].shape[2:])
-        g = guide.posterior[name].values.reshape(-1, *guide.posterior[name].shape[2:])
-        sd = n.std(0) + 1e-12
-        mean_gap, sd_ratio = np.abs(n.mean(0) - g.mean(0)) / sd, g.std(0) / sd
-        informed = sd < informed_sd
-        result[f"{name}_mean_difference_in_sd_median"] = float(np.median(mean_gap))
-        result[f"{name}_sd_ratio_guide_over_nuts_median"] = float(np.median(sd_ratio))
-        result[f"{name}_informed_coordinates"] = int(informed.sum())
-        if informed.any():
-            result[f"{name}_informed_mean_difference_in_sd_median"] = float(
-                np.median(mean_gap[informed])
-            )
-            result[f"{name}_informed_sd_ratio_guide_over_nuts_median"] = float(
-                np.median(sd_ratio[informed])
-            )
-    return result
-
-
 # ------------------------------------------------------------------ a diagnosis, as data
 @dataclasses.dataclass
 class Diagnosis:
@@ -479,7 +387,7 @@ class Diagnosis:
 
 
 def diagnose_model(
-    vae,
+    vae: PyroModel,
     test: torch.Tensor,
     ids: Sequence[int],
     chains: int = 4,
@@ -529,7 +437,7 @@ def diagnose_model(
 
 
 def gaps_or_skipped(
-    vae, x, is_samples, local_steps, seed, progress, compile, log=None
+    vae: PyroModel, x, is_samples, local_steps, seed, progress, compile, log=None
 ) -> dict[str, Any]:
     """:func:`inference_gaps` without the local guide, for a model with one latent layer;
     ``{"skipped": GAPS_SKIPPED}`` for others."""
@@ -544,42 +452,7 @@ def gaps_or_skipped(
     return gaps
 
 
-def khat_of_images(vae, x, num_samples, seed, progress=False, compile=None) -> np.ndarray:
-    """PSIS k-hat of the encoder's importance weights, one per image; seeded, the global
-    RNG untouched."""
-    from pyro_vae.analysis.evaluation import log_likelihood_and_khat
-
-    with forked_rng(), pyro.validation_enabled(False):
-        torch.manual_seed(seed)
-        _, khat = log_likelihood_and_khat(vae, x, num_samples, progress=progress, compile=compile)
-    return khat
-
-
-def khat_report(khat: np.ndarray, num_samples: int) -> tuple[dict[str, Any], np.ndarray]:
-    """The k-hat summary of ``diagnostics.json`` and the (up to 16) worst images' indices;
-    with too few samples for a Pareto fit, a note and no indices."""
-    from pyro_vae.analysis.evaluation import KHAT_MIN_SAMPLES, KHAT_THRESHOLD, khat_summary
-
-    fitted = num_samples >= KHAT_MIN_SAMPLES and bool(np.isfinite(khat).any())
-    worst = np.argsort(-np.nan_to_num(khat, nan=-np.inf))[:16] if fitted else np.array([], int)
-    result: dict[str, Any] = {"images": len(khat), "samples": num_samples}
-    if not fitted:
-        result["note"] = khat_summary(khat, num_samples)["khat_note"]
-        return result, worst
-    finite = khat[np.isfinite(khat)]
-    result.update(
-        {
-            "mean": float(finite.mean()),
-            "max": float(finite.max()),
-            "share_above_0.7": float((finite > KHAT_THRESHOLD).mean()),
-            "share_above_0.5": float((finite > 0.5).mean()),
-            "worst": [{"image": int(i), "khat": float(khat[i])} for i in worst],
-        }
-    )
-    return result, worst
-
-
-def _grid_images(vae, test: torch.Tensor, indices: np.ndarray) -> torch.Tensor | None:
+def _grid_images(vae: PyroModel, test: torch.Tensor, indices: np.ndarray) -> torch.Tensor | None:
     """``test[indices]`` as images (channels, height, width) for a grid; ``None`` for a
     model that does not say its data's shape (``data_shape``, optional in the protocol)
     and data that are not images already: that grid is then left out."""
