@@ -289,7 +289,7 @@ def test_the_capturing_step_counts_as_exactly_one_step():
         loss = CompiledLoss(make_elbo("mc"), vae, enabled=enabled)
         x = torch.bernoulli(torch.rand(20, 64, generator=torch.Generator().manual_seed(1)))
         torch.manual_seed(3)
-        with pyro.validation_enabled(False), param_store_registration(False):
+        with pyro.validation_enabled(False), param_store_registration(vae, False):
             value = loss.loss_and_grads(x, num_data=100)
         results.append((value, torch.get_rng_state(), copy.deepcopy(vae.state_dict())))
         assert bool(loss.graphs) == enabled

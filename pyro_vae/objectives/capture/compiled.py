@@ -205,7 +205,7 @@ class _Captured:
             def check(outputs: tuple) -> None:
                 self._check(graph, state, outputs, args, kwargs)
 
-            outputs = run_checked(graph, state, args, check)
+            outputs = run_checked(self.owner, graph, state, args, check)
         except NotCompilable as reason:
             self.cache.graphs[key] = None
             self._note_fallback(key, str(reason), args)

@@ -138,7 +138,11 @@ def capture_graph(
     devices = rng_devices(args)
     rng = get_rng(devices)
     try:
-        with param_store_registration(False), private_param_store(), warnings.catch_warnings():
+        with (
+            param_store_registration(owner, False),
+            private_param_store(),
+            warnings.catch_warnings(),
+        ):
             warnings.simplefilter("ignore")  # warnings belong to the eager check
             module = compat.make_fx_fake(traced)(*example, *args)
     except NotCompilable:
@@ -166,12 +170,16 @@ def _refused(error: Exception) -> NotCompilable:
 
 
 def run_checked(
-    graph: Graph, state: ModuleState, args: tuple, check: Callable[[tuple], None]
+    owner: nn.Module,
+    graph: Graph,
+    state: ModuleState,
+    args: tuple,
+    check: Callable[[tuple], None],
 ) -> tuple:
-    """Run ``graph`` as this call's result, and ``check`` its outputs against the eager
-    function from the same RNG state and buffers; afterwards buffers and RNG are as after
-    one call. Raises :class:`~pyro_vae.compat.NotCompilable`, with everything as before
-    the call, if the two disagree."""
+    """Run ``graph`` (of ``owner``) as this call's result, and ``check`` its outputs
+    against the eager function from the same RNG state and buffers; afterwards buffers
+    and RNG are as after one call. Raises :class:`~pyro_vae.compat.NotCompilable`, with
+    everything as before the call, if the two disagree."""
     devices = rng_devices(args)
     rng = get_rng(devices)
     buffers = [b.detach().clone() for b in state.buffers]
@@ -181,7 +189,7 @@ def run_checked(
     set_rng(rng, devices)
     restore(state.buffers, buffers)
     try:
-        with param_store_registration(False), private_param_store():
+        with param_store_registration(owner, False), private_param_store():
             check(outputs)
         if any(not close(g, b) for g, b in zip(graph_buffers, state.buffers)):
             raise NotCompilable("the graph updates the buffers differently from the ELBO")
