@@ -31,7 +31,7 @@ from pyro_vae.objectives.capture.graphs import (
     run_checked,
     same_number,
 )
-from pyro_vae.objectives.capture.keys import Hashed, ModuleState, module_state, value_key
+from pyro_vae.objectives.capture.keys import ModuleState, OwnerKeys, value_key
 from pyro_vae.objectives.registry import Objective
 
 __all__ = ["CompiledFunction", "CompiledLoss", "largest"]
@@ -62,7 +62,7 @@ def _autocast_enabled() -> bool:
 
 class _Captured:
     """Graphs of ``function(owner, *args)``, keyed by all they depend on
-    (:func:`~pyro_vae.objectives.capture.keys.module_state`), captured and checked when
+    (:class:`~pyro_vae.objectives.capture.keys.OwnerKeys`), captured and checked when
     built (:func:`~pyro_vae.objectives.capture.graphs.capture_graph`,
     :func:`~pyro_vae.objectives.capture.graphs.run_checked`). Subclasses say what the
     graph returns (:meth:`_joint`) and how it is checked against the eager function
@@ -98,8 +98,7 @@ class _Captured:
         self.cache = cache
         self.fallbacks: dict[Any, str] = {}  # key -> why it runs eagerly
         self.capture_seconds = 0.0  # time spent capturing and checking graphs
-        self._state: ModuleState | None = None
-        self._prefix: Hashed | None = None
+        self._keys = OwnerKeys(owner, self._identity) if self._swappable else None
 
     @property
     def graphs(self) -> OrderedDict[Any, Graph | None]:
@@ -109,13 +108,15 @@ class _Captured:
     # ------------------------------------------------------------------ state
     def refresh(self) -> None:
         """Re-read the owner (its structure, flags, parameters) before the next call."""
-        self._state = state = module_state(self.owner) if self._swappable else None
-        self._prefix = None
-        if state is not None and state.reason is None:
-            try:
-                self._prefix = Hashed((self._identity(), state.key, torch.get_default_dtype()))
-            except TypeError:  # an attribute or setting that cannot be hashed
-                self._prefix = None
+        if self._keys is not None:
+            self._keys.refresh()
+
+    def _read(self) -> OwnerKeys | None:
+        """The owner's keys, re-read first where every call refreshes or none was read."""
+        keys = self._keys
+        if keys is not None and (self.refresh_every_call or keys.state is None):
+            keys.refresh()
+        return keys
 
     def _identity(self) -> Any:
         raise NotImplementedError
@@ -142,17 +143,15 @@ class _Captured:
 
     def cached_graphs(self) -> int:
         """Graphs ready in the cache for the owner as it is now (any input shapes)."""
-        if not self._swappable:
-            return 0
-        if self.refresh_every_call or self._state is None:
-            self.refresh()
-        return self.cache.ready(self._prefix)
+        keys = self._read()
+        return 0 if keys is None else self.cache.ready(keys.prefix)
 
     # ------------------------------------------------------------------ running
     def _outputs(self, args: tuple, kwargs: dict):
         """``(graph, state, outputs)`` of this call from a graph, or ``None`` (eager)."""
-        state = self._current_state(args)
-        key = None if state is None else self._key(args, kwargs)
+        keys = self._read() if self._usable() else None
+        state = None if keys is None else self._readable_state(keys, args)
+        key = None if keys is None or state is None else self._key(keys, args, kwargs)
         if state is None or key is None:
             return None
         graph = self.cache.graphs.get(key, _MISSING)
@@ -162,33 +161,22 @@ class _Captured:
             return None
         return graph, state, graph.run(state, args)
 
-    def _current_state(self, args: tuple) -> ModuleState | None:
+    def _readable_state(self, keys: OwnerKeys, args: tuple) -> ModuleState | None:
         """The owner as a graph would take it now, or ``None`` where it runs eagerly."""
-        if not self._usable():
-            return None
-        if self.refresh_every_call or self._state is None:
-            self.refresh()
-        state = self._state
-        if state is None:  # (refresh reads a swappable owner, as _usable requires)
+        state = keys.state
+        if state is None:  # (read just before)
             return None
         if state.reason is not None:
             self._note_fallback(("state", state.reason), state.reason, args)
             if state.reason.startswith("the module has uninitialized"):
-                self._state = None  # its first call initializes it: look again next time
+                keys.state = None  # its first call initializes it: look again next time
             return None
         return state
 
-    def _key(self, args: tuple, kwargs: dict) -> Any:
+    def _key(self, keys: OwnerKeys, args: tuple, kwargs: dict) -> Any:
         """The graph's key for this call, or ``None`` (eager) if it cannot be hashed."""
         try:
-            signature = tuple(
-                (a.shape, a.dtype, a.device, a.requires_grad) if torch.is_tensor(a) else a
-                for a in args
-            )
-            key = (self._prefix, signature, tuple(sorted(kwargs.items())))
-            if self._prefix is None:
-                raise TypeError
-            hash(key)
+            key = keys.call_key(args, kwargs)
         except TypeError:
             self._note_fallback("unhashable", "an argument or attribute is not hashable", args)
             return None

@@ -10,6 +10,7 @@ inside containers, plain objects (a hyperparameter namespace) and function closu
 from __future__ import annotations
 
 import types
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +19,7 @@ from torch import nn
 
 from pyro_vae import compat
 
-__all__ = ["ModuleState", "module_state", "value_key"]
+__all__ = ["ModuleState", "OwnerKeys", "module_state", "value_key"]
 
 _PLAIN = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device)
 
@@ -133,3 +134,38 @@ class Hashed:
         return other is self or (
             isinstance(other, Hashed) and other.hash == self.hash and other.value == self.value
         )
+
+
+class OwnerKeys:
+    """The keys of ``owner``'s graphs: its structure, read by :func:`module_state` at each
+    :meth:`refresh` and hashed once there, with ``identity()`` (what else a graph depends
+    on: the estimator and its settings, or the function) and the default dtype; then, per
+    call, the inputs' shapes, dtypes and devices (:meth:`call_key`)."""
+
+    def __init__(self, owner: nn.Module, identity: Callable[[], Any]) -> None:
+        self.owner = owner
+        self.identity = identity
+        self.state: ModuleState | None = None  # None: to be read
+        self.prefix: Hashed | None = None  # None: nothing can be keyed
+
+    def refresh(self) -> None:
+        """Re-read the owner (its structure, flags, parameters)."""
+        self.state = state = module_state(self.owner)
+        self.prefix = None
+        if state.reason is None:
+            try:
+                self.prefix = Hashed((self.identity(), state.key, torch.get_default_dtype()))
+            except TypeError:  # an attribute or setting that cannot be hashed
+                self.prefix = None
+
+    def call_key(self, args: tuple, kwargs: dict) -> Any:
+        """The key of a call with ``args`` and ``kwargs``; raises ``TypeError`` where
+        something in it cannot be hashed."""
+        signature = tuple(
+            (a.shape, a.dtype, a.device, a.requires_grad) if torch.is_tensor(a) else a for a in args
+        )
+        key = (self.prefix, signature, tuple(sorted(kwargs.items())))
+        if self.prefix is None:
+            raise TypeError
+        hash(key)
+        return key
