@@ -800,7 +800,7 @@ def capture_cost(args) -> dict[str, float]:
     vae = build_vae(NETWORK, (1, 28, 28))
     x = torch.bernoulli(torch.full((128, 784), 0.3))
     step = CompiledLoss(make_elbo("mc"), vae)
-    with param_store_registration(False):
+    with param_store_registration(vae, False):
         first = _timed(lambda: step.loss_and_grads(x, num_data=60000))
         replays = [_timed(lambda: step.loss_and_grads(x, num_data=60000)) for _ in range(20)]
     result = {

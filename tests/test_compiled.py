@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from pyro_vae import ModelConfig, TrainConfig, build_vae, load_data, make_elbo
-from pyro_vae.models.vae import param_store_registration
 from pyro_vae.objectives.capture import CompiledLoss
 from pyro_vae.objectives.free_bits import FreeBitsELBO
 from pyro_vae.training.fit import fit
@@ -23,8 +22,9 @@ NUM_DATA = 1000
 
 @pytest.fixture
 def eager_pyro():
-    """The trainer's setting: Pyro validation off, no param-store registration."""
-    with pyro.validation_enabled(False), param_store_registration(False):
+    """The trainer's setting: Pyro validation off (the param-store registration is each
+    model's own; the compiled loss turns it off where it captures and checks)."""
+    with pyro.validation_enabled(False):
         yield
 
 
@@ -95,7 +95,7 @@ def test_graph_equals_the_eager_elbo_in_value_and_gradient(case, eager_pyro):
     compiled = CompiledLoss(make_elbo(estimator, particles), vae)
     x = _batch()
     _assert_same(_loss_and_grads(compiled, x, 5), _loss_and_grads(compiled, x, 5, eager=True))
-    assert len(compiled._graphs) == 1 and not compiled.fallbacks
+    assert len(compiled.graphs) == 1 and not compiled.fallbacks
     optimizer = torch.optim.Adam(vae.parameters(), lr=0.02)
     for _ in range(3):
         _loss_and_grads(compiled, x, 7)
@@ -134,11 +134,11 @@ def test_one_graph_per_input_shape_shared_by_later_fits_of_the_same_module(eager
     compiled = CompiledLoss(make_elbo("mc"), vae)
     for size in (20, 20, 7, 20):
         compiled.loss_and_grads(_batch(size=size), num_data=NUM_DATA)
-    assert len(compiled._graphs) == 2
-    assert CompiledLoss(make_elbo("mc"), vae)._graphs is compiled._graphs
+    assert len(compiled.graphs) == 2
+    assert CompiledLoss(make_elbo("mc"), vae).graphs is compiled.graphs
     other = CompiledLoss(make_elbo("mc", 2), vae)  # another estimator: its own graphs
     other.loss_and_grads(_batch(), num_data=NUM_DATA)
-    assert len(compiled._graphs) == 3
+    assert len(compiled.graphs) == 3
 
 
 @pytest.mark.parametrize(
@@ -162,7 +162,7 @@ def test_runs_eagerly_where_a_graph_would_be_wrong(setting, eager_pyro):
         vae.zero_grad(set_to_none=True)
         torch.manual_seed(4)
         expected = elbo.differentiable_loss(vae.model, vae.guide, x, num_data=NUM_DATA)
-    assert not compiled._graphs
+    assert not compiled.graphs
     assert loss == pytest.approx(expected.item(), rel=1e-6)
 
 
@@ -192,7 +192,7 @@ def test_a_model_with_data_dependent_control_flow_falls_back_with_a_warning(eage
     x = torch.randn(5, 2)
     with pytest.warns(UserWarning, match="the loss runs eagerly for inputs .*capture failed"):
         loss = compiled.loss_and_grads(x)
-    assert compiled._graphs and all(graph is None for graph in compiled._graphs.values())
+    assert compiled.graphs and all(graph is None for graph in compiled.graphs.values())
     assert torch.isfinite(torch.tensor(loss)) and module.loc.grad is not None
 
 
@@ -219,7 +219,7 @@ def test_a_graph_that_disagrees_with_the_elbo_is_not_used(eager_pyro, monkeypatc
     monkeypatch.setattr(compiled, "_eager", lambda args, kwargs: eager(args, kwargs) * 1.001)
     with pytest.warns(UserWarning, match="the graph's loss .* is not the ELBO's"):
         compiled.loss_and_grads(_batch(), num_data=NUM_DATA)
-    assert list(compiled._graphs.values()) == [None]
+    assert list(compiled.graphs.values()) == [None]
 
 
 class _DiscreteLatent(nn.Module):
@@ -268,7 +268,7 @@ def test_the_graph_reports_its_largest_gradient_entry_for_the_finite_check(eager
 def _captured_numbers(case: str, monkeypatch, passes: bool):
     """Loss and gradients of a fresh capture of ``case`` (with or without the passes that
     drop repeated values and reuse dead buffers), twice, from fixed noise."""
-    from pyro_vae.objectives import capture
+    from pyro_vae.objectives.capture import graphs as capture
 
     with monkeypatch.context() as patched:
         if not passes:
@@ -281,7 +281,7 @@ def _captured_numbers(case: str, monkeypatch, passes: bool):
         x = _batch()
         first = _loss_and_grads(compiled, x, 5)
         second = _loss_and_grads(compiled, _batch(seed=2), 9)  # replayed, not the check
-        graph = next(g for g in compiled._graphs.values() if g is not None)
+        graph = next(g for g in compiled.graphs.values() if g is not None)
         return first, second, str(graph.module.code)
 
 
@@ -371,7 +371,7 @@ def test_a_returned_value_is_replaced_only_by_memory_no_other_returned_value_sha
 
 
 def test_the_largest_entry_of_all_gradients_is_each_ones_largest():
-    from pyro_vae.objectives.capture import _largest_of_all, largest
+    from pyro_vae.objectives.capture.compiled import _largest_of_all, largest
 
     tensors = [torch.randn(5, 3), -7 * torch.rand(4), torch.randn(2, 2)]
     assert torch.equal(_largest_of_all(tensors), torch.stack([largest(t) for t in tensors]).amax())

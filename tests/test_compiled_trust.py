@@ -30,7 +30,7 @@ from torch import nn
 from pyro_vae import ModelConfig, TrainConfig, build_vae, load_data
 from pyro_vae.models.likelihoods import make_likelihood
 from pyro_vae.models.vae import VAE, param_store_registration
-from pyro_vae.objectives.capture import _GRAPHS, CompiledLoss
+from pyro_vae.objectives.capture import CompiledLoss, GraphCache
 from pyro_vae.objectives.registry import make_elbo
 from pyro_vae.training.fit import fit
 
@@ -110,7 +110,7 @@ def _compiled_and_eager(build, steps, data, **train):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a silent fallback to eager would prove nothing
         compiled = _fits(build, steps, data, True, **train)
-    graphs = [g for g in _GRAPHS.get(compiled[0], {}).values() if g is not None]
+    graphs = [g for g in GraphCache.of(compiled[0]).graphs.values() if g is not None]
     eager = _fits(build, steps, data, False, **train)
     return compiled, eager, len(graphs)
 
@@ -277,7 +277,7 @@ def test_a_lazy_module_trains_eagerly_until_initialized_then_from_a_graph(data):
         compiled = _fits(build, [(_nothing, {"epochs": 3})], data, True, **TRAIN)
     eager = _fits(build, [(_nothing, {"epochs": 3})], data, False, **TRAIN)
     assert_same_training(compiled, eager)
-    assert any(g is not None for g in _GRAPHS[compiled[0]].values())
+    assert any(g is not None for g in GraphCache.of(compiled[0]).graphs.values())
 
 
 def test_the_capturing_step_counts_as_exactly_one_step():
@@ -289,10 +289,10 @@ def test_the_capturing_step_counts_as_exactly_one_step():
         loss = CompiledLoss(make_elbo("mc"), vae, enabled=enabled)
         x = torch.bernoulli(torch.rand(20, 64, generator=torch.Generator().manual_seed(1)))
         torch.manual_seed(3)
-        with pyro.validation_enabled(False), param_store_registration(False):
+        with pyro.validation_enabled(False), param_store_registration(vae, False):
             value = loss.loss_and_grads(x, num_data=100)
         results.append((value, torch.get_rng_state(), copy.deepcopy(vae.state_dict())))
-        assert bool(loss._graphs) == enabled
+        assert bool(loss.graphs) == enabled
     (value_a, rng_a, state_a), (value_b, rng_b, state_b) = results
     assert torch.equal(rng_a, rng_b) and value_a == pytest.approx(value_b, rel=1e-6)
     for name in state_a:

@@ -204,8 +204,8 @@ def test_every_evaluation_runs_in_eval_mode_and_restores_the_callers_modes(measu
 
 def test_short_evaluations_stay_eager_and_long_ones_capture(monkeypatch):
     from pyro_vae.analysis.evaluation import log_likelihood
-    from pyro_vae.objectives import capture as compiled
-    from pyro_vae.objectives.capture import _GRAPHS, capture_pays
+    from pyro_vae.objectives.capture import GraphCache, capture_pays
+    from pyro_vae.objectives.capture import policy as compiled
 
     monkeypatch.setattr(compiled.compat, "tracing_stack_loaded", lambda: False)
     assert not capture_pays(30) and not capture_pays(1000, graphs=2)
@@ -216,9 +216,9 @@ def test_short_evaluations_stay_eager_and_long_ones_capture(monkeypatch):
     vae = LinearGaussianVAE.random(6, 2, noise_scale=0.5, seed=0)
     x = vae.marginal().sample((20,)).float()
     log_likelihood(vae, x, num_samples=50)  # 2 batches x 1 chunk: eager
-    assert not _GRAPHS.get(vae)
+    assert not GraphCache.of(vae).graphs
     log_likelihood(vae, x, num_samples=50, compile=True)
-    assert any(g is not None for g in _GRAPHS[vae].values())
+    assert any(g is not None for g in GraphCache.of(vae).graphs.values())
 
 
 def test_kl_per_unit_adds_up_to_the_closed_form_kl():

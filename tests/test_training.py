@@ -337,8 +337,8 @@ def test_the_data_are_checked_once_per_data_set_until_they_change(monkeypatch):
 
 
 def test_short_runs_train_eagerly_and_long_ones_from_a_graph(small_data, monkeypatch):
-    from pyro_vae.objectives import capture as compiled
-    from pyro_vae.objectives.capture import _GRAPHS
+    from pyro_vae.objectives.capture import GraphCache
+    from pyro_vae.objectives.capture import policy as compiled
 
     monkeypatch.setattr(compiled.compat, "tracing_stack_loaded", lambda: True)
     for epochs, captured in ((1, False), (300, True)):  # 3 steps per epoch; 0.25 s a graph
@@ -347,7 +347,7 @@ def test_short_runs_train_eagerly_and_long_ones_from_a_graph(small_data, monkeyp
         assert trainer.compiles() is captured
     vae = _vae(small_data)
     fit(vae, small_data, TrainConfig(epochs=1, batch_size=100), log=None, progress=False)
-    assert not _GRAPHS.get(vae)
+    assert not GraphCache.of(vae).graphs
     fit(
         vae,
         small_data,
@@ -355,7 +355,7 @@ def test_short_runs_train_eagerly_and_long_ones_from_a_graph(small_data, monkeyp
         log=None,
         progress=False,
     )
-    assert any(g is not None for g in _GRAPHS[vae].values())
+    assert any(g is not None for g in GraphCache.of(vae).graphs.values())
 
 
 @pytest.mark.parametrize("schedule", ["constant", "exponential", "cosine"])
@@ -388,8 +388,8 @@ def test_learning_rates_follow_the_schedule_in_closed_form_through_resume(
 
 
 def test_one_epoch_fits_in_a_loop_start_eager_then_capture_once_it_pays(small_data, monkeypatch):
-    from pyro_vae.objectives import capture as compiled
-    from pyro_vae.objectives.capture import _GRAPHS
+    from pyro_vae.objectives.capture import GraphCache
+    from pyro_vae.objectives.capture import policy as compiled
 
     monkeypatch.setattr(compiled.compat, "tracing_stack_loaded", lambda: True)
     monkeypatch.setattr(compiled, "CAPTURE_SECONDS", 0.004)  # the price of 4 saved steps
@@ -398,5 +398,5 @@ def test_one_epoch_fits_in_a_loop_start_eager_then_capture_once_it_pays(small_da
     captured = []
     for _ in range(3):
         fit(vae, small_data, config, log=None, progress=False)
-        captured.append(sum(g is not None for g in _GRAPHS.get(vae, {}).values()))
+        captured.append(sum(g is not None for g in GraphCache.of(vae).graphs.values()))
     assert captured == [0, 1, 1]  # 3 + 3 earlier steps repay it; then the graph is reused

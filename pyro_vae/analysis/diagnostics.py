@@ -108,7 +108,7 @@ def nuts_posterior(
     with (
         frozen(vae),
         evaluation_mode(vae),
-        param_store_registration(False),
+        param_store_registration(vae, False),
         pyro.validation_enabled(False),
         forked_rng(),
     ):
@@ -261,7 +261,7 @@ def optimize_local_guides(
     with (
         frozen(vae),
         evaluation_mode(vae),
-        param_store_registration(False),
+        param_store_registration(vae, False),
         pyro.validation_enabled(False),
         forked_rng(),
     ):

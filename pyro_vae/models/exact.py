@@ -304,7 +304,7 @@ class TwoLayerLinearGaussianVAE(nn.Module):
 
     # ------------------------------------------------------------------ Pyro program
     def model(self, x: torch.Tensor, num_data: int | None = None) -> None:
-        register_module("decoder", self.generative)
+        register_module(self, "decoder", self.generative)
         s1, s2 = self.noise_scales
         net = self.generative
         with data_plate(x, num_data):
@@ -313,7 +313,7 @@ class TwoLayerLinearGaussianVAE(nn.Module):
             pyro.sample(OBSERVED_SITE, dist.Normal(net.decoder1(z1), s1).to_event(1), obs=x)
 
     def guide(self, x: torch.Tensor, num_data: int | None = None) -> None:
-        register_module("encoder", self.inference)
+        register_module(self, "encoder", self.inference)
         v1, v2 = self.scales()
         net = self.inference
         with data_plate(x, num_data):

@@ -152,10 +152,10 @@ class HierarchicalVAE(VAE):
     # ----------------------------------------------------------------- Pyro program
     def model(self, x: torch.Tensor, num_data: int | None = None) -> None:
         x = self.program_input(x)
-        register_module("decoder", self.decoder)
-        register_module("conditionals", self.conditionals)
+        register_module(self, "decoder", self.decoder)
+        register_module(self, "conditionals", self.conditionals)
         if self.likelihood_has_parameters:
-            register_module("likelihood", self.likelihood)
+            register_module(self, "likelihood", self.likelihood)
         top = len(self.latent_dims)
         with data_plate(x, num_data):
             z = pyro.sample(latent_site(top), self.prior())
@@ -166,7 +166,7 @@ class HierarchicalVAE(VAE):
 
     def guide(self, x: torch.Tensor, num_data: int | None = None) -> None:
         x = self.program_input(x)
-        register_module("encoder", self.encoder)
+        register_module(self, "encoder", self.encoder)
         top = len(self.latent_dims)
         with data_plate(x, num_data):
             if isinstance(self.encoder, nn.ModuleList):  # the bottom-up guide
@@ -175,7 +175,7 @@ class HierarchicalVAE(VAE):
                     loc, scale = self.encoder[layer - 1](inputs)
                     inputs = pyro.sample(latent_site(layer), dist.Normal(loc, scale).to_event(1))
                 return
-            register_module("conditionals", self.conditionals)  # shared with the model
+            register_module(self, "conditionals", self.conditionals)  # shared with the model
             messages: list[tuple[torch.Tensor, torch.Tensor]] = self.encoder(x)
             loc, scale = messages[-1]
             z = pyro.sample(latent_site(top), dist.Normal(loc, scale).to_event(1))

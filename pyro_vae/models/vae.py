@@ -6,9 +6,12 @@ owns the sample sites and the data plate, and builds no layers of its own.
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Iterator, Sequence
+import types
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import pyro
 import pyro.distributions as dist
@@ -27,35 +30,54 @@ OBSERVED_SITE = "x"
 DATA_PLATE = "data"
 
 
-_REGISTRATION = {"enabled": True}
+#: the attribute in which a model keeps whether its programs call ``pyro.module`` (absent:
+#: they do)
+_REGISTERS = "_pyro_vae_registers_params"
+_UNSET = object()
 
 
 @contextmanager
-def param_store_registration(enabled: bool) -> Iterator[None]:
-    """Turn the ``pyro.module`` registration in model and guide on or off, temporarily.
+def param_store_registration(model: Any, enabled: bool) -> Iterator[None]:
+    """Turn the ``pyro.module`` registration in ``model``'s model and guide
+    (:func:`register_module`) on or off, temporarily.
 
     :func:`pyro_vae.fit` optimizes the networks' parameters directly with a torch
     optimizer and never reads Pyro's param store, so it turns the registration off (Python
-    work on every step that nothing would read); ``pyro.infer.SVI`` needs it on.
+    work on every step that nothing would read); ``pyro.infer.SVI`` needs it on. The
+    switch is the model's own (an attribute of it): other models keep theirs.
     """
-    previous = _REGISTRATION["enabled"]
-    _REGISTRATION["enabled"] = enabled
+    state = vars(model)
+    previous = state.get(_REGISTERS, _UNSET)
+    state[_REGISTERS] = enabled
     try:
         yield
     finally:
-        _REGISTRATION["enabled"] = previous
+        if previous is _UNSET:
+            state.pop(_REGISTERS, None)
+        else:
+            state[_REGISTERS] = previous
 
 
-def register_module(name: str, module: nn.Module) -> None:
-    """``pyro.module(name, module)``, where the module being run owns the names.
+def program_owner(program: Callable[..., Any]) -> Any:
+    """The model whose method ``program`` is (through wrappers such as
+    ``poutine.scale``), or ``None``: whose registration switch its runs read."""
+    owner = getattr(inspect.unwrap(program), "__self__", None)
+    if owner is None or isinstance(owner, (type, types.ModuleType)):
+        return None
+    return owner if hasattr(owner, "__dict__") else None
+
+
+def register_module(owner: Any, name: str, module: nn.Module) -> None:
+    """``pyro.module(name, module)`` in ``owner``'s program, where the module being run
+    owns the names.
 
     Pyro's param store keeps the first tensor registered under a name; a second VAE
     trained with ``pyro.infer.SVI`` in the same process would then silently optimize the
     first VAE's parameters. Stale entries are dropped first, so the names always point
-    at the tensors the model actually uses. Skipped inside
-    ``param_store_registration(False)``.
+    at the tensors the model actually uses. Skipped while ``owner``'s registration is
+    off (``param_store_registration(owner, False)``).
     """
-    if not _REGISTRATION["enabled"]:
+    if not getattr(owner, "__dict__", {}).get(_REGISTERS, True):
         return
     store = pyro.get_param_store()
     for param_name, param in module.named_parameters():
@@ -145,9 +167,9 @@ class VAE(nn.Module):
     def model(self, x: torch.Tensor, num_data: int | None = None) -> None:
         """p(x, z) = N(z; prior_loc, prior_scale) p(x | decoder(z))."""
         x = self.program_input(x)
-        register_module("decoder", self.decoder)
+        register_module(self, "decoder", self.decoder)
         if self.likelihood_has_parameters:
-            register_module("likelihood", self.likelihood)
+            register_module(self, "likelihood", self.likelihood)
         with data_plate(x, num_data):
             z = pyro.sample(LATENT_SITE, self.prior())
             pyro.sample(OBSERVED_SITE, self.likelihood.event_distribution(self.decoder(z)), obs=x)
@@ -155,7 +177,7 @@ class VAE(nn.Module):
     def guide(self, x: torch.Tensor, num_data: int | None = None) -> None:
         """q(z | x) = N(z; encoder(x)), diagonal."""
         x = self.program_input(x)
-        register_module("encoder", self.encoder)
+        register_module(self, "encoder", self.encoder)
         with data_plate(x, num_data):
             z_loc, z_scale = self.encoder(x)
             pyro.sample(LATENT_SITE, dist.Normal(z_loc, z_scale).to_event(1))

@@ -19,14 +19,15 @@ first member as the value; the gradient is that of both, as Pyro steps them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
 from pyro.poutine.messenger import Messenger
 
 from pyro_vae.models.protocol import private_param_store
-from pyro_vae.models.vae import param_store_registration
+from pyro_vae.models.vae import param_store_registration, program_owner
 
 __all__ = ["LossAndGradsAdapter", "as_objective"]
 
@@ -47,6 +48,18 @@ class _FreshGrads(Messenger):
         if torch.is_tensor(tensor) and tensor.is_leaf and id(tensor) not in self.saved:
             self.saved[id(tensor)] = (tensor, tensor.grad)
             tensor.grad = None
+
+
+@contextmanager
+def _registering(*programs: Callable) -> Iterator[None]:
+    """The programs' ``pyro.module`` registration on (for the models they are methods
+    of: Pyro's ``loss_and_grads`` steps what they register), in a private param store."""
+    with ExitStack() as stack:
+        owners = {id(o): o for o in map(program_owner, programs) if o is not None}
+        for owner in owners.values():
+            stack.enter_context(param_store_registration(owner, True))
+        stack.enter_context(private_param_store())
+        yield
 
 
 def _value(loss: Any) -> float:
@@ -74,12 +87,12 @@ class LossAndGradsAdapter:
 
     def loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
         """The ELBO's loss (its first member, for a pair)."""
-        with param_store_registration(True), private_param_store():
+        with _registering(model, guide):
             return _value(self.elbo.loss(model, guide, *args, **kwargs))
 
     def loss_and_grads(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
         """The ELBO's ``loss_and_grads``: gradients accumulate into the parameters."""
-        with param_store_registration(True), private_param_store():
+        with _registering(model, guide):
             return _value(self.elbo.loss_and_grads(model, guide, *args, **kwargs))
 
     def differentiable_loss(
@@ -89,7 +102,7 @@ class LossAndGradsAdapter:
         the ELBO's gradient (for the parameters the programs register)."""
         fresh = _FreshGrads()
         try:
-            with param_store_registration(True), private_param_store(), fresh:
+            with _registering(model, guide), fresh:
                 loss = self.elbo.loss_and_grads(model, guide, *args, **kwargs)
         except BaseException:
             for tensor, grad in fresh.saved.values():

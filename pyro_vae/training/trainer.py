@@ -276,7 +276,7 @@ class Trainer:
         )
         with (
             pyro.validation_enabled(False),  # the data were checked once, up front
-            param_store_registration(False),
+            param_store_registration(self.vae, False),
             private_param_store(),  # a model's pyro.module calls never touch the global store
             bar,
             warnings.catch_warnings(),
