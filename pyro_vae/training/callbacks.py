@@ -6,10 +6,11 @@ the order of its callbacks, its own first:
 - ``on_train_start(trainer)``: once, before the first epoch of this call;
 - ``on_evaluate(trainer)``: after each epoch, metrics to add to the epoch's record
   (they come after ``train_elbo`` in it, in callback order);
-- ``should_stop(trainer, metrics)``: after the record is made, before anything of the
-  epoch is written: ``True`` ends the run after this epoch (every callback is asked);
+- ``should_stop(trainer, metrics)``: after the record is made, before the epoch's
+  metrics and checkpoint are written: ``True`` ends the run after this epoch (every
+  callback is asked);
 - ``on_epoch_end(trainer, metrics)``: the epoch recorded and ``trainer.finished`` set;
-- ``on_train_end(trainer)``: once, when the run ends without a preemption.
+- ``on_train_end(trainer)``: once, when the run ends (not on a preemption or an error).
 
 The trainer's own, in order: :class:`Evaluation` (the test and validation ELBO),
 :class:`EarlyStopping` (and the best checkpoint), :class:`MetricsFile`
@@ -72,7 +73,7 @@ class Callback:
         return {}
 
     def should_stop(self, trainer: TrainerView, metrics: dict[str, Any]) -> bool:
-        """Whether the run ends after this epoch (asked before anything is written)."""
+        """Whether the run ends after this epoch (asked before the epoch is written)."""
         return False
 
     def on_epoch_end(self, trainer: TrainerView, metrics: dict[str, Any]) -> None:
