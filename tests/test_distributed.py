@@ -97,7 +97,7 @@ def _fit_checking_every_step(rank, folder, compile_):
     import pyro_vae.training.checkpoint as checkpoint_module
     from pyro_vae import distributed, fit, load_data
     from pyro_vae.config import TrainConfig
-    from pyro_vae.training.trainer import Trainer
+    from pyro_vae.training.guard import FiniteGuard
 
     writes: list[str] = []
     real = io_module.atomic_write_bytes
@@ -109,7 +109,7 @@ def _fit_checking_every_step(rank, folder, compile_):
     io_module.atomic_write_bytes = recorded
     checkpoint_module.atomic_write_bytes = recorded
     fingerprints = []
-    check = Trainer._check_step
+    check = FiniteGuard.check_step
 
     def checked(self, loss, grad_max):
         # before each step: the parameters every rank holds (the state after the last)
@@ -118,7 +118,7 @@ def _fit_checking_every_step(rank, folder, compile_):
         fingerprints.append(all(torch.equal(same[0], other) for other in same))
         check(self, loss, grad_max)
 
-    Trainer._check_step = checked
+    FiniteGuard.check_step = checked
     data = load_data("digits", binarize="dynamic")
     vae = _vae()
     config = TrainConfig(epochs=2, batch_size=128, compile=compile_, monitor_images=200)

@@ -23,6 +23,7 @@ import torch
 from pyro_vae.app.cli import main
 from pyro_vae.training import preemption
 from pyro_vae.training.checkpoint import load_checkpoint
+from pyro_vae.training.step import Step
 from pyro_vae.training.trainer import Trainer
 
 from .helpers import TINY_RUN, digest, refused, run_cli
@@ -62,7 +63,7 @@ def _signal_at_step(monkeypatch, step: int, number: int = signal.SIGTERM) -> Non
     """Deliver ``number`` to this process while step ``step`` (1-based, counted over the
     command) computes its loss: the step in progress, as a scheduler's signal finds it."""
     calls = {"n": 0}
-    original = Trainer._loss_and_grads
+    original = Step.loss_and_grads
 
     def loss_and_grads(self, batch, scale):
         calls["n"] += 1
@@ -70,7 +71,7 @@ def _signal_at_step(monkeypatch, step: int, number: int = signal.SIGTERM) -> Non
             os.kill(os.getpid(), number)
         return original(self, batch, scale)
 
-    monkeypatch.setattr(Trainer, "_loss_and_grads", loss_and_grads)
+    monkeypatch.setattr(Step, "loss_and_grads", loss_and_grads)
 
 
 # ---------------------------------------------------------------------- 2. SIGTERM, SIGUSR1
@@ -604,7 +605,7 @@ def test_11_a_resumed_run_keeps_the_step_path_it_started_on_so_train_elbo_is_bit
     _signal_at_step(monkeypatch, 14)
     code, _, err = run_cli(["train", *RUN, *EPOCHS, "--resume", "auto", "--out", run], capsys)
     assert code == 143, err
-    monkeypatch.setattr(Trainer, "_loss_and_grads", _ORIGINAL_LOSS_AND_GRADS)
+    monkeypatch.setattr(Step, "loss_and_grads", _ORIGINAL_LOSS_AND_GRADS)
     paths = []
     original_run = Trainer.run
 
@@ -621,7 +622,7 @@ def test_11_a_resumed_run_keeps_the_step_path_it_started_on_so_train_elbo_is_bit
     assert_same_run(whole, run)  # train_elbo included, bit for bit
 
 
-_ORIGINAL_LOSS_AND_GRADS = Trainer._loss_and_grads
+_ORIGINAL_LOSS_AND_GRADS = Step.loss_and_grads
 
 
 def test_1_reproduce_continues_a_cell_stopped_before_its_first_checkpoint(tmp_path, capsys):

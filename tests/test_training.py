@@ -147,10 +147,10 @@ def test_large_finite_gradients_are_not_mistaken_for_overflow(small_data, size):
     trainer = Trainer(vae, small_data, TrainConfig(epochs=1, optimizer="clipped_adam"))
     for p in trainer.parameters:
         p.grad = torch.full_like(p, size)
-    trainer._check_step(1e30, None)  # finite: no error
+    trainer.guard.check_step(1e30, None)  # finite: no error
     trainer.parameters[0].grad[0] = float("inf")
     with pytest.raises(NonFiniteError, match="non-finite gradient"):
-        trainer._check_step(1e30, None)
+        trainer.guard.check_step(1e30, None)
 
 
 def test_gradients_whose_squares_overflow_adam_are_refused_before_the_step(small_data):
@@ -159,10 +159,10 @@ def test_gradients_whose_squares_overflow_adam_are_refused_before_the_step(small
     trainer = Trainer(vae, small_data, TrainConfig(epochs=1, optimizer="adam"))
     for p in trainer.parameters:
         p.grad = torch.full_like(p, 1e18)
-    trainer._check_step(1e30, None)  # squares fit in float32
+    trainer.guard.check_step(1e30, None)  # squares fit in float32
     trainer.parameters[0].grad[0] = 1e20
     with pytest.raises(NonFiniteError, match="Adam squares them"):
-        trainer._check_step(1e30, None)
+        trainer.guard.check_step(1e30, None)
     assert all(p.grad is None for p in trainer.parameters)  # the step is not taken
 
 

@@ -25,9 +25,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from pyro_vae.errors import CheckpointError, NonFiniteError
+from pyro_vae.errors import CheckpointError, NonFiniteError, UserInputError
 from pyro_vae.io import atomic_write_bytes
 
+#: a run folder's files: the last checkpoint, the best one (early stopping), the metrics
+CHECKPOINT = "checkpoint.pt"
+BEST_CHECKPOINT = "best.pt"
+METRICS = "metrics.jsonl"
 FORMAT = "pyro-vae-checkpoint"
 VERSION = 2
 
@@ -162,12 +166,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             f"checkpoint {path} fails its SHA-256 check: the file was altered or damaged on "
             f"disk; restore it from a backup, or start the run over (`overwrite`)"
         )
-    contents = _torch_load(io.BytesIO(data), path)
+    contents: dict[str, Any] = _torch_load(io.BytesIO(data), path)
     check_checkpoint(contents, path)
     return contents
 
 
-def _torch_load(source, path: Path) -> Any:
+def _torch_load(source: io.BytesIO | Path, path: Path) -> Any:
     try:
         return torch.load(source, map_location="cpu", weights_only=True)
     except OSError as error:
@@ -263,3 +267,19 @@ def check_checkpoint(contents: Any, path: str | Path) -> None:
 
 #: what every epoch of a checkpoint's history holds (the report and plots read them)
 _EPOCH_NUMBERS = ("step", "train_elbo", "test_elbo", "seconds", "lr")
+
+
+def check_data_digest(saved: Any, current: dict[str, str], action: str) -> None:
+    """Refuse to ``action`` a run on data other than it was trained on: ``saved`` is the
+    run's record of its data's SHA-256 by split (none in runs written before it was
+    kept: nothing to compare), ``current`` that of the data loaded now."""
+    if not isinstance(saved, dict):
+        return
+    for split in ("train", "validation", "test"):
+        before, now = saved.get(split), current.get(split)
+        if isinstance(before, str) and now is not None and before != now:
+            raise UserInputError(
+                f"the {split} data differ from those the run was trained on (SHA-256 "
+                f"{before[:16]}... in the run, {now[:16]}... now): restore the data the run "
+                f"was trained on to {action} it, or start a new run"
+            )

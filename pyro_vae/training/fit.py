@@ -19,13 +19,14 @@ from pyro_vae.errors import UserInputError
 from pyro_vae.models.protocol import ModelError, check_data, check_protocol
 from pyro_vae.objectives.registry import estimator_spec
 from pyro_vae.resources import check_device
-from pyro_vae.training.checkpoint import (
-    load_checkpoint,
-)
-from pyro_vae.training.trainer import CHECKPOINT, Callback, History, Trainer, rank_seed
+from pyro_vae.training.callbacks import Callback
+from pyro_vae.training.checkpoint import CHECKPOINT, load_checkpoint
+from pyro_vae.training.history import History
+from pyro_vae.training.optimization import optimization
+from pyro_vae.training.trainer import Trainer, rank_seed
 
 
-def check_data_once(vae, data: VAEData) -> None:
+def check_data_once(vae: torch.nn.Module, data: VAEData) -> None:
     """Check every split of ``data`` against the model (its shape, finite values inside
     the likelihood's support), once per data set and kind of model.
 
@@ -53,7 +54,7 @@ def check_data_once(vae, data: VAEData) -> None:
         data.checked[(split, kind)] = (weakref.ref(images), version)
 
 
-def described_run(vae, data: VAEData, config: TrainConfig) -> RunConfig | None:
+def described_run(vae: torch.nn.Module, data: VAEData, config: TrainConfig) -> RunConfig | None:
     """The run's whole config, where the model and data say how to rebuild them."""
     model_config = getattr(vae, "config", None)
     if not isinstance(model_config, ModelConfig) or data.source is None:
@@ -67,16 +68,16 @@ def described_run(vae, data: VAEData, config: TrainConfig) -> RunConfig | None:
 
 
 def fit(
-    vae,
+    vae: torch.nn.Module,
     data: VAEData,
     config: TrainConfig,
     *,
     run_dir: str | Path | None = None,
     resume: bool = False,
     saved_config: dict[str, Any] | None = None,
-    callbacks: Iterable[Callback] = (),
+    callbacks: Iterable[Callback | Callable[[dict[str, Any]], None]] = (),
     progress: bool = True,
-    log: Callable | None = print,
+    log: Callable[[str], Any] | None = print,
 ) -> History:
     """Train ``vae`` on ``data`` by SVI with the estimator of ``config``; return the history.
 
@@ -88,7 +89,9 @@ def fit(
     checkpoint and ``metrics.jsonl`` after every epoch; ``resume=True`` continues from
     the checkpoint there, reproducing the uninterrupted run exactly on CPU.
 
-    ``callbacks`` are called with each epoch's metrics dict.
+    ``callbacks``: :class:`~pyro_vae.training.callbacks.Callback` objects, whose hooks
+    run around the loop after the trainer's own, or plain functions, called with each
+    epoch's metrics dict.
 
     Under ``torchrun`` (every process calls ``fit`` alike, after
     :func:`pyro_vae.distributed.init_from_environment`) the processes train one model
@@ -129,7 +132,7 @@ def fit(
         pyro.set_rng_seed(config.seed)
         if distributed.rank() > 0:  # each process its own noise (the first: the seed's)
             pyro.set_rng_seed(rank_seed(config.seed, distributed.rank(), 0) % 2**32)
-    trainer = Trainer(vae, data, config, run_dir, saved_config)
+    trainer = Trainer(vae, data, config, run_dir, saved_config, optimization=optimization(config))
     if resume:
         if run_dir is None:
             raise UserInputError("resume needs the run folder that holds the checkpoint")

@@ -19,6 +19,10 @@ import contextlib
 import signal
 import threading
 from collections.abc import Iterator
+from pathlib import Path
+
+from pyro_vae import distributed
+from pyro_vae.errors import Preempted
 
 #: the signals that ask a run to stop at the next step
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -86,3 +90,38 @@ def signal_name(signal_number: int) -> str:
         return signal.Signals(signal_number).name
     except ValueError:
         return f"signal {signal_number}"
+
+
+def stop_requested(world: int) -> bool:
+    """Whether any of the ``world`` processes was asked to stop (all agree: the same
+    answer everywhere; a collective under torchrun)."""
+    stop = requested() is not None
+    if world > 1:
+        stop = distributed.all_sum([float(stop)])[0] > 0
+        if stop and requested() is None:
+            request()
+    return stop
+
+
+def preempted(
+    epoch: int, steps: int | None, steps_per_epoch: int, checkpoint: Path | None
+) -> Preempted:
+    """The stop a signal asked for, once ``checkpoint`` (``None``: no run folder) holds
+    the run's position: after ``epoch`` epochs and ``steps`` steps of the next (``None``:
+    at the epoch's end). The request is cleared."""
+    number = requested() or 15
+    clear()
+    if steps is None:
+        where = f"after epoch {epoch}"
+    else:
+        where = f"in epoch {epoch + 1} after step {steps} of {steps_per_epoch}"
+    saved = (
+        f"the checkpoint ({checkpoint}) holds the run {where}"
+        if checkpoint is not None
+        else f"stopped {where}"
+    )
+    return Preempted(
+        f"stopped by {signal_name(number)}: {saved}; resume the run "
+        f"(`resume`) to continue it from there, bit for bit",
+        number,
+    )

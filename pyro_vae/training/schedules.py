@@ -4,6 +4,7 @@ warm-up, and the optimizer."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from pyro.poutine.messenger import Messenger
@@ -25,7 +26,7 @@ class LatentScale(Messenger):
         super().__init__()
         self.factor = factor
 
-    def _process_message(self, msg: Message) -> None:
+    def _process_message(self, msg: Message[Any, Any]) -> None:
         if msg["type"] == "sample" and not msg["is_observed"] and not site_is_subsample(msg):
             msg["scale"] = msg["scale"] * self.factor
 
