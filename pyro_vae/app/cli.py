@@ -908,14 +908,17 @@ def _overlay(config: RunConfig, path: Path) -> RunConfig:
     )
 
 
-def _train(args: argparse.Namespace, argv: list[str] | None) -> int:
+def _train(
+    args: argparse.Namespace, argv: list[str] | None, followers: _Followers | None = None
+) -> int:
     """``pyro-vae train``: validate everything, lock the run folder, then write.
 
     Order: options and config (no file touched), data and model (read only), memory;
     then the folder's lock; what the folder holds; for --resume the verified checkpoint
     and its own config; only then any write. Until the first epoch of this command is
     checkpointed, a failure takes back what the command wrote (and --overwrite puts the
-    old run back); after it, the run is left resumable.
+    old run back); after it, the run is left resumable. Under torchrun, the first process
+    does all this and tells the others (its ``followers``) what to train.
     """
     from pyro_vae import distributed
     from pyro_vae.app.runs import RunLock, command_line
@@ -929,12 +932,12 @@ def _train(args: argparse.Namespace, argv: list[str] | None) -> int:
                 args.resume = "auto"  # an elastic restart continues from the last checkpoint
             if not distributed.is_main():
                 return _follow(args)
-            status = 2
+            followers, status = _Followers(), 2
             try:
-                status = _train(args, argv)
+                status = _train(args, argv, followers)
                 return status
             finally:
-                _FOLLOWERS.stop(status)  # (no-op once they were sent to train)
+                followers.stop(status)  # (no-op once they were sent to train)
         finally:
             distributed.shutdown()
     if args.resume and args.overwrite:
@@ -955,10 +958,17 @@ def _train(args: argparse.Namespace, argv: list[str] | None) -> int:
         config = resolve_config(args)
         prepared = prepare_run(config)
     with RunLock(out, command_line(argv)):
-        return _train_locked(args, argv, out, prepared, start_over)
+        return _train_locked(args, argv, out, prepared, start_over, followers)
 
 
-def _train_locked(args, argv, out: Path, prepared, start_over: bool = False) -> int:
+def _train_locked(
+    args: argparse.Namespace,
+    argv: list[str] | None,
+    out: Path,
+    prepared: PreparedRun | None,
+    start_over: bool = False,
+    followers: _Followers | None = None,
+) -> int:
     from pyro_vae.app.runs import (
         check_no_links,
         check_run_data,
@@ -983,12 +993,13 @@ def _train_locked(args, argv, out: Path, prepared, start_over: bool = False) -> 
         prepared = prepare_run(config)
         check_run_data(checkpoint, prepared.data, "resume")
         prepared.start_epoch = checkpoint["epoch"]
+    assert prepared is not None  # (prepared before the lock, or from the checkpoint above)
     replacing = args.overwrite and holds_run(out)
     if replacing:
         move_aside(out)
     transaction = _Transaction(out, replacing)
     try:
-        return run_training(prepared, out, args, argv, transaction)
+        return run_training(prepared, out, args, argv, transaction, followers)
     except Preempted:
         transaction.commit()  # the checkpoint holds the position: the run stands
         raise
@@ -1132,9 +1143,6 @@ class _Followers:
         self._send({"stop": status})
 
 
-_FOLLOWERS = _Followers()
-
-
 def _follow(args: argparse.Namespace) -> int:
     """A process other than the first under torchrun: train what the first sends."""
     from pyro_vae import distributed
@@ -1256,25 +1264,12 @@ def prepare_run(config: RunConfig, quiet: bool = False) -> PreparedRun:
     data (read and checked against the model), the model, the estimator, the memory,
     and the time the final log p(x) will take (an absurd K is refused now, not after
     training)."""
-    import torch
-
-    from pyro_vae.models.build import build_vae
-    from pyro_vae.objectives.registry import check_estimator_fits, make_elbo
-    from pyro_vae.resources import check_training_fits
-    from pyro_vae.training.fit import check_data_once
+    from pyro_vae.app.training_run import checked_model
 
     check_device(config.train.device)
     data = config.data.load(config.train.seed)
-    check_training_fits(config, data.data_shape, len(data.train))
-    torch.manual_seed(config.train.seed)
     # on its device from the start: the checks and the time estimate run where it trains
-    vae = build_vae(config.model, data.data_shape).to(config.train.device)
-    check_data_once(vae, data)
-    check_estimator_fits(config.train.estimator, vae)
-    # build the estimator once here so that a bad combination fails before any file is written
-    make_elbo(
-        config.train.estimator, config.train.particles, options=config.train.estimator_options
-    )
+    vae = checked_model(config, data)
     seconds = 0.0
     if config.train.eval_samples and not quiet:  # (the other torchrun processes: no estimate)
         from pyro_vae.analysis.evaluation import announce_evaluation
@@ -1292,10 +1287,16 @@ def prepare_run(config: RunConfig, quiet: bool = False) -> PreparedRun:
 
 
 def run_training(
-    prepared: PreparedRun, out: Path, args: argparse.Namespace, argv, transaction: _Transaction
+    prepared: PreparedRun,
+    out: Path,
+    args: argparse.Namespace,
+    argv: list[str] | None,
+    transaction: _Transaction,
+    followers: _Followers | None = None,
 ) -> int:
     """Train a prepared run into ``out`` (under its lock), evaluate it, write plots and the
-    report; ``transaction`` takes back what was written if the first epoch fails."""
+    report; ``transaction`` takes back what was written if the first epoch fails;
+    ``followers`` (under torchrun) are sent the run to train with this process."""
     from pyro_vae.analysis.evaluation import evaluate
     from pyro_vae.app.runs import write_plots, write_report
     from pyro_vae.io import atomic_write_json
@@ -1313,7 +1314,8 @@ def run_training(
         callbacks.append(tracker)
     config.save(out / "config.json")
     progress = not args.quiet
-    _FOLLOWERS.go({"config": config.to_dict(), "resume": bool(args.resume), "out": str(out)})
+    if followers is not None:
+        followers.go({"config": config.to_dict(), "resume": bool(args.resume), "out": str(out)})
     history = fit(
         vae,
         data,
@@ -1453,7 +1455,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise UserInputError(f"--samples must be >= 1, got {args.samples}")
     _check_ais_flags(args)
     check_device(args.device)
-    config, vae, data, _ = load_run(args.run_dir, args.device)
+    run = load_run(args.run_dir, args.device)
+    vae, data = run.model, run.data
     images = fixed_subset(data.evaluation_images("test"), args.images).to(args.device)
     log = None if args.json else print
     announce_evaluation(vae, images, args.samples, log=log)
@@ -1581,7 +1584,8 @@ def _sample(args: argparse.Namespace) -> int:
     inside = args.out is None
     if inside:
         check_no_links(args.run_dir)
-    config, vae, _, _ = load_run(args.run_dir, with_data=False)  # sampling needs no data
+    run = load_run(args.run_dir, with_data=False)  # sampling needs no data
+    config, vae = run.config, run.model
     import torch
     from torchvision.utils import save_image
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import math
 import re
 import shutil
@@ -51,6 +50,7 @@ from pyro_vae.analysis.comparison import (
 from pyro_vae.analysis.gradients import snr_versus_outer, snr_versus_particles
 from pyro_vae.analysis.sanity import comparison_flags
 from pyro_vae.app.compare_report import markdown_table, run_line, write_comparison
+from pyro_vae.app.training_run import load_data_once, train_in_folder
 from pyro_vae.errors import UserInputError
 from pyro_vae.imports import import_path_of, is_import_path
 from pyro_vae.models.protocol import private_param_store
@@ -67,7 +67,6 @@ __all__ = [
     "Comparison",
     "as_run_config",
     "check_estimators_run",
-    "checkpoint_epoch",
     "compare_estimators",
     "markdown_table",
     "parse_estimators",
@@ -225,7 +224,7 @@ def compare_estimators(
 
     Each (estimator, repeat) is one call of :func:`train_compare_run`, which trains into
     its own folder ``out_dir/runs/ESTIMATOR-seedSEED`` with checkpoints; ``executor``
-    (:mod:`pyro_vae.executors`; default: serial, in this process, one torch thread per
+    (:mod:`pyro_vae.app.executors`; default: serial, in this process, one torch thread per
     run as on a default Ray task) decides where the calls run. The results, tables and
     plots do not depend on it, bit for bit on CPU.
 
@@ -691,14 +690,6 @@ def _bounds_section(trained, bound_images, bound_particles, eval_samples, config
     )
 
 
-@functools.lru_cache(maxsize=2)
-def _cached_data(dataset, data_dir, binarize, validation_size, seed, limit):
-    """Runs in one process (serial, or a reused Ray worker) read the data once."""
-    from pyro_vae.data import load_data
-
-    return load_data(dataset, data_dir, binarize, validation_size, seed=seed, limit=limit)
-
-
 def train_compare_run(spec: dict[str, Any]) -> dict[str, Any]:
     """Train one estimator from its seed's initial parameters, evaluate and measure it.
 
@@ -791,85 +782,8 @@ def _stopped_by(train, history) -> str:
 
 def _spec_data(config, spec: dict[str, Any]):
     """The data set of a run spec (read once per process) and its evaluated test images."""
-    data = _cached_data(
-        config.data.dataset,
-        config.data.data_dir,
-        config.data.binarize,
-        config.data.validation_size,
-        spec["data_seed"],
-        config.data.limit,
-    )
+    data = load_data_once(config.data, spec["data_seed"])
     test_images = data.evaluation_images("test")
     if spec["eval_points"] is not None:
         test_images = test_images[: spec["eval_points"]]
     return data, test_images
-
-
-def train_in_folder(
-    config,
-    data,
-    run_dir: Path,
-    progress: bool,
-    callbacks=(),
-    initial_state: dict[str, torch.Tensor] | None = None,
-):
-    """Train (or resume) one run in ``run_dir``, from the run's seed: the model, its
-    history, and the timing fields of its record (wall and CPU time; CPU time beside wall
-    time, since wall time swings with the load of other processes). ``compare`` and
-    ``sweep`` train each of their runs through this. ``initial_state``: the parameters
-    to start from (a comparison's, shared by its estimators) instead of the fresh
-    model's."""
-    from pyro_vae.models.build import build_vae
-    from pyro_vae.training.fit import fit
-    from pyro_vae.training.trainer import CHECKPOINT
-
-    resumed_at = checkpoint_epoch(run_dir / CHECKPOINT, config)
-    # a run folder like any other: evaluate, sample and diagnose read its config.json
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config.save(run_dir / "config.json")
-    torch.manual_seed(config.train.seed)
-    vae = build_vae(config.model, data.data_shape)
-    if initial_state is not None:
-        vae.load_state_dict(initial_state)
-    started, cpu_started = time.perf_counter(), time.process_time()
-    history = fit(
-        vae,
-        data,
-        config.train,
-        run_dir=run_dir,
-        resume=resumed_at is not None,
-        saved_config=config.to_dict(),
-        callbacks=callbacks,
-        progress=progress,
-        log=None,
-    )
-    train_seconds = time.perf_counter() - started
-    train_cpu_seconds = time.process_time() - cpu_started
-    trained_epochs = max(1, len(history) - (resumed_at or 0))
-    timing = {
-        "train_seconds": train_seconds,
-        "train_cpu_seconds": train_cpu_seconds,
-        "cpu_seconds_per_epoch": train_cpu_seconds / trained_epochs,
-        "resumed_at_epoch": resumed_at,
-    }
-    return vae, history, timing
-
-
-def checkpoint_epoch(path: Path, config) -> int | None:
-    """The epoch of the checkpoint at ``path`` if there is one to resume, else ``None``.
-
-    A checkpoint trained with another config is an error, not something to continue.
-    """
-    from pyro_vae.app.runs import config_differences
-    from pyro_vae.training.checkpoint import load_checkpoint
-
-    if not path.exists():
-        return None
-    checkpoint = load_checkpoint(path)
-    changed = config_differences(checkpoint["config"], config.to_dict())
-    if changed:
-        raise UserInputError(
-            f"{path} was trained with another config ({'; '.join(changed[:3])}): remove its "
-            f"folder or choose another output folder"
-        )
-    return int(checkpoint["epoch"])

@@ -68,7 +68,8 @@ def compute_diagnosis(
     given = {name: settings.get(name, defaults[name].default) for name in _COUNTS}
     _check_options(images, **given)
     check_device(device)
-    _, vae, data, _ = load_run(Path(run_dir), device)
+    run = load_run(Path(run_dir), device)
+    vae, data = run.model, run.data
     test = data.evaluation_images("test")
     ids = select_images(len(test), images, image_ids)
     return diagnose_model(vae, test, ids, run_dir=str(run_dir), **settings)

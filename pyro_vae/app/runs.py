@@ -18,7 +18,7 @@ import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from pyro_vae.config import RunConfig
 from pyro_vae.errors import UserInputError
@@ -440,7 +440,23 @@ def run_config(run_dir: Path, checkpoint: dict[str, Any]) -> RunConfig:
     return config
 
 
-def load_run(run_dir: str | Path, device: str = "cpu", best: bool = True, with_data: bool = True):
+class LoadedRun(NamedTuple):
+    """A run folder loaded by :func:`load_run` (a tuple too: ``config, model, data,
+    checkpoint = load_run(...)``)."""
+
+    #: the run's config (the checkpoint's own)
+    config: RunConfig
+    #: the model with its trained parameters, on the device asked for, in eval mode
+    model: Any
+    #: the run's data set, or ``None`` when loaded ``with_data=False``
+    data: Any
+    #: the verified checkpoint the parameters came from (the best epoch's with ``best``)
+    checkpoint: dict[str, Any]
+
+
+def load_run(
+    run_dir: str | Path, device: str = "cpu", best: bool = True, with_data: bool = True
+) -> LoadedRun:
     """Config, model (with trained parameters), data and checkpoint of a run folder.
 
     :param run_dir: a folder written by ``pyro-vae train`` or by :func:`pyro_vae.fit`
@@ -449,7 +465,7 @@ def load_run(run_dir: str | Path, device: str = "cpu", best: bool = True, with_d
     :param best: the early-stopped run's best epoch rather than its last.
     :param with_data: load the data set too; without it, the data returned is ``None``
         (sampling needs no data).
-    :returns: ``(config, model, data, checkpoint)``.
+    :returns: a :class:`LoadedRun`: ``(config, model, data, checkpoint)``, by name too.
 
     The checkpoint is verified (digest, structure); the config is the checkpoint's own,
     which ``config.json`` must match."""
@@ -478,7 +494,7 @@ def load_run(run_dir: str | Path, device: str = "cpu", best: bool = True, with_d
     load_parameters(vae, checkpoint["model"], run_dir)
     vae.to(device).eval()
     torch.set_grad_enabled(True)
-    return config, vae, data, checkpoint
+    return LoadedRun(config, vae, data, checkpoint)
 
 
 def load_parameters(vae, state: dict[str, Any], where: Path) -> None:
