@@ -282,13 +282,7 @@ def run_comparison(
     estimators = parse_estimators(estimators)
     _check_budget(budget, budget_seconds)
     baseline = _baseline_key(baseline, estimators)
-    if not snr_outer or min(snr_outer) < 1:
-        raise UserInputError(f"every M in snr_outer must be >= 1, got {list(snr_outer)}")
-    pool = {**config.train.estimator_options, **(estimator_options or {})}
-    _check_options_used(estimators, pool)
-    check_executor_reaches(estimators, executor)
-    if ais_steps is not None and ais_steps < 1:
-        raise UserInputError(f"--ais-steps must be >= 1, got {ais_steps}")
+    pool = _checked_pool(config, estimators, estimator_options, snr_outer, executor, ais_steps)
     _check_options(config, repeats, eval_samples, grad_draws, snr_particles, bound_particles)
     executor = _serial_unless(executor)
     # the SNR and bound studies run in this process whatever the executor: a GPU must be here
@@ -296,14 +290,8 @@ def run_comparison(
     data, test_images = _test_images(config, eval_points)
     _check_model(config, data, test_images, estimators, pool)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    measurements = {
-        "eval_samples": eval_samples,
-        "eval_points": eval_points,
-        "grad_draws": grad_draws,
-        "grad_batch": grad_batch,
-        "compile_evaluation": _compile_evaluation(config),
-        "ais_steps": ais_steps,
-    }
+    measurements = _measurements(config, eval_samples, eval_points, grad_draws, grad_batch)
+    measurements["ais_steps"] = ais_steps
     shared = budget_of(config, estimators, budget, budget_seconds, len(data.train), pool)
     specs, labels = _run_specs(
         config,
@@ -328,14 +316,7 @@ def run_comparison(
     bound_images = test_images[:bound_points]
     bounds = _bounds_section(trained, bound_images, bound_particles, eval_samples, config, log)
     summary = summarise(runs, estimators)
-    flags = comparison_flags(
-        summary,
-        binary=config.model.likelihood == "bernoulli",
-        bounds=[name for name in estimators if estimator_spec(name).is_bound],
-    )
-    if log is not None:
-        for flag in flags:
-            log(f"warning: {flag.message()}")
+    flags = _flags(summary, estimators, config, log)
     return Comparison(
         command=command,
         # (with the options of the estimators compared, which no one TrainConfig holds)
@@ -360,6 +341,54 @@ def run_comparison(
         paired_differences=paired_differences(runs, estimators, baseline),
         snr_slopes=snr_slopes(snr["rows"]),
     )
+
+
+def _checked_pool(
+    config: Any,
+    estimators: Sequence[str],
+    estimator_options: Mapping[str, Any] | None,
+    snr_outer: Sequence[int],
+    executor: Any,
+    ais_steps: int | None,
+) -> dict[str, Any]:
+    """The options of the estimators compared (``estimator_options`` over the config's),
+    each used by one of them; the executor reaches them; M and the AIS steps in range."""
+    if not snr_outer or min(snr_outer) < 1:
+        raise UserInputError(f"every M in snr_outer must be >= 1, got {list(snr_outer)}")
+    pool = {**config.train.estimator_options, **(estimator_options or {})}
+    _check_options_used(estimators, pool)
+    check_executor_reaches(estimators, executor)
+    if ais_steps is not None and ais_steps < 1:
+        raise UserInputError(f"--ais-steps must be >= 1, got {ais_steps}")
+    return pool
+
+
+def _measurements(
+    config: Any, eval_samples: int, eval_points: int | None, grad_draws: int, grad_batch: int
+) -> dict[str, Any]:
+    """What each run measures after training (its spec's fields)."""
+    return {
+        "eval_samples": eval_samples,
+        "eval_points": eval_points,
+        "grad_draws": grad_draws,
+        "grad_batch": grad_batch,
+        "compile_evaluation": _compile_evaluation(config),
+    }
+
+
+def _flags(
+    summary: Any, estimators: Sequence[str], config: Any, log: Callable[[str], None] | None
+) -> list[Any]:
+    """The summary's numbers that cannot be right, each logged as a warning."""
+    flags = comparison_flags(
+        summary,
+        binary=config.model.likelihood == "bernoulli",
+        bounds=[name for name in estimators if estimator_spec(name).is_bound],
+    )
+    if log is not None:
+        for flag in flags:
+            log(f"warning: {flag.message()}")
+    return flags
 
 
 def _with_options(config: dict[str, Any], options: Mapping[str, Any]) -> dict[str, Any]:

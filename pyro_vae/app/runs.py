@@ -560,6 +560,97 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _evaluation_rows(evaluation: dict[str, Any]) -> list[str]:
+    """The summary's rows of the final evaluation (log p(x), active units, k-hat)."""
+    k = evaluation["importance_samples"]
+    return [
+        f"| test log-likelihood, importance sampled, K={k} | "
+        f"{_fmt(evaluation['test_log_likelihood'])} "
+        f"(+/- {evaluation['test_log_likelihood_sem']:.3f} s.e.m.) |",
+        f"| test NLL (positive) | {_fmt(evaluation['test_nll'])} |",
+        f"| log p(x) - ELBO (posterior KL gap) | "
+        f"{_fmt(evaluation['gap_log_likelihood_minus_elbo'])} |",
+        f"| active units (Cov_x E_q[z] > 0.01) | {evaluation['active_units']} of "
+        f"{evaluation['latent_dims']} |",
+        f"| per-unit KL: median / units above 0.1 nats | "
+        f"{_fmt(evaluation.get('kl_per_unit_median'))} / "
+        f"{evaluation.get('informative_units', '-')} |",
+        (
+            f"| PSIS k-hat: mean / max / share > 0.7 | {evaluation['khat_mean']:.2f} / "
+            f"{evaluation['khat_max']:.2f} / {evaluation['khat_share_above_0.7']:.1%} |"
+            if evaluation.get("khat_mean") is not None
+            else f"| PSIS k-hat | {evaluation.get('khat_note', '-')} |"
+        ),
+    ]
+
+
+def _layer_lines(last: dict[str, Any], evaluation: dict[str, Any] | None) -> list[str]:
+    """Per latent layer, with several: the test KL and the active units."""
+    lines: list[str] = []
+    sites = sorted(k.removeprefix("test_kl_") for k in last if k.startswith("test_kl_"))
+    if len(sites) > 1:
+        lines += [
+            "",
+            "Per latent layer (last epoch; active units: Cov_x E_q[z] > 0.01):",
+            "",
+            "| layer | test KL | active units |",
+            "| --- | --- | --- |",
+        ]
+        by_site = (evaluation or {}).get("active_units_by_site", {})
+        for site in sites:
+            units = by_site.get(site, last.get(f"test_active_units_{site}", "-"))
+            lines.append(f"| {site} | {last[f'test_kl_{site}']:.3f} | {units} |")
+    return lines
+
+
+def _plot_and_epoch_lines(
+    run_dir: Path, epochs: list[dict[str, Any]], plot_paths: list[Path], flags: Sequence[Any]
+) -> list[str]:
+    """The plots, then a row per epoch (an epoch a flag names is marked)."""
+    lines: list[str] = []
+    lines += ["", "## Plots", ""]
+    for path in plot_paths:
+        relative = path.relative_to(run_dir)
+        lines += [f"![{path.stem}]({relative.as_posix()})", ""]
+    lines += [
+        "## Per epoch",
+        "",
+        "| epoch | train bound | test ELBO | test E[log p(x given z)] | test KL | seconds |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    flagged = {flag.where for flag in flags}
+    for e in epochs:
+        mark = " (warning)" if f"epoch {e['epoch']}" in flagged else ""
+        lines.append(
+            f"| {e['epoch']}{mark} | {e['train_elbo']:.3f} | {e['test_elbo']:.3f} | "
+            f"{e['test_expected_log_likelihood']:.3f} | {e['test_kl']:.3f} | {e['seconds']:.2f} |"
+        )
+    return lines
+
+
+def _reproduce_lines(config: RunConfig, command: str) -> list[str]:
+    """How to recreate the run: the command, the environment, the resolved config."""
+    env = environment()
+    return [
+        "",
+        "## Reproduce",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+        f"Environment: Python {env['python']}, torch {env['torch']}, pyro {env['pyro']}, "
+        f"{env['threads']} threads on {env['cpus']} CPUs ({env['machine']}).",
+        "",
+        "## Resolved config",
+        "",
+        "```json",
+        json.dumps(config.to_dict(), indent=2),
+        "```",
+        "",
+    ]
+
+
 def write_report(
     run_dir: Path,
     config: RunConfig,
@@ -607,75 +698,10 @@ def write_report(
         f"| seconds per epoch (median) | {median_seconds} |",
     ]
     if evaluation:
-        k = evaluation["importance_samples"]
-        lines += [
-            f"| test log-likelihood, importance sampled, K={k} | "
-            f"{_fmt(evaluation['test_log_likelihood'])} "
-            f"(+/- {evaluation['test_log_likelihood_sem']:.3f} s.e.m.) |",
-            f"| test NLL (positive) | {_fmt(evaluation['test_nll'])} |",
-            f"| log p(x) - ELBO (posterior KL gap) | "
-            f"{_fmt(evaluation['gap_log_likelihood_minus_elbo'])} |",
-            f"| active units (Cov_x E_q[z] > 0.01) | {evaluation['active_units']} of "
-            f"{evaluation['latent_dims']} |",
-            f"| per-unit KL: median / units above 0.1 nats | "
-            f"{_fmt(evaluation.get('kl_per_unit_median'))} / "
-            f"{evaluation.get('informative_units', '-')} |",
-            (
-                f"| PSIS k-hat: mean / max / share > 0.7 | {evaluation['khat_mean']:.2f} / "
-                f"{evaluation['khat_max']:.2f} / {evaluation['khat_share_above_0.7']:.1%} |"
-                if evaluation.get("khat_mean") is not None
-                else f"| PSIS k-hat | {evaluation.get('khat_note', '-')} |"
-            ),
-        ]
-    sites = sorted(k.removeprefix("test_kl_") for k in last if k.startswith("test_kl_"))
-    if len(sites) > 1:
-        lines += [
-            "",
-            "Per latent layer (last epoch; active units: Cov_x E_q[z] > 0.01):",
-            "",
-            "| layer | test KL | active units |",
-            "| --- | --- | --- |",
-        ]
-        by_site = (evaluation or {}).get("active_units_by_site", {})
-        for site in sites:
-            units = by_site.get(site, last.get(f"test_active_units_{site}", "-"))
-            lines.append(f"| {site} | {last[f'test_kl_{site}']:.3f} | {units} |")
-    lines += ["", "## Plots", ""]
-    for path in plot_paths:
-        relative = path.relative_to(run_dir)
-        lines += [f"![{path.stem}]({relative.as_posix()})", ""]
-    lines += [
-        "## Per epoch",
-        "",
-        "| epoch | train bound | test ELBO | test E[log p(x given z)] | test KL | seconds |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    flagged = {flag.where for flag in flags}
-    for e in epochs:
-        mark = " (warning)" if f"epoch {e['epoch']}" in flagged else ""
-        lines.append(
-            f"| {e['epoch']}{mark} | {e['train_elbo']:.3f} | {e['test_elbo']:.3f} | "
-            f"{e['test_expected_log_likelihood']:.3f} | {e['test_kl']:.3f} | {e['seconds']:.2f} |"
-        )
-    env = environment()
-    lines += [
-        "",
-        "## Reproduce",
-        "",
-        "```",
-        command,
-        "```",
-        "",
-        f"Environment: Python {env['python']}, torch {env['torch']}, pyro {env['pyro']}, "
-        f"{env['threads']} threads on {env['cpus']} CPUs ({env['machine']}).",
-        "",
-        "## Resolved config",
-        "",
-        "```json",
-        json.dumps(config.to_dict(), indent=2),
-        "```",
-        "",
-    ]
+        lines += _evaluation_rows(evaluation)
+    lines += _layer_lines(last, evaluation)
+    lines += _plot_and_epoch_lines(run_dir, epochs, plot_paths, flags)
+    lines += _reproduce_lines(config, command)
     path = run_dir / "report.md"
     from pyro_vae.io import atomic_write_text
 
