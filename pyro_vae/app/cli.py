@@ -122,10 +122,10 @@ def as_flags(message: str) -> str:
     """A library message in the command line's words: the library names a setting in
     backticks, `lr` or `estimator='mc'`; the command line prints --lr, --estimator mc."""
 
-    def flag(match: re.Match) -> str:
+    def flag(match: re.Match[str]) -> str:
         name, value = match.group(1), match.group(2)
         if name not in _SETTING_FLAGS:
-            return match.group(0)
+            return str(match.group(0))
         text = "--" + _SETTING_FLAGS[name].replace("_", "-")
         if value is not None:
             text += " " + value.strip("'\"")

@@ -30,7 +30,7 @@ import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -62,6 +62,10 @@ from pyro_vae.objectives.registry import (
     instance_options,
 )
 from pyro_vae.resources import check_device
+
+if TYPE_CHECKING:
+    from pyro_vae.config import RunConfig
+    from pyro_vae.models.protocol import PyroModel
 
 __all__ = [
     "Comparison",
@@ -107,7 +111,7 @@ def parse_estimators(text: str | Sequence[Any]) -> list[str]:
     return keys
 
 
-def check_executor_reaches(estimators: Sequence[str], executor) -> None:
+def check_executor_reaches(estimators: Sequence[str], executor: Any) -> None:
     """Refuse, in one line, an estimator only this process knows when the runs train
     elsewhere (Ray workers import estimators by name or import path)."""
     if executor is None or executor.name == "serial":
@@ -140,7 +144,7 @@ def _check_options_used(estimators: Sequence[str], options: Mapping[str, Any]) -
 
 
 def check_estimators_run(
-    vae,
+    vae: PyroModel,
     x: torch.Tensor,
     estimators: Sequence[Any],
     particles: int,
@@ -164,13 +168,15 @@ def check_estimators_run(
             ) from None
 
 
-def _run_once(spec, model, x: torch.Tensor, particles: int, options: Mapping[str, Any]) -> None:
+def _run_once(
+    spec: Any, model: PyroModel, x: torch.Tensor, particles: int, options: Mapping[str, Any]
+) -> None:
     check_estimator_fits(spec, model)
     elbo = spec.build(particles, options=estimator_options_for(spec.key, options))
     elbo.differentiable_loss(model.model, model.guide, x).backward()
 
 
-def as_run_config(config: Any):
+def as_run_config(config: Any) -> RunConfig:
     """A :class:`~pyro_vae.config.RunConfig`, or a model factory (a callable taking the
     data shape, or its import path) made into the default one with that model."""
     from pyro_vae.config import ModelConfig, RunConfig
@@ -192,7 +198,7 @@ def as_run_config(config: Any):
 
 
 def compare_estimators(
-    config, estimators: Sequence[Any], out_dir: str | Path, **settings: Any
+    config: Any, estimators: Sequence[Any], out_dir: str | Path, **settings: Any
 ) -> dict[str, Any]:
     """Train one model per estimator and repeat, on an equal budget, and compare them.
 
@@ -246,7 +252,7 @@ def compare_estimators(
 
 
 def run_comparison(
-    config,
+    config: Any,
     estimators: Sequence[Any],
     out_dir: str | Path,
     repeats: int = 1,
@@ -260,7 +266,7 @@ def run_comparison(
     progress: bool = True,
     log: Callable[[str], None] | None = print,
     command: str = "",
-    executor=None,
+    executor: Any = None,
     ais_steps: int | None = None,
     budget: str = "steps",
     budget_seconds: float | None = None,
@@ -424,7 +430,7 @@ def _baseline_key(baseline: Any, estimators: Sequence[str]) -> str:
 
 
 def budget_of(
-    config,
+    config: RunConfig,
     estimators: Sequence[str],
     budget: str,
     seconds: float | None,
@@ -473,7 +479,7 @@ def _unspent_time(runs: Sequence[dict[str, Any]], budget: dict[str, Any]) -> lis
     ]
 
 
-def _serial_unless(executor):
+def _serial_unless(executor: Any) -> Any:
     """``executor``, or the serial one (in this process) when none is given."""
     if executor is not None:
         return executor
@@ -482,13 +488,13 @@ def _serial_unless(executor):
     return SerialExecutor()
 
 
-def _compile_evaluation(config) -> bool | None:
+def _compile_evaluation(config: RunConfig) -> bool | None:
     """Whether evaluation runs through captured graphs (``None``: decided by the work)."""
     return None if config.train.compile == "auto" else bool(config.train.compile)
 
 
 def _check_options(
-    config,
+    config: RunConfig,
     repeats: int,
     eval_samples: int,
     grad_draws: int,
@@ -510,7 +516,7 @@ def _check_options(
         raise UserInputError("every K in --snr-particles and --bound-particles must be >= 1")
 
 
-def _test_images(config, eval_points: int | None):
+def _test_images(config: RunConfig, eval_points: int | None) -> tuple[Any, torch.Tensor]:
     """The data set (split with the first repeat's seed) and its evaluated test images."""
     from pyro_vae.data import load_data
 
@@ -529,14 +535,18 @@ def _test_images(config, eval_points: int | None):
 
 
 def _check_model(
-    config, data, test_images: torch.Tensor, estimators: Sequence[str], options=None
+    config: RunConfig,
+    data: Any,
+    test_images: torch.Tensor,
+    estimators: Sequence[str],
+    options: Mapping[str, Any] | None = None,
 ) -> None:
     """The model takes the data and every estimator runs on it: before any training."""
     from pyro_vae.models.build import build_vae
     from pyro_vae.models.protocol import check_data
 
     torch.manual_seed(config.train.seed)
-    probe = build_vae(config.model, data.data_shape)
+    probe: Any = build_vae(config.model, data.data_shape)
     check_data(probe, test_images, "the test set")
     train = config.train
     check_estimators_run(
@@ -554,7 +564,9 @@ def folder_name(key: str) -> str:
     return re.sub(r"[^\w.-]", "_", key)
 
 
-def initial_parameters(config, data_shape, seed: int) -> dict[str, torch.Tensor]:
+def initial_parameters(
+    config: RunConfig, data_shape: Sequence[int], seed: int
+) -> dict[str, torch.Tensor]:
     """The model's parameters as built from ``seed``: one build per seed, a copy for each
     estimator, so that all start alike whatever the factory does with random numbers."""
     from pyro_vae.models.build import build_vae
@@ -567,7 +579,7 @@ def initial_parameters(config, data_shape, seed: int) -> dict[str, torch.Tensor]
 
 
 def _run_specs(
-    config,
+    config: RunConfig,
     estimators: Sequence[str],
     runs_dir: Path,
     repeats: int,
@@ -618,7 +630,11 @@ def _run_specs(
 
 
 def _train_runs(
-    executor, specs, labels, log, eval_samples: int
+    executor: Any,
+    specs: list[dict[str, Any]],
+    labels: list[str],
+    log: Callable[[str], None] | None,
+    eval_samples: int,
 ) -> tuple[list[dict[str, Any]], float]:
     """Every spec trained by ``executor``, each from a fresh folder; with the wall time.
     Each finished run is logged as one line."""
@@ -636,7 +652,9 @@ def _train_runs(
     return runs, wall_seconds
 
 
-def _first_repeat_models(runs: list[dict[str, Any]], config, data_shape) -> dict[str, Any]:
+def _first_repeat_models(
+    runs: list[dict[str, Any]], config: RunConfig, data_shape: Sequence[int]
+) -> dict[str, Any]:
     """The first repeat's trained models by estimator, rebuilt from the parameters that
     their runs returned (which leave the run records here)."""
     from pyro_vae.models.build import build_vae
@@ -668,8 +686,16 @@ def snr_estimators(estimators: Sequence[str]) -> list[str]:
 
 
 def _snr_section(
-    trained, estimators, grad_images, snr_particles, snr_outer, grad_draws, config, log, pool=None
-):
+    trained: dict[str, Any],
+    estimators: Sequence[str],
+    grad_images: torch.Tensor,
+    snr_particles: Sequence[int],
+    snr_outer: Sequence[int],
+    grad_draws: int,
+    config: RunConfig,
+    log: Callable[[str], None] | None,
+    pool: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """SNR against K (and M, for an estimator with an outer-sample option) at the
     parameters of one first-repeat model (IWAE's if trained)."""
     reference_name = next((n for n in ("iwae", "dreg", "mc") if n in trained), estimators[0])
@@ -710,7 +736,14 @@ def _snr_section(
     return {"parameters_of": reference_name, "rows": rows}
 
 
-def _bounds_section(trained, bound_images, bound_particles, eval_samples, config, log):
+def _bounds_section(
+    trained: dict[str, Any],
+    bound_images: torch.Tensor,
+    bound_particles: Sequence[int],
+    eval_samples: int,
+    config: RunConfig,
+    log: Callable[[str], None] | None,
+) -> Any:
     """The bounds against K of the first repeat's models."""
     if log is not None:
         log("bounds against K ...")
@@ -799,7 +832,7 @@ def train_compare_run(spec: dict[str, Any]) -> dict[str, Any]:
     return run
 
 
-def _stopped_by(train, history) -> str:
+def _stopped_by(train: Any, history: Any) -> str:
     """What ended a run: ``"seconds"`` (its time budget), ``"max_steps"`` (its step
     cap), else ``"epochs"``."""
     if train.max_seconds is not None and sum(history["seconds"]) >= train.max_seconds:
@@ -809,7 +842,7 @@ def _stopped_by(train, history) -> str:
     return "epochs"
 
 
-def _spec_data(config, spec: dict[str, Any]):
+def _spec_data(config: RunConfig, spec: dict[str, Any]) -> tuple[Any, torch.Tensor]:
     """The data set of a run spec (read once per process) and its evaluated test images."""
     data = load_data_once(config.data, spec["data_seed"])
     test_images = data.evaluation_images("test")

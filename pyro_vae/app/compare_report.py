@@ -429,7 +429,7 @@ def _plain_number(value: float, _position: Any = None) -> str:
     return f"{mantissa}e{int(exponent)}"
 
 
-def plain_log_axis(ax, which: str = "y") -> None:
+def plain_log_axis(ax: Any, which: str = "y") -> None:
     """A log axis whose ticks are plain numbers at 1, 2, 5 x 10^n (1..9 over less than
     a decade, decades alone over more than three), no minor labels."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
@@ -497,7 +497,7 @@ def _learning_x(c: Comparison, run: dict[str, Any]) -> tuple[list[float], str]:
     return [e["epoch"] for e in history], "epoch (equal number of gradient steps)"
 
 
-def _learning_curves(plt, folder: Path, c: Comparison) -> Path:
+def _learning_curves(plt: Any, folder: Path, c: Comparison) -> Path:
     from matplotlib.ticker import MaxNLocator
 
     from pyro_vae.app.plots import _save
@@ -547,7 +547,9 @@ def _slope_label(c: Comparison, name: str, group: str, varied: str) -> str:
     return text
 
 
-def _snr_panels(plt, c: Comparison, varied: str, key: str, xlabel: str, title: str, path: Path):
+def _snr_panels(
+    plt: Any, c: Comparison, varied: str, key: str, xlabel: str, title: str, path: Path
+) -> Path:
     from pyro_vae.app.plots import _save
 
     rows = [r for r in c.snr_versus_particles["rows"] if r.get("varied", "K") == varied]
@@ -592,20 +594,20 @@ def _snr_panels(plt, c: Comparison, varied: str, key: str, xlabel: str, title: s
     return _save(fig, path, dpi=DPI)
 
 
-def _snr_against_k(plt, folder: Path, c: Comparison) -> Path:
+def _snr_against_k(plt: Any, folder: Path, c: Comparison) -> Path:
     return _snr_panels(
         plt, c, "K", "particles", "K (particles)", "against K", folder / "snr_vs_k.png"
     )
 
 
-def _snr_against_m(plt, folder: Path, c: Comparison) -> Path:
+def _snr_against_m(plt: Any, folder: Path, c: Comparison) -> Path:
     k = c.config["train"]["particles"]
     return _snr_panels(
         plt, c, "M", "outer", "M (outer samples)", f"against M, K={k}", folder / "snr_vs_m.png"
     )
 
 
-def _gradient_variance(plt, folder: Path, c: Comparison) -> Path:
+def _gradient_variance(plt: Any, folder: Path, c: Comparison) -> Path:
     from pyro_vae.app.plots import _save
 
     styles = _indices(c)
@@ -651,7 +653,7 @@ def _gradient_variance(plt, folder: Path, c: Comparison) -> Path:
     return _save(fig, folder / "gradient_variance.png", dpi=DPI)
 
 
-def _paired_differences(plt, folder: Path, c: Comparison) -> Path:
+def _paired_differences(plt: Any, folder: Path, c: Comparison) -> Path:
     from pyro_vae.app.plots import _save
 
     metrics = list(dict.fromkeys(r["metric"] for r in c.paired_differences))
@@ -684,7 +686,7 @@ def _paired_differences(plt, folder: Path, c: Comparison) -> Path:
     return _save(fig, folder / "paired_differences.png", dpi=DPI)
 
 
-def _bounds_against_k(plt, folder: Path, c: Comparison) -> Path:
+def _bounds_against_k(plt: Any, folder: Path, c: Comparison) -> Path:
     from pyro_vae.app.plots import _save
 
     fig, ax = plt.subplots(figsize=(7, 4.5))

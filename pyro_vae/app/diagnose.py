@@ -88,7 +88,14 @@ _COUNTS = (
 
 
 def _check_options(
-    images, chains, warmup, samples, is_samples, local_steps, khat_images, khat_samples
+    images: int,
+    chains: int,
+    warmup: int,
+    samples: int,
+    is_samples: int,
+    local_steps: int,
+    khat_images: int,
+    khat_samples: int,
 ) -> None:
     if images < 1:
         raise UserInputError(f"--images must be >= 1, got {images}")

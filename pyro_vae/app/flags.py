@@ -202,7 +202,7 @@ def executor_flags(parser: argparse.ArgumentParser, gpus: bool = False) -> None:
     )
 
 
-def executor_from_flags(args: argparse.Namespace, gpus_per_run: float = 0.0):
+def executor_from_flags(args: argparse.Namespace, gpus_per_run: float = 0.0) -> Any:
     """The executor the flags ask for, checked (Ray installed) before anything is written."""
     from pyro_vae.app.executors import import_ray, make_executor
 

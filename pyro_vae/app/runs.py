@@ -18,11 +18,14 @@ import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from pyro_vae.config import RunConfig
 from pyro_vae.errors import UserInputError
 from pyro_vae.io import read_json
+
+if TYPE_CHECKING:
+    from pyro_vae.models.protocol import PyroModel
 
 #: what a run writes into its folder (and --overwrite replaces)
 RUN_FILES = (
@@ -69,7 +72,7 @@ class RunLock:
         self.acquire()
         return self
 
-    def __exit__(self, kind, value, traceback) -> None:
+    def __exit__(self, kind: Any, value: Any, traceback: Any) -> None:
         self.release()
 
     def acquire(self) -> None:
@@ -497,7 +500,7 @@ def load_run(
     return LoadedRun(config, vae, data, checkpoint)
 
 
-def load_parameters(vae, state: dict[str, Any], where: Path) -> None:
+def load_parameters(vae: Any, state: dict[str, Any], where: Path) -> None:
     """``vae.load_state_dict(state)``, with the first mismatch named if it does not fit."""
     from pyro_vae.errors import CheckpointError
 
@@ -536,7 +539,9 @@ def command_line(argv: list[str] | None) -> str:
     return "pyro-vae " + shlex.join(args)
 
 
-def write_plots(run_dir: Path, vae, data, epochs: list[dict[str, Any]]) -> list[Path]:
+def write_plots(
+    run_dir: Path, vae: PyroModel, data: Any, epochs: list[dict[str, Any]]
+) -> list[Path]:
     """The run's PNG figures in ``run_dir/plots``: learning curves, reconstructions, prior
     samples and the latent space; returns their paths."""
     from pyro_vae.app import plots

@@ -46,7 +46,8 @@ class SweepRun:
 
 def load_grid(path: str | Path) -> dict[str, Any]:
     """Read a grid file; its structure is checked by :func:`expand_grid`."""
-    return read_json(path, "grid file")
+    grid: dict[str, Any] = read_json(path, "grid file")
+    return grid
 
 
 def expand_grid(spec: Any, source: str = "grid") -> list[SweepRun]:
@@ -154,7 +155,7 @@ def check_runs(runs: Sequence[SweepRun], check_device: bool = True) -> None:
             raise UserInputError(f"run {run.name}: {error}") from None
 
 
-def parameters_digest(vae) -> str:
+def parameters_digest(vae: Any) -> str:
     """SHA-256 of the parameters and buffers, by name: equal digests, identical models."""
     digest = hashlib.sha256()
     for name, value in sorted(vae.state_dict().items()):
@@ -163,7 +164,7 @@ def parameters_digest(vae) -> str:
     return digest.hexdigest()
 
 
-def sweep_run(spec: dict[str, Any], callbacks: Sequence[Callable] = ()) -> dict[str, Any]:
+def sweep_run(spec: dict[str, Any], callbacks: Sequence[Callable[..., Any]] = ()) -> dict[str, Any]:
     """Train, evaluate and summarise one run of a sweep.
 
     ``spec`` is plain data: ``name``, ``overrides``, ``config`` (a RunConfig as a dict),
@@ -217,7 +218,7 @@ def sweep_run(spec: dict[str, Any], callbacks: Sequence[Callable] = ()) -> dict[
 def run_sweep(
     runs: Sequence[SweepRun],
     out_dir: str | Path,
-    executor=None,
+    executor: Any = None,
     progress: bool = True,
     log: Callable[[str], None] | None = print,
     command: str = "",

@@ -346,7 +346,7 @@ def run_flags(
     return flags
 
 
-def final_evaluation_images(config: RunConfig, data) -> Any:
+def final_evaluation_images(config: RunConfig, data: Any) -> Any:
     """The test images of the final evaluation: all, or ``config.train.eval_images`` of
     them, a fixed random subset (seeded by the run's seed, the same on every resume)."""
     from pyro_vae.analysis.evaluation import fixed_subset

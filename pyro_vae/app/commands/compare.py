@@ -214,7 +214,14 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     return 0
 
 
-def _run_compare(args, argv, config, estimators, executor=None, options=None):
+def _run_compare(
+    args: argparse.Namespace,
+    argv: list[str] | None,
+    config: RunConfig,
+    estimators: list[str],
+    executor: Any = None,
+    options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     from pyro_vae.app.compare import compare_estimators
     from pyro_vae.app.runs import command_line
 
