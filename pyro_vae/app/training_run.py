@@ -263,7 +263,7 @@ def run_training(
     ``announce`` is given the run to train (its config, ``resume`` and ``out``) before
     training starts: under torchrun, the other processes train it with this one."""
     from pyro_vae.analysis.evaluation import evaluate
-    from pyro_vae.app.runs import write_plots, write_report
+    from pyro_vae.app.run_report import write_plots, write_report
     from pyro_vae.io import atomic_write_json
     from pyro_vae.resources import human_seconds
     from pyro_vae.training.fit import fit
