@@ -29,7 +29,7 @@ import copy
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
 
@@ -64,11 +64,14 @@ from pyro_vae.objectives.registry import (
 from pyro_vae.resources import check_device
 
 if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
     from pyro_vae.config import RunConfig
     from pyro_vae.models.protocol import PyroModel
 
 __all__ = [
     "Comparison",
+    "ComparisonSettings",
     "as_run_config",
     "check_estimators_run",
     "compare_estimators",
@@ -188,8 +191,34 @@ def as_run_config(config: Any) -> RunConfig:
     )
 
 
+class ComparisonSettings(TypedDict, total=False):
+    """The keywords of :func:`compare_estimators`: those of :func:`run_comparison`."""
+
+    repeats: int
+    eval_samples: int
+    eval_points: int | None
+    grad_draws: int
+    grad_batch: int
+    snr_particles: Sequence[int]
+    bound_particles: Sequence[int]
+    bound_points: int
+    progress: bool
+    log: Callable[[str], None] | None
+    command: str
+    executor: Any
+    ais_steps: int | None
+    budget: str
+    budget_seconds: float | None
+    baseline: Any
+    snr_outer: Sequence[int]
+    estimator_options: Mapping[str, Any] | None
+
+
 def compare_estimators(
-    config: Any, estimators: Sequence[Any], out_dir: str | Path, **settings: Any
+    config: Any,
+    estimators: Sequence[Any],
+    out_dir: str | Path,
+    **settings: Unpack[ComparisonSettings],
 ) -> dict[str, Any]:
     """Train one model per estimator and repeat, on an equal budget, and compare them.
 
