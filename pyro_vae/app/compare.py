@@ -37,8 +37,6 @@ from pyro_vae.analysis.comparison import (
     BUDGETS,
     Comparison,
     paired_differences,
-    samples_budget_steps,
-    samples_per_step,
     snr_slopes,
     summarise,
 )
@@ -46,11 +44,13 @@ from pyro_vae.analysis.sanity import comparison_flags
 from pyro_vae.app.compare_report import markdown_table, write_comparison
 from pyro_vae.app.compare_runs import (
     bounds_section,
+    budget_of,
     estimator_options_for,
     first_repeat_models,
     run_specs,
     snr_section,
     train_runs,
+    unspent_time,
 )
 from pyro_vae.errors import UserInputError
 from pyro_vae.imports import import_path_of, is_import_path
@@ -333,7 +333,7 @@ def run_comparison(
     )
     runs, runs_wall_seconds = train_runs(executor, specs, labels, log, eval_samples)
     if log is not None:
-        for line in _unspent_time(runs, shared):
+        for line in unspent_time(runs, shared):
             log(f"warning: {line}")
     trained = first_repeat_models(runs, config, data.data_shape)  # on config.train.device
     grad_images = test_images[: min(grad_batch, len(test_images))]
@@ -448,56 +448,6 @@ def _baseline_key(baseline: Any, estimators: Sequence[str]) -> str:
             f"the baseline estimator {key} is not among those compared ({', '.join(estimators)})"
         )
     return key
-
-
-def budget_of(
-    config: RunConfig,
-    estimators: Sequence[str],
-    budget: str,
-    seconds: float | None,
-    num_train: int,
-    options: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """What the estimators share, and what each one gets: the reference of ``epochs``
-    epochs of K samples per data point and step, and per estimator its samples per step
-    and (under the samples budget) its epochs and step cap."""
-    train = config.train
-    steps_per_epoch = math.ceil(num_train / train.batch_size)
-    steps = train.epochs * steps_per_epoch
-    each = {}
-    for name in estimators:
-        samples = samples_per_step(
-            estimator_spec(name),
-            train.particles,
-            estimator_options_for(name, train.estimator_options if options is None else options),
-        )
-        epochs, cap = train.epochs, None
-        if budget == "samples":
-            epochs, cap = samples_budget_steps(steps, train.particles, samples, steps_per_epoch)
-        each[name] = {"samples_per_step": samples, "epochs": epochs, "max_steps": cap}
-    return {
-        "kind": budget,
-        "epochs": train.epochs,
-        "steps_per_epoch": steps_per_epoch,
-        "steps": steps,
-        "particles": train.particles,
-        "samples_per_point": train.epochs * train.particles,
-        "seconds": seconds,
-        "estimators": each,
-    }
-
-
-def _unspent_time(runs: Sequence[dict[str, Any]], budget: dict[str, Any]) -> list[str]:
-    """Under the seconds budget, the runs that ended at their epochs with time left."""
-    if budget["kind"] != "seconds":
-        return []
-    return [
-        f"{run['estimator']} (seed {run['seed']}) trained all {run['epochs']} epochs in "
-        f"{sum(e['seconds'] for e in run['history']):.1f} s, short of the "
-        f"{budget['seconds']:g}-second budget: raise epochs (the cap) for an equal-time run"
-        for run in runs
-        if run.get("stopped_by") == "epochs"
-    ]
 
 
 def _serial_unless(executor: Any) -> Any:

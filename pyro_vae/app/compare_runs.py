@@ -22,6 +22,8 @@ from pyro_vae.analysis.comparison import (
     bounds_versus_particles,
     outer_option,
     own_objective_and_gradients,
+    samples_budget_steps,
+    samples_per_step,
 )
 from pyro_vae.analysis.gradients import snr_versus_outer, snr_versus_particles
 from pyro_vae.app.compare_report import run_line
@@ -41,6 +43,56 @@ def estimator_options_for(key: str, options: Mapping[str, Any]) -> dict[str, Any
     spec = estimator_spec(key)
     names = {o.name for o in spec.options}
     return {**instance_options(spec), **{k: v for k, v in options.items() if k in names}}
+
+
+def budget_of(
+    config: RunConfig,
+    estimators: Sequence[str],
+    budget: str,
+    seconds: float | None,
+    num_train: int,
+    options: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """What the estimators share, and what each one gets: the reference of ``epochs``
+    epochs of K samples per data point and step, and per estimator its samples per step
+    and (under the samples budget) its epochs and step cap."""
+    train = config.train
+    steps_per_epoch = math.ceil(num_train / train.batch_size)
+    steps = train.epochs * steps_per_epoch
+    each = {}
+    for name in estimators:
+        samples = samples_per_step(
+            estimator_spec(name),
+            train.particles,
+            estimator_options_for(name, train.estimator_options if options is None else options),
+        )
+        epochs, cap = train.epochs, None
+        if budget == "samples":
+            epochs, cap = samples_budget_steps(steps, train.particles, samples, steps_per_epoch)
+        each[name] = {"samples_per_step": samples, "epochs": epochs, "max_steps": cap}
+    return {
+        "kind": budget,
+        "epochs": train.epochs,
+        "steps_per_epoch": steps_per_epoch,
+        "steps": steps,
+        "particles": train.particles,
+        "samples_per_point": train.epochs * train.particles,
+        "seconds": seconds,
+        "estimators": each,
+    }
+
+
+def unspent_time(runs: Sequence[dict[str, Any]], budget: dict[str, Any]) -> list[str]:
+    """Under the seconds budget, the runs that ended at their epochs with time left."""
+    if budget["kind"] != "seconds":
+        return []
+    return [
+        f"{run['estimator']} (seed {run['seed']}) trained all {run['epochs']} epochs in "
+        f"{sum(e['seconds'] for e in run['history']):.1f} s, short of the "
+        f"{budget['seconds']:g}-second budget: raise epochs (the cap) for an equal-time run"
+        for run in runs
+        if run.get("stopped_by") == "epochs"
+    ]
 
 
 def folder_name(key: str) -> str:
