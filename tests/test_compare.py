@@ -286,10 +286,11 @@ def test_run_comparison_returns_data_and_writes_only_its_run_folders(tmp_path):
 
 def test_the_default_estimators_leave_analytic_out_only_where_its_kl_is_biased(capsys):
     from pyro_vae import ModelConfig, build_vae
-    from pyro_vae.app.cli import COMPARE_ESTIMATORS, build_parser
+    from pyro_vae.app.cli import build_parser
+    from pyro_vae.app.commands.compare import COMPARE_ESTIMATORS
 
     def defaults(*flags):
-        from pyro_vae.app.cli import _default_estimators
+        from pyro_vae.app.commands.compare import _default_estimators
 
         return _default_estimators(build_parser().parse_args(["compare", *flags]))
 

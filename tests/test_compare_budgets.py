@@ -22,7 +22,8 @@ from pyro_vae.analysis.comparison import (
     t_quantile,
 )
 from pyro_vae.app.cli import main
-from pyro_vae.app.compare_report import _plain_number, markdown_table
+from pyro_vae.app.compare_plots import _plain_number
+from pyro_vae.app.compare_report import markdown_table
 from pyro_vae.errors import UserInputError
 from pyro_vae.objectives.registry import Estimator, Option, make_elbo
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pyro_vae.app.cli import _TRAIN_FLAGS, build_parser
+from pyro_vae.app.cli import build_parser
+from pyro_vae.app.flags import TRAIN_FLAGS
 from pyro_vae.config import ModelConfig, RunConfig
 from pyro_vae.training.checkpoint import load_checkpoint
 
@@ -151,9 +152,9 @@ def test_every_train_flag_shows_the_config_default_in_help():
     )
     defaults = RunConfig()
     for action in train._actions:
-        if action.dest not in _TRAIN_FLAGS:
+        if action.dest not in TRAIN_FLAGS:
             continue
-        section, name = _TRAIN_FLAGS[action.dest]
+        section, name = TRAIN_FLAGS[action.dest]
         value = getattr(getattr(defaults, section), name)
         if action.dest == "compile":
             assert "default: when" in action.help
@@ -210,7 +211,7 @@ def test_the_iwae_schedule_gives_each_pass_its_papers_learning_rate():
 
 
 def test_the_iwae_protocol_sets_the_papers_settings_under_config_and_flags(tmp_path):
-    from pyro_vae.app.cli import resolve_config
+    from pyro_vae.app.flags import resolve_config
 
     config_file = tmp_path / "c.json"
     config_file.write_text('{"train": {"batch_size": 40}}')

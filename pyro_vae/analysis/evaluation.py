@@ -132,6 +132,41 @@ def _progress(total: int, num_samples: int, enabled: bool):
     )
 
 
+def _shares_out(x: torch.Tensor, sharded: bool) -> bool:
+    """Under ``torchrun``, the data points are shared out over the processes (unless
+    this is already one process's share)."""
+    return distributed.world_size() > 1 and len(x) >= distributed.world_size() and not sharded
+
+
+def _each_batch(
+    vae,
+    x: torch.Tensor,
+    num_samples: int,
+    chunk_size: int | None,
+    batch_size: int | None,
+    progress: bool,
+    compile: bool | None,
+    score: Callable[[int, torch.Tensor, Iterator[torch.Tensor]], None],
+) -> None:
+    """The loop of the importance-sampled evaluations: ``score(start, batch, chunks)``
+    for each batch of ``x`` in order, ``chunks`` its float64 log-weights ``chunk_size``
+    samples at a time; with no gradients, the networks in eval mode, the data checked
+    once, and a progress bar."""
+    n = x.shape[0]
+    chunk_size, batch_size = _sizes(x, num_samples, chunk_size, batch_size)
+    with (
+        torch.no_grad(),
+        evaluation_mode(vae),
+        _checked_once(vae, x),
+        _progress(n, num_samples, progress) as bar,
+    ):
+        weights = importance_weights(vae, n, num_samples, chunk_size, batch_size, compile)
+        for start in range(0, n, batch_size):
+            batch = x[start : start + batch_size]
+            score(start, batch, _weight_chunks(weights, batch, num_samples, chunk_size))
+            bar.update(batch.shape[0])
+
+
 def log_likelihood(
     vae,
     x: torch.Tensor,
@@ -159,29 +194,22 @@ def log_likelihood(
     results gathered, in order, on every process (:mod:`pyro_vae.distributed`).
     """
     x = as_batch(vae, x)
-    if distributed.world_size() > 1 and len(x) >= distributed.world_size() and not _sharded:
+    if _shares_out(x, _sharded):
         part = x[distributed.shard(len(x))]
         mine = log_likelihood(
             vae, part, num_samples, chunk_size, batch_size, progress, compile, _sharded=True
         )
         return distributed.gather_rows(mine)
-    n = x.shape[0]
-    chunk_size, batch_size = _sizes(x, num_samples, chunk_size, batch_size)
-    result = torch.empty(n, dtype=torch.float64, device=x.device)
-    with (
-        torch.no_grad(),
-        evaluation_mode(vae),
-        _checked_once(vae, x),
-        _progress(n, num_samples, progress) as bar,
-    ):
-        weights = importance_weights(vae, n, num_samples, chunk_size, batch_size, compile)
-        for start in range(0, n, batch_size):
-            batch = x[start : start + batch_size]
-            total = torch.full((batch.shape[0],), -math.inf, dtype=torch.float64, device=x.device)
-            for log_w in _weight_chunks(weights, batch, num_samples, chunk_size):
-                total = torch.logaddexp(total, torch.logsumexp(log_w, 0))
-            result[start : start + batch.shape[0]] = total - math.log(num_samples)
-            bar.update(batch.shape[0])
+    result = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
+
+    def score(start: int, batch: torch.Tensor, chunks: Iterator[torch.Tensor]) -> None:
+        # chunk by chunk: memory bounded whatever K is
+        total = torch.full((batch.shape[0],), -math.inf, dtype=torch.float64, device=x.device)
+        for log_w in chunks:
+            total = torch.logaddexp(total, torch.logsumexp(log_w, 0))
+        result[start : start + batch.shape[0]] = total - math.log(num_samples)
+
+    _each_batch(vae, x, num_samples, chunk_size, batch_size, progress, compile, score)
     return result
 
 
@@ -274,7 +302,7 @@ def log_likelihood_and_khat(
     over the processes and the results gathered (:mod:`pyro_vae.distributed`).
     """
     x = as_batch(vae, x)
-    if distributed.world_size() > 1 and len(x) >= distributed.world_size() and not _sharded:
+    if _shares_out(x, _sharded):
         log_px, khat = log_likelihood_and_khat(
             vae,
             x[distributed.shard(len(x))],
@@ -287,24 +315,17 @@ def log_likelihood_and_khat(
         )
         gathered = distributed.gather_rows(torch.as_tensor(khat, dtype=torch.float64))
         return distributed.gather_rows(log_px), gathered.numpy()
-    n = x.shape[0]
-    chunk_size, batch_size = _sizes(x, num_samples, chunk_size, batch_size)
-    result = torch.empty(n, dtype=torch.float64)
-    khats = np.empty(n)
-    with (
-        torch.no_grad(),
-        evaluation_mode(vae),
-        _checked_once(vae, x),
-        _progress(n, num_samples, progress) as bar,
-    ):
-        weights = importance_weights(vae, n, num_samples, chunk_size, batch_size, compile)
-        for start in range(0, n, batch_size):
-            batch = x[start : start + batch_size]
-            log_w = torch.cat(list(_weight_chunks(weights, batch, num_samples, chunk_size)))
-            end = start + batch.shape[0]
-            result[start:end] = (torch.logsumexp(log_w, 0) - math.log(num_samples)).cpu()
-            khats[start:end] = psis_khat(log_w)
-            bar.update(batch.shape[0])
+    result = torch.empty(x.shape[0], dtype=torch.float64)
+    khats = np.empty(x.shape[0])
+
+    def score(start: int, batch: torch.Tensor, chunks: Iterator[torch.Tensor]) -> None:
+        # the batch's K weights at once, for the k-hat fit
+        log_w = torch.cat(list(chunks))
+        end = start + batch.shape[0]
+        result[start:end] = (torch.logsumexp(log_w, 0) - math.log(num_samples)).cpu()
+        khats[start:end] = psis_khat(log_w)
+
+    _each_batch(vae, x, num_samples, chunk_size, batch_size, progress, compile, score)
     return result, khats
 
 

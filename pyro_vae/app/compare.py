@@ -1,12 +1,14 @@
 """Comparing estimators: gradient variance and SNR, bound tightness, equal-budget training.
 
-- :func:`gradient_draws` / :func:`gradient_statistics`: M gradient estimates with fresh
+- :func:`~pyro_vae.analysis.gradients.gradient_draws` /
+  :func:`~pyro_vae.analysis.gradients.gradient_statistics`: M gradient estimates with fresh
   noise at fixed parameters and a fixed mini-batch; per parameter group (encoder: the
   guide's parameters, decoder: the model's) the total variance, the mean per-parameter
   signal-to-noise ratio ``|mean| / std`` (Rainforth et al., "Tighter Variational Bounds
   are Not Necessarily Better", 2018) and, given a reference gradient, the bias.
-- :func:`bound_tightness`: per data point L_1 (the ELBO), L_K for several K, the
-  importance-sampled log p(x), their gaps, and the penalty objective next to them.
+- :func:`~pyro_vae.analysis.bounds.bound_tightness`: per data point L_1 (the ELBO), L_K
+  for several K, the importance-sampled log p(x), their gaps, and the penalty objective
+  next to them.
 - :func:`compare_estimators`: trains one model per estimator from the same initial
   parameters and data order on an equal budget (gradient steps, samples of z per data
   point, or wall-clock seconds), evaluates all with the same K, and writes
@@ -14,8 +16,9 @@
   seeds, paired differences against a baseline estimator, and the SNR's slopes against
   K and M beside Rainforth et al.'s predictions.
 
-This module orchestrates: :func:`run_comparison` trains the runs (through an executor,
-each in its own run folder) and returns a :class:`~pyro_vae.analysis.comparison.Comparison`
+This module orchestrates: :func:`run_comparison` checks everything, trains the runs
+(:mod:`pyro_vae.app.compare_runs`, through an executor, each in its own run folder) and
+returns a :class:`~pyro_vae.analysis.comparison.Comparison`
 measured by :mod:`pyro_vae.analysis.comparison`; :mod:`pyro_vae.app.compare_report`
 renders it.
 """
@@ -23,34 +26,32 @@ renders it.
 from __future__ import annotations
 
 import copy
-import dataclasses
-import functools
 import math
-import re
-import shutil
-import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
-import numpy as np
 import torch
 
 from pyro_vae.analysis.comparison import (
     BUDGETS,
     Comparison,
-    bounds_versus_particles,
-    outer_option,
-    own_objective_and_gradients,
     paired_differences,
-    samples_budget_steps,
-    samples_per_step,
     snr_slopes,
     summarise,
 )
-from pyro_vae.analysis.gradients import snr_versus_outer, snr_versus_particles
 from pyro_vae.analysis.sanity import comparison_flags
-from pyro_vae.app.compare_report import markdown_table, run_line, write_comparison
+from pyro_vae.app.compare_report import markdown_table, write_comparison
+from pyro_vae.app.compare_runs import (
+    bounds_section,
+    budget_of,
+    estimator_options_for,
+    first_repeat_models,
+    run_specs,
+    snr_section,
+    train_runs,
+    unspent_time,
+)
 from pyro_vae.errors import UserInputError
 from pyro_vae.imports import import_path_of, is_import_path
 from pyro_vae.models.protocol import private_param_store
@@ -59,20 +60,24 @@ from pyro_vae.objectives.registry import (
     ESTIMATORS,
     check_estimator_fits,
     estimator_spec,
-    instance_options,
 )
 from pyro_vae.resources import check_device
 
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from pyro_vae.config import RunConfig
+    from pyro_vae.models.protocol import PyroModel
+
 __all__ = [
     "Comparison",
+    "ComparisonSettings",
     "as_run_config",
     "check_estimators_run",
-    "checkpoint_epoch",
     "compare_estimators",
     "markdown_table",
     "parse_estimators",
     "run_comparison",
-    "train_compare_run",
 ]
 
 
@@ -108,7 +113,7 @@ def parse_estimators(text: str | Sequence[Any]) -> list[str]:
     return keys
 
 
-def check_executor_reaches(estimators: Sequence[str], executor) -> None:
+def check_executor_reaches(estimators: Sequence[str], executor: Any) -> None:
     """Refuse, in one line, an estimator only this process knows when the runs train
     elsewhere (Ray workers import estimators by name or import path)."""
     if executor is None or executor.name == "serial":
@@ -122,14 +127,6 @@ def check_executor_reaches(estimators: Sequence[str], executor) -> None:
         )
 
 
-def estimator_options_for(key: str, options: Mapping[str, Any]) -> dict[str, Any]:
-    """The options of ``options`` that estimator ``key`` has (a comparison's options apply
-    to each estimator that takes them), with an ELBO object's own settings."""
-    spec = estimator_spec(key)
-    names = {o.name for o in spec.options}
-    return {**instance_options(spec), **{k: v for k, v in options.items() if k in names}}
-
-
 def _check_options_used(estimators: Sequence[str], options: Mapping[str, Any]) -> None:
     taken = {o.name for key in estimators for o in estimator_spec(key).options}
     unused = sorted(set(options) - taken)
@@ -141,7 +138,7 @@ def _check_options_used(estimators: Sequence[str], options: Mapping[str, Any]) -
 
 
 def check_estimators_run(
-    vae,
+    vae: PyroModel,
     x: torch.Tensor,
     estimators: Sequence[Any],
     particles: int,
@@ -165,13 +162,15 @@ def check_estimators_run(
             ) from None
 
 
-def _run_once(spec, model, x: torch.Tensor, particles: int, options: Mapping[str, Any]) -> None:
+def _run_once(
+    spec: Any, model: PyroModel, x: torch.Tensor, particles: int, options: Mapping[str, Any]
+) -> None:
     check_estimator_fits(spec, model)
     elbo = spec.build(particles, options=estimator_options_for(spec.key, options))
     elbo.differentiable_loss(model.model, model.guide, x).backward()
 
 
-def as_run_config(config: Any):
+def as_run_config(config: Any) -> RunConfig:
     """A :class:`~pyro_vae.config.RunConfig`, or a model factory (a callable taking the
     data shape, or its import path) made into the default one with that model."""
     from pyro_vae.config import ModelConfig, RunConfig
@@ -192,8 +191,34 @@ def as_run_config(config: Any):
     )
 
 
+class ComparisonSettings(TypedDict, total=False):
+    """The keywords of :func:`compare_estimators`: those of :func:`run_comparison`."""
+
+    repeats: int
+    eval_samples: int
+    eval_points: int | None
+    grad_draws: int
+    grad_batch: int
+    snr_particles: Sequence[int]
+    bound_particles: Sequence[int]
+    bound_points: int
+    progress: bool
+    log: Callable[[str], None] | None
+    command: str
+    executor: Any
+    ais_steps: int | None
+    budget: str
+    budget_seconds: float | None
+    baseline: Any
+    snr_outer: Sequence[int]
+    estimator_options: Mapping[str, Any] | None
+
+
 def compare_estimators(
-    config, estimators: Sequence[Any], out_dir: str | Path, **settings: Any
+    config: Any,
+    estimators: Sequence[Any],
+    out_dir: str | Path,
+    **settings: Unpack[ComparisonSettings],
 ) -> dict[str, Any]:
     """Train one model per estimator and repeat, on an equal budget, and compare them.
 
@@ -223,9 +248,10 @@ def compare_estimators(
     Each trained model is evaluated with the same K (``eval_samples``) for log p(x), and
     its own gradient estimator is measured at its final parameters on a fixed mini-batch.
 
-    Each (estimator, repeat) is one call of :func:`train_compare_run`, which trains into
+    Each (estimator, repeat) is one call of
+    :func:`~pyro_vae.app.compare_runs.train_compare_run`, which trains into
     its own folder ``out_dir/runs/ESTIMATOR-seedSEED`` with checkpoints; ``executor``
-    (:mod:`pyro_vae.executors`; default: serial, in this process, one torch thread per
+    (:mod:`pyro_vae.app.executors`; default: serial, in this process, one torch thread per
     run as on a default Ray task) decides where the calls run. The results, tables and
     plots do not depend on it, bit for bit on CPU.
 
@@ -247,7 +273,7 @@ def compare_estimators(
 
 
 def run_comparison(
-    config,
+    config: Any,
     estimators: Sequence[Any],
     out_dir: str | Path,
     repeats: int = 1,
@@ -261,7 +287,7 @@ def run_comparison(
     progress: bool = True,
     log: Callable[[str], None] | None = print,
     command: str = "",
-    executor=None,
+    executor: Any = None,
     ais_steps: int | None = None,
     budget: str = "steps",
     budget_seconds: float | None = None,
@@ -283,13 +309,7 @@ def run_comparison(
     estimators = parse_estimators(estimators)
     _check_budget(budget, budget_seconds)
     baseline = _baseline_key(baseline, estimators)
-    if not snr_outer or min(snr_outer) < 1:
-        raise UserInputError(f"every M in snr_outer must be >= 1, got {list(snr_outer)}")
-    pool = {**config.train.estimator_options, **(estimator_options or {})}
-    _check_options_used(estimators, pool)
-    check_executor_reaches(estimators, executor)
-    if ais_steps is not None and ais_steps < 1:
-        raise UserInputError(f"--ais-steps must be >= 1, got {ais_steps}")
+    pool = _checked_pool(config, estimators, estimator_options, snr_outer, executor, ais_steps)
     _check_options(config, repeats, eval_samples, grad_draws, snr_particles, bound_particles)
     executor = _serial_unless(executor)
     # the SNR and bound studies run in this process whatever the executor: a GPU must be here
@@ -297,16 +317,10 @@ def run_comparison(
     data, test_images = _test_images(config, eval_points)
     _check_model(config, data, test_images, estimators, pool)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    measurements = {
-        "eval_samples": eval_samples,
-        "eval_points": eval_points,
-        "grad_draws": grad_draws,
-        "grad_batch": grad_batch,
-        "compile_evaluation": _compile_evaluation(config),
-        "ais_steps": ais_steps,
-    }
+    measurements = _measurements(config, eval_samples, eval_points, grad_draws, grad_batch)
+    measurements["ais_steps"] = ais_steps
     shared = budget_of(config, estimators, budget, budget_seconds, len(data.train), pool)
-    specs, labels = _run_specs(
+    specs, labels = run_specs(
         config,
         estimators,
         Path(out_dir) / "runs",
@@ -317,26 +331,19 @@ def run_comparison(
         budget=shared,
         options=pool,
     )
-    runs, runs_wall_seconds = _train_runs(executor, specs, labels, log, eval_samples)
+    runs, runs_wall_seconds = train_runs(executor, specs, labels, log, eval_samples)
     if log is not None:
-        for line in _unspent_time(runs, shared):
+        for line in unspent_time(runs, shared):
             log(f"warning: {line}")
-    trained = _first_repeat_models(runs, config, data.data_shape)  # on config.train.device
+    trained = first_repeat_models(runs, config, data.data_shape)  # on config.train.device
     grad_images = test_images[: min(grad_batch, len(test_images))]
-    snr = _snr_section(
+    snr = snr_section(
         trained, estimators, grad_images, snr_particles, snr_outer, grad_draws, config, log, pool
     )
     bound_images = test_images[:bound_points]
-    bounds = _bounds_section(trained, bound_images, bound_particles, eval_samples, config, log)
+    bounds = bounds_section(trained, bound_images, bound_particles, eval_samples, config, log)
     summary = summarise(runs, estimators)
-    flags = comparison_flags(
-        summary,
-        binary=config.model.likelihood == "bernoulli",
-        bounds=[name for name in estimators if estimator_spec(name).is_bound],
-    )
-    if log is not None:
-        for flag in flags:
-            log(f"warning: {flag.message()}")
+    flags = _flags(summary, estimators, config, log)
     return Comparison(
         command=command,
         # (with the options of the estimators compared, which no one TrainConfig holds)
@@ -361,6 +368,54 @@ def run_comparison(
         paired_differences=paired_differences(runs, estimators, baseline),
         snr_slopes=snr_slopes(snr["rows"]),
     )
+
+
+def _checked_pool(
+    config: Any,
+    estimators: Sequence[str],
+    estimator_options: Mapping[str, Any] | None,
+    snr_outer: Sequence[int],
+    executor: Any,
+    ais_steps: int | None,
+) -> dict[str, Any]:
+    """The options of the estimators compared (``estimator_options`` over the config's),
+    each used by one of them; the executor reaches them; M and the AIS steps in range."""
+    if not snr_outer or min(snr_outer) < 1:
+        raise UserInputError(f"every M in snr_outer must be >= 1, got {list(snr_outer)}")
+    pool = {**config.train.estimator_options, **(estimator_options or {})}
+    _check_options_used(estimators, pool)
+    check_executor_reaches(estimators, executor)
+    if ais_steps is not None and ais_steps < 1:
+        raise UserInputError(f"--ais-steps must be >= 1, got {ais_steps}")
+    return pool
+
+
+def _measurements(
+    config: Any, eval_samples: int, eval_points: int | None, grad_draws: int, grad_batch: int
+) -> dict[str, Any]:
+    """What each run measures after training (its spec's fields)."""
+    return {
+        "eval_samples": eval_samples,
+        "eval_points": eval_points,
+        "grad_draws": grad_draws,
+        "grad_batch": grad_batch,
+        "compile_evaluation": _compile_evaluation(config),
+    }
+
+
+def _flags(
+    summary: Any, estimators: Sequence[str], config: Any, log: Callable[[str], None] | None
+) -> list[Any]:
+    """The summary's numbers that cannot be right, each logged as a warning."""
+    flags = comparison_flags(
+        summary,
+        binary=config.model.likelihood == "bernoulli",
+        bounds=[name for name in estimators if estimator_spec(name).is_bound],
+    )
+    if log is not None:
+        for flag in flags:
+            log(f"warning: {flag.message()}")
+    return flags
 
 
 def _with_options(config: dict[str, Any], options: Mapping[str, Any]) -> dict[str, Any]:
@@ -395,57 +450,7 @@ def _baseline_key(baseline: Any, estimators: Sequence[str]) -> str:
     return key
 
 
-def budget_of(
-    config,
-    estimators: Sequence[str],
-    budget: str,
-    seconds: float | None,
-    num_train: int,
-    options: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """What the estimators share, and what each one gets: the reference of ``epochs``
-    epochs of K samples per data point and step, and per estimator its samples per step
-    and (under the samples budget) its epochs and step cap."""
-    train = config.train
-    steps_per_epoch = math.ceil(num_train / train.batch_size)
-    steps = train.epochs * steps_per_epoch
-    each = {}
-    for name in estimators:
-        samples = samples_per_step(
-            estimator_spec(name),
-            train.particles,
-            estimator_options_for(name, train.estimator_options if options is None else options),
-        )
-        epochs, cap = train.epochs, None
-        if budget == "samples":
-            epochs, cap = samples_budget_steps(steps, train.particles, samples, steps_per_epoch)
-        each[name] = {"samples_per_step": samples, "epochs": epochs, "max_steps": cap}
-    return {
-        "kind": budget,
-        "epochs": train.epochs,
-        "steps_per_epoch": steps_per_epoch,
-        "steps": steps,
-        "particles": train.particles,
-        "samples_per_point": train.epochs * train.particles,
-        "seconds": seconds,
-        "estimators": each,
-    }
-
-
-def _unspent_time(runs: Sequence[dict[str, Any]], budget: dict[str, Any]) -> list[str]:
-    """Under the seconds budget, the runs that ended at their epochs with time left."""
-    if budget["kind"] != "seconds":
-        return []
-    return [
-        f"{run['estimator']} (seed {run['seed']}) trained all {run['epochs']} epochs in "
-        f"{sum(e['seconds'] for e in run['history']):.1f} s, short of the "
-        f"{budget['seconds']:g}-second budget: raise epochs (the cap) for an equal-time run"
-        for run in runs
-        if run.get("stopped_by") == "epochs"
-    ]
-
-
-def _serial_unless(executor):
+def _serial_unless(executor: Any) -> Any:
     """``executor``, or the serial one (in this process) when none is given."""
     if executor is not None:
         return executor
@@ -454,13 +459,13 @@ def _serial_unless(executor):
     return SerialExecutor()
 
 
-def _compile_evaluation(config) -> bool | None:
+def _compile_evaluation(config: RunConfig) -> bool | None:
     """Whether evaluation runs through captured graphs (``None``: decided by the work)."""
     return None if config.train.compile == "auto" else bool(config.train.compile)
 
 
 def _check_options(
-    config,
+    config: RunConfig,
     repeats: int,
     eval_samples: int,
     grad_draws: int,
@@ -482,7 +487,7 @@ def _check_options(
         raise UserInputError("every K in --snr-particles and --bound-particles must be >= 1")
 
 
-def _test_images(config, eval_points: int | None):
+def _test_images(config: RunConfig, eval_points: int | None) -> tuple[Any, torch.Tensor]:
     """The data set (split with the first repeat's seed) and its evaluated test images."""
     from pyro_vae.data import load_data
 
@@ -501,14 +506,18 @@ def _test_images(config, eval_points: int | None):
 
 
 def _check_model(
-    config, data, test_images: torch.Tensor, estimators: Sequence[str], options=None
+    config: RunConfig,
+    data: Any,
+    test_images: torch.Tensor,
+    estimators: Sequence[str],
+    options: Mapping[str, Any] | None = None,
 ) -> None:
     """The model takes the data and every estimator runs on it: before any training."""
     from pyro_vae.models.build import build_vae
     from pyro_vae.models.protocol import check_data
 
     torch.manual_seed(config.train.seed)
-    probe = build_vae(config.model, data.data_shape)
+    probe: Any = build_vae(config.model, data.data_shape)
     check_data(probe, test_images, "the test set")
     train = config.train
     check_estimators_run(
@@ -518,358 +527,3 @@ def _check_model(
         train.particles,
         train.estimator_options if options is None else options,
     )
-
-
-def folder_name(key: str) -> str:
-    """An estimator's key as part of a folder's name (an import path's ``:`` and any
-    character a file system may refuse become ``_``)."""
-    return re.sub(r"[^\w.-]", "_", key)
-
-
-def initial_parameters(config, data_shape, seed: int) -> dict[str, torch.Tensor]:
-    """The model's parameters as built from ``seed``: one build per seed, a copy for each
-    estimator, so that all start alike whatever the factory does with random numbers."""
-    from pyro_vae.models.build import build_vae
-    from pyro_vae.models.protocol import forked_rng
-
-    with forked_rng():
-        torch.manual_seed(seed)
-        vae = build_vae(config.model, data_shape)
-    return {k: v.detach().clone() for k, v in vae.state_dict().items()}
-
-
-def _run_specs(
-    config,
-    estimators: Sequence[str],
-    runs_dir: Path,
-    repeats: int,
-    measurements: dict[str, Any],
-    progress: bool,
-    data_shape: Sequence[int] = (),
-    budget: dict[str, Any] | None = None,
-    options: Mapping[str, Any] | None = None,
-) -> tuple[list[dict[str, Any]], list[str]]:
-    """One :func:`train_compare_run` spec per (repeat, estimator), and its label; under
-    a samples or seconds ``budget`` (:func:`budget_of`) each run's epochs and cap."""
-    train = config.train
-    specs, labels = [], []
-    for repeat in range(repeats):
-        seed = train.seed + repeat
-        initial = initial_parameters(config, data_shape, seed)
-        for name in estimators:
-            options_of = estimator_options_for(
-                name, train.estimator_options if options is None else options
-            )
-            limits: dict[str, Any] = {}
-            mine = budget["estimators"][name] if budget else {}
-            if budget and budget["kind"] == "samples":
-                limits = {"epochs": mine["epochs"], "max_steps": mine["max_steps"]}
-            elif budget and budget["kind"] == "seconds":
-                limits = {"max_seconds": float(budget["seconds"])}
-            run_config = dataclasses.replace(
-                config,
-                train=dataclasses.replace(
-                    train, estimator=name, estimator_options=options_of, seed=seed, **limits
-                ),
-            )
-            specs.append(
-                {
-                    "config": run_config.to_dict(),
-                    "data_seed": train.seed,
-                    "repeat": repeat,
-                    "run_dir": str(runs_dir / f"{folder_name(name)}-seed{seed}"),
-                    "initial_state": initial,
-                    **measurements,
-                    "keep_parameters": repeat == 0,
-                    "progress": progress,
-                    "samples_per_step": mine.get("samples_per_step", train.particles),
-                }
-            )
-            labels.append(f"{name}, repeat {repeat + 1}/{repeats} (K={train.particles})")
-    return specs, labels
-
-
-def _train_runs(
-    executor, specs, labels, log, eval_samples: int
-) -> tuple[list[dict[str, Any]], float]:
-    """Every spec trained by ``executor``, each from a fresh folder; with the wall time.
-    Each finished run is logged as one line."""
-    for spec in specs:  # an earlier comparison's run of the same name: this one starts afresh
-        if Path(spec["run_dir"]).is_dir():
-            shutil.rmtree(spec["run_dir"])
-    if log is not None:
-        log(f"training {len(specs)} runs ({executor.name}) ...")
-    started = time.perf_counter()
-    runs = executor.map(train_compare_run, specs, log=log, labels=labels)
-    wall_seconds = time.perf_counter() - started
-    if log is not None:
-        for run in runs:
-            log(run_line(run, eval_samples))
-    return runs, wall_seconds
-
-
-def _first_repeat_models(runs: list[dict[str, Any]], config, data_shape) -> dict[str, Any]:
-    """The first repeat's trained models by estimator, rebuilt from the parameters that
-    their runs returned (which leave the run records here)."""
-    from pyro_vae.models.build import build_vae
-
-    trained: dict[str, Any] = {}
-    for run in runs:
-        parameters = run.pop("parameters", None)
-        if parameters is not None:
-            vae = build_vae(config.model, data_shape)
-            vae.load_state_dict(parameters)
-            trained[run["estimator"]] = vae.to(config.train.device)
-    return trained
-
-
-#: the estimators whose SNR against K (and M) a comparison measures, where compared
-#: (with any that has an outer-sample option); iwae and dreg where none of them is
-SNR_STUDIED = ("iwae", "dreg", "miwae", "ciwae", "piwae")
-
-
-def snr_estimators(estimators: Sequence[str]) -> list[str]:
-    """The compared estimators of the SNR study (:data:`SNR_STUDIED`, or with an
-    outer-sample option), else iwae and dreg."""
-    studied = [
-        name
-        for name in estimators
-        if estimator_spec(name).name in SNR_STUDIED or outer_option(estimator_spec(name))
-    ]
-    return studied or ["iwae", "dreg"]
-
-
-def _snr_section(
-    trained, estimators, grad_images, snr_particles, snr_outer, grad_draws, config, log, pool=None
-):
-    """SNR against K (and M, for an estimator with an outer-sample option) at the
-    parameters of one first-repeat model (IWAE's if trained)."""
-    reference_name = next((n for n in ("iwae", "dreg", "mc") if n in trained), estimators[0])
-    names = snr_estimators(estimators)
-    pool = config.train.estimator_options if pool is None else pool
-    options = {n: estimator_options_for(n, pool) for n in names}
-    if log is not None:
-        log(f"SNR against K at the {reference_name}-trained parameters ...")
-    vae = trained[reference_name]
-    seed = config.train.seed
-    rows = snr_versus_particles(
-        vae, grad_images, names, snr_particles, grad_draws, seed=seed, options=options
-    )
-    for row in rows:
-        row["varied"] = "K"
-        outer = outer_option(estimator_spec(row["estimator"]))
-        if outer is not None:
-            row["outer"] = estimator_spec(row["estimator"]).resolve_options(
-                options[row["estimator"]]
-            )[outer.name]
-    for name in names:
-        outer = outer_option(estimator_spec(name))
-        if outer is None:
-            continue
-        if log is not None:
-            log(f"SNR of {name} against M ({outer.name}) at K={config.train.particles} ...")
-        rows += snr_versus_outer(
-            vae,
-            grad_images,
-            name,
-            outer.name,
-            snr_outer,
-            config.train.particles,
-            grad_draws,
-            seed=seed,
-            options=options[name],
-        )
-    return {"parameters_of": reference_name, "rows": rows}
-
-
-def _bounds_section(trained, bound_images, bound_particles, eval_samples, config, log):
-    """The bounds against K of the first repeat's models."""
-    if log is not None:
-        log("bounds against K ...")
-    return bounds_versus_particles(
-        trained, bound_images, bound_particles, eval_samples, config.train.seed
-    )
-
-
-@functools.lru_cache(maxsize=2)
-def _cached_data(dataset, data_dir, binarize, validation_size, seed, limit):
-    """Runs in one process (serial, or a reused Ray worker) read the data once."""
-    from pyro_vae.data import load_data
-
-    return load_data(dataset, data_dir, binarize, validation_size, seed=seed, limit=limit)
-
-
-def train_compare_run(spec: dict[str, Any]) -> dict[str, Any]:
-    """Train one estimator from its seed's initial parameters, evaluate and measure it.
-
-    ``spec`` is plain data (so the call can run in another process): ``config`` (a
-    :class:`~pyro_vae.config.RunConfig` as a dict, with this run's estimator and seed),
-    ``data_seed``, ``repeat``, ``run_dir``, ``eval_samples``, ``eval_points``,
-    ``grad_draws``, ``grad_batch``, ``compile_evaluation``, ``keep_parameters`` and
-    ``progress``. Training checkpoints into ``run_dir`` after every epoch and, if a
-    checkpoint of the same config is there already (a retried call whose process
-    died), resumes from it: the result is the same either way. Returns the run's
-    record, plain numbers and lists, with ``parameters`` (the trained state dict) when
-    ``keep_parameters``.
-    """
-    from pyro_vae.analysis.evaluation import evaluate
-    from pyro_vae.config import RunConfig
-
-    config = RunConfig.from_dict(spec["config"])
-    train = config.train
-    data, test_images = _spec_data(config, spec)
-    vae, history, timing = train_in_folder(
-        config,
-        data,
-        Path(spec["run_dir"]),
-        spec["progress"],
-        initial_state=spec.get("initial_state"),
-    )
-    evaluation = evaluate(
-        vae,
-        test_images,
-        spec["eval_samples"],
-        progress=spec["progress"],
-        compile=spec["compile_evaluation"],
-    )
-    if spec.get("ais_steps"):
-        from pyro_vae.app.ais_report import measure_ais
-
-        evaluation.update(
-            measure_ais(vae, test_images, spec["ais_steps"], 16, 5, False, spec["progress"])
-        )
-    grad_images = test_images[: min(spec["grad_batch"], len(test_images))]
-    objective, gradients = own_objective_and_gradients(
-        vae,
-        test_images,
-        grad_images,
-        train.estimator,
-        train.particles,
-        spec["grad_draws"],
-        train.estimator_options,
-        train.seed,
-    )
-    steps_per_epoch = math.ceil(len(data.train) / train.batch_size)
-    samples = spec.get("samples_per_step", train.particles)
-    run = {
-        "estimator": train.estimator,
-        "repeat": spec["repeat"],
-        "seed": train.seed,
-        "particles": train.particles,
-        "epochs": len(history),
-        "steps": history.last["step"],
-        "epochs_trained": history.last["step"] / steps_per_epoch,
-        "samples_per_step": samples,
-        "samples_per_point": history.last["step"] / steps_per_epoch * samples,
-        "stopped_by": _stopped_by(train, history),
-        # (a run cut inside an epoch: its training time over the epochs it trained)
-        "seconds_per_epoch": float(np.median(history["seconds"]))
-        if history.last["step"] % steps_per_epoch == 0
-        else sum(history["seconds"]) / (history.last["step"] / steps_per_epoch),
-        **timing,
-        "run_dir": spec["run_dir"],
-        "history": history.epochs,
-        "test_objective": objective,
-        "objective_minus_log_likelihood": objective - evaluation["test_log_likelihood"],
-        "evaluation": evaluation,
-        "gradients": gradients,
-    }
-    if spec["keep_parameters"]:
-        run["parameters"] = {k: v.detach().cpu() for k, v in vae.state_dict().items()}
-    return run
-
-
-def _stopped_by(train, history) -> str:
-    """What ended a run: ``"seconds"`` (its time budget), ``"max_steps"`` (its step
-    cap), else ``"epochs"``."""
-    if train.max_seconds is not None and sum(history["seconds"]) >= train.max_seconds:
-        return "seconds"
-    if train.max_steps is not None and history.last["step"] >= train.max_steps:
-        return "max_steps"
-    return "epochs"
-
-
-def _spec_data(config, spec: dict[str, Any]):
-    """The data set of a run spec (read once per process) and its evaluated test images."""
-    data = _cached_data(
-        config.data.dataset,
-        config.data.data_dir,
-        config.data.binarize,
-        config.data.validation_size,
-        spec["data_seed"],
-        config.data.limit,
-    )
-    test_images = data.evaluation_images("test")
-    if spec["eval_points"] is not None:
-        test_images = test_images[: spec["eval_points"]]
-    return data, test_images
-
-
-def train_in_folder(
-    config,
-    data,
-    run_dir: Path,
-    progress: bool,
-    callbacks=(),
-    initial_state: dict[str, torch.Tensor] | None = None,
-):
-    """Train (or resume) one run in ``run_dir``, from the run's seed: the model, its
-    history, and the timing fields of its record (wall and CPU time; CPU time beside wall
-    time, since wall time swings with the load of other processes). ``compare`` and
-    ``sweep`` train each of their runs through this. ``initial_state``: the parameters
-    to start from (a comparison's, shared by its estimators) instead of the fresh
-    model's."""
-    from pyro_vae.models.build import build_vae
-    from pyro_vae.training.fit import fit
-    from pyro_vae.training.trainer import CHECKPOINT
-
-    resumed_at = checkpoint_epoch(run_dir / CHECKPOINT, config)
-    # a run folder like any other: evaluate, sample and diagnose read its config.json
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config.save(run_dir / "config.json")
-    torch.manual_seed(config.train.seed)
-    vae = build_vae(config.model, data.data_shape)
-    if initial_state is not None:
-        vae.load_state_dict(initial_state)
-    started, cpu_started = time.perf_counter(), time.process_time()
-    history = fit(
-        vae,
-        data,
-        config.train,
-        run_dir=run_dir,
-        resume=resumed_at is not None,
-        saved_config=config.to_dict(),
-        callbacks=callbacks,
-        progress=progress,
-        log=None,
-    )
-    train_seconds = time.perf_counter() - started
-    train_cpu_seconds = time.process_time() - cpu_started
-    trained_epochs = max(1, len(history) - (resumed_at or 0))
-    timing = {
-        "train_seconds": train_seconds,
-        "train_cpu_seconds": train_cpu_seconds,
-        "cpu_seconds_per_epoch": train_cpu_seconds / trained_epochs,
-        "resumed_at_epoch": resumed_at,
-    }
-    return vae, history, timing
-
-
-def checkpoint_epoch(path: Path, config) -> int | None:
-    """The epoch of the checkpoint at ``path`` if there is one to resume, else ``None``.
-
-    A checkpoint trained with another config is an error, not something to continue.
-    """
-    from pyro_vae.app.runs import config_differences
-    from pyro_vae.training.checkpoint import load_checkpoint
-
-    if not path.exists():
-        return None
-    checkpoint = load_checkpoint(path)
-    changed = config_differences(checkpoint["config"], config.to_dict())
-    if changed:
-        raise UserInputError(
-            f"{path} was trained with another config ({'; '.join(changed[:3])}): remove its "
-            f"folder or choose another output folder"
-        )
-    return int(checkpoint["epoch"])

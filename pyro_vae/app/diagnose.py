@@ -9,16 +9,37 @@ written under a lock."""
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from pyro_vae.analysis.diagnostics import Diagnosis, diagnose_model
 from pyro_vae.app.diagnose_report import write_diagnosis
 from pyro_vae.errors import UserInputError
 from pyro_vae.resources import check_device
 
-__all__ = ["Diagnosis", "compute_diagnosis", "diagnose"]
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+__all__ = ["Diagnosis", "DiagnosisSettings", "compute_diagnosis", "diagnose"]
+
+
+class DiagnosisSettings(TypedDict, total=False):
+    """The measurements' keywords of :func:`compute_diagnosis`: those of
+    :func:`~pyro_vae.analysis.diagnostics.diagnose_model`."""
+
+    chains: int
+    warmup: int
+    samples: int
+    is_samples: int
+    local_steps: int
+    khat_images: int
+    khat_samples: int
+    seed: int
+    jit: bool
+    progress: bool
+    log: Callable[[str], None] | None
+    compile: bool | None
 
 
 # ------------------------------------------------------------------ the command
@@ -26,16 +47,20 @@ def diagnose(
     run_dir: str | Path,
     out_dir: str | Path | None = None,
     overwrite: bool = False,
-    **settings: Any,
+    images: int = 10,
+    image_ids: Sequence[int] | None = None,
+    device: str = "cpu",
+    **settings: Unpack[DiagnosisSettings],
 ) -> dict[str, Any]:
     """``pyro-vae diagnose``: NUTS reference posterior, gaps, PSIS k-hat; files in out_dir.
 
     Writes ``nuts.nc`` and ``guide.nc`` (ArviZ InferenceData), ``diagnostics.json``,
     ``diagnostics.md`` and ``plots/*.png``. Every measurement runs with the networks in
     eval mode.
-    ``settings`` are those of :func:`compute_diagnosis` (images, device, chains, warmup, samples,
-    is_samples, local_steps, khat_images, khat_samples, seed, jit, progress, log,
-    compile), which measures; this writes. Returns ``diagnostics.json``'s dict.
+    ``images``, ``image_ids``, ``device`` and ``settings`` (:class:`DiagnosisSettings`:
+    chains, warmup, samples, is_samples, local_steps, khat_images, khat_samples, seed, jit,
+    progress, log, compile) are those of :func:`compute_diagnosis`, which measures; this
+    writes. Returns ``diagnostics.json``'s dict.
     """
     run_dir = Path(run_dir)
     out = Path(out_dir) if out_dir is not None else run_dir / "diagnostics"
@@ -43,7 +68,9 @@ def diagnose(
         raise UserInputError(f"--out {out} is a file: pass a folder")
     _refuse_to_overwrite(out, overwrite)
     _refuse_another_run(out, run_dir, overwrite)
-    diagnosis = compute_diagnosis(run_dir, **settings)
+    diagnosis = compute_diagnosis(
+        run_dir, images=images, image_ids=image_ids, device=device, **settings
+    )
     write_locked(out, diagnosis, run_dir, overwrite)
     return diagnosis.to_dict()
 
@@ -53,7 +80,7 @@ def compute_diagnosis(
     images: int = 10,
     image_ids: Sequence[int] | None = None,
     device: str = "cpu",
-    **settings: Any,
+    **settings: Unpack[DiagnosisSettings],
 ) -> Diagnosis:
     """The measurements of :func:`diagnose` on the run in ``run_dir``, as data: nothing
     is written. ``images`` test images (or those of ``image_ids``) get the NUTS and gap
@@ -65,10 +92,12 @@ def compute_diagnosis(
     from pyro_vae.app.runs import load_run
 
     defaults = inspect.signature(diagnose_model).parameters
-    given = {name: settings.get(name, defaults[name].default) for name in _COUNTS}
+    chosen: dict[str, Any] = dict(settings)
+    given = {name: chosen.get(name, defaults[name].default) for name in _COUNTS}
     _check_options(images, **given)
     check_device(device)
-    _, vae, data, _ = load_run(Path(run_dir), device)
+    run = load_run(Path(run_dir), device)
+    vae, data = run.model, run.data
     test = data.evaluation_images("test")
     ids = select_images(len(test), images, image_ids)
     return diagnose_model(vae, test, ids, run_dir=str(run_dir), **settings)
@@ -87,7 +116,14 @@ _COUNTS = (
 
 
 def _check_options(
-    images, chains, warmup, samples, is_samples, local_steps, khat_images, khat_samples
+    images: int,
+    chains: int,
+    warmup: int,
+    samples: int,
+    is_samples: int,
+    local_steps: int,
+    khat_images: int,
+    khat_samples: int,
 ) -> None:
     if images < 1:
         raise UserInputError(f"--images must be >= 1, got {images}")

@@ -27,7 +27,7 @@ def write_diagnosis(out: Path, diagnosis: Diagnosis) -> list[Path]:
     return plots
 
 
-def _write_netcdf(idata, path: Path) -> None:
+def _write_netcdf(idata: Any, path: Path) -> None:
     """ArviZ's netCDF file, written beside ``path`` and renamed over it (atomic)."""
     from pyro_vae.io import check_no_link
 
@@ -73,7 +73,7 @@ def _gap_table(gaps: Mapping[str, Any]) -> list[str]:
     if "skipped" in gaps:
         return [f"Gaps {gaps['skipped']}."]
 
-    def row(name, key):
+    def row(name: str, key: str) -> str:
         v = gaps[key]
         return f"| {name} | {v['mean']:.3f} | [{v['ci95_low']:.3f}, {v['ci95_high']:.3f}] |"
 
@@ -184,7 +184,7 @@ def _marginals(folder: Path, d: Diagnosis) -> Path:
     return _save(fig, folder / "marginals_nuts_vs_guide.png")
 
 
-def _khat_histogram(plt, folder: Path, d: Diagnosis) -> Path:
+def _khat_histogram(plt: Any, folder: Path, d: Diagnosis) -> Path:
     from pyro_vae.app.plots import _save
 
     finite = d.khat_values[np.isfinite(d.khat_values)]
@@ -201,7 +201,7 @@ def _khat_histogram(plt, folder: Path, d: Diagnosis) -> Path:
     return _save(fig, folder / "khat.png")
 
 
-def _worst_khat_images(plt, folder: Path, d: Diagnosis) -> Path:
+def _worst_khat_images(plt: Any, folder: Path, d: Diagnosis) -> Path:
     from pyro_vae.app.plots import _grid, _save
 
     worst, khat = d.worst, d.khat_values
@@ -218,7 +218,7 @@ def _worst_khat_images(plt, folder: Path, d: Diagnosis) -> Path:
     return _save(fig, folder / "worst_khat_images.png")
 
 
-def _gaps(plt, folder: Path, gaps: Mapping[str, Any], ids: list[int]) -> Path:
+def _gaps(plt: Any, folder: Path, gaps: Mapping[str, Any], ids: list[int]) -> Path:
     from pyro_vae.app.plots import _save
 
     per = gaps["per_image"]

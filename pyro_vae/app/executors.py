@@ -193,7 +193,8 @@ class RayExecutor:
                             f"finished {labels[index_of[ref]]} ({len(refs) - len(pending)}/"
                             f"{len(refs)})"
                         )
-            return ray.get(refs)
+            results: list[Any] = ray.get(refs)
+            return results
         except BaseException as error:  # a run failed, or ^C: the others stop too
             for ref in pending:
                 ray.cancel(ref, force=True)
@@ -205,7 +206,7 @@ class RayExecutor:
             raise
 
 
-def import_ray():
+def import_ray() -> Any:
     """The ``ray`` module, or a one-line error saying how to install it."""
     try:
         import ray

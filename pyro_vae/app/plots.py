@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -23,8 +23,11 @@ from pyro_vae.models.protocol import (
     reconstruct,
 )
 
+if TYPE_CHECKING:
+    from pyro_vae.models.protocol import PyroModel
 
-def _pyplot():
+
+def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -33,7 +36,7 @@ def _pyplot():
     return plt
 
 
-def _grid(images: torch.Tensor, nrow: int):
+def _grid(images: torch.Tensor, nrow: int) -> Any:
     """``(N, C, H, W)`` in [0, 1] -> an HxWxC numpy image with thin white separators."""
     from torchvision.utils import make_grid
 
@@ -41,17 +44,19 @@ def _grid(images: torch.Tensor, nrow: int):
     return grid.permute(1, 2, 0).numpy()
 
 
-def _show(ax, images: torch.Tensor, nrow: int, title: str) -> None:
+def _show(ax: Any, images: torch.Tensor, nrow: int, title: str) -> None:
     ax.imshow(_grid(images, nrow), cmap="gray", interpolation="nearest", vmin=0, vmax=1)
     ax.set_title(title, fontsize=10)
     ax.axis("off")
 
 
-def _displayable(vae, x: torch.Tensor) -> torch.Tensor:
+def _displayable(vae: PyroModel, x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, *image_shape(vae, x))
 
 
-def plot_reconstructions(vae, images: torch.Tensor, path: str | Path, n: int = 16) -> Path:
+def plot_reconstructions(
+    vae: PyroModel, images: torch.Tensor, path: str | Path, n: int = 16
+) -> Path:
     """Inputs (top) next to the means of p(x | z = E_q[z]) (bottom)."""
     plt = _pyplot()
     x = on_model_device(vae, images[:n])
@@ -65,7 +70,11 @@ def plot_reconstructions(vae, images: torch.Tensor, path: str | Path, n: int = 1
 
 
 def plot_samples(
-    vae, path: str | Path, n: int = 64, seed: int = 0, example: torch.Tensor | None = None
+    vae: PyroModel,
+    path: str | Path,
+    n: int = 64,
+    seed: int = 0,
+    example: torch.Tensor | None = None,
 ) -> Path:
     """Means of p(x | z) for z drawn from the prior (``example``: a data point, for a
     model without its own ``sample``)."""
@@ -79,7 +88,9 @@ def plot_samples(
     return _save(fig, path)
 
 
-def plot_latent_space(vae, images: torch.Tensor, labels: torch.Tensor, path: str | Path) -> Path:
+def plot_latent_space(
+    vae: PyroModel, images: torch.Tensor, labels: torch.Tensor, path: str | Path
+) -> Path:
     """E_q[z] of each image, coloured by label; PCA to 2-D when the latent has more dims.
 
     With a 2-D latent, a second panel shows the decoded manifold: the means of p(x|z)
@@ -129,30 +140,35 @@ def plot_latent_space(vae, images: torch.Tensor, labels: torch.Tensor, path: str
         n = 15
         quantiles = torch.linspace(0.05, 0.95, n)
         values = torch.distributions.Normal(0.0, 1.0).icdf(quantiles)
-        prior_loc, prior_scale = vae.prior_loc.cpu(), vae.prior_scale.cpu()
+        built: Any = vae  # (a manifold is drawn for the built-in models only)
+        prior_loc, prior_scale = built.prior_loc.cpu(), built.prior_scale.cpu()
         grid_y, grid_x = torch.meshgrid(values.flip(0), values, indexing="ij")
         z = torch.stack([grid_x.reshape(-1), grid_y.reshape(-1)], 1) * prior_scale + prior_loc
         with torch.no_grad():
-            decoded = vae.likelihood.mean(vae.decoder(z.to(vae.prior_loc.device)))
+            decoded = built.likelihood.mean(built.decoder(z.to(built.prior_loc.device)))
         _show(axes[1], _displayable(vae, decoded), n, "decoded manifold (prior quantiles 5%..95%)")
     return _save(fig, path)
 
 
-def _top_means(vae, images):
+def _top_means(vae: PyroModel, images: torch.Tensor) -> torch.Tensor:
     from pyro import poutine
 
     x = on_model_device(vae, as_batch(vae, images))
     names = getattr(vae, "latent_sites", None) or model_sites(vae, x[:1]).latent
     with probing(vae):
         trace = poutine.trace(vae.guide).get_trace(x)
-    return trace.nodes[names[-1]]["fn"].mean.reshape(len(x), -1).cpu()
+    posterior: Any = trace.nodes[names[-1]]["fn"]
+    means: torch.Tensor = posterior.mean.reshape(len(x), -1).cpu()
+    return means
 
 
-def _prior_samples(vae, n: int, example: torch.Tensor | None) -> torch.Tensor:
+def _prior_samples(vae: PyroModel, n: int, example: torch.Tensor | None) -> torch.Tensor:
     if example is None and not callable(getattr(vae, "sample", None)):
         raise ValueError("a model without its own sample() needs an example data point")
     if example is None:
-        return vae.sample(n)
+        own: Any = vae  # (a model with its own sample(), checked above)
+        drawn: torch.Tensor = own.sample(n)
+        return drawn
     return prior_samples(vae, n, on_model_device(vae, example[:1]))
 
 
@@ -212,7 +228,7 @@ def plot_kl_per_layer(epochs: Sequence[dict[str, Any]], path: str | Path) -> Pat
     return _save(fig, path)
 
 
-def _save(fig, path: str | Path, dpi: int = 110) -> Path:
+def _save(fig: Any, path: str | Path, dpi: int = 110) -> Path:
     """Save ``fig`` as a PNG at ``dpi``, atomically (a reader never sees half an image)."""
     import io
 

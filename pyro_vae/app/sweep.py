@@ -11,7 +11,7 @@ folder (``config.json``, ``checkpoint.pt``, ``metrics.jsonl``, and ``evaluation.
 when the run's ``train.eval_samples`` asks for log p(x); the folder ``pyro-vae evaluate``
 and ``sample`` read), resuming from the checkpoint there if
 one of the same config exists, and returns its numbers. An executor
-(:mod:`pyro_vae.executors`) decides where the calls run; :func:`run_sweep` gathers the
+(:mod:`pyro_vae.app.executors`) decides where the calls run; :func:`run_sweep` gathers the
 results into ``sweep.json`` and ``sweep.md``.
 """
 
@@ -46,7 +46,8 @@ class SweepRun:
 
 def load_grid(path: str | Path) -> dict[str, Any]:
     """Read a grid file; its structure is checked by :func:`expand_grid`."""
-    return read_json(path, "grid file")
+    grid: dict[str, Any] = read_json(path, "grid file")
+    return grid
 
 
 def expand_grid(spec: Any, source: str = "grid") -> list[SweepRun]:
@@ -133,50 +134,28 @@ def _flat(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_runs(runs: Sequence[SweepRun], check_device: bool = True) -> None:
-    """What ``train`` checks before writing, for every run: the data loads and fits the
+    """What ``train`` checks before writing, for every run
+    (:func:`~pyro_vae.app.training_run.checked_model`): the data loads and fits the
     model, the estimator fits the model, the step fits in memory (and, with
-    ``check_device``, a CUDA run has CUDA here)."""
+    ``check_device``, the run's device is on this machine)."""
     import torch
 
-    from pyro_vae.models.build import build_vae
-    from pyro_vae.objectives.registry import check_estimator_fits, make_elbo
-    from pyro_vae.resources import check_training_fits
-    from pyro_vae.training.fit import check_data_once
+    from pyro_vae.app.training_run import checked_model, load_data_once
+    from pyro_vae.resources import check_device as check_run_device
 
     for run in runs:
         config = run.config
         try:
-            if check_device and config.train.device == "cuda" and not torch.cuda.is_available():
-                raise UserInputError("CUDA is not available on this machine")
-            data = _cached_data(config.data, config.train.seed)
-            check_training_fits(config, data.data_shape, len(data.train))
+            if check_device:
+                check_run_device(config.train.device)
+            data = load_data_once(config.data, config.train.seed)
             with torch.random.fork_rng(devices=[]):
-                vae = build_vae(config.model, data.data_shape)
-            check_data_once(vae, data)
-            check_estimator_fits(config.train.estimator, vae)
-            make_elbo(
-                config.train.estimator,
-                config.train.particles,
-                options=config.train.estimator_options,
-            )
+                checked_model(config, data, on_device=False)
         except UserInputError as error:
             raise UserInputError(f"run {run.name}: {error}") from None
 
 
-def _cached_data(data_config: DataConfig, seed: int):
-    from pyro_vae.app.compare import _cached_data
-
-    return _cached_data(
-        data_config.dataset,
-        data_config.data_dir,
-        data_config.binarize,
-        data_config.validation_size,
-        seed,
-        data_config.limit,
-    )
-
-
-def parameters_digest(vae) -> str:
+def parameters_digest(vae: Any) -> str:
     """SHA-256 of the parameters and buffers, by name: equal digests, identical models."""
     digest = hashlib.sha256()
     for name, value in sorted(vae.state_dict().items()):
@@ -185,7 +164,7 @@ def parameters_digest(vae) -> str:
     return digest.hexdigest()
 
 
-def sweep_run(spec: dict[str, Any], callbacks: Sequence[Callable] = ()) -> dict[str, Any]:
+def sweep_run(spec: dict[str, Any], callbacks: Sequence[Callable[..., Any]] = ()) -> dict[str, Any]:
     """Train, evaluate and summarise one run of a sweep.
 
     ``spec`` is plain data: ``name``, ``overrides``, ``config`` (a RunConfig as a dict),
@@ -199,12 +178,12 @@ def sweep_run(spec: dict[str, Any], callbacks: Sequence[Callable] = ()) -> dict[
     import torch
 
     from pyro_vae.analysis.evaluation import evaluate, evaluate_elbo, fixed_subset
-    from pyro_vae.app.compare import train_in_folder
+    from pyro_vae.app.training_run import load_data_once, train_in_folder
     from pyro_vae.models.protocol import forked_rng
 
     config = RunConfig.from_dict(spec["config"])
     run_dir = Path(spec["run_dir"])
-    data = _cached_data(config.data, config.train.seed)
+    data = load_data_once(config.data, config.train.seed)
     vae, history, timing = train_in_folder(config, data, run_dir, spec["progress"], callbacks)
     images = data.evaluation_images("test").to(config.train.device)
     with forked_rng():
@@ -239,7 +218,7 @@ def sweep_run(spec: dict[str, Any], callbacks: Sequence[Callable] = ()) -> dict[
 def run_sweep(
     runs: Sequence[SweepRun],
     out_dir: str | Path,
-    executor=None,
+    executor: Any = None,
     progress: bool = True,
     log: Callable[[str], None] | None = print,
     command: str = "",

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -26,8 +26,11 @@ from pyro_vae.models.protocol import (
     reconstruct,
 )
 
+if TYPE_CHECKING:
+    from pyro_vae.models.protocol import PyroModel
 
-def _writer(log_dir: Path, purge_step: int | None):
+
+def _writer(log_dir: Path, purge_step: int | None) -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
@@ -73,7 +76,7 @@ class TensorBoardLogger:
             self.writer.add_scalar(tag, value, epoch)
         self.writer.flush()
 
-    def log_images(self, vae, images: torch.Tensor, epoch: int, n: int = 16) -> None:
+    def log_images(self, vae: PyroModel, images: torch.Tensor, epoch: int, n: int = 16) -> None:
         """Reconstructions (data above, means of p(x|z) below) and prior samples."""
         x = on_model_device(vae, images[:n])
         shape = image_shape(vae, x)
@@ -95,4 +98,7 @@ class TensorBoardLogger:
 def _grid(images: torch.Tensor, per_row: int) -> torch.Tensor:
     from torchvision.utils import make_grid
 
-    return make_grid(images.float().clamp(0, 1).cpu(), nrow=per_row, padding=1, pad_value=1.0)
+    grid: torch.Tensor = make_grid(
+        images.float().clamp(0, 1).cpu(), nrow=per_row, padding=1, pad_value=1.0
+    )
+    return grid
