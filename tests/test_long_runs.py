@@ -74,7 +74,7 @@ def test_a_run_killed_after_its_evaluation_is_finished_by_running_it_again(
     """Killed between evaluation.json and report.md (here: its plots fail), a run holds
     a new evaluation beside an old report: the same command again is not "nothing to do"
     but writes the report of what was trained."""
-    import pyro_vae.app.runs
+    import pyro_vae.app.run_report
 
     out = tmp_path / "run"
     assert run_cli(["train", *JOB, "--epochs", "1", "--out", out], capsys)[0] == 0
@@ -83,7 +83,7 @@ def test_a_run_killed_after_its_evaluation_is_finished_by_running_it_again(
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr(pyro_vae.app.runs, "write_plots", killed)
+        patch.setattr(pyro_vae.app.run_report, "write_plots", killed)
         code, _, _ = run_cli(["train", *JOB, "--epochs", "2", "--resume", "--out", out], capsys)
     assert code != 0
     assert "| epochs | 1 |" in (out / "report.md").read_text()  # the old report
