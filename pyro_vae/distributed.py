@@ -146,6 +146,9 @@ def lost_peer(error: BaseException) -> tuple[str, str] | None:
 
 def shutdown() -> None:
     if available():
+        import gc
+
+        gc.collect()  # what still refers to the group (captured graphs on a model) goes first
         torch.distributed.destroy_process_group()
 
 
