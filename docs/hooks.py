@@ -27,8 +27,7 @@ import tokenize
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-for _path in (ROOT, ROOT / "docs", ROOT / "benchmarks"):  # the package, this hook's
-    # modules, and the benchmarks' tables
+for _path in (ROOT, ROOT / "docs"):  # the package, and the modules beside this hook
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
@@ -162,6 +161,18 @@ def estimator_reference() -> str:
     return "\n".join(rows)
 
 
+def _benchmark_tables() -> str:
+    """``benchmarks/tables.py``'s page (plain Python: it reads results.json), loaded from
+    its path: MkDocs does not keep this hook's additions to ``sys.path``."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tables", ROOT / "benchmarks" / "tables.py")
+    assert spec is not None and spec.loader is not None
+    tables = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tables)
+    return tables.page()
+
+
 def on_page_markdown(markdown, page, config, files):  # noqa: ARG001 (MkDocs hook signature)
     if "<!-- estimator-reference -->" in markdown:
         markdown = markdown.replace("<!-- estimator-reference -->", estimator_reference())
@@ -170,9 +181,7 @@ def on_page_markdown(markdown, page, config, files):  # noqa: ARG001 (MkDocs hoo
     if "<!-- cli-reference -->" in markdown:
         markdown = markdown.replace("<!-- cli-reference -->", cli_reference())
     if "<!-- benchmark-tables -->" in markdown:
-        import tables  # benchmarks/tables.py: plain Python, reads results.json
-
-        markdown = markdown.replace("<!-- benchmark-tables -->", tables.page())
+        markdown = markdown.replace("<!-- benchmark-tables -->", _benchmark_tables())
     if "<!-- public-names -->" in markdown:
         markdown = markdown.replace("<!-- public-names -->", public_names())
     return markdown
