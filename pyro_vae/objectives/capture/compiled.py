@@ -70,7 +70,7 @@ class _Captured:
 
     ``refresh_every_call`` (default) walks the owner on every call to build the key; a
     caller that knows the owner cannot change between its calls (``fit`` within an
-    epoch) turns it off and calls :meth:`refresh` whenever the owner may have changed.
+    epoch) turns it off and calls ``refresh()`` whenever the owner may have changed.
     ``cache`` holds the graphs and counts the calls: by default the owner's own
     (:meth:`~pyro_vae.objectives.capture.graphs.GraphCache.of`), which
     every compiled loss and function of the owner shares.

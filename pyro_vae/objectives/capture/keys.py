@@ -138,7 +138,7 @@ class Hashed:
 
 class OwnerKeys:
     """The keys of ``owner``'s graphs: its structure, read by :func:`module_state` at each
-    :meth:`refresh` and hashed once there, with ``identity()`` (what else a graph depends
+    ``refresh()`` and hashed once there, with ``identity()`` (what else a graph depends
     on: the estimator and its settings, or the function) and the default dtype; then, per
     call, the inputs' shapes, dtypes and devices (:meth:`call_key`)."""
 
