@@ -88,7 +88,13 @@ def init_from_environment(device: str = "cpu") -> bool:
         )
     else:
         torch.distributed.init_process_group(backend=backend)
+    _JOINED.append(True)
     return True
+
+
+#: non-empty while this process is in a group that :func:`init_from_environment` joined
+#: (a group a user's own program set up is theirs to destroy)
+_JOINED: list[bool] = []
 
 
 #: the shortest wait for another process in a collective, in seconds (once the step time
@@ -145,7 +151,9 @@ def lost_peer(error: BaseException) -> tuple[str, str] | None:
 
 
 def shutdown() -> None:
-    if available():
+    """Leave the group :func:`init_from_environment` joined (nothing otherwise)."""
+    if _JOINED and available():
+        _JOINED.clear()
         import gc
 
         gc.collect()  # what still refers to the group (captured graphs on a model) goes first

@@ -508,7 +508,9 @@ def test_10_11_a_rank_killed_is_named_and_a_sigterm_resume_equals_the_whole_run(
     """Two processes: SIGKILL of rank 1 is one line naming it (exit 1); then SIGTERM to
     the launcher mid-epoch checkpoints and stops (143), and the same command resumes to
     the uninterrupted run's parameters, metrics (train_elbo included) and evaluation."""
-    argv = ["train", *DIGITS_20, "--epochs", "4", "--eval-samples", "20", "--nproc", "2"]
+    # 12 epochs: the signals come after the first and land in training, never after it
+    # (an epoch takes 0.15-0.5 s here; with 4, a fast host had finished by the SIGTERM)
+    argv = ["train", *DIGITS_20, "--epochs", "12", "--eval-samples", "20", "--nproc", "2"]
     whole = tmp_path / "whole"
     process = _pyro_vae([*argv, "--out", whole])
     assert process.wait(timeout=300) == 0, process.stderr.read()

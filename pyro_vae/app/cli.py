@@ -56,6 +56,18 @@ def main(argv: list[str] | None = None) -> int:
             _say(f"pyro-vae {args.command}: stopped: {limit}")
             return 1
     try:
+        return _run_command(args, argv)
+    finally:
+        # under torchrun the process group goes after the line saying why a process
+        # stopped is printed (were the teardown to stall, the line is out already)
+        distributed = sys.modules.get("pyro_vae.distributed")
+        if distributed is not None:
+            distributed.shutdown()
+
+
+def _run_command(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """The command's exit status; its errors as one line (see :func:`main`)."""
+    try:
         return int(COMMANDS[args.command].run(args, argv))
     except UserInputError as error:
         _say(f"pyro-vae {args.command}: error: {as_flags(str(error))}")
