@@ -25,7 +25,8 @@ from typing import Any
 import torch
 
 from pyro_vae.analysis.ais import ais_log_likelihood, bdmc
-from pyro_vae.analysis.evaluation import KHAT_THRESHOLD, fixed_subset, log_likelihood_and_khat
+from pyro_vae.analysis.evaluation import fixed_subset, log_likelihood_and_khat
+from pyro_vae.analysis.psis import KHAT_THRESHOLD
 from pyro_vae.app.runs import load_run
 
 TEST_SET = 10_000

@@ -109,7 +109,7 @@ def train_once(
     pv.fit(vae, data, train_config, progress=False, log=None)
     images = data.evaluation_images("test")[: settings["eval_images"]]
     result = pv.evaluate(vae, images, num_samples=settings["eval_samples"])
-    metrics = {name: float(result[name]) for name in METRICS}
+    metrics = {name: float(getattr(result, name)) for name in METRICS}
     return RunResult(estimator, seed, metrics, time.perf_counter() - started)
 
 

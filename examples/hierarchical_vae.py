@@ -46,12 +46,10 @@ def main(argv: list[str] | None = None) -> None:
         fit(vae, data, config, progress=False, log=None)
         result = evaluate(vae, test, args.eval_samples)
         layers = ", ".join(
-            f"{site}: KL {result.get(f'test_kl_{site}', result['test_kl']):.2f}, {units} active"
-            for site, units in result["active_units_by_site"].items()
+            f"{site}: KL {result.test_kl_by_site.get(site, result.test_kl):.2f}, {units} active"
+            for site, units in result.active_units_by_site.items()
         )
-        print(
-            f"{name:22} {result['test_elbo']:10.3f} {result['test_log_likelihood']:10.3f}  {layers}"
-        )
+        print(f"{name:22} {result.test_elbo:10.3f} {result.test_log_likelihood:10.3f}  {layers}")
 
 
 if __name__ == "__main__":

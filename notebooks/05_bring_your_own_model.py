@@ -131,8 +131,8 @@ for key in (
     "test_log_likelihood_sem",
     "active_units",
 ):
-    print(f"{key:30s} {result[key]:.3f}")
-print({k: v for k, v in result.items() if k.startswith("khat")})
+    print(f"{key:30s} {getattr(result, key):.3f}")
+print({k: v for k, v in result.to_dict().items() if k.startswith("khat")})
 
 # %% [markdown]
 # ## Gradients and bounds

@@ -60,8 +60,9 @@ _EXPORTS = {
     "AISResult": "pyro_vae.analysis.ais",
     "BDMCResult": "pyro_vae.analysis.ais",
     "evaluate": "pyro_vae.analysis.evaluation",
+    "Evaluation": "pyro_vae.analysis.evaluation",
     "evaluate_elbo": "pyro_vae.analysis.evaluation",
-    "active_units": "pyro_vae.analysis.evaluation",
+    "active_units": "pyro_vae.analysis.units",
     "estimator_gradient_statistics": "pyro_vae.analysis.gradients",
     "bound_tightness": "pyro_vae.analysis.bounds",
     # data and configuration
@@ -98,8 +99,9 @@ __all__ = sorted(_EXPORTS)
 if TYPE_CHECKING:
     from pyro_vae.analysis.ais import AISResult, BDMCResult, ais_log_likelihood, bdmc
     from pyro_vae.analysis.bounds import bound_tightness
-    from pyro_vae.analysis.evaluation import active_units, evaluate, evaluate_elbo, log_likelihood
+    from pyro_vae.analysis.evaluation import Evaluation, evaluate, evaluate_elbo, log_likelihood
     from pyro_vae.analysis.gradients import estimator_gradient_statistics
+    from pyro_vae.analysis.units import active_units
     from pyro_vae.app.compare import compare_estimators
     from pyro_vae.app.diagnose import diagnose
     from pyro_vae.app.runs import load_run
@@ -111,14 +113,14 @@ if TYPE_CHECKING:
     from pyro_vae.models.protocol import ModelSites, PyroModel, model_sites
     from pyro_vae.models.vae import DATA_PLATE, LATENT_SITE, OBSERVED_SITE, VAE
     from pyro_vae.objectives.importance import ImportanceWeightedELBO
+    from pyro_vae.objectives.options import Option
     from pyro_vae.objectives.registry import (
         ESTIMATORS,
-        Estimator,
-        Option,
         estimator_spec,
         make_elbo,
         register_estimator,
     )
+    from pyro_vae.objectives.spec import Estimator
     from pyro_vae.objectives.terms import (
         ElboTerms,
         elbo_terms,

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from pyro_vae import ModelConfig, TrainConfig, build_vae, load_data, make_elbo
-from pyro_vae.analysis.evaluation import active_units, evaluate, log_likelihood_and_khat, psis_khat
+from pyro_vae.analysis.evaluation import evaluate, log_likelihood_and_khat
+from pyro_vae.analysis.psis import psis_khat
+from pyro_vae.analysis.units import active_units
 from pyro_vae.models.exact import LinearGaussianVAE
 from pyro_vae.training.fit import fit
 
@@ -50,7 +52,9 @@ def test_evaluate_reports_consistent_numbers():
     torch.manual_seed(0)
     vae = build_vae(ModelConfig(latent_dims=(4,), hidden=(32,)), data.data_shape)
     fit(vae, data, TrainConfig(epochs=3, batch_size=50), log=None)
-    result = evaluate(vae, data.evaluation_images()[:50], num_samples=200)
+    evaluation = evaluate(vae, data.evaluation_images()[:50], num_samples=200)
+    result = evaluation.to_dict()  # (what evaluation.json holds)
+    assert result["test_elbo"] == evaluation.test_elbo and result["points"] == 50
     assert result["test_nll"] == pytest.approx(-result["test_log_likelihood"])
     assert result["kl"] == result["test_kl"] > 0
     assert result["test_elbo"] == pytest.approx(
@@ -167,7 +171,7 @@ def test_every_evaluation_runs_in_eval_mode_and_restores_the_callers_modes(measu
 
     x = load_data("digits", limit=40).evaluation_images("test")[:12]
     runs = {
-        "evaluate": lambda vae: evaluate(vae, x, num_samples=20, elbo_samples=2)["test_elbo"],
+        "evaluate": lambda vae: evaluate(vae, x, num_samples=20, elbo_samples=2).test_elbo,
         "log_likelihood": lambda vae: log_likelihood(vae, x, num_samples=20),
         "active_units": lambda vae: active_units(vae, x)["by_site"]["z"]["variance"],
         "gradient_draws": lambda vae: gradient_draws(vae, x, make_elbo("mc"), 3)["encoder"],
@@ -222,7 +226,7 @@ def test_short_evaluations_stay_eager_and_long_ones_capture(monkeypatch):
 
 
 def test_kl_per_unit_adds_up_to_the_closed_form_kl():
-    from pyro_vae.analysis.evaluation import kl_per_unit
+    from pyro_vae.analysis.units import kl_per_unit
     from pyro_vae.config import ModelConfig
     from pyro_vae.data import load_data
     from pyro_vae.models.build import build_vae

@@ -250,8 +250,8 @@ def test_every_analysis_takes_the_tutorial_vae(digits):
     log_px = pyro_vae.log_likelihood(vae, x, num_samples=500)
     assert log_px.mean() > terms.elbo.mean()
     result = pyro_vae.evaluate(vae, x, num_samples=100, elbo_samples=2)
-    assert math.isfinite(result["test_log_likelihood"]) and result["active_units"] >= 0
-    assert result["test_log_likelihood"] > result["test_elbo"]
+    assert math.isfinite(result.test_log_likelihood) and result.active_units >= 0
+    assert result.test_log_likelihood > result.test_elbo
     bounds = pyro_vae.bound_tightness(vae, x, particles=(1, 10), num_samples=500)
     assert bounds["bound_means"][0] < bounds["bound_means"][1] < bounds["log_likelihood"] + 0.05
     stats = pyro_vae.estimator_gradient_statistics(vae, x[:10], "mc", 1, num_draws=8)

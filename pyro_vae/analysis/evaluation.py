@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -20,8 +20,10 @@ import torch
 from pyro.infer.util import is_validation_enabled
 
 from pyro_vae import distributed
+from pyro_vae.analysis.psis import khat_summary, psis_khat
 from pyro_vae.errors import UserInputError
 from pyro_vae.models.protocol import (
+    PyroModel,
     analytic_kl_is_exact,
     as_batch,
     evaluation_mode,
@@ -35,15 +37,10 @@ from pyro_vae.objectives.terms import elbo_terms, log_importance_weights
 #: Decoder outputs held at once by log_likelihood (samples x data points x dims): 8 MB
 #: tensors stay below the allocator's mmap threshold (2**25 was 1.8x slower, measured).
 DEFAULT_MAX_ELEMENTS = 2**21
-#: PSIS k-hat above this: importance sampling is unreliable (Vehtari et al., 2024).
-KHAT_THRESHOLD = 0.7
-#: Fewest importance samples for which ArviZ fits a Pareto tail at all: it fits the
-#: largest ceil(min(K / 5, 3 sqrt(K))) weights and needs more than 4 of them (below, k-hat
-#: is infinite). The estimate is still noisy for K below a few hundred.
-KHAT_MIN_SAMPLES = 21
-#: Burda et al. (2016): a latent unit is active if Cov_x(E_q[z_u]) exceeds this.
-ACTIVE_UNIT_THRESHOLD = 0.01
 
+
+#: a unit whose KL(q || p) averages below this many nats carries (almost) no information
+INFORMATIVE_UNIT_NATS = 0.1
 
 #: the seed of the fixed test subsets (per-epoch monitoring, --eval-images): the same
 #: images in every run, so that runs are comparable
@@ -261,30 +258,6 @@ def announce_evaluation(vae, x: torch.Tensor, num_samples: int, log=print) -> fl
     return seconds
 
 
-def psis_khat(log_weights: torch.Tensor | np.ndarray) -> np.ndarray:
-    """Pareto k-hat of the importance weights of each data point, through ArviZ.
-
-    ``log_weights`` is ``(K, batch)``: ``log p(x, z_k) - log q(z_k|x)``. These are the
-    log importance ratios themselves, so they go to :func:`arviz.psislw` with a plus
-    sign (PSIS-LOO passes ``-log_likelihood`` because its ratios are 1/p(y_i|theta)).
-    ArviZ takes samples on the last axis. k-hat > 0.7 means the estimate is unreliable.
-    With fewer than ``KHAT_MIN_SAMPLES`` weights there is no tail to fit: NaN.
-    """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*ArviZ is undergoing", category=FutureWarning)
-        import arviz as az
-
-    weights = log_weights.detach().cpu().numpy() if torch.is_tensor(log_weights) else log_weights
-    if weights.shape[0] < KHAT_MIN_SAMPLES:  # too few for the tail fit: NaN, not a crash
-        return np.full(weights.shape[1:], np.nan)
-    with warnings.catch_warnings():
-        # ArviZ warns when k-hat is large; we report it instead
-        warnings.simplefilter("ignore", UserWarning)
-        warnings.simplefilter("ignore", RuntimeWarning)
-        _, khat = az.psislw(np.ascontiguousarray(np.asarray(weights, dtype=np.float64).T))
-    return np.asarray(khat, dtype=np.float64)
-
-
 def log_likelihood_and_khat(
     vae,
     x: torch.Tensor,
@@ -329,139 +302,100 @@ def log_likelihood_and_khat(
     return result, khats
 
 
-def khat_summary(khat: np.ndarray, num_samples: int) -> dict[str, Any]:
-    """Mean, max and share above 0.7 of PSIS k-hat, or ``None`` with the reason when K
-    is too small for a Pareto fit (never an infinity presented as a measurement)."""
-    finite = khat[np.isfinite(khat)]
-    if num_samples < KHAT_MIN_SAMPLES or finite.size == 0:
+@dataclass(frozen=True)
+class Evaluation:
+    """What :func:`evaluate` measures on a trained VAE (nats per data point).
+
+    :meth:`to_dict` gives the flat dict written to ``evaluation.json`` (the ``test_``
+    names, ``test_kl_<site>`` per latent site, the k-hat summary's keys).
+    """
+
+    #: data points evaluated
+    points: int
+    #: ELBO with the closed-form KL where exact, and its two terms
+    test_elbo: float
+    test_expected_log_likelihood: float
+    test_kl: float
+    #: the ELBO with a Monte Carlo KL, same model and data
+    test_elbo_mc: float
+    #: importance-sampled log p(x) with K = ``importance_samples``, and its standard error
+    #: over the data points (NaN for one point)
+    test_log_likelihood: float
+    test_log_likelihood_sem: float
+    importance_samples: int
+    elbo_samples: int
+    #: Burda et al.'s active-unit count over all sites, and per site
+    active_units: int
+    latent_dims: int
+    active_units_by_site: dict[str, int]
+    #: mean KL of each unit per site; its median over all units; units above 0.1 nats
+    kl_per_unit: dict[str, list[float]]
+    kl_per_unit_median: float | None
+    informative_units: int
+    #: the PSIS k-hat summary of the K weights (``None`` with ``khat_note`` when K is
+    #: too small for a Pareto fit)
+    khat_mean: float | None
+    khat_max: float | None
+    khat_share_above_threshold: float | None
+    khat_images: int | None
+    khat_note: str | None
+    #: the KL of each latent site (hierarchical models), closed form where exact
+    test_kl_by_site: dict[str, float]
+    seconds: float
+
+    @property
+    def test_nll(self) -> float:
+        """The negative log-likelihood, positive: the number papers print."""
+        return -self.test_log_likelihood
+
+    @property
+    def gap_log_likelihood_minus_elbo(self) -> float:
+        return self.test_log_likelihood - self.test_elbo
+
+    def to_dict(self) -> dict[str, Any]:
+        khat: dict[str, Any] = {
+            "khat_mean": self.khat_mean,
+            "khat_max": self.khat_max,
+            "khat_share_above_0.7": self.khat_share_above_threshold,
+        }
+        if self.khat_note is not None:
+            khat["khat_note"] = self.khat_note
+        if self.khat_images is not None:
+            khat["khat_images"] = self.khat_images
         return {
-            "khat_mean": None,
-            "khat_max": None,
-            "khat_share_above_0.7": None,
-            "khat_note": f"not computed: K={num_samples} importance samples are too few for "
-            f"a Pareto fit of the weights' tail (ArviZ needs K >= {KHAT_MIN_SAMPLES}; "
-            f"estimates are reliable from a few hundred)",
+            "points": self.points,
+            "test_elbo": self.test_elbo,
+            "test_expected_log_likelihood": self.test_expected_log_likelihood,
+            "test_kl": self.test_kl,
+            "kl": self.test_kl,
+            "test_elbo_mc": self.test_elbo_mc,
+            "test_log_likelihood": self.test_log_likelihood,
+            "test_log_likelihood_sem": self.test_log_likelihood_sem,
+            "test_nll": self.test_nll,
+            "importance_samples": self.importance_samples,
+            "elbo_samples": self.elbo_samples,
+            "gap_log_likelihood_minus_elbo": self.gap_log_likelihood_minus_elbo,
+            "active_units": self.active_units,
+            "latent_dims": self.latent_dims,
+            "active_units_by_site": dict(self.active_units_by_site),
+            "kl_per_unit": {site: list(units) for site, units in self.kl_per_unit.items()},
+            "kl_per_unit_median": self.kl_per_unit_median,
+            "informative_units": self.informative_units,
+            **khat,
+            "seconds": self.seconds,
+            **{f"test_kl_{site}": value for site, value in self.test_kl_by_site.items()},
         }
-    return {
-        "khat_mean": float(finite.mean()),
-        "khat_max": float(finite.max()),
-        "khat_share_above_0.7": float(np.mean(finite > KHAT_THRESHOLD)),
-        "khat_images": int(finite.size),
-    }
-
-
-@torch.no_grad()
-def active_units(
-    vae, x: torch.Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD, parent_draws: int = 32
-) -> dict[str, Any]:
-    """Latent units whose posterior mean varies over the data (Burda et al., 2016).
-
-    ``A_u = Cov_x(E_{q(z|x)}[z_u]) > 0.01``, per latent site of the guide. Where a site's
-    distribution depends on other latent draws (a lower layer of a hierarchical guide),
-    ``E_q[z_u | x]`` is an expectation over those draws: it is estimated per data point
-    by the mean of the conditional means at ``parent_draws`` draws, whose Monte Carlo
-    variance (the within-x variance over ``parent_draws``) is estimated per data point
-    and subtracted from the variance over x, so the estimate of ``Cov_x(E_q[z_u | x])``
-    is unbiased. Sites whose distribution depends on x alone (every site of a one-layer
-    guide) need one draw, and get one. Runs with the networks in eval mode.
-
-    Returns the count over all sites, the number of latent dimensions, and per site its
-    count, dimensions and the per-unit variance of the posterior mean.
-    """
-    import pyro
-    from pyro import poutine
-
-    from pyro_vae.objectives.traces import particle_plate, sample_sites
-
-    def conditional_means(batch: torch.Tensor, draws: int) -> dict[str, torch.Tensor]:
-        with pyro.validation_enabled(False):
-            trace = poutine.trace(particle_plate(draws)(vae.guide)).get_trace(batch)
-        means = {}
-        for site in sample_sites(trace):
-            mean = site["fn"].mean
-            means[site["name"]] = mean.expand(draws, *mean.shape[-2:])  # (draws, batch, dims)
-        return means
-
-    with evaluation_mode(vae):
-        x = as_batch(vae, x)
-        probe = conditional_means(x[:1000], 2)
-        depends_on_draws = any(not torch.equal(m[0], m[1]) for m in probe.values())
-        draws = parent_draws if depends_on_draws else 1
-        means: dict[str, list[torch.Tensor]] = {}
-        within: dict[str, list[torch.Tensor]] = {}
-        for start in range(0, x.shape[0], 1000):
-            for name, m in conditional_means(x[start : start + 1000], draws).items():
-                means.setdefault(name, []).append(m.mean(0))
-                spread = m.var(0) / draws if draws > 1 else torch.zeros_like(m[0])
-                within.setdefault(name, []).append(spread)
-    per_site = {}
-    for name, chunks in means.items():
-        values = torch.cat(chunks)
-        # one data point shows no variation over x: no unit can be counted active
-        between = values.var(0) if values.shape[0] > 1 else torch.zeros_like(values[0])
-        variance = between - torch.cat(within[name]).mean(0)
-        per_site[name] = {
-            "active": int((variance > threshold).sum()),
-            "dims": int(variance.numel()),
-            "variance": variance.cpu().tolist(),
-            "parent_draws": draws,
-        }
-    return {
-        "active_units": sum(site["active"] for site in per_site.values()),
-        "latent_dims": sum(site["dims"] for site in per_site.values()),
-        "by_site": per_site,
-    }
-
-
-#: a unit whose KL(q || p) averages below this many nats carries (almost) no information
-INFORMATIVE_UNIT_NATS = 0.1
-
-
-@torch.no_grad()
-def kl_per_unit(vae, x: torch.Tensor, num_samples: int = 8) -> dict[str, list[float]]:
-    """Mean ``KL(q(z_u | x, parents) || p(z_u | parents))`` of each latent unit over
-    ``x`` (and ``num_samples`` draws of the parents, for lower layers), per latent site,
-    in nats: which units carry the KL that Burda's variance count only flags. Sites
-    whose distributions are not factorized Normals (no per-unit closed form) are
-    skipped. Runs with the networks in eval mode.
-    """
-    from torch.distributions import Independent, Normal, kl_divergence
-
-    from pyro_vae.objectives.traces import sample_sites, vectorized_traces
-
-    result: dict[str, list[float]] = {}
-    with evaluation_mode(vae), pyro.validation_enabled(False):
-        x = as_batch(vae, x)
-        sums: dict[str, torch.Tensor] = {}
-        for start in range(0, x.shape[0], 1000):
-            model_trace, guide_trace = vectorized_traces(
-                vae.model, vae.guide, x[start : start + 1000], num_samples
-            )
-            for site in sample_sites(model_trace):
-                if site["is_observed"] or site["name"] not in guide_trace.nodes:
-                    continue
-                q, p = guide_trace.nodes[site["name"]]["fn"], site["fn"]
-                q, p = (d.base_dist if isinstance(d, Independent) else d for d in (q, p))
-                if not (isinstance(q, Normal) and isinstance(p, Normal)):
-                    continue
-                kl = kl_divergence(q, p)  # (batch, units), or (draws, batch, units)
-                kl = kl.expand(num_samples, *kl.shape[-2:])
-                per_unit = kl.sum((0, 1)) / num_samples  # summed over x, averaged over draws
-                sums[site["name"]] = sums.get(site["name"], 0) + per_unit
-        for name, total in sums.items():
-            result[name] = (total / x.shape[0]).cpu().tolist()
-    return result
 
 
 def evaluate(
-    vae,
+    vae: PyroModel,
     images: torch.Tensor,
     num_samples: int = 5000,
     elbo_samples: int = 10,
     progress: bool = False,
     chunk_size: int | None = None,
     compile: bool | None = None,
-) -> dict[str, Any]:
+) -> Evaluation:
     """Everything we report about a trained VAE on ``images`` (nats per data point).
 
     - ``test_elbo`` with its terms ``test_expected_log_likelihood`` and ``test_kl``
@@ -472,6 +406,7 @@ def evaluate(
 
     Runs with the networks in eval mode and restores their modes (:func:`evaluation_mode`).
     """
+    from pyro_vae.analysis.units import active_units, kl_per_unit
 
     started = time.perf_counter()
     with forked_rng(), evaluation_mode(vae):
@@ -484,37 +419,37 @@ def evaluate(
         units = active_units(vae, images)
         unit_kl = kl_per_unit(vae, images)
     all_units = [value for values in unit_kl.values() for value in values]
-    log_px_mean = float(log_px.mean())
-    result: dict[str, Any] = {
-        "points": int(images.shape[0]),
-        "test_elbo": analytic["elbo"],
-        "test_expected_log_likelihood": analytic["expected_log_likelihood"],
-        "test_kl": analytic["kl"],
-        "kl": analytic["kl"],
-        "test_elbo_mc": mc["elbo"],
-        "test_log_likelihood": log_px_mean,
+    khats = khat_summary(khat, num_samples)
+    return Evaluation(
+        points=int(images.shape[0]),
+        test_elbo=analytic["elbo"],
+        test_expected_log_likelihood=analytic["expected_log_likelihood"],
+        test_kl=analytic["kl"],
+        test_elbo_mc=mc["elbo"],
+        test_log_likelihood=float(log_px.mean()),
         # (one image has no standard error: NaN, written as null in JSON)
-        "test_log_likelihood_sem": (
+        test_log_likelihood_sem=(
             float(log_px.std() / math.sqrt(len(log_px))) if len(log_px) > 1 else math.nan
         ),
-        "test_nll": -log_px_mean,
-        "importance_samples": num_samples,
-        "elbo_samples": elbo_samples,
-        "gap_log_likelihood_minus_elbo": log_px_mean - analytic["elbo"],
-        "active_units": units["active_units"],
-        "latent_dims": units["latent_dims"],
-        "active_units_by_site": {k: v["active"] for k, v in units["by_site"].items()},
+        importance_samples=num_samples,
+        elbo_samples=elbo_samples,
+        active_units=units["active_units"],
+        latent_dims=units["latent_dims"],
+        active_units_by_site={k: v["active"] for k, v in units["by_site"].items()},
         # beside Burda's count: how the KL is spread over the units
-        "kl_per_unit": unit_kl,
-        "kl_per_unit_median": float(np.median(all_units)) if all_units else None,
-        "informative_units": sum(value > INFORMATIVE_UNIT_NATS for value in all_units),
-        **khat_summary(khat, num_samples),
-        "seconds": time.perf_counter() - started,
-    }
-    result.update(
-        {f"test_{name}": value for name, value in analytic.items() if name.startswith("kl_")}
+        kl_per_unit=unit_kl,
+        kl_per_unit_median=float(np.median(all_units)) if all_units else None,
+        informative_units=sum(value > INFORMATIVE_UNIT_NATS for value in all_units),
+        khat_mean=khats["khat_mean"],
+        khat_max=khats["khat_max"],
+        khat_share_above_threshold=khats["khat_share_above_0.7"],
+        khat_images=khats.get("khat_images"),
+        khat_note=khats.get("khat_note"),
+        test_kl_by_site={
+            name[len("kl_") :]: value for name, value in analytic.items() if name.startswith("kl_")
+        },
+        seconds=time.perf_counter() - started,
     )
-    return result
 
 
 #: Data points per forward pass when evaluating ELBOs.

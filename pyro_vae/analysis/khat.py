@@ -16,16 +16,13 @@ import pyro
 import torch
 
 from pyro_vae.analysis.evaluation import (
-    KHAT_MIN_SAMPLES,
-    KHAT_THRESHOLD,
     _sizes,
     _weight_chunks,
     evaluation_mode,
     importance_weights,
-    khat_summary,
     log_likelihood_and_khat,
-    psis_khat,
 )
+from pyro_vae.analysis.psis import KHAT_MIN_SAMPLES, KHAT_THRESHOLD, khat_summary, psis_khat
 from pyro_vae.models.protocol import PyroModel, as_batch, forked_rng
 
 

@@ -321,7 +321,7 @@ def train_compare_run(spec: dict[str, Any]) -> dict[str, Any]:
         spec["eval_samples"],
         progress=spec["progress"],
         compile=spec["compile_evaluation"],
-    )
+    ).to_dict()
     if spec.get("ais_steps"):
         from pyro_vae.app.ais_report import measure_ais
 

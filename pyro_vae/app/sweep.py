@@ -209,9 +209,9 @@ def sweep_run(spec: dict[str, Any], callbacks: Sequence[Callable[..., Any]] = ()
             config.train.eval_samples,
             progress=spec["progress"],
         )
-        atomic_write_json(evaluation, run_dir / "evaluation.json")
+        atomic_write_json(evaluation.to_dict(), run_dir / "evaluation.json")
         result["eval_samples"] = config.train.eval_samples
-        result["test_log_likelihood"] = evaluation["test_log_likelihood"]
+        result["test_log_likelihood"] = evaluation.test_log_likelihood
     return result
 
 

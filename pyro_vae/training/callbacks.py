@@ -31,7 +31,8 @@ import pyro
 import torch
 
 from pyro_vae import distributed
-from pyro_vae.analysis.evaluation import active_units, evaluate_elbo, fixed_subset
+from pyro_vae.analysis.evaluation import evaluate_elbo, fixed_subset
+from pyro_vae.analysis.units import active_units
 from pyro_vae.data import VAEData
 from pyro_vae.io import atomic_write_text, dumps_json
 from pyro_vae.models.protocol import PyroModel, evaluation_mode, forked_rng

@@ -94,7 +94,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         args.samples,
         progress=not args.quiet and not args.json,
         compile=args.compile,
-    )
+    ).to_dict()
     if args.ais_steps is not None:
         result.update(
             measure_ais(
