@@ -164,24 +164,24 @@ def test_2_a_kill_before_the_first_epoch_of_a_longer_resume_leaves_the_run_usabl
 def test_1_a_lock_whose_holder_record_cannot_be_written_is_still_released(tmp_path, monkeypatch):
     import errno
 
-    from pyro_vae.app import runs
+    from pyro_vae.app import lock
 
     real = os.write
 
     def full(descriptor, data):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(runs.os, "write", full)
-    with runs.RunLock(tmp_path / "r", "first"):
+    monkeypatch.setattr(lock.os, "write", full)
+    with lock.RunLock(tmp_path / "r", "first"):
         pass
-    monkeypatch.setattr(runs.os, "write", real)
-    with runs.RunLock(tmp_path / "r", "second"):  # not "in use": the first let go
-        assert (tmp_path / "r" / runs.LOCK).exists()
+    monkeypatch.setattr(lock.os, "write", real)
+    with lock.RunLock(tmp_path / "r", "second"):  # not "in use": the first let go
+        assert (tmp_path / "r" / lock.LOCK).exists()
     assert not (tmp_path / "r").exists()  # created for the lock, removed with it
 
 
 def test_1_a_lock_survives_its_folder_being_removed_by_the_last_holder(tmp_path, monkeypatch):
-    from pyro_vae.app import runs
+    from pyro_vae.app import lock
 
     folder = tmp_path / "r"
     folder.mkdir()
@@ -194,9 +194,9 @@ def test_1_a_lock_survives_its_folder_being_removed_by_the_last_holder(tmp_path,
             shutil.rmtree(folder)
         return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(runs.os, "open", open_after_removal)
-    with runs.RunLock(folder, "second"):
-        assert (folder / runs.LOCK).exists()
+    monkeypatch.setattr(lock.os, "open", open_after_removal)
+    with lock.RunLock(folder, "second"):
+        assert (folder / lock.LOCK).exists()
 
 
 def test_2_a_refused_command_leaves_a_users_temporary_files_alone(tmp_path, capsys):

@@ -173,7 +173,7 @@ def _refuse_to_overwrite(out: Path, overwrite: bool) -> None:
 def write_locked(out: Path, diagnosis: Diagnosis, run_dir: Path, overwrite: bool) -> None:
     """The diagnosis's files in ``out``, locked; inside the run folder, the run's own lock
     (a ``train --overwrite`` moves that folder)."""
-    from pyro_vae.app.runs import RunLock
+    from pyro_vae.app.lock import RunLock
     from pyro_vae.io import make_folder
 
     inside = out.resolve().is_relative_to(run_dir.resolve())

@@ -5,16 +5,15 @@ training of a run into its folder that ``train``, ``compare``, ``sweep`` and
 :func:`checked_model` is what every command checks before anything is written: the data
 fits the model and memory, the estimator fits the model and can be built;
 :func:`prepare_run` adds the device, the data and the time of the final evaluation.
-:func:`run_training` trains a prepared run into its folder under ``train``'s
-resume/overwrite policy (a :class:`Transaction` takes back what a failed first epoch
-wrote), evaluates it and writes its report; :func:`train_in_folder` trains (or resumes,
-from a checkpoint of the same config) one run of a comparison or sweep and times it.
+:func:`train_in_folder` trains (or resumes) one run in its folder and times it: every
+command's runs train through it. :func:`run_training` trains a prepared run that way
+under ``train``'s policy (:mod:`pyro_vae.app.run_folder`; a :class:`Transaction` takes
+back what a failed first epoch wrote), evaluates it and writes its report.
 Heavy modules (torch) are imported inside the functions, so that ``--help`` stays fast.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import shutil
@@ -22,7 +21,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pyro_vae.app.flags import TRAIN_FLAGS
 from pyro_vae.config import DataConfig, RunConfig
@@ -109,25 +108,37 @@ def train_in_folder(
     progress: bool,
     callbacks: Sequence[Callable[..., Any]] = (),
     initial_state: dict[str, torch.Tensor] | None = None,
+    *,
+    vae: Any = None,
+    resumed_at: int | None | Literal["folder"] = "folder",
+    log: Callable[[str], Any] | None = None,
 ) -> tuple[Any, Any, dict[str, Any]]:
-    """Train (or resume) one run in ``run_dir``, from the run's seed: the model, its
-    history, and the timing fields of its record (wall and CPU time; CPU time beside wall
-    time, since wall time swings with the load of other processes). ``compare`` and
-    ``sweep`` train each of their runs through this. ``initial_state``: the parameters
-    to start from (a comparison's, shared by its estimators) instead of the fresh
-    model's."""
+    """Train (or resume) one run in ``run_dir``: the model, its history, and the timing
+    fields of its record (wall and CPU time; CPU time beside wall time, since wall time
+    swings with the load of other processes). Every command trains its runs through this
+    (``train`` and ``reproduce`` by :func:`run_training`, ``compare`` and ``sweep`` per
+    run).
+
+    ``vae``: the model to train (checked: :func:`checked_model`); by default built from
+    the run's seed. ``resumed_at``: the epoch of the folder's checkpoint to continue (its
+    config verified by the caller), ``None`` to start afresh; by default the folder's
+    checkpoint is continued when it holds one of the same config (:func:`checkpoint_epoch`).
+    ``initial_state``: the parameters to start from (a comparison's, shared by its
+    estimators) instead of the fresh model's. ``log``: each epoch's line."""
     import torch
 
     from pyro_vae.models.build import build_vae
     from pyro_vae.training.fit import fit
     from pyro_vae.training.trainer import CHECKPOINT
 
-    resumed_at = checkpoint_epoch(run_dir / CHECKPOINT, config)
+    if resumed_at == "folder":
+        resumed_at = checkpoint_epoch(run_dir / CHECKPOINT, config)
     # a run folder like any other: evaluate, sample and diagnose read its config.json
     run_dir.mkdir(parents=True, exist_ok=True)
     config.save(run_dir / "config.json")
-    torch.manual_seed(config.train.seed)
-    vae = build_vae(config.model, data.data_shape)
+    if vae is None:
+        torch.manual_seed(config.train.seed)
+        vae = build_vae(config.model, data.data_shape)
     if initial_state is not None:
         vae.load_state_dict(initial_state)
     started, cpu_started = time.perf_counter(), time.process_time()
@@ -140,7 +151,7 @@ def train_in_folder(
         saved_config=config.to_dict(),
         callbacks=callbacks,
         progress=progress,
-        log=None,
+        log=log,
     )
     train_seconds = time.perf_counter() - started
     train_cpu_seconds = time.process_time() - cpu_started
@@ -253,9 +264,11 @@ def prepare_run(config: RunConfig, quiet: bool = False) -> PreparedRun:
 def run_training(
     prepared: PreparedRun,
     out: Path,
-    args: argparse.Namespace,
-    argv: list[str] | None,
     transaction: Transaction,
+    *,
+    resume: bool,
+    quiet: bool = False,
+    tensorboard: bool = False,
     announce: Callable[[dict[str, Any]], None] | None = None,
 ) -> int:
     """Train a prepared run into ``out`` (under its lock), evaluate it, write plots and the
@@ -266,30 +279,23 @@ def run_training(
     from pyro_vae.app.run_report import write_plots, write_report
     from pyro_vae.io import atomic_write_json
     from pyro_vae.resources import human_seconds
-    from pyro_vae.training.fit import fit
 
     config, data, vae = prepared.config, prepared.data, prepared.vae
     callbacks: list[Any] = [transaction.commit]
     tracker = None
-    if args.tensorboard:
+    if tensorboard:
         from pyro_vae.app.tracking import TensorBoardLogger
 
         start = prepared.start_epoch
         tracker = TensorBoardLogger(out / "tensorboard", start_epoch=start)
         callbacks.append(tracker)
     config.save(out / "config.json")
-    progress = not args.quiet
+    progress = not quiet
     if announce is not None:
-        announce({"config": config.to_dict(), "resume": bool(args.resume), "out": str(out)})
-    history = fit(
-        vae,
-        data,
-        config.train,
-        run_dir=out,
-        resume=bool(args.resume),
-        saved_config=config.to_dict(),
-        progress=progress,
-        callbacks=callbacks,
+        announce({"config": config.to_dict(), "resume": resume, "out": str(out)})
+    resumed_at = prepared.start_epoch if resume else None
+    vae, history, _ = train_in_folder(
+        config, data, out, progress, callbacks, vae=vae, resumed_at=resumed_at, log=print
     )
     transaction.commit()  # (a resumed run with no epoch left to train)
     if tracker is not None:
@@ -303,7 +309,7 @@ def run_training(
             f"evaluating: importance-sampled log p(x) with K={samples} on {len(images):,} "
             f"test images, about {human_seconds(prepared.evaluation_seconds)} ..."
         )
-        evaluation = evaluate(vae, images, samples, progress=progress)
+        evaluation = evaluate(vae, images, samples, progress=progress).to_dict()
     flags = run_flags(config, history.epochs, evaluation)
     if evaluation is not None:
         evaluation["flags"] = [flag.to_dict() for flag in flags]

@@ -178,7 +178,8 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     locked; its table printed."""
     from pyro_vae.app.compare import markdown_table, parse_estimators
     from pyro_vae.app.compare_report import interval_note
-    from pyro_vae.app.runs import RunLock, command_line, is_empty
+    from pyro_vae.app.lock import RunLock
+    from pyro_vae.app.runs import command_line, is_empty
 
     estimators = parse_estimators(args.estimators or _default_estimators(args))
     executor = executor_from_flags(args, gpus_per_run=1.0 if args.device == "cuda" else 0.0)

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pyro_vae.app.flags import executor_flags, executor_from_flags, resolve_config
+from pyro_vae.app.flags import TRAIN_FLAGS, executor_flags, executor_from_flags
+from pyro_vae.app.reproduce import Cell
+from pyro_vae.app.run_folder import RunRequest, train_run
 from pyro_vae.choices import (
     DATASETS,
 )
+from pyro_vae.config import RunConfig, with_protocol
 from pyro_vae.errors import UserInputError
 
 
@@ -45,13 +50,47 @@ def add_parser(commands: Any) -> None:
     executor_flags(parser, gpus=True)
 
 
-def _train_cell(argv: list[str]) -> int:
-    """``pyro-vae train ARGV`` for one cell of ``reproduce``: a top-level function, so that
-    a Ray task can run it; bad input raises (one line, through the executor)."""
-    from pyro_vae.app.commands.train import run as train
-    from pyro_vae.app.commands.train import standalone_parser
+#: reproduce's flags that set a cell's training run, as train's flags do
+CELL_FLAGS = ("data_dir", "epochs", "eval_samples", "eval_images", "dataset", "limit", "device")
 
-    return train(standalone_parser().parse_args(argv), argv)
+
+@dataclass(frozen=True)
+class CellSettings:
+    """A cell's run config: the IWAE protocol, the cell's latent layers, estimator and k,
+    and reproduce's flags (``options``, by :data:`CELL_FLAGS` name), over the saved run's
+    own settings when the cell resumes, as ``train --protocol iwae`` with those flags
+    would build it (picklable: a Ray task's argument)."""
+
+    cell: Cell
+    options: tuple[tuple[str, Any], ...]
+
+    def __call__(self, saved: RunConfig | None) -> RunConfig:
+        config = with_protocol(saved or RunConfig(), "iwae")
+        sections: dict[str, dict[str, Any]] = {"model": {}, "data": {}, "train": {}}
+        given = {
+            "latent_dims": self.cell.latent_dims,
+            "estimator": self.cell.estimator,
+            "particles": self.cell.k,
+            **dict(self.options),
+        }
+        for flag, value in given.items():
+            section, name = TRAIN_FLAGS[flag]
+            sections[section][name] = value
+        if self.cell.estimator != config.train.estimator:
+            sections["train"]["estimator_options"] = {}  # (the options of the one replaced)
+        if "data_dir" in sections["data"]:  # run folders hold absolute paths
+            sections["data"]["data_dir"] = str(Path(given["data_dir"]).expanduser().resolve())
+        return RunConfig(
+            model=dataclasses.replace(config.model, **sections["model"]),
+            data=dataclasses.replace(config.data, **sections["data"]),
+            train=dataclasses.replace(config.train, **sections["train"]),
+        )
+
+
+def _train_cell(request: RunRequest) -> int:
+    """One cell of ``reproduce``: a top-level function, so that a Ray task can run it;
+    bad input raises (one line, through the executor)."""
+    return train_run(request)
 
 
 def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
@@ -73,36 +112,31 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
                 f"{args.out / cell.name} is a symbolic link: pyro-vae never writes through a "
                 f"link; remove it, or choose another --out"
             )
-    from pyro_vae.app.commands.train import standalone_parser
-
-    parser = standalone_parser()
-    options = []
-    for flag in ("data_dir", "epochs", "eval_samples", "eval_images", "dataset", "limit", "device"):
-        value = getattr(args, flag)
-        if value is not None:
-            options += [f"--{flag.replace('_', '-')}", str(value)]
-    commands = []
-    for cell in cells:
-        argv = [
-            "train", "--protocol", "iwae",
-            "--latent-dims", ",".join(map(str, cell.latent_dims)),
-            "--estimator", cell.estimator, "--particles", str(cell.k),
-            *options, "--resume", "auto", "--out", str(args.out / cell.name),
-            *(["--quiet"] if args.quiet else []),
-        ]  # fmt: skip
-        commands.append(argv)
-    for argv in commands:  # every cell's command parses before any cell trains
-        parser.parse_args(argv)
+    options = tuple(
+        (flag, getattr(args, flag)) for flag in CELL_FLAGS if getattr(args, flag) is not None
+    )
+    requests = [
+        RunRequest(
+            settings=CellSettings(cell, options),
+            out=args.out / cell.name,
+            resume="auto",
+            quiet=args.quiet,
+            command=_cell_command(cell, args),
+        )
+        for cell in cells
+    ]
+    for request in requests:  # every cell's config builds (validated) before any cell trains
+        request.settings(None)
     executor = executor_from_flags(args, gpus_per_run=1.0 if args.device == "cuda" else 0.0)
     if executor.name == "serial":
-        for number, (cell, argv) in enumerate(zip(cells, commands), start=1):
+        for number, (cell, request) in enumerate(zip(cells, requests), start=1):
             print(f"cell {number}/{len(cells)}: {cell.name} (paper NLL {cell.paper_nll:.2f})")
-            executor.map(_train_cell, [argv])  # with the torch threads of a Ray task
+            executor.map(_train_cell, [request])  # with the torch threads of a Ray task
     else:  # one Ray task per cell; a retried task resumes its cell (--resume auto)
         # the data once here first: a download (no --data-dir) must not race in N tasks
-        first = resolve_config(parser.parse_args(commands[0]))
+        first = requests[0].settings(None)
         first.data.load(first.train.seed)
-        quiet = [argv if "--quiet" in argv else [*argv, "--quiet"] for argv in commands]
+        quiet = [dataclasses.replace(request, quiet=True) for request in requests]
         print(f"{len(cells)} cells as Ray tasks ({', '.join(cell.name for cell in cells)}) ...")
         with executor:
             executor.map(_train_cell, quiet, log=print, labels=[cell.name for cell in cells])
@@ -112,3 +146,14 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     atomic_write_text(report, args.out / f"{args.table}.md")
     print(report)
     return 0
+
+
+def _cell_command(cell: Cell, args: argparse.Namespace) -> str:
+    """The command line recorded in a cell's lock: the reproduce command, for that cell."""
+    import shlex
+
+    words = ["pyro-vae", "reproduce", args.table, "--cells", cell.name, "--out", str(args.out)]
+    for flag in CELL_FLAGS:
+        if getattr(args, flag) is not None:
+            words += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    return shlex.join(words)

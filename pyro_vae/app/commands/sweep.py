@@ -31,7 +31,8 @@ def add_parser(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace, argv: list[str] | None) -> int:
-    from pyro_vae.app.runs import RunLock, command_line, is_empty
+    from pyro_vae.app.lock import RunLock
+    from pyro_vae.app.runs import command_line, is_empty
     from pyro_vae.app.sweep import check_runs, expand_grid, load_grid, run_sweep
     from pyro_vae.io import atomic_write_json, read_json
 

@@ -1,21 +1,19 @@
-"""``pyro-vae train``: validate everything, lock the run folder, then train into it.
+"""``pyro-vae train``: its flags, and the run they ask for.
 
-The resume/overwrite policy of a run folder lives here; the run itself is trained by
-:func:`pyro_vae.app.training_run.run_training`, and under ``torchrun`` the processes
-are coordinated by :mod:`pyro_vae.app.torchrun`.
+The flags become a :class:`~pyro_vae.app.run_folder.RunRequest`, which
+:func:`~pyro_vae.app.run_folder.train_run` carries out under the run folder's
+resume/overwrite policy; under ``torchrun`` the processes are coordinated by
+:mod:`pyro_vae.app.torchrun`.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 from pathlib import Path
 from typing import Any
 
 from pyro_vae.app.flags import (
-    TRAIN_FLAGS,
-    Parser,
     compile_flag,
     estimator_option_flags,
     int_list,
@@ -23,7 +21,6 @@ from pyro_vae.app.flags import (
     with_config_defaults,
 )
 from pyro_vae.app.torchrun import Followers, follow, launch_torchrun
-from pyro_vae.app.training_run import PreparedRun, Transaction, prepare_run, run_training
 from pyro_vae.choices import (
     ACTIVATIONS,
     BINARIZATIONS,
@@ -38,16 +35,7 @@ from pyro_vae.config import (
     PROTOCOLS,
     RunConfig,
 )
-from pyro_vae.errors import Preempted, UserInputError
 from pyro_vae.objectives.registry import ESTIMATORS
-
-
-def standalone_parser() -> argparse.ArgumentParser:
-    """A ``pyro-vae`` parser with ``train`` alone: for the train commands that
-    ``reproduce`` writes for its cells (the same flags, defaults and errors)."""
-    parser = Parser(prog="pyro-vae")
-    add_parser(parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser))
-    return parser
 
 
 def add_parser(commands: Any) -> None:
@@ -214,179 +202,45 @@ def run(
     does all this and tells the others (its ``followers``) what to train.
     """
     from pyro_vae import distributed
-    from pyro_vae.app.runs import RunLock, command_line
+    from pyro_vae.app.runs import command_line
 
     if args.nproc is not None:
         return launch_torchrun(args.nproc, argv)
     if distributed.launched_by_torchrun() and not distributed.available():
+        # (the process group is destroyed by the entry point, after an error is printed)
         distributed.init_from_environment(args.device or "cpu")
+        if distributed.restart_count() > 0 and not args.resume:
+            args.resume = "auto"  # an elastic restart continues from the last checkpoint
+        if not distributed.is_main():
+            return follow(args)
+        followers, status = Followers(), 2
         try:
-            if distributed.restart_count() > 0 and not args.resume:
-                args.resume = "auto"  # an elastic restart continues from the last checkpoint
-            if not distributed.is_main():
-                return follow(args)
-            followers, status = Followers(), 2
-            try:
-                status = run(args, argv, followers)
-                return status
-            finally:
-                followers.stop(status)  # (no-op once they were sent to train)
+            status = run(args, argv, followers)
+            return status
         finally:
-            distributed.shutdown()
-    if args.resume and args.overwrite:
-        raise UserInputError(
-            "--resume continues the run in --out and --overwrite deletes it: pass one of them"
-        )
-    if args.out is None:
-        if args.resume:
-            raise UserInputError("--resume needs the run folder: pass --out")
-        args.out = _timestamped_out()
-    out: Path = args.out
-    start_over = args.resume == "auto"
-    if args.resume == "auto":  # requeue-safe: continue a run that has a checkpoint, or start it
-        # (a folder stopped before its first checkpoint is started over: nothing was trained)
-        args.resume = "always" if (out / "checkpoint.pt").is_file() else None
-    prepared = None
-    if not args.resume:
-        config = resolve_config(args)
-        prepared = prepare_run(config)
-    with RunLock(out, command_line(argv)):
-        return _train_locked(args, argv, out, prepared, start_over, followers)
+            followers.stop(status)  # (no-op once they were sent to train)
+    from pyro_vae.app.run_folder import RunRequest, train_run
 
-
-def _timestamped_out() -> Path:
-    """A fresh folder per run when --out is not given: runs/YYYYmmdd-HHMMSS (with -2,
-    -3, ... when that exists already)."""
-    import time
-
-    stamp = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-    out, number = stamp, 1
-    while out.exists():
-        number += 1
-        out = stamp.with_name(f"{stamp.name}-{number}")
-    return out
-
-
-def _train_locked(
-    args: argparse.Namespace,
-    argv: list[str] | None,
-    out: Path,
-    prepared: PreparedRun | None,
-    start_over: bool = False,
-    followers: Followers | None = None,
-) -> int:
-    from pyro_vae.app.runs import (
-        check_no_links,
-        check_run_data,
-        check_run_dir,
-        holds_run,
-        move_aside,
-        recover,
-        run_config,
+    return train_run(
+        RunRequest(
+            settings=FlagSettings(args),
+            out=args.out,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            quiet=args.quiet,
+            tensorboard=args.tensorboard,
+            command=command_line(argv),
+        ),
+        followers,
     )
-    from pyro_vae.training.checkpoint import load_checkpoint
-
-    check_no_links(out)  # (before anything in it is moved, read or written)
-    note = recover(out)
-    if note:
-        print(note, file=sys.stderr)
-    check_run_dir(out, args.resume, args.overwrite, start_over=start_over)
-    if args.resume:
-        checkpoint = load_checkpoint(out / "checkpoint.pt")  # verified: digest, structure
-        config = _resumed_config(args, out, run_config(out, checkpoint))
-        if _nothing_to_add(config, checkpoint, out):
-            return 0
-        prepared = prepare_run(config)
-        check_run_data(checkpoint, prepared.data, "resume")
-        prepared.start_epoch = checkpoint["epoch"]
-    assert prepared is not None  # (prepared before the lock, or from the checkpoint above)
-    replacing = args.overwrite and holds_run(out)
-    if replacing:
-        move_aside(out)
-    transaction = Transaction(out, replacing)
-    try:
-        return run_training(
-            prepared, out, args, argv, transaction, None if followers is None else followers.go
-        )
-    except Preempted:
-        transaction.commit()  # the checkpoint holds the position: the run stands
-        raise
-    except BaseException:
-        transaction.rollback()
-        raise
 
 
-def _resumed_config(args: argparse.Namespace, out: Path, saved: RunConfig) -> RunConfig:
-    """The run's own config, with --epochs, the final evaluation's settings and the device
-    as given (none changes what was trained; a run started on the CPU may go on on a GPU,
-    drawing the GPU's noise from there on). The other options may be given too (a requeued
-    job repeats its command line) but must equal the run's own: each real change is
-    refused, naming the saved and the given value."""
-    given = resolve_config(args, base=saved)
-    free = {name: getattr(saved.train, name) for name in _FREE_ON_RESUME}
-    changed = _flag_differences(
-        saved, dataclasses.replace(given, train=dataclasses.replace(given.train, **free))
-    )
-    if changed:
-        raise UserInputError(
-            f"--resume continues {out} with its own settings; only --epochs, --eval-samples, "
-            f"--eval-images and --device may change, and these differ: "
-            f"{'; '.join(changed)} (start a new run for other settings)"
-        )
-    return given
+@dataclasses.dataclass(frozen=True)
+class FlagSettings:
+    """The run's config from ``train``'s flags: over the saved run's own when resuming
+    (the flags not given keep its settings), over the defaults when starting."""
 
+    args: argparse.Namespace
 
-#: settings a resumed run may change: how long it trains, how it is evaluated at the end,
-#: where it runs (the checkpoint loads on the CPU and moves to the device)
-_FREE_ON_RESUME = ("epochs", "eval_samples", "eval_images", "device")
-
-
-def _flag_differences(saved: RunConfig, given: RunConfig) -> list[str]:
-    """``--flag: saved X, given Y`` for each setting that differs (config keys without a
-    flag are named as ``section.key``)."""
-    names = {value: flag for flag, value in TRAIN_FLAGS.items()}
-
-    def shown(value: Any) -> str:
-        return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
-
-    result = []
-    for section in ("data", "model", "train"):
-        old, new = saved.section(section), given.section(section)
-        for name in old:
-            if old[name] != new[name]:
-                flag = names.get((section, name))
-                label = f"--{flag.replace('_', '-')}" if flag else f"{section}.{name}"
-                result.append(f"{label}: saved {shown(old[name])}, given {shown(new[name])}")
-    return result
-
-
-def _nothing_to_add(config: RunConfig, checkpoint: dict[str, Any], out: Path) -> bool:
-    """A finished run asked to go no further: say so, and change nothing. Finished means
-    trained, evaluated and reported, the report written after the checkpoint and the
-    evaluation (a run stopped between those, e.g. killed while writing its plots, is
-    finished by running it again: its report is refreshed)."""
-    from pyro_vae.app.runs import evaluation_damage, repair_metrics
-
-    done = checkpoint["epoch"]
-    finished = checkpoint["stopped_early"] or done >= config.train.epochs
-    evaluation, report = out / "evaluation.json", out / "report.md"
-    evaluated = not config.train.eval_samples or evaluation.exists()
-    if finished and evaluated and evaluation.exists():
-        damage = evaluation_damage(evaluation)
-        if damage is not None:  # evaluated again, written whole
-            print(f"note: {damage}: the run is evaluated again", file=sys.stderr)
-            evaluated = False
-    if not (finished and evaluated and report.exists()):
-        return False
-    note = repair_metrics(out, checkpoint["history"])
-    if note:
-        print(note, file=sys.stderr)
-    written_before = [p for p in (out / "checkpoint.pt", evaluation) if p.exists()]
-    if any(report.stat().st_mtime_ns < p.stat().st_mtime_ns for p in written_before):
-        return False
-    why = "stopped early" if checkpoint["stopped_early"] else f"trained {done} epochs"
-    print(
-        f"{out} is finished ({why}, evaluated, report written): nothing to do; pass a larger "
-        f"--epochs to train further"
-    )
-    return True
+    def __call__(self, saved: RunConfig | None) -> RunConfig:
+        return resolve_config(self.args, base=saved)
