@@ -18,7 +18,7 @@ from pyro_vae.analysis.gradients import (
     snr_versus_particles,
 )
 from pyro_vae.app.cli import main
-from pyro_vae.app.compare import check_estimators_run, parse_estimators
+from pyro_vae.app.compare_checks import check_estimators_run, parse_estimators
 from pyro_vae.errors import UserInputError
 from pyro_vae.models.exact import LinearGaussianVAE
 

@@ -20,7 +20,8 @@ import torch
 from pyro.infer import RenyiELBO, Trace_ELBO
 
 import pyro_vae as pv
-from pyro_vae.app.compare import as_run_config, check_executor_reaches, parse_estimators
+from pyro_vae.app.compare import as_run_config
+from pyro_vae.app.compare_checks import check_executor_reaches, parse_estimators
 from pyro_vae.config import RunConfig, TrainConfig
 from pyro_vae.errors import UserInputError
 from pyro_vae.objectives.adapters import LossAndGradsAdapter

@@ -7,6 +7,7 @@ executor chose); then the SNR and bound studies on the first repeat's models.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import shutil
@@ -27,7 +28,7 @@ from pyro_vae.analysis.comparison import (
 )
 from pyro_vae.analysis.gradients import snr_versus_outer, snr_versus_particles
 from pyro_vae.app.compare_report import run_line
-from pyro_vae.app.training_run import load_data_once, train_in_folder
+from pyro_vae.app.training_run import DataCache, train_in_folder
 from pyro_vae.objectives.registry import (
     estimator_spec,
     instance_options,
@@ -172,16 +173,19 @@ def train_runs(
     labels: list[str],
     log: Callable[[str], None] | None,
     eval_samples: int,
+    cache: DataCache | None = None,
 ) -> tuple[list[dict[str, Any]], float]:
     """Every spec trained by ``executor``, each from a fresh folder; with the wall time.
-    Each finished run is logged as one line."""
+    Each finished run is logged as one line. ``cache``: the comparison's data sets (the
+    runs in this process read each once)."""
     for spec in specs:  # an earlier comparison's run of the same name: this one starts afresh
         if Path(spec["run_dir"]).is_dir():
             shutil.rmtree(spec["run_dir"])
     if log is not None:
         log(f"training {len(specs)} runs ({executor.name}) ...")
     started = time.perf_counter()
-    runs = executor.map(train_compare_run, specs, log=log, labels=labels)
+    train = functools.partial(train_compare_run, cache=cache or DataCache())
+    runs = executor.map(train, specs, log=log, labels=labels)
     wall_seconds = time.perf_counter() - started
     if log is not None:
         for run in runs:
@@ -289,7 +293,7 @@ def bounds_section(
     )
 
 
-def train_compare_run(spec: dict[str, Any]) -> dict[str, Any]:
+def train_compare_run(spec: dict[str, Any], cache: DataCache | None = None) -> dict[str, Any]:
     """Train one estimator from its seed's initial parameters, evaluate and measure it.
 
     ``spec`` is plain data (so the call can run in another process): ``config`` (a
@@ -307,7 +311,7 @@ def train_compare_run(spec: dict[str, Any]) -> dict[str, Any]:
 
     config = RunConfig.from_dict(spec["config"])
     train = config.train
-    data, test_images = spec_data(config, spec)
+    data, test_images = spec_data(config, spec, cache or DataCache())
     vae, history, timing = train_in_folder(
         config,
         data,
@@ -379,9 +383,12 @@ def stopped_by(train: Any, history: Any) -> str:
     return "epochs"
 
 
-def spec_data(config: RunConfig, spec: dict[str, Any]) -> tuple[Any, torch.Tensor]:
-    """The data set of a run spec (read once per process) and its evaluated test images."""
-    data = load_data_once(config.data, spec["data_seed"])
+def spec_data(
+    config: RunConfig, spec: dict[str, Any], cache: DataCache
+) -> tuple[Any, torch.Tensor]:
+    """The data set of a run spec (from the comparison's ``cache``) and its evaluated
+    test images."""
+    data = cache.get(config.data, spec["data_seed"])
     test_images = data.evaluation_images("test")
     if spec["eval_points"] is not None:
         test_images = test_images[: spec["eval_points"]]

@@ -17,6 +17,7 @@ results into ``sweep.json`` and ``sweep.md``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import re
@@ -26,6 +27,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from pyro_vae.app.training_run import DataCache
 from pyro_vae.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from pyro_vae.errors import UserInputError
 from pyro_vae.io import atomic_write_json, atomic_write_text, read_json
@@ -133,24 +135,28 @@ def _flat(values: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def check_runs(runs: Sequence[SweepRun], check_device: bool = True) -> None:
+def check_runs(
+    runs: Sequence[SweepRun], check_device: bool = True, cache: DataCache | None = None
+) -> None:
     """What ``train`` checks before writing, for every run
     (:func:`~pyro_vae.app.training_run.checked_model`): the data loads and fits the
     model, the estimator fits the model, the step fits in memory (and, with
-    ``check_device``, the run's device is on this machine)."""
+    ``check_device``, the run's device is on this machine). ``cache``: the sweep's data
+    sets, read once (:func:`run_sweep` trains from them)."""
     import torch
 
-    from pyro_vae.app.training_run import checked_model, load_data_once
+    from pyro_vae.app.training_run import checked_model
     from pyro_vae.resources import check_device as check_run_device
 
+    cache = cache or DataCache()
     for run in runs:
         config = run.config
         try:
             if check_device:
                 check_run_device(config.train.device)
-            data = load_data_once(config.data, config.train.seed)
+            data_set = cache.get(config.data, config.train.seed)
             with torch.random.fork_rng(devices=[]):
-                checked_model(config, data, on_device=False)
+                checked_model(config, data_set, on_device=False)
         except UserInputError as error:
             raise UserInputError(f"run {run.name}: {error}") from None
 
@@ -164,12 +170,17 @@ def parameters_digest(vae: Any) -> str:
     return digest.hexdigest()
 
 
-def sweep_run(spec: dict[str, Any], callbacks: Sequence[Callable[..., Any]] = ()) -> dict[str, Any]:
+def sweep_run(
+    spec: dict[str, Any],
+    callbacks: Sequence[Callable[..., Any]] = (),
+    cache: DataCache | None = None,
+) -> dict[str, Any]:
     """Train, evaluate and summarise one run of a sweep.
 
     ``spec`` is plain data: ``name``, ``overrides``, ``config`` (a RunConfig as a dict),
     ``run_dir`` and ``progress``. ``callbacks`` go to :func:`~pyro_vae.training.fit`
-    (called after each epoch's checkpoint). Returns plain numbers: the final test ELBO
+    (called after each epoch's checkpoint). ``cache``: the sweep's data sets (else the
+    data is read for this run). Returns plain numbers: the final test ELBO
     (whole test set, 10 samples of z per point), the importance-sampled log p(x) with the
     config's ``eval_samples`` and ``eval_images`` (as ``train`` does; 0 skips it), train
     time, and the parameters' digest.
@@ -178,14 +189,14 @@ def sweep_run(spec: dict[str, Any], callbacks: Sequence[Callable[..., Any]] = ()
     import torch
 
     from pyro_vae.analysis.evaluation import evaluate, evaluate_elbo, fixed_subset
-    from pyro_vae.app.training_run import load_data_once, train_in_folder
+    from pyro_vae.app.training_run import train_in_folder
     from pyro_vae.models.protocol import forked_rng
 
     config = RunConfig.from_dict(spec["config"])
     run_dir = Path(spec["run_dir"])
-    data = load_data_once(config.data, config.train.seed)
-    vae, history, timing = train_in_folder(config, data, run_dir, spec["progress"], callbacks)
-    images = data.evaluation_images("test").to(config.train.device)
+    data_set = (cache or DataCache()).get(config.data, config.train.seed)
+    vae, history, timing = train_in_folder(config, data_set, run_dir, spec["progress"], callbacks)
+    images = data_set.evaluation_images("test").to(config.train.device)
     with forked_rng():
         torch.manual_seed(0)
         final = evaluate_elbo(vae, images, 10, device=config.train.device)
@@ -224,6 +235,7 @@ def run_sweep(
     command: str = "",
     grid: dict[str, Any] | None = None,
     run_function: Callable[[dict[str, Any]], dict[str, Any]] = sweep_run,
+    cache: DataCache | None = None,
 ) -> dict[str, Any]:
     """Run every point of a sweep with ``executor`` (default serial, one torch thread
     per run as on a default Ray task) and write ``sweep.json`` and ``sweep.md`` into
@@ -247,6 +259,8 @@ def run_sweep(
     if log is not None:
         log(f"sweep: {len(specs)} runs ({executor.name}) into {out}")
     started = time.perf_counter()
+    if run_function is sweep_run:  # (the runs in this process read each data set once)
+        run_function = functools.partial(sweep_run, cache=cache or DataCache())
     results = executor.map(run_function, specs, log=log, labels=[r.name for r in runs])
     result = {
         "command": command,

@@ -15,7 +15,6 @@ Heavy modules (torch) are imported inside the functions, so that ``--help`` stay
 from __future__ import annotations
 
 import dataclasses
-import functools
 import shutil
 import sys
 import time
@@ -37,7 +36,7 @@ __all__ = [
     "checked_model",
     "checkpoint_epoch",
     "final_evaluation_images",
-    "load_data_once",
+    "DataCache",
     "prepare_run",
     "reproduce_command",
     "run_flags",
@@ -73,32 +72,37 @@ def checked_model(config: RunConfig, data: Any, *, on_device: bool = True) -> to
     return vae
 
 
-@functools.lru_cache(maxsize=2)
-def _cached_data(
-    dataset: str,
-    data_dir: Any,
-    binarize: str,
-    validation_size: int,
-    seed: int,
-    limit: int | None,
-) -> Any:
-    """Runs in one process (serial, or a reused Ray worker) read the data once."""
-    from pyro_vae.data import load_data
+class DataCache:
+    """The data sets a command's runs read, each read once: the runs of one comparison or
+    sweep in this process share them (none of them changes one). The cache belongs to the
+    command that made it, and ends with it: a later command reads the files afresh (a
+    data file changed in between is seen). Pickled for a task in another process (a Ray
+    task), it travels empty: that process reads the data itself, once per task."""
 
-    return load_data(dataset, data_dir, binarize, validation_size, seed=seed, limit=limit)
+    def __init__(self, size: int = 2) -> None:
+        self.size = size
+        self._sets: dict[tuple[Any, ...], Any] = {}
 
+    def get(self, data_config: DataConfig, seed: int) -> Any:
+        """The :class:`~pyro_vae.data.VAEData` of ``data_config`` split with ``seed``."""
+        from pyro_vae.data import load_data
 
-def load_data_once(data_config: DataConfig, seed: int) -> Any:
-    """The data set of ``data_config`` split with ``seed``, read once per process (the
-    runs of a comparison or a sweep share it; none of them changes it)."""
-    return _cached_data(
-        data_config.dataset,
-        data_config.data_dir,
-        data_config.binarize,
-        data_config.validation_size,
-        seed,
-        data_config.limit,
-    )
+        key = (dataclasses.astuple(data_config), seed)
+        if key not in self._sets:
+            while len(self._sets) >= self.size:  # the oldest goes
+                self._sets.pop(next(iter(self._sets)))
+            self._sets[key] = load_data(
+                data_config.dataset,
+                data_config.data_dir,
+                data_config.binarize,
+                data_config.validation_size,
+                seed=seed,
+                limit=data_config.limit,
+            )
+        return self._sets[key]
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (DataCache, (self.size,))
 
 
 def train_in_folder(

@@ -176,7 +176,8 @@ def comparison_options(estimators: list[str], pairs: list[str]) -> dict[str, Any
 def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     """``pyro-vae compare``: the flags checked, then the comparison trained into --out,
     locked; its table printed."""
-    from pyro_vae.app.compare import markdown_table, parse_estimators
+    from pyro_vae.app.compare import markdown_table
+    from pyro_vae.app.compare_checks import parse_estimators
     from pyro_vae.app.compare_report import interval_note
     from pyro_vae.app.lock import RunLock
     from pyro_vae.app.runs import command_line, is_empty

@@ -42,7 +42,10 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     runs = expand_grid(grid, source=f"grid file {args.grid}")
     cuda = any(run.config.train.device == "cuda" for run in runs)
     executor = executor_from_flags(args, gpus_per_run=1.0 if cuda else 0.0)
-    check_runs(runs, check_device=args.executor == "serial")
+    from pyro_vae.app.training_run import DataCache
+
+    cache = DataCache()  # (the checks read each data set once, the runs reuse it)
+    check_runs(runs, check_device=args.executor == "serial", cache=cache)
     with RunLock(args.out, command_line(argv)):
         saved = args.out / "grid.json"
         if args.resume:
@@ -68,6 +71,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
                 progress=not args.quiet,
                 command=command_line(argv),
                 grid=grid,
+                cache=cache,
             )
     for run in result["runs"]:
         extra = (
