@@ -306,3 +306,28 @@ def test_the_default_estimators_leave_analytic_out_only_where_its_kl_is_biased(c
     check_estimators_run(vae, x, parse_estimators(several), 2)
     with pytest.raises(UserInputError, match="estimator analytic cannot run"):
         check_estimators_run(vae, x, ["analytic"], 2)
+
+
+def test_a_commands_data_cache_reads_each_set_once_and_travels_empty(monkeypatch):
+    """The runs of one comparison or sweep share its DataCache; another command's cache,
+    or a copy pickled for a Ray task, reads the files again (no process-wide state)."""
+    import pickle
+
+    import pyro_vae.data as data_module
+    from pyro_vae.app.training_run import DataCache
+    from pyro_vae.config import DataConfig
+
+    reads = []
+    real = data_module.load_data
+
+    def counted(*args, **kwargs):
+        reads.append(kwargs.get("seed"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(data_module, "load_data", counted)
+    cache, config = DataCache(), DataConfig(dataset="digits", limit=60)
+    first = cache.get(config, 0)
+    assert cache.get(config, 0) is first and reads == [0]
+    assert cache.get(config, 1) is not first and reads == [0, 1]
+    assert pickle.loads(pickle.dumps(cache)).get(config, 0) is not first and reads == [0, 1, 0]
+    assert DataCache().get(config, 0) is not first and len(reads) == 4
