@@ -9,7 +9,7 @@ from typing import Any
 import pyro
 import torch
 
-from pyro_vae.models.protocol import as_batch
+from pyro_vae.models.protocol import PyroModel, as_batch
 from pyro_vae.objectives.penalty import PenaltyObjective
 from pyro_vae.objectives.registry import estimator_spec, make_elbo
 from pyro_vae.objectives.terms import log_importance_weights
@@ -18,7 +18,7 @@ from pyro_vae.objectives.terms import log_importance_weights
 # ------------------------------------------------------------------ bounds
 @torch.no_grad()
 def bound_tightness(
-    vae,
+    vae: PyroModel,
     x: torch.Tensor,
     particles: Sequence[int] = (1, 5, 50, 500),
     num_samples: int = 5000,
@@ -88,7 +88,9 @@ def bound_tightness(
     return result
 
 
-def _objective(vae, x: torch.Tensor, estimator: Any, particles: int) -> tuple[str, float | None]:
+def _objective(
+    vae: PyroModel, x: torch.Tensor, estimator: Any, particles: int
+) -> tuple[str, float | None]:
     """An estimator's own value on ``x`` per data point (``None`` if it has none)."""
     from pyro_vae.analysis.evaluation import evaluation_mode
 

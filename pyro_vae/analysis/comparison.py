@@ -23,7 +23,7 @@ from pyro_vae.analysis.bounds import bound_tightness
 from pyro_vae.analysis.evaluation import evaluation_mode
 from pyro_vae.analysis.gradients import estimator_gradient_statistics
 from pyro_vae.errors import UserInputError
-from pyro_vae.models.protocol import forked_rng, on_model_device
+from pyro_vae.models.protocol import PyroModel, forked_rng, on_model_device
 from pyro_vae.objectives.registry import Estimator, Option, estimator_spec
 
 #: the level of every interval a comparison reports
@@ -352,7 +352,7 @@ def snr_slopes(rows: Sequence[Mapping[str, Any]], level: float = CI_LEVEL) -> li
 
 
 def own_objective_and_gradients(
-    vae,
+    vae: PyroModel,
     x: torch.Tensor,
     grad_x: torch.Tensor,
     estimator: Any,

@@ -72,7 +72,12 @@ def _sizes(x: torch.Tensor, num_samples: int, chunk_size, batch_size) -> tuple[i
 
 
 def importance_weights(
-    vae, n: int, num_samples: int, chunk_size: int, batch_size: int, compile: bool | None = None
+    vae: PyroModel,
+    n: int,
+    num_samples: int,
+    chunk_size: int,
+    batch_size: int,
+    compile: bool | None = None,
 ) -> Callable[[torch.Tensor, int], torch.Tensor]:
     """``weights(batch, size)``: ``log p(x, z_k) - log q(z_k | x)`` for ``size`` draws.
 
@@ -102,7 +107,7 @@ def _weight_chunks(weights: Callable, batch: torch.Tensor, num_samples: int, chu
 
 
 @contextmanager
-def _checked_once(vae, x: torch.Tensor) -> Iterator[None]:
+def _checked_once(vae: PyroModel, x: torch.Tensor) -> Iterator[None]:
     """Check ``x`` against the model once, then run the chunks without Pyro's per-call
     checks. A model outside the protocol is refused here, in one line; a model without
     its own ``check_data`` keeps Pyro's per-call checks (they are its only data check)."""
@@ -136,7 +141,7 @@ def _shares_out(x: torch.Tensor, sharded: bool) -> bool:
 
 
 def _each_batch(
-    vae,
+    vae: PyroModel,
     x: torch.Tensor,
     num_samples: int,
     chunk_size: int | None,
@@ -165,7 +170,7 @@ def _each_batch(
 
 
 def log_likelihood(
-    vae,
+    vae: PyroModel,
     x: torch.Tensor,
     num_samples: int = 5000,
     chunk_size: int | None = None,
@@ -220,7 +225,7 @@ def _synchronize(x: torch.Tensor) -> None:
 
 
 def log_likelihood_seconds(
-    vae, x: torch.Tensor, num_samples: int, chunk_size: int | None = None
+    vae: PyroModel, x: torch.Tensor, num_samples: int, chunk_size: int | None = None
 ) -> float:
     """Estimated seconds of :func:`log_likelihood` on ``x`` with ``num_samples``, here:
     one chunk of importance weights is timed (eagerly, after a warm-up call) and scaled
@@ -238,7 +243,7 @@ def log_likelihood_seconds(
     return seconds * math.ceil(x.shape[0] / batch) * math.ceil(num_samples / chunk)
 
 
-def announce_evaluation(vae, x: torch.Tensor, num_samples: int, log=print) -> float:
+def announce_evaluation(vae: PyroModel, x: torch.Tensor, num_samples: int, log=print) -> float:
     """Estimate the time of the importance-sampled log p(x) before it starts: say it when
     it is long (over 10 s), refuse it when it is absurd (over 30 days: a typo in K)."""
     from pyro_vae.resources import human_seconds
@@ -259,7 +264,7 @@ def announce_evaluation(vae, x: torch.Tensor, num_samples: int, log=print) -> fl
 
 
 def log_likelihood_and_khat(
-    vae,
+    vae: PyroModel,
     x: torch.Tensor,
     num_samples: int = 5000,
     chunk_size: int | None = None,
@@ -458,7 +463,7 @@ EVAL_BATCH = 1000
 
 @torch.no_grad()
 def evaluate_elbo(
-    vae,
+    vae: PyroModel,
     images: torch.Tensor,
     num_samples: int = 1,
     kl: str | None = None,

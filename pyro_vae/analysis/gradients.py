@@ -19,6 +19,7 @@ from pyro import poutine
 
 from pyro_vae.errors import UserInputError
 from pyro_vae.models.protocol import (
+    PyroModel,
     as_batch,
     forked_rng,
     model_sites,
@@ -34,7 +35,7 @@ GROUPS = ("encoder", "decoder", "shared")
 
 
 # ------------------------------------------------------------------ gradients
-def parameter_groups(vae, x: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+def parameter_groups(vae: PyroModel, x: torch.Tensor) -> dict[str, list[torch.Tensor]]:
     """The trainable parameters the guide uses (encoder), the model uses (decoder), or
     both (shared), in the order of the networks' own ``parameters()``.
 
@@ -64,7 +65,7 @@ def parameter_groups(vae, x: torch.Tensor) -> dict[str, list[torch.Tensor]]:
 
 
 def gradient_draws(
-    vae, x: torch.Tensor, elbo, num_draws: int, num_data: int | None = None
+    vae: PyroModel, x: torch.Tensor, elbo, num_draws: int, num_data: int | None = None
 ) -> dict[str, torch.Tensor]:
     """``num_draws`` estimates of the gradient of ``-objective``, fresh noise each time.
 
@@ -143,7 +144,7 @@ def gradient_statistics(
 
 
 def estimator_gradient_statistics(
-    vae,
+    vae: PyroModel,
     x: torch.Tensor,
     estimator: Any,
     num_particles: int,
@@ -169,7 +170,7 @@ def estimator_gradient_statistics(
 
 
 def snr_versus_particles(
-    vae,
+    vae: PyroModel,
     x: torch.Tensor,
     estimators: Sequence[str] = ("iwae", "dreg"),
     particles: Sequence[int] = (1, 3, 10, 30),
@@ -190,7 +191,7 @@ def snr_versus_particles(
 
 
 def snr_versus_outer(
-    vae,
+    vae: PyroModel,
     x: torch.Tensor,
     estimator: str,
     option: str,
@@ -212,7 +213,7 @@ def snr_versus_outer(
     return rows
 
 
-def _snr_row(vae, x, estimator, k, num_draws, seed, options) -> dict[str, Any]:
+def _snr_row(vae: PyroModel, x, estimator, k, num_draws, seed, options) -> dict[str, Any]:
     with forked_rng():
         torch.manual_seed(seed)
         stats = estimator_gradient_statistics(vae, x, estimator, k, num_draws, options=options)

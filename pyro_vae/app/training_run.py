@@ -45,7 +45,7 @@ __all__ = [
 ]
 
 
-def checked_model(config: RunConfig, data: Any, *, on_device: bool = True) -> torch.nn.Module:
+def checked_model(config: RunConfig, data: Any, *, on_device: bool = True) -> Any:
     """The run's model, built from its seed, after every check a run makes before it
     writes: the step fits in memory, the data fits the model, the estimator fits the
     model and is built once (a bad combination fails now, not after any file is written).

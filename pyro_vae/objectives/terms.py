@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch.distributions import kl_divergence
 
 from pyro_vae.errors import UserInputError
-from pyro_vae.models.protocol import as_batch, check_protocol, model_sites
+from pyro_vae.models.protocol import PyroModel, as_batch, check_protocol, model_sites
 from pyro_vae.objectives.registry import check_estimator_fits
 from pyro_vae.objectives.traces import (
     Site,
@@ -18,6 +19,9 @@ from pyro_vae.objectives.traces import (
     site_total,
     vectorized_traces,
 )
+
+if TYPE_CHECKING:
+    from pyro_vae.models.vae import VAE
 
 
 # --------------------------------------------------------------------- ELBO, term by term
@@ -34,7 +38,9 @@ class ElboTerms:
     kl_by_site: dict[str, torch.Tensor]
 
 
-def elbo_terms(vae, x: torch.Tensor, kl: str = "analytic", num_samples: int = 1) -> ElboTerms:
+def elbo_terms(
+    vae: PyroModel, x: torch.Tensor, kl: str = "analytic", num_samples: int = 1
+) -> ElboTerms:
     """ELBO per data point, split into expected log-likelihood and KL.
 
     ``kl="analytic"`` uses closed-form ``KL(q(z|x) || p(z))`` per latent site (as
@@ -77,7 +83,9 @@ def elbo_terms(vae, x: torch.Tensor, kl: str = "analytic", num_samples: int = 1)
 
 
 # --------------------------------------------------------------------- the seed's eq. 43
-def tutorial_loss(vae, x: torch.Tensor, noise: torch.Tensor, kl: str = "analytic") -> torch.Tensor:
+def tutorial_loss(
+    vae: VAE, x: torch.Tensor, noise: torch.Tensor, kl: str = "analytic"
+) -> torch.Tensor:
     r"""The seed tutorial's VAE loss in plain torch, per data point (nats, lower is better).
 
     ``kl="analytic"`` is its closed-form loss, eq. 43 (with the general-prior KL derived
@@ -118,7 +126,7 @@ def tutorial_loss(vae, x: torch.Tensor, noise: torch.Tensor, kl: str = "analytic
 
 
 # --------------------------------------------------------------------- log-weights
-def log_importance_weights(vae, x: torch.Tensor, num_samples: int) -> torch.Tensor:
+def log_importance_weights(vae: PyroModel, x: torch.Tensor, num_samples: int) -> torch.Tensor:
     """``log p(x, z_k) - log q(z_k | x)`` for ``num_samples`` draws, ``(K, batch)``.
 
     Unscaled (no mini-batch or annealing scale): the weights of the model as defined.
