@@ -85,20 +85,11 @@ class DataCache:
 
     def get(self, data_config: DataConfig, seed: int) -> Any:
         """The :class:`~pyro_vae.data.VAEData` of ``data_config`` split with ``seed``."""
-        from pyro_vae.data import load_data
-
         key = (dataclasses.astuple(data_config), seed)
         if key not in self._sets:
             while len(self._sets) >= self.size:  # the oldest goes
                 self._sets.pop(next(iter(self._sets)))
-            self._sets[key] = load_data(
-                data_config.dataset,
-                data_config.data_dir,
-                data_config.binarize,
-                data_config.validation_size,
-                seed=seed,
-                limit=data_config.limit,
-            )
+            self._sets[key] = data_config.load(seed)
         return self._sets[key]
 
     def __reduce__(self) -> tuple[Any, ...]:
