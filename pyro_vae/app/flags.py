@@ -229,21 +229,8 @@ def resolve_config(args: argparse.Namespace, base: RunConfig | None = None) -> R
         config = with_protocol(config, args.protocol)
     if args.config:
         config = overlay(config, args.config)
-    sections: dict[str, dict[str, Any]] = {"model": {}, "data": {}, "train": {}}
-    for flag, (section, name) in TRAIN_FLAGS.items():
-        value = getattr(args, flag)
-        if value is not None:
-            sections[section][name] = value
-    pairs = estimator_options(args)
-    if pairs:
-        from pyro_vae.objectives.registry import estimator_spec
-
-        chosen = sections["train"].get("estimator", config.train.estimator)
-        given = estimator_spec(chosen).parse_options(pairs)
-        kept = config.train.estimator_options if chosen == config.train.estimator else {}
-        sections["train"]["estimator_options"] = {**kept, **given}
-    elif sections["train"].get("estimator", config.train.estimator) != config.train.estimator:
-        sections["train"]["estimator_options"] = {}  # (the options of the one replaced)
+    values = {flag: getattr(args, flag) for flag in TRAIN_FLAGS}
+    sections: dict[str, dict[str, Any]] = {"model": {}, "data": {}}
     if getattr(args, "model", None) is not None:
         sections["model"]["factory"] = args.model
     if getattr(args, "model_option", None):
@@ -255,6 +242,35 @@ def resolve_config(args: argparse.Namespace, base: RunConfig | None = None) -> R
         if not own.exists():
             raise UserInputError(f"--data {own} does not exist: pass a .npy/.npz file or folder")
         sections["data"]["dataset"] = str(own.expanduser().resolve())
+    return with_flags(config, values, estimator_options(args), sections)
+
+
+def with_flags(
+    config: RunConfig,
+    values: dict[str, Any],
+    option_pairs: list[str] | None = None,
+    extra: dict[str, dict[str, Any]] | None = None,
+) -> RunConfig:
+    """``config`` with the values of :data:`TRAIN_FLAGS` flags (``None``: not given) and
+    the estimator's ``option_pairs`` (``NAME=VALUE`` strings, parsed by its spec), as
+    ``train`` applies them: a new estimator drops the replaced one's options; a data
+    folder is made absolute. ``extra``: further section settings (model, data)."""
+    sections: dict[str, dict[str, Any]] = {"model": {}, "data": {}, "train": {}}
+    for flag, value in values.items():
+        if value is not None:
+            section, name = TRAIN_FLAGS[flag]
+            sections[section][name] = value
+    for section, settings in (extra or {}).items():
+        sections[section].update(settings)
+    chosen = sections["train"].get("estimator", config.train.estimator)
+    if option_pairs:
+        from pyro_vae.objectives.registry import estimator_spec
+
+        given = estimator_spec(chosen).parse_options(option_pairs)
+        kept = config.train.estimator_options if chosen == config.train.estimator else {}
+        sections["train"]["estimator_options"] = {**kept, **given}
+    elif chosen != config.train.estimator:
+        sections["train"]["estimator_options"] = {}  # (the options of the one replaced)
     # run folders hold absolute paths: they are read from any directory
     if sections["data"].get("data_dir") is not None:
         sections["data"]["data_dir"] = str(

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -52,20 +52,7 @@ class RunRequest:
     overwrite: bool = False
     quiet: bool = False
     tensorboard: bool = False
-    command: str = field(default="pyro-vae train")
-
-    @classmethod
-    def of_config(cls, config: RunConfig, out: Path, **options: object) -> RunRequest:
-        """A request to train exactly ``config`` (a resume checks it equals the saved run)."""
-        return cls(settings=_Fixed(config), out=out, **options)  # type: ignore[arg-type]
-
-
-@dataclass(frozen=True)
-class _Fixed:
-    config: RunConfig
-
-    def __call__(self, saved: RunConfig | None) -> RunConfig:
-        return self.config
+    command: str = "pyro-vae train"
 
 
 def train_run(request: RunRequest, followers: Followers | None = None) -> int:

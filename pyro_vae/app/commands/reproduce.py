@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pyro_vae.app.flags import TRAIN_FLAGS, executor_flags, executor_from_flags
+from pyro_vae.app.flags import executor_flags, executor_from_flags, with_flags
 from pyro_vae.app.reproduce import Cell
 from pyro_vae.app.run_folder import RunRequest, train_run
 from pyro_vae.choices import (
@@ -65,26 +65,9 @@ class CellSettings:
     options: tuple[tuple[str, Any], ...]
 
     def __call__(self, saved: RunConfig | None) -> RunConfig:
-        config = with_protocol(saved or RunConfig(), "iwae")
-        sections: dict[str, dict[str, Any]] = {"model": {}, "data": {}, "train": {}}
-        given = {
-            "latent_dims": self.cell.latent_dims,
-            "estimator": self.cell.estimator,
-            "particles": self.cell.k,
-            **dict(self.options),
-        }
-        for flag, value in given.items():
-            section, name = TRAIN_FLAGS[flag]
-            sections[section][name] = value
-        if self.cell.estimator != config.train.estimator:
-            sections["train"]["estimator_options"] = {}  # (the options of the one replaced)
-        if "data_dir" in sections["data"]:  # run folders hold absolute paths
-            sections["data"]["data_dir"] = str(Path(given["data_dir"]).expanduser().resolve())
-        return RunConfig(
-            model=dataclasses.replace(config.model, **sections["model"]),
-            data=dataclasses.replace(config.data, **sections["data"]),
-            train=dataclasses.replace(config.train, **sections["train"]),
-        )
+        cell = {"latent_dims": self.cell.latent_dims, "particles": self.cell.k}
+        given = {**cell, "estimator": self.cell.estimator, **dict(self.options)}
+        return with_flags(with_protocol(saved or RunConfig(), "iwae"), given)
 
 
 def _train_cell(request: RunRequest) -> int:
