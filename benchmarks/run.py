@@ -137,7 +137,10 @@ def floor_loss(vae, x: torch.Tensor, estimator: str, k: int, num_data: int) -> t
 
 
 def floor_epoch(vae, data: VAEData, estimator: str, k: int, batch_size: int, seed: int) -> float:
-    """One epoch of the plain loop; seconds. Same batches, optimizer and step as fit."""
+    """One epoch of the plain loop; seconds. Same batches, noise, optimizer and step as
+    fit: ``seed`` seeds the data order and binarization as fit's data generator, and
+    torch's global stream as fit's ``pyro.set_rng_seed`` (so the two draw the same z)."""
+    torch.manual_seed(seed)
     optimizer = make_adam(list(vae.parameters()), 1e-3)
     generator = torch.Generator().manual_seed(seed)
     num_data = len(data.train)
@@ -162,10 +165,14 @@ def fit_epoch(vae, data: VAEData, estimator: str, k: int, batch_size: int, seed:
     return history.last["seconds"]
 
 
-def fit_call(vae, data: VAEData, estimator: str, batch_size: int, k: int = 1) -> float:
+def fit_call(
+    vae, data: VAEData, estimator: str, batch_size: int, k: int = 1, seed: int = 0
+) -> float:
     """A whole one-epoch ``fit`` call with its defaults, as a user pays it: the data check,
     building the trainer, the epoch, the per-epoch test evaluation."""
-    config = TrainConfig(estimator=estimator, particles=k, epochs=1, batch_size=batch_size)
+    config = TrainConfig(
+        estimator=estimator, particles=k, epochs=1, batch_size=batch_size, seed=seed
+    )
     return _timed(lambda: fit(vae, data, config, progress=False, log=None))
 
 
@@ -191,8 +198,8 @@ def whole_calls(data: VAEData, args) -> list[dict[str, Any]]:
         same = SameStart(ours_vae, floor_vae)
         times = interleaved(
             {
-                "pyro_vae.fit": partial(fit_call, ours_vae, data, estimator, batch, k),
-                "pytorch floor": same.then(floor_epoch, data, estimator, k, batch, 0),
+                "pyro_vae.fit": same.ours_side(fit_call, data, estimator, batch, k),
+                "pytorch floor": same.floor_side(floor_epoch, data, estimator, k, batch),
             },
             args.call_repeats,
             before_round=same.snapshot,
@@ -317,8 +324,8 @@ def training(data: VAEData, args) -> list[dict[str, Any]]:
         same = SameStart(ours_vae, floor_vae)
         times = interleaved(
             {
-                "pyro_vae.fit": partial(fit_epoch, ours_vae, part, estimator, k, batch, 0),
-                "pytorch floor": same.then(floor_epoch, part, estimator, k, batch, 0),
+                "pyro_vae.fit": same.ours_side(fit_epoch, part, estimator, k, batch),
+                "pytorch floor": same.floor_side(floor_epoch, part, estimator, k, batch),
             },
             args.repeats,
             before_round=same.snapshot,
@@ -465,10 +472,11 @@ def fresh_and_trained(
 
 
 def _epoch_from(model, state, name, data, estimator, k, batch) -> float:
-    """One timed epoch from the same parameters in every round."""
+    """One timed epoch from the same parameters and the same noise in every round, on
+    both sides (seed 1: not the noise the trained parameters were fitted with)."""
     model.load_state_dict(state)
     epoch = fit_epoch if name.startswith("ours") else floor_epoch
-    return epoch(model, data, estimator, k, batch, 0)
+    return epoch(model, data, estimator, k, batch, seed=1)
 
 
 def copy_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -476,26 +484,39 @@ def copy_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 class SameStart:
-    """Both sides of a round start from the same parameters: ours trains on across the
-    rounds (so later rounds time trained parameters), and the floor's model is reset to
-    ours' parameters at the start of each round before it runs. Without this the two
-    models drift apart, and where a step's cost depends on the parameters the rounds
-    compare different work: IWAE K=50's steps at batch 128 slow from about 70 ms to about
-    200 ms as training goes on, on both sides (denormal floats in the gradients of
-    particles with negligible weight make the matrix products slower), so the ratio of
-    drifting models spread over 0.97-1.94."""
+    """Both sides of a round start from the same parameters and draw the same noise: ours
+    trains on across the rounds (so later rounds time trained parameters), the floor's
+    model is reset to ours' parameters at the start of each round before it runs, and
+    each round has a seed of its own that both sides use (data order, binarization, z).
+
+    Without the reset the two models drift apart, and where a step's cost depends on the
+    parameters the rounds compare different work: IWAE K=50's steps at batch 128 slow
+    from about 70 ms to about 200 ms as training goes on, on both sides (denormal floats
+    in the gradients of particles with negligible weight make the matrix products
+    slower), so the ratio of drifting models spread over 0.97-1.94. Without a new seed
+    per round ours replays, every round, the very batches and noise its parameters were
+    just fitted to, while the floor drew fresh noise: on those draws the weights are
+    more degenerate, and IWAE K=50 read 1.71 (0.8 s against 0.5 s a step after 16
+    rounds; at the same seed the floor is as slow as ours, and at a new one ours is as
+    fast as the floor: ``benchmarks/same_noise.py``)."""
 
     def __init__(self, ours: nn.Module, floor: nn.Module) -> None:
         self.ours, self.floor = ours, floor
         self.state = copy_state(ours)
+        self.seed = 0
 
     def snapshot(self) -> None:
+        """The start of a round: ours' parameters now, and the round's seed."""
         self.state = copy_state(self.ours)
+        self.seed += 1
 
-    def then(self, epoch: Any, *args: Any) -> Any:
+    def ours_side(self, epoch: Any, *args: Any) -> Any:
+        return lambda: epoch(self.ours, *args, seed=self.seed)
+
+    def floor_side(self, epoch: Any, *args: Any) -> Any:
         def run() -> float:
             self.floor.load_state_dict(self.state)
-            return epoch(self.floor, *args)
+            return epoch(self.floor, *args, seed=self.seed)
 
         return run
 
@@ -851,8 +872,8 @@ def scaling(data: VAEData, args) -> dict[str, Any]:
         same = SameStart(ours_vae, floor_vae)
         times = interleaved(
             {
-                "ours": partial(fit_epoch, ours_vae, part, estimator, k, batch, 0),
-                "floor": same.then(floor_epoch, part, estimator, k, batch, 0),
+                "ours": same.ours_side(fit_epoch, part, estimator, k, batch),
+                "floor": same.floor_side(floor_epoch, part, estimator, k, batch),
             },
             max(1, args.repeats // 2),
             before_round=same.snapshot,
