@@ -136,10 +136,19 @@ def floor_loss(vae, x: torch.Tensor, estimator: str, k: int, num_data: int) -> t
     return -bound.sum() * (num_data / batch)
 
 
-def floor_epoch(vae, data: VAEData, estimator: str, k: int, batch_size: int, seed: int) -> float:
+def floor_epoch(
+    vae,
+    data: VAEData,
+    estimator: str,
+    k: int,
+    batch_size: int,
+    seed: int,
+    losses: list[float] | None = None,
+) -> float:
     """One epoch of the plain loop; seconds. Same batches, noise, optimizer and step as
     fit: ``seed`` seeds the data order and binarization as fit's data generator, and
-    torch's global stream as fit's ``pyro.set_rng_seed`` (so the two draw the same z)."""
+    torch's global stream as fit's ``pyro.set_rng_seed`` (so the two draw the same z).
+    ``losses``, if given, receives each step's loss."""
     torch.manual_seed(seed)
     optimizer = make_adam(list(vae.parameters()), 1e-3)
     generator = torch.Generator().manual_seed(seed)
@@ -152,6 +161,8 @@ def floor_epoch(vae, data: VAEData, estimator: str, k: int, batch_size: int, see
         loss.backward()
         optimizer.step()
         total += loss.item()
+        if losses is not None:
+            losses.append(loss.item())
     return time.perf_counter() - started
 
 

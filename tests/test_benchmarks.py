@@ -7,7 +7,24 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
+from pyro_vae import ModelConfig, TrainConfig, build_vae, load_data
+from pyro_vae.training.fit import fit
+
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _benchmark_modules():
+    """``benchmarks/run.py`` and ``tables.py``, imported as the scripts import them."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import run
+        import tables
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return run, tables
 
 
 def test_benchmark_script_runs(tmp_path, mnist_dir):
@@ -81,12 +98,7 @@ def test_denormal_script_runs(mnist_dir):
 def test_update_replaces_only_the_sections_run(tmp_path):
     """``run.py --update`` keeps the sections it did not run, and records the run of each
     section it replaced (the page then names it)."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import run
-        import tables
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    run, tables = _benchmark_modules()
     path = tmp_path / "results.json"
     path.write_text(
         json.dumps(
@@ -119,3 +131,90 @@ def test_update_replaces_only_the_sections_run(tmp_path):
             }
         )
     )
+
+
+@pytest.mark.parametrize("estimator,particles", [("mc", 1), ("iwae", 5)])
+def test_the_floor_does_the_work_fit_does_at_the_same_seed(estimator, particles):
+    """The plain loop draws the batches, binarizations and z that ``fit`` draws at the same
+    seed, so a round of the benchmark compares the same work: the epoch's mean loss
+    (batch 100: the 1500 images in full batches) equals fit's training loss (float32
+    sums of the same numbers in the same order: 1e-5 relative), and another seed gives
+    another loss (the test could fail)."""
+    run, _ = _benchmark_modules()
+    data = load_data("digits", binarize="dynamic")
+    network = ModelConfig(latent_dims=(4,), hidden=(16,))
+    torch.manual_seed(0)
+    start = build_vae(network, data.data_shape).state_dict()
+
+    def floor_loss(seed: int) -> float:
+        model = build_vae(network, data.data_shape)
+        model.load_state_dict(start)
+        losses: list[float] = []
+        run.floor_epoch(model, data, estimator, particles, 100, seed, losses=losses)
+        return sum(losses) / len(losses) / len(data.train)
+
+    ours = build_vae(network, data.data_shape)
+    ours.load_state_dict(start)
+    config = TrainConfig(
+        estimator=estimator, particles=particles, epochs=1, batch_size=100, seed=3, compile=False
+    )
+    fit_loss = -fit(ours, data, config, progress=False, log=None).last["train_elbo"]
+    assert floor_loss(3) == pytest.approx(fit_loss, rel=1e-5)
+    # another seed: other batches and z, a mean over 1500 images that moves by about 1e-3
+    assert floor_loss(4) != pytest.approx(fit_loss, rel=1e-4)
+
+
+def test_same_start_gives_both_sides_a_rounds_parameters_and_seed():
+    """Each round: the floor's model is reset to ours' parameters at the round's start,
+    and both sides get the round's seed, a new one each round."""
+    run, _ = _benchmark_modules()
+    ours, floor = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+    same = run.SameStart(ours, floor)
+    calls = []
+
+    def epoch(model, tag, seed):
+        calls.append((tag, seed, model.weight.detach().clone()))
+        with torch.no_grad():
+            model.weight.add_(1.0)  # a side's training moves its parameters
+        return 0.0
+
+    sides = (same.ours_side(epoch, "ours"), same.floor_side(epoch, "floor"))
+    for _ in range(3):
+        same.snapshot()
+        for side in sides:
+            side()
+    assert [(tag, seed) for tag, seed, _ in calls] == [
+        (tag, seed) for seed in (1, 2, 3) for tag in ("ours", "floor")
+    ]
+    for (_, _, ours_start), (_, _, floor_start) in zip(calls[::2], calls[1::2]):
+        assert torch.equal(ours_start, floor_start)
+
+
+def test_same_noise_script_runs(mnist_dir, tmp_path):
+    """benchmarks/same_noise.py, which the performance page cites, runs end to end."""
+    out = tmp_path / "same.json"
+    argv = [sys.executable, str(ROOT / "benchmarks" / "same_noise.py"), "--data-dir"]
+    argv += [str(mnist_dir), "--rounds", "1", "--steps", "1", "--repeats", "1", "--out", str(out)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    cells = json.loads(out.read_text())["ms_per_step"]
+    names = {f"{side}, seed {seed}" for side in ("ours", "floor") for seed in (0, 1, 2)}
+    assert set(cells) == names
+    assert all(value > 0 for value in cells.values())
+
+
+def test_runs_side_by_side_take_the_median_of_their_ratios():
+    """``tables.py A.json B.json C.json``: each cell's ratio in every run, and the median of
+    the runs' ratios judged against the target (here one run above it, the median not)."""
+    _, tables = _benchmark_modules()
+
+    def result(ratio: float) -> dict:
+        row = {"estimator": "iwae", "particles": 50, "batch": 128, "ours_ms_per_step": 1.0}
+        row |= {"floor_ms_per_step": 1.0, "ratio": ratio, "target": 1.05}
+        return {"training": [row | {"ratio_of_pairs_quartiles": [ratio - 0.1, ratio + 0.1]}]}
+
+    table = tables.across_runs([result(1.01), result(1.20), result(1.03)])
+    row = table.splitlines()[2]
+    assert row.startswith("| step: iwae K=50, batch 128 | 1.010 (0.910-1.110) | 1.200")
+    assert row.endswith("| 1.030 | <= 1.05 (holds) |")
+    assert tables.across_runs([result(1.06), result(1.2)]).endswith("<= 1.05 (missed) |")
