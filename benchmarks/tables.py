@@ -5,78 +5,122 @@ reads the committed results without measuring anything."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results.json"
 
 
-def markdown(result: dict[str, Any]) -> str:
-    """Every cell with a target (and the per-step training table), as the performance
-    page shows them: medians over rounds of each round's ratio, with the quartiles."""
+#: one cell of the table: its name, ours and the reference as text, the ratio, the
+#: quartiles of the per-round ratios (or None), the target (or None), and its row
+Cell = tuple[str, str, str, float, "list[float] | None", "float | None", dict[str, Any]]
 
-    def ratio(value: float, quartiles: list[float] | None) -> str:
-        return f"{value:.3f}" + (f" ({quartiles[0]:.3f}-{quartiles[1]:.3f})" if quartiles else "")
 
-    lines = [
-        "| cell | ours | reference | ratio (quartiles) | target | threads | CPU |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-    ]
-
-    def add(cell, ours, reference, value, quartiles, target, row):
-        lines.append(
-            f"| {cell} | {ours} | {reference} | {ratio(value, quartiles)} | "
-            f"{_target(target, value)} | {row.get('threads', '?')} | "
-            f"{row.get('cpu_capability', '?')} |"
-        )
-
+def cells(result: dict[str, Any]) -> list[Cell]:
+    """Every cell with a target (and the per-step training table), in the table's order."""
+    out: list[Cell] = []
     for r in result.get("training", []):
-        add(
-            f"step: {r['estimator']} K={r['particles']}, batch {r['batch']}",
-            f"{r['ours_ms_per_step']:.2f} ms",
-            f"floor {r['floor_ms_per_step']:.2f} ms",
-            r["ratio"],
-            r["ratio_of_pairs_quartiles"],
-            r["target"],
-            r,
+        out.append(
+            (
+                f"step: {r['estimator']} K={r['particles']}, batch {r['batch']}",
+                f"{r['ours_ms_per_step']:.2f} ms",
+                f"floor {r['floor_ms_per_step']:.2f} ms",
+                r["ratio"],
+                r["ratio_of_pairs_quartiles"],
+                r["target"],
+                r,
+            )
         )
     for r in result.get("whole_calls", []):
-        add(
-            f"whole fit call: {r['estimator']} K={r.get('particles', 1)}, batch {r['batch']}, "
-            f"{r['images']} images",
-            f"{r['ours_seconds']:.2f} s",
-            f"floor {r['floor_seconds']:.2f} s",
-            r["ratio"],
-            r["ratio_of_pairs_quartiles"],
-            r["target"],
-            r,
+        out.append(
+            (
+                f"whole fit call: {r['estimator']} K={r.get('particles', 1)}, batch "
+                f"{r['batch']}, {r['images']} images",
+                f"{r['ours_seconds']:.2f} s",
+                f"floor {r['floor_seconds']:.2f} s",
+                r["ratio"],
+                r["ratio_of_pairs_quartiles"],
+                r["target"],
+                r,
+            )
         )
     for section in ("small_batches", "trained_state"):
         for r in result.get(section, {}).get("rows", []):
             for state in ("fresh", "trained"):
                 ms = r["ms_per_step"]
-                add(
-                    f"step, {state}: {r['estimator']} K={r['particles']}, batch {r['batch']}"
-                    + (" (784-200-200-50 tanh)" if section == "small_batches" else ""),
-                    f"{ms[f'ours, {state}']:.2f} ms",
-                    f"floor {ms[f'floor, {state}']:.2f} ms",
-                    r[f"ours_over_floor_{state}"],
-                    r.get(f"ours_over_floor_{state}_quartiles"),
-                    r.get("target"),
-                    r,
+                out.append(
+                    (
+                        f"step, {state}: {r['estimator']} K={r['particles']}, batch "
+                        f"{r['batch']}"
+                        + (" (784-200-200-50 tanh)" if section == "small_batches" else ""),
+                        f"{ms[f'ours, {state}']:.2f} ms",
+                        f"floor {ms[f'floor, {state}']:.2f} ms",
+                        r[f"ours_over_floor_{state}"],
+                        r.get(f"ours_over_floor_{state}_quartiles"),
+                        r.get("target"),
+                        r,
+                    )
                 )
     examples = [result["pyro_example"]] if "pyro_example" in result else []
     for r in examples + result.get("pyro_example_small", []):
         per_epoch = r["seconds_per_60000_images"]
-        add(
-            f"Pyro's example, batch {r.get('batch', 256)} (per 60,000 images)",
-            f"{per_epoch['pyro_vae.fit']:.2f} s",
-            f"example {per_epoch['pyro example']:.2f} s",
-            r["ours_over_example"],
-            r.get("ours_over_example_quartiles"),
-            r.get("target"),
-            r,
+        out.append(
+            (
+                f"Pyro's example, batch {r.get('batch', 256)} (per 60,000 images)",
+                f"{per_epoch['pyro_vae.fit']:.2f} s",
+                f"example {per_epoch['pyro example']:.2f} s",
+                r["ours_over_example"],
+                r.get("ours_over_example_quartiles"),
+                r.get("target"),
+                r,
+            )
+        )
+    return out
+
+
+def _ratio(value: float, quartiles: list[float] | None) -> str:
+    return f"{value:.3f}" + (f" ({quartiles[0]:.3f}-{quartiles[1]:.3f})" if quartiles else "")
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """Every cell with a target (and the per-step training table), as the performance
+    page shows them: medians over rounds of each round's ratio, with the quartiles."""
+    lines = [
+        "| cell | ours | reference | ratio (quartiles) | target | threads | CPU |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for cell, ours, reference, value, quartiles, target, row in cells(result):
+        lines.append(
+            f"| {cell} | {ours} | {reference} | {_ratio(value, quartiles)} | "
+            f"{_target(target, value)} | {row.get('threads', '?')} | "
+            f"{row.get('cpu_capability', '?')} |"
+        )
+    return "\n".join(lines)
+
+
+def across_runs(results: list[dict[str, Any]]) -> str:
+    """The cells of several runs side by side: each run's ratio (with its quartiles) and
+    the median of the runs' ratios against the target; a cell missing from a run is
+    left out of its median."""
+    ratios: dict[str, list[tuple[float, list[float] | None]]] = {}
+    targets: dict[str, float | None] = {}
+    for result in results:
+        for cell, _, _, value, quartiles, target, _ in cells(result):
+            ratios.setdefault(cell, []).append((value, quartiles))
+            targets[cell] = target
+    header = " | ".join(f"run {i + 1}" for i in range(len(results)))
+    lines = [
+        f"| cell | {header} | median of the runs | target |",
+        "| --- | " + "--- | " * len(results) + "--- | --- |",
+    ]
+    for cell, values in ratios.items():
+        median = statistics.median(v for v, _ in values)
+        shown = [_ratio(v, q) for v, q in values] + [""] * (len(results) - len(values))
+        lines.append(
+            f"| {cell} | {' | '.join(shown)} | {median:.3f} | {_target(targets[cell], median)} |"
         )
     return "\n".join(lines)
 
@@ -187,3 +231,18 @@ def page(path: Path = RESULTS) -> str:
             scaling_table(result),
         ]
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description="the cells of run.py's results files: one file's table, or several "
+        "runs side by side with the median of their ratios"
+    )
+    parser.add_argument("results", nargs="*", type=Path, default=[RESULTS])
+    args = parser.parse_args(argv)
+    loaded = [json.loads(path.read_text()) for path in args.results]
+    print(markdown(loaded[0]) if len(loaded) == 1 else across_runs(loaded))
+
+
+if __name__ == "__main__":
+    main()
