@@ -9,7 +9,8 @@ trained steps were 1.3-1.5x slower with denormals kept (two runs) and as fast as
 with them flushed: particles whose normalized importance weight is below float32's
 smallest normal number (1.2e-38) pass denormal gradients into the decoder's matrix
 products. Both the library and the floor pay this; ``run.py`` therefore times both
-sides from the same parameters in every round (its ``SameStart``).
+sides from the same parameters and with the same noise in every round (its
+``SameStart``; ``same_noise.py`` shows what the noise alone does).
 
     python benchmarks/denormals.py --data-dir DIR      # about 2 minutes
 """
