@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results.json"
+#: later full runs of the same sections, kept to show the spread between runs
+REPEATS = Path(__file__).resolve().parent / "repeats"
 
 
 #: one cell of the table: its name, ours and the reference as text, the ratio, the
@@ -231,6 +233,31 @@ def page(path: Path = RESULTS) -> str:
             scaling_table(result),
         ]
     )
+
+
+def runs_page(paths: list[Path] | None = None) -> str:
+    """The performance page's runs side by side: ``results.json`` and the repeated runs
+    in ``benchmarks/repeats/``, the commits each was measured at, then :func:`across_runs`."""
+    if paths is None:
+        paths = [RESULTS, *sorted(REPEATS.glob("*.json"))]
+    loaded = [json.loads(path.read_text()) for path in paths]
+    if len(loaded) < 2:
+        return "Only one run is committed."
+    root = RESULTS.parent.parent
+
+    def shown(path: Path) -> str:
+        resolved = path.resolve()
+        return str(resolved.relative_to(root) if resolved.is_relative_to(root) else path)
+
+    described = []
+    for i, (path, result) in enumerate(zip(paths, loaded, strict=True)):
+        sections = (result.get("section_runs") or {}).values()
+        commits = {result["environment"].get("commit")} | {run.get("commit") for run in sections}
+        described.append(
+            f"run {i + 1} `{shown(path)}` (commit {', '.join(sorted(c or '?' for c in commits))})"
+        )
+    command = "python benchmarks/tables.py " + " ".join(shown(path) for path in paths)
+    return f"`{command}`: " + ", ".join(described) + ".\n\n" + across_runs(loaded)
 
 
 def main(argv: list[str] | None = None) -> None:

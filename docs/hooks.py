@@ -11,7 +11,8 @@ names (``pyro_vae._EXPORTS``), each linked to its API page. In
 the registry's estimators, from their specs. In ``docs/performance.md``,
 ``<!-- benchmark-tables -->`` becomes the tables of the committed
 ``benchmarks/results.json`` (``benchmarks/tables.py``, as ``benchmarks/run.py`` prints
-them).
+them) and ``<!-- benchmark-runs -->`` the same cells in every committed run side by side
+(``results.json`` and ``benchmarks/repeats/``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import re
 import sys
 import tokenize
 from pathlib import Path
+from types import ModuleType
 
 ROOT = Path(__file__).resolve().parents[1]
 for _path in (ROOT, ROOT / "docs"):  # the package, and the modules beside this hook
@@ -161,16 +163,16 @@ def estimator_reference() -> str:
     return "\n".join(rows)
 
 
-def _benchmark_tables() -> str:
-    """``benchmarks/tables.py``'s page (plain Python: it reads results.json), loaded from
-    its path: MkDocs does not keep this hook's additions to ``sys.path``."""
+def _benchmark_tables() -> ModuleType:
+    """``benchmarks/tables.py`` (plain Python: it reads the committed results), loaded
+    from its path: MkDocs does not keep this hook's additions to ``sys.path``."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("tables", ROOT / "benchmarks" / "tables.py")
     assert spec is not None and spec.loader is not None
     tables = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tables)
-    return tables.page()
+    return tables
 
 
 def on_page_markdown(markdown, page, config, files):  # noqa: ARG001 (MkDocs hook signature)
@@ -181,7 +183,9 @@ def on_page_markdown(markdown, page, config, files):  # noqa: ARG001 (MkDocs hoo
     if "<!-- cli-reference -->" in markdown:
         markdown = markdown.replace("<!-- cli-reference -->", cli_reference())
     if "<!-- benchmark-tables -->" in markdown:
-        markdown = markdown.replace("<!-- benchmark-tables -->", _benchmark_tables())
+        markdown = markdown.replace("<!-- benchmark-tables -->", _benchmark_tables().page())
+    if "<!-- benchmark-runs -->" in markdown:
+        markdown = markdown.replace("<!-- benchmark-runs -->", _benchmark_tables().runs_page())
     if "<!-- public-names -->" in markdown:
         markdown = markdown.replace("<!-- public-names -->", public_names())
     return markdown

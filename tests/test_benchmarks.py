@@ -218,3 +218,45 @@ def test_runs_side_by_side_take_the_median_of_their_ratios():
     assert row.startswith("| step: iwae K=50, batch 128 | 1.010 (0.910-1.110) | 1.200")
     assert row.endswith("| 1.030 | <= 1.05 (holds) |")
     assert tables.across_runs([result(1.06), result(1.2)]).endswith("<= 1.05 (missed) |")
+
+
+def test_the_performance_page_shows_every_committed_run_side_by_side(tmp_path):
+    """``runs_page``: the command that regenerates the table, each run's file and the
+    commits it was measured at (the base run's and each re-measured section's), then the
+    cells' median over the runs; with one run it says so instead of a table of one."""
+    _, tables = _benchmark_modules()
+
+    def result(ratio: float, commit: str) -> dict:
+        row = {"estimator": "mc", "particles": 1, "batch": 256, "ours_ms_per_step": 1.0}
+        row |= {"floor_ms_per_step": 1.0, "ratio": ratio, "target": 1.05}
+        row |= {"ratio_of_pairs_quartiles": [ratio, ratio]}
+        return {"environment": {"commit": commit}, "training": [row]}
+
+    paths = []
+    for i, (ratio, commit) in enumerate([(1.0, "aaa"), (1.1, "bbb"), (1.02, "ccc")]):
+        paths.append(tmp_path / f"{i}.json")
+        measured = result(ratio, commit)
+        if i == 0:
+            measured["section_runs"] = {"training": {"commit": "ddd"}}
+        paths[-1].write_text(json.dumps(measured))
+    page = tables.runs_page(paths)
+    head, _, table = page.partition("\n\n")
+    assert head.startswith("`python benchmarks/tables.py ")
+    assert f"run 1 `{paths[0]}` (commit aaa, ddd)" in head
+    assert f"run 3 `{paths[2]}` (commit ccc)" in head
+    assert table.splitlines()[2].endswith("| 1.020 | <= 1.05 (holds) |")
+    assert tables.runs_page(paths[:1]) == "Only one run is committed."
+
+
+def test_call_parts_script_splits_a_call_into_training_evaluation_and_the_rest(mnist_dir, tmp_path):
+    """``call_parts.py`` runs, and its parts add up to the call it split."""
+    out = tmp_path / "parts.json"
+    argv = [sys.executable, str(ROOT / "benchmarks" / "call_parts.py"), "--data-dir"]
+    argv += [str(mnist_dir), "--images", "512", "--rounds", "1", "--out", str(out)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    seconds = result["median_seconds"]
+    parts = seconds["training"] + seconds["evaluation"] + seconds["rest"]
+    assert seconds["call"] == pytest.approx(parts, rel=1e-9)
+    assert result["rounds"] == 1 and seconds["plain epoch"] > 0
