@@ -57,32 +57,40 @@ def main(argv: list[str] | None = None) -> None:
     def graphs() -> int:
         return sum(graph is not None for graph in GraphCache.of(ours).graphs.values())
 
-    untimed = 0  # the first calls: eager until capturing pays, then the one that captures
-    for round_ in range(args.rounds + MAX_FIRST_CALLS):
-        if len(parts["call"]) == args.rounds:
-            break
-        before = graphs()
+    def one_round(seed: int) -> tuple[float, dict, float]:
+        """A ``fit`` call and a plain epoch from the same parameters and seed (which side
+        runs first alternates): the call's seconds, its epoch record, the epoch's seconds."""
         floor.load_state_dict(ours.state_dict())
-        config = TrainConfig(estimator=args.estimator, epochs=1, batch_size=args.batch, seed=round_)
-        plain = 0.0
-        if round_ % 2:  # alternating which side runs first
-            plain = run.floor_epoch(floor, data, args.estimator, 1, args.batch, seed=round_)
-        started = time.perf_counter()
-        record = fit(ours, data, config, progress=False, log=None).last
-        call = time.perf_counter() - started
-        if not round_ % 2:
-            plain = run.floor_epoch(floor, data, args.estimator, 1, args.batch, seed=round_)
-        captured = graphs()
-        if round_ == untimed and untimed < MAX_FIRST_CALLS and (not captured or captured > before):
+        config = TrainConfig(estimator=args.estimator, epochs=1, batch_size=args.batch, seed=seed)
+
+        def plain() -> float:
+            return run.floor_epoch(floor, data, args.estimator, 1, args.batch, seed=seed)
+
+        def call() -> tuple[float, dict]:
+            started = time.perf_counter()
+            record = fit(ours, data, config, progress=False, log=None).last
+            return time.perf_counter() - started, record
+
+        if seed % 2:
+            plain_seconds = plain()
+            return (*call(), plain_seconds)
+        return (*call(), plain())
+
+    # the first calls go untimed: eager until capturing pays, then the one that captures
+    warming, untimed, seed = True, 0, 0
+    while len(parts["call"]) < args.rounds:
+        before = graphs()
+        seconds, record, plain = one_round(seed)
+        seed += 1
+        warming = warming and untimed < MAX_FIRST_CALLS and (not graphs() or graphs() > before)
+        if warming:
             untimed += 1
             continue
-        parts["call"].append(call)
+        parts["call"].append(seconds)
         parts["training"].append(record["seconds"])
         parts["evaluation"].append(record["eval_seconds"])
-        parts["rest"].append(call - record["seconds"] - record["eval_seconds"])
+        parts["rest"].append(seconds - record["seconds"] - record["eval_seconds"])
         parts["plain epoch"].append(plain)
-    ratios = sorted(c / p for c, p in zip(parts["call"], parts["plain epoch"]))
-    training = sorted(t / p for t, p in zip(parts["training"], parts["plain epoch"]))
     result = {
         "estimator": args.estimator,
         "batch": args.batch,
@@ -91,8 +99,8 @@ def main(argv: list[str] | None = None) -> None:
         "rounds": len(parts["call"]),
         "untimed_first_calls": untimed,
         "median_seconds": {name: statistics.median(values) for name, values in parts.items()},
-        "call_over_plain_epoch": statistics.median(ratios),
-        "training_over_plain_epoch": statistics.median(training),
+        "call_over_plain_epoch": run.compared(parts["call"], parts["plain epoch"])["ratio"],
+        "training_over_plain_epoch": run.compared(parts["training"], parts["plain epoch"])["ratio"],
         "evaluation_share_of_call": statistics.median(
             e / c for e, c in zip(parts["evaluation"], parts["call"])
         ),

@@ -182,10 +182,11 @@ def on_page_markdown(markdown, page, config, files):  # noqa: ARG001 (MkDocs hoo
         markdown = markdown.replace("<!-- config-reference -->", config_reference())
     if "<!-- cli-reference -->" in markdown:
         markdown = markdown.replace("<!-- cli-reference -->", cli_reference())
-    if "<!-- benchmark-tables -->" in markdown:
-        markdown = markdown.replace("<!-- benchmark-tables -->", _benchmark_tables().page())
-    if "<!-- benchmark-runs -->" in markdown:
-        markdown = markdown.replace("<!-- benchmark-runs -->", _benchmark_tables().runs_page())
+    if "<!-- benchmark-" in markdown:  # (tables.py loaded once for the page's markers)
+        tables = _benchmark_tables()
+        for marker, render in (("tables", tables.page), ("runs", tables.runs_page)):
+            if f"<!-- benchmark-{marker} -->" in markdown:
+                markdown = markdown.replace(f"<!-- benchmark-{marker} -->", render())
     if "<!-- public-names -->" in markdown:
         markdown = markdown.replace("<!-- public-names -->", public_names())
     return markdown
