@@ -239,3 +239,61 @@ def test_kl_per_unit_adds_up_to_the_closed_form_kl():
     total = float(elbo_terms(vae, x, kl="analytic").kl.mean().detach())
     assert len(per_unit) == 4 and all(value >= 0 for value in per_unit)
     assert sum(per_unit) == pytest.approx(total, rel=1e-5)
+
+
+def _count_closed_form_checks(monkeypatch) -> list[int]:
+    """Count the closed-form KL checks (each traces the model under Pyro's provenance
+    tracking); returns a one-element list holding the count."""
+    from pyro_vae.models import protocol
+
+    calls = [0]
+    check = protocol.closed_form_kl_bias
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return check(*args, **kwargs)
+
+    monkeypatch.setattr(protocol, "closed_form_kl_bias", counted)
+    return calls
+
+
+@pytest.mark.parametrize("kl", [None, "analytic", "mc"])
+def test_evaluate_elbo_checks_the_model_once_and_scores_each_batch_as_elbo_terms(monkeypatch, kl):
+    """2,500 points are three batches: the model is checked once, not once per batch,
+    and the means are those of elbo_terms batch by batch from the same random state
+    (the checks draw nothing from it), to the last bit."""
+    from pyro_vae.analysis.evaluation import EVAL_BATCH, evaluate_elbo
+    from pyro_vae.models.protocol import evaluation_mode
+    from pyro_vae.objectives.terms import elbo_terms
+
+    torch.manual_seed(0)
+    vae = build_vae(ModelConfig(latent_dims=(3,), hidden=(16,)), (8, 8))
+    x = torch.rand(2500, 64).bernoulli()
+    calls = _count_closed_form_checks(monkeypatch)
+    torch.manual_seed(1)
+    means = evaluate_elbo(vae, x, num_samples=2, kl=kl)
+    assert calls[0] == (0 if kl == "mc" else 1)
+    torch.manual_seed(1)
+    sums: dict[str, float] = {}
+    for start in range(0, len(x), EVAL_BATCH):
+        with torch.no_grad(), evaluation_mode(vae):
+            terms = elbo_terms(vae, x[start : start + EVAL_BATCH], kl or "analytic", 2)
+        for name in ("elbo", "expected_log_likelihood", "kl"):
+            sums[name] = sums.get(name, 0.0) + float(getattr(terms, name).sum())
+    for name, total in sums.items():
+        assert means[name] == total / len(x), name
+
+
+def test_fit_checks_the_model_once_per_run_not_once_per_epoch(monkeypatch):
+    """The per-epoch evaluation resolves its KL once per run: a three-epoch fit makes
+    as many closed-form checks as a one-epoch fit (they cost about 13 ms each)."""
+    data = load_data("digits", limit=120)
+    counts = []
+    for epochs in (1, 3):
+        calls = _count_closed_form_checks(monkeypatch)
+        vae = build_vae(ModelConfig(latent_dims=(3,), hidden=(16,)), data.data_shape)
+        config = TrainConfig(epochs=epochs, batch_size=40, compile=False)
+        history = fit(vae, data, config, progress=False, log=None)
+        assert len(history.epochs) == epochs
+        counts.append(calls[0])
+    assert counts[0] == counts[1] >= 1, counts

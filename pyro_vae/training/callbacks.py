@@ -31,7 +31,7 @@ import pyro
 import torch
 
 from pyro_vae import distributed
-from pyro_vae.analysis.evaluation import evaluate_elbo, fixed_subset
+from pyro_vae.analysis.evaluation import checked_kl, elbo_means, fixed_subset
 from pyro_vae.analysis.units import active_units
 from pyro_vae.data import VAEData
 from pyro_vae.io import atomic_write_text, dumps_json
@@ -102,12 +102,15 @@ def as_callback(callback: Callback | Callable[[dict[str, Any]], None]) -> Callba
 class Evaluation(Callback):
     """Test (and validation) ELBO with its terms and active units after each epoch, with
     an RNG forked from the run's, in eval mode (the networks' modes are restored
-    afterwards). The test set is :meth:`monitor_images`; ``test_images`` says how many."""
+    afterwards). The test set is :meth:`monitor_images`; ``test_images`` says how many.
+    The model's checks (:func:`~pyro_vae.analysis.evaluation.checked_kl`) run after the
+    first epoch only: one callback serves one run of one model."""
 
     def __init__(self, seed: int, particles: int, device: str, monitor_images: int | None) -> None:
         self.seed, self.particles, self.device = seed, particles, device
         self.count = monitor_images
         self._monitor: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._kl: str | None = None
 
     def monitor_images(self, trainer: TrainerView) -> torch.Tensor:
         """The test images evaluated after every epoch: all of them, or with
@@ -128,8 +131,10 @@ class Evaluation(Callback):
             splits = [("test", self.monitor_images(trainer))]
             if len(data.validation):
                 splits.append(("validation", data.evaluation_images("validation")))
+            if self._kl is None:  # the model's checks, once per run (they trace it)
+                self._kl = checked_kl(vae, splits[0][1])
             for split, images in splits:
-                values = evaluate_elbo(vae, images, self.particles, device=self.device)
+                values = elbo_means(vae, images, self.particles, self._kl, self.device)
                 metrics.update({f"{split}_{name}": value for name, value in values.items()})
             units = active_units(vae, splits[0][1].to(self.device))
             metrics["test_images"] = len(splits[0][1])
