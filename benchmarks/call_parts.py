@@ -28,7 +28,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run  # noqa: E402 (the benchmark's network, data and plain loop)
 
 from pyro_vae import TrainConfig, build_vae  # noqa: E402
-from pyro_vae.objectives.capture.graphs import GraphCache  # noqa: E402
 from pyro_vae.training.fit import fit  # noqa: E402
 
 #: at most this many first calls go untimed (a short epoch may never capture)
@@ -55,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     parts["plain epoch"] = []
 
     def graphs() -> int:
-        return sum(graph is not None for graph in GraphCache.of(ours).graphs.values())
+        return run.captured_graphs(ours)
 
     def one_round(seed: int) -> tuple[float, dict, float]:
         """A ``fit`` call and a plain epoch from the same parameters and seed (which side
