@@ -2,8 +2,9 @@
 
 ``run.py``'s whole-call cells time a ``fit`` call as a user pays it against one epoch of
 the plain loop. The call does more than the epoch: after it, ``fit`` evaluates the test
-ELBO and the active units over the test set (the ``Evaluation`` callback, whose time the
-epoch's record keeps as ``eval_seconds``), which the plain loop does not. This script
+ELBO and the active units over 2,000 test images (its default ``monitor_images``; the
+``Evaluation`` callback, whose time the epoch's record keeps as ``eval_seconds``),
+which the plain loop does not. This script
 splits each call into its training seconds (the record's ``seconds``), its evaluation
 and the rest (data check, trainer, history), and times the plain epoch from the same
 parameters and seed in the same round (which side runs first alternates), for the full
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
         "estimator": args.estimator,
         "batch": args.batch,
         "images": len(data.train),
-        "test_images": len(data.test),
+        "test_images": record["test_images"],  # evaluated after each epoch
         "rounds": len(parts["call"]),
         "untimed_first_calls": untimed,
         "median_seconds": {name: statistics.median(values) for name, values in parts.items()},
