@@ -260,3 +260,24 @@ def test_call_parts_script_splits_a_call_into_training_evaluation_and_the_rest(m
     parts = seconds["training"] + seconds["evaluation"] + seconds["rest"]
     assert seconds["call"] == pytest.approx(parts, rel=1e-9)
     assert result["rounds"] == 1 and seconds["plain epoch"] > 0
+
+
+def test_the_performance_pages_call_parts_table_is_the_committed_output():
+    """Each row of the call-parts table on the performance page reads the numbers of
+    ``benchmarks/results_call_parts*.json`` (so the page cannot drift from a rerun)."""
+    page = (ROOT / "docs" / "performance.md").read_text()
+    outputs = {
+        256: ROOT / "benchmarks" / "results_call_parts.json",
+        128: ROOT / "benchmarks" / "results_call_parts_128.json",
+    }
+    for batch, path in outputs.items():
+        data = json.loads(path.read_text())
+        seconds = data["median_seconds"]
+        assert data["batch"] == batch
+        row = (
+            f"| {batch} | {seconds['call']:.3f} s | {seconds['training']:.3f} s | "
+            f"{seconds['evaluation']:.3f} s ({100 * data['evaluation_share_of_call']:.1f}%) | "
+            f"{seconds['rest']:.3f} s | {seconds['plain epoch']:.3f} s | "
+            f"{data['call_over_plain_epoch']:.3f} | {data['training_over_plain_epoch']:.3f} |"
+        )
+        assert row in page, row
