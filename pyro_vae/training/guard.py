@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from pyro_vae.errors import NonFiniteError
-from pyro_vae.objectives.capture import largest
+from pyro_vae.objectives.capture import largest, passes_fast, square_sum
 from pyro_vae.training.checkpoint import CHECKPOINT, non_finite
 from pyro_vae.training.history import Progress
 from pyro_vae.training.optimization import GRADIENT_LIMIT
@@ -50,22 +50,29 @@ class FiniteGuard:
             self.progress.step,
         )
 
-    def check_step(self, loss: float, grad_max: float | None) -> None:
+    def check_step(self, loss: float, grad_square_sum: float | None) -> None:
         """Stop the run, with a true message, unless the step about to be taken is safe.
 
-        Safe: a finite loss, finite gradients (``grad_max``, the largest gradient entry in
-        magnitude: the captured graph computes it as each gradient is produced; after an
-        eager step it is computed here), and, for Adam, gradients whose squares fit in
-        float32 (Adam's second moment holds them: an overflow there leaves ``inf`` in the
-        optimizer state). If the parameters themselves are no longer finite, an earlier
-        update of this epoch overflowed: the model and optimizer go back to their state
-        at the start of the epoch before the error is raised.
+        Safe: a finite loss, finite gradients and, for Adam, gradients whose squares fit
+        in float32 (Adam's second moment holds them: an overflow there leaves ``inf`` in
+        the optimizer state): every entry at most ``limit`` in magnitude. The sum of the
+        squares of all entries (``grad_square_sum``: the captured graph computes it as
+        each gradient is produced; after an eager step it is computed here) settles that
+        in the common case (:func:`~pyro_vae.objectives.capture.compiled.passes_fast`);
+        where it does not (it overflowed, or some entry is not finite), the largest entry
+        decides, so the check's verdict is the largest entry's. If the parameters
+        themselves are no longer finite, an earlier update of this epoch overflowed: the
+        model and optimizer go back to their state at the start of the epoch before the
+        error is raised.
         """
         grads = [p.grad for p in self.parameters if p.grad is not None]
         if not grads:
             return
-        if grad_max is None:
-            grad_max = float(torch.stack([largest(g) for g in grads]).amax())
+        if grad_square_sum is None:
+            grad_square_sum = float(square_sum(grads))
+        if math.isfinite(loss) and passes_fast(grad_square_sum, self.limit):
+            return
+        grad_max = float(torch.stack([largest(g) for g in grads]).amax())
         if math.isfinite(loss) and math.isfinite(grad_max) and grad_max <= self.limit:
             return
         self.optimizer.zero_grad(set_to_none=True)

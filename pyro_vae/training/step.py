@@ -127,7 +127,7 @@ class Step:
                 )
         else:
             loss = reported = self.loss_and_grads(batch, scale)
-        grad_max = self.loss.grad_max if batch.shape[0] else None
+        squares = self.loss.grad_square_sum if batch.shape[0] else None
         stop = preemption.requested() is not None
         if self.world > 1:  # the same averaged step on every process
             mean, stop = distributed.average_step_and_flag(
@@ -137,10 +137,10 @@ class Step:
                 reported = distributed.all_sum([reported])[0] / self.world
             else:
                 reported = mean
-            loss, grad_max = mean, None
+            loss, squares = mean, None
         # (a surrogate without a value is checked through the value recorded)
         checked = loss if self.value_elbo is self.elbo else -reported
-        self.guard.check_step(checked, grad_max)  # None after an eager step
+        self.guard.check_step(checked, squares)  # None after an eager step
         self.optimizer.step()
         return reported, stop
 

@@ -74,6 +74,8 @@ from pyro_vae.objectives.capture.codegen import replay_function as replay_functi
 from pyro_vae.objectives.capture.codegen import reuse_buffers as reuse_buffers
 from pyro_vae.objectives.capture.compiled import CompiledFunction, CompiledLoss
 from pyro_vae.objectives.capture.compiled import largest as largest
+from pyro_vae.objectives.capture.compiled import passes_fast as passes_fast
+from pyro_vae.objectives.capture.compiled import square_sum as square_sum
 from pyro_vae.objectives.capture.dispatch import traceable_loss as traceable_loss
 from pyro_vae.objectives.capture.graphs import GraphCache
 from pyro_vae.objectives.capture.keys import module_state
