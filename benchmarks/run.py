@@ -202,7 +202,10 @@ def whole_calls(data: VAEData, args) -> list[dict[str, Any]]:
     ``interleaved``'s untimed warm-up), and the timed calls replay the graphs. IWAE K=50
     (ten times the arithmetic of a step) trains on the first ``iwae_call_images``
     training images; every call evaluates, after its epoch, on ``fit``'s default
-    ``monitor_images`` (2,000 test images)."""
+    ``monitor_images`` (2,000 test images). The ratio is the median of ABBA groups of
+    two rounds (:func:`compared`), ``call_repeats`` rounds (even)."""
+    if args.call_repeats % 2:
+        raise SystemExit(f"--call-repeats must be even (ABBA groups), not {args.call_repeats}")
     rows = []
     full = data
     if args.call_images:
@@ -237,7 +240,7 @@ def whole_calls(data: VAEData, args) -> list[dict[str, Any]]:
             "first_calls_captured": captured,
             "ours_seconds": statistics.median(times["pyro_vae.fit"]),
             "floor_seconds": statistics.median(times["pytorch floor"]),
-            **compared(times["pyro_vae.fit"], times["pytorch floor"]),
+            **compared(times["pyro_vae.fit"], times["pytorch floor"], "abba"),
             "target": 1.05,
             **host(),
         }
@@ -310,29 +313,53 @@ def interleaved(
     return times
 
 
-def compared(ours: list[float], floor: list[float]) -> dict[str, Any]:
+def compared(ours: list[float], floor: list[float], statistic: str = "pairs") -> dict[str, Any]:
     """The ratio ours / floor of interleaved timings.
 
-    Headline: the median over rounds of each round's ratio. The two runs of a round are
-    seconds apart, so slow drifts of the machine (its speed varied by a factor of three
-    within minutes here, with other work on the host) cancel in each ratio; the ratio of
-    the two medians is reported too, and the spread of the per-round ratios.
+    ``statistic="pairs"``: the median over rounds of each round's ratio. The two runs of
+    a round are seconds apart, so slow drifts of the machine (its speed varied by a
+    factor of three within minutes here, with other work on the host) cancel in each
+    ratio; the ratio of the two medians is reported too, and the spread of the
+    per-round ratios.
+
+    ``statistic="abba"``: ``interleaved`` reverses the order every round, so two
+    consecutive rounds run A B B A (or B A A B); the ratio of a group is the sum of its
+    two A times over the sum of its two B times, in which a drift linear over the group
+    cancels exactly (in a single round's ratio it does not: the side that ran second
+    gains or loses the drift of one call, and the per-round ratios alternate around
+    the truth, which widens their spread and lets their median land on either side).
+    The headline is the median over groups; it needs an even number of rounds.
     """
     by_round = [a / b for a, b in zip(ours, floor)]
-    pairs = sorted(by_round)
-    quartiles = statistics.quantiles(pairs, n=4) if len(pairs) > 1 else [pairs[0]] * 3
-    return {
-        "ratio": statistics.median(pairs),
+    if statistic == "abba":
+        if len(by_round) < 2 or len(by_round) % 2:
+            raise ValueError(f"ABBA groups need an even number of rounds, not {len(by_round)}")
+        groups = [
+            (ours[i] + ours[i + 1]) / (floor[i] + floor[i + 1]) for i in range(0, len(ours), 2)
+        ]
+    elif statistic == "pairs":
+        groups = by_round
+    else:
+        raise ValueError(statistic)
+    ranked = sorted(groups)
+    quartiles = statistics.quantiles(ranked, n=4) if len(ranked) > 1 else [ranked[0]] * 3
+    result = {
+        "ratio": statistics.median(ranked),
+        "statistic": statistic,
         "ratio_of_medians": statistics.median(ours) / statistics.median(floor),
         "ratio_of_pairs_quartiles": [quartiles[0], quartiles[2]],
-        "ratio_of_pairs_range": [pairs[0], pairs[-1]],
-        "rounds": len(pairs),
+        "ratio_of_pairs_range": [ranked[0], ranked[-1]],
+        "rounds": len(by_round),
         "round_ratios": by_round,  # in the order the rounds ran (the spread over time)
         # CPUs other processes used during the timed calls: above ~0.3 the absolute
         # times are inflated (the per-round ratio still compares like with like)
         "others_cpu_median": statistics.median(OTHERS) if OTHERS else None,
         "others_cpu_max": max(OTHERS) if OTHERS else None,
     }
+    if statistic == "abba":  # (the quartiles and range above are then the groups')
+        result["group_ratios"] = groups
+        result["median_of_round_ratios"] = statistics.median(by_round)
+    return result
 
 
 def training(data: VAEData, args) -> list[dict[str, Any]]:
@@ -405,7 +432,9 @@ def small_batches(data: VAEData, args) -> dict[str, Any]:
     """The IWAE protocol's small steps: 784-200-200-50 tanh at batch 20, on one thread
     (a step of a few milliseconds: per-step overhead is a large share of it, and a second
     thread mostly waits), mc and IWAE K=5 and K=50, at fresh parameters and after
-    ``4 * trained_steps`` steps of IWAE K=5 training. Target: ours / floor <= 1.05."""
+    ``4 * trained_steps`` steps of IWAE K=5 training. Target: ours / floor <= 1.05, the
+    median of ABBA groups (:func:`compared`) of an even number of rounds (``repeats``,
+    rounded up)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -415,8 +444,9 @@ def small_batches(data: VAEData, args) -> dict[str, Any]:
             ("iwae", 5, 3 * args.steps),
             ("iwae", 50, max(5, args.steps // 2)),
         ]
+        rounds = args.repeats + args.repeats % 2
         return fresh_and_trained(
-            data, IWAE_NETWORK, training, 4 * args.trained_steps, cells, args.repeats, 1.05
+            data, IWAE_NETWORK, training, 4 * args.trained_steps, cells, rounds, 1.05, "abba"
         )
     finally:
         torch.set_num_threads(threads)
@@ -430,10 +460,12 @@ def fresh_and_trained(
     cells: list[tuple[str, int, int]],
     repeats: int,
     target: float | None,
+    statistic: str = "pairs",
 ) -> dict[str, Any]:
     """Train a copy of a fresh ``network`` for ``trained_steps`` steps of ``training``, then
     time ours and the floor alternately at the fresh and the trained parameters, for each
-    ``(estimator, K, steps per timed epoch)`` of ``cells`` at ``training``'s batch size."""
+    ``(estimator, K, steps per timed epoch)`` of ``cells`` at ``training``'s batch size
+    (``statistic``: how rounds make a ratio, see :func:`compared`)."""
     torch.manual_seed(0)
     fresh = build_vae(network, data.data_shape)
     trained = build_vae(network, data.data_shape)
@@ -476,10 +508,10 @@ def fresh_and_trained(
             "ms_per_step": per_step,
         }
         for key, (a, b) in pairs.items():
-            ratio = compared(times[a], times[b])
+            ratio = compared(times[a], times[b], statistic)
             row[key] = ratio["ratio"]
             row[key + "_quartiles"] = ratio["ratio_of_pairs_quartiles"]
-        row.update(others, rounds=repeats, target=target, **host())
+        row.update(others, rounds=repeats, statistic=statistic, target=target, **host())
         rows.append(row)
         fresh_q, trained_q = (row[f"ours_over_floor_{s}_quartiles"] for s in ("fresh", "trained"))
         print(
@@ -993,7 +1025,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--trained-repeats", type=int, help="rounds at trained parameters")
     parser.add_argument("--steps", type=int, help="gradient steps per timed epoch")
     parser.add_argument("--repeats", type=int, help="interleaved rounds per comparison")
-    parser.add_argument("--call-repeats", type=int, help="rounds of whole one-epoch calls")
+    parser.add_argument(
+        "--call-repeats", type=int, help="rounds of whole one-epoch calls (even: ABBA groups)"
+    )
     parser.add_argument(
         "--call-images", type=int, help="training images for whole calls (default all)"
     )
@@ -1012,7 +1046,7 @@ def main(argv: list[str] | None = None) -> None:
     quick = args.quick
     args.steps = args.steps or (20 if quick else 60)
     args.repeats = args.repeats or (7 if quick else 21)
-    args.call_repeats = args.call_repeats or (3 if quick else 7)
+    args.call_repeats = args.call_repeats or (4 if quick else 14)  # even: ABBA groups
     args.trained_steps = args.trained_steps or (60 if quick else 469)
     args.trained_repeats = args.trained_repeats or (3 if quick else 7)
     args.eval_points = args.eval_points or (20 if quick else 200)

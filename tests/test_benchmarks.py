@@ -48,7 +48,7 @@ def test_benchmark_script_runs(tmp_path, mnist_dir):
         "--iwae-call-images",
         "256",
         "--call-repeats",
-        "1",
+        "2",
         "--trained-steps",
         "2",
         "--trained-repeats",
@@ -78,6 +78,9 @@ def test_benchmark_script_runs(tmp_path, mnist_dir):
         ("iwae", 50, 20),
     ]
     assert all(r["threads"] == 1 and r["cpu_capability"] for r in small)
+    assert all(r["statistic"] == "abba" and r["rounds"] == 2 for r in small)
+    calls = data["whole_calls"]
+    assert all(r["statistic"] == "abba" and len(r["group_ratios"]) == 1 for r in calls)
     assert data["environment"]["cpu_capability"] and data["training"][0]["threads"] >= 1
     assert data["evaluation"]["peak_memory_mb"]["ours"] >= 0
     assert data["capture"]["capture_seconds"] > 0 and data["capture"]["machinery_load_mb"] >= 0
@@ -201,6 +204,25 @@ def test_same_noise_script_runs(mnist_dir, tmp_path):
     names = {f"{side}, seed {seed}" for side in ("ours", "floor") for seed in (0, 1, 2)}
     assert set(cells) == names
     assert all(value > 0 for value in cells.values())
+
+
+def test_abba_groups_cancel_a_linear_drift_that_single_rounds_do_not():
+    """``compared(..., "abba")``: rounds alternate A B, B A, so two make A B B A; under a
+    host speed drifting linearly the group's ratio of sums is the true ratio exactly,
+    while the single rounds' ratios alternate around it."""
+    run, _ = _benchmark_modules()
+    true, ours, floor, clock = 1.03, [], [], 0.0
+    for round_ in range(8):
+        for side in ("ours", "floor") if round_ % 2 == 0 else ("floor", "ours"):
+            slowdown = 1 + 0.02 * clock  # the host slows by 2% per call
+            clock += 1
+            (ours if side == "ours" else floor).append((true if side == "ours" else 1) * slowdown)
+    pairs, groups = run.compared(ours, floor), run.compared(ours, floor, "abba")
+    assert all(abs(r - true) > 0.015 for r in pairs["round_ratios"])
+    assert all(abs(g - true) < 1e-3 for g in groups["group_ratios"]), groups["group_ratios"]
+    assert abs(groups["ratio"] - true) < 1e-3 and groups["statistic"] == "abba"
+    with pytest.raises(ValueError, match="even number of rounds"):
+        run.compared(ours[:3], floor[:3], "abba")
 
 
 def test_runs_side_by_side_take_the_median_of_their_ratios():
