@@ -303,3 +303,16 @@ def test_the_performance_pages_call_parts_table_is_the_committed_output():
             f"{data['call_over_plain_epoch']:.3f} | {data['training_over_plain_epoch']:.3f} |"
         )
         assert row in page, row
+
+
+def test_finite_check_script_times_both_versions_of_the_check(mnist_dir, tmp_path):
+    """benchmarks/finite_check.py, which the performance page cites, profiles the check's
+    reducing operation in both versions; each is found in its own graph."""
+    out = tmp_path / "finite.json"
+    argv = [sys.executable, str(ROOT / "benchmarks" / "finite_check.py"), "--data-dir"]
+    argv += [str(mnist_dir), "--rounds", "1", "--steps", "3", "--out", str(out)]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    cases = json.loads(out.read_text())["cases"]
+    assert len(cases) == 2
+    assert all(ms > 0 for case in cases for ms in case["ms_per_step"].values())
