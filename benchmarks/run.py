@@ -204,8 +204,6 @@ def whole_calls(data: VAEData, args) -> list[dict[str, Any]]:
     training images; every call evaluates, after its epoch, on ``fit``'s default
     ``monitor_images`` (2,000 test images). The ratio is the median of ABBA groups of
     two rounds (:func:`compared`), ``call_repeats`` rounds (even)."""
-    if args.call_repeats % 2:
-        raise SystemExit(f"--call-repeats must be even (ABBA groups), not {args.call_repeats}")
     rows = []
     full = data
     if args.call_images:
@@ -1047,6 +1045,8 @@ def main(argv: list[str] | None = None) -> None:
     args.steps = args.steps or (20 if quick else 60)
     args.repeats = args.repeats or (7 if quick else 21)
     args.call_repeats = args.call_repeats or (4 if quick else 14)  # even: ABBA groups
+    if args.call_repeats % 2:  # (refused before any section runs, not after some have)
+        parser.error(f"--call-repeats must be even (ABBA groups), not {args.call_repeats}")
     args.trained_steps = args.trained_steps or (60 if quick else 469)
     args.trained_repeats = args.trained_repeats or (3 if quick else 7)
     args.eval_points = args.eval_points or (20 if quick else 200)
